@@ -1,0 +1,180 @@
+"""The op contract every backend meets, and backend selection.
+
+The scheduler never does tensor math itself: it calls the four methods of a `Backend`. Each backend
+(`reference.py`, the Triton kernels in `rigl_fast.kernels`, the C++ extension behind `_cpp.py`) implements
+them with the exact semantics written here; `reference.py` is that semantics in plain PyTorch and the oracle
+the tests compare every other backend against (masks bit-identical, weights/states/grads identical).
+
+Shared conventions:
+- A mask is a contiguous `torch.bool` tensor with its weight's shape; True = active.
+- "Masking" is a select, never a multiply: off-mask entries become exactly +0.0, even where the input is
+  NaN or inf.
+- Scores are compared as real numbers (fp16/bf16 upcast to fp32, which preserves order exactly).
+  Among equal scores the lower flat (row-major) index ranks first.
+- Tensors other than masks may be non-contiguous (e.g. gradients produced by torch.compile).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+ENV_VAR = "RIGL_FAST_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by a backend loader when the backend cannot run here (the message says why)."""
+
+
+class Backend:
+    """The op contract. Subclasses implement every method; this class documents them."""
+
+    name = "abstract"
+
+    def supports(self, device: torch.device) -> Optional[str]:
+        """None if this backend can run on tensors of `device`, else a one-line reason why not."""
+        raise NotImplementedError
+
+    def mask_grad(self, grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor],
+                  n: int) -> torch.Tensor:
+        """The gradient op, called from a weight's backward hook with the dense incoming gradient.
+
+        Returns a new tensor equal to `where(mask, grad, 0)` (grad's dtype and shape; the hook returns it, so
+        autograd accumulates the masked gradient). `grad` itself is not modified.
+        If `acc` is not None (inside the accumulation window), also, in place and from the *dense* grad:
+            acc += grad / n
+        with torch's rounding: `grad / n` is computed in fp32 and rounded to grad's dtype, then added to `acc`
+        (same dtype as grad, contiguous) in fp32 and rounded to acc's dtype. Bit-exact across backends.
+        """
+        raise NotImplementedError
+
+    def apply_masks(self, tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
+        """The after-step op: in place, tensors[i] = where(masks[i], tensors[i], 0) for every i.
+
+        One call covers every sparse weight and every optimizer state shaped like it (the same mask appears
+        once per tensor it applies to). Backends should do it in as few launches as they can.
+        """
+        raise NotImplementedError
+
+    def any_nonfinite(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """True if any element of any tensor is NaN or +-inf. The one host sync of an update."""
+        raise NotImplementedError
+
+    def update(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+               scores: Sequence[torch.Tensor], n_keep: Sequence[int], n_grow: Sequence[int],
+               states: Sequence[Sequence[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """The topology update (SPEC section 4) of every sparse layer i, in place.
+
+        Inputs are finite (the caller checked with `any_nonfinite`). With old = masks[i]:
+          keep = the n_keep[i] positions of largest |weights[i]| among old-active positions
+                 (requires n_keep[i] <= old.sum());
+          grow = the n_grow[i] positions of largest |scores[i]| among positions not in keep
+                 (requires n_keep[i] + n_grow[i] <= numel);
+          ties -> lower flat index first, in both selections.
+        Then:
+          masks[i][...]     = keep | grow                      (count is exactly n_keep + n_grow)
+          weights[i]        = where(new & old, weights[i], 0)  (dropped -> 0, newly grown -> 0,
+                                                                dropped-and-regrown keeps its value)
+          each states[i][j] = where(new & old, states[i][j], 0)
+          grads[i]          = where(new, grads[i], 0)          (if grads[i] is not None)
+        """
+        raise NotImplementedError
+
+
+def _load_reference() -> Backend:
+    from .reference import ReferenceBackend
+    return ReferenceBackend()
+
+
+def _load_triton() -> Backend:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        raise BackendUnavailable(f"triton is not importable ({e.__class__.__name__}: {e})") from e
+    try:
+        mod = importlib.import_module("rigl_fast.kernels")
+    except ImportError as e:
+        raise BackendUnavailable(f"rigl_fast.kernels could not be imported: {e}") from e
+    if not hasattr(mod, "TritonBackend"):
+        raise BackendUnavailable("rigl_fast.kernels has no TritonBackend")
+    return mod.TritonBackend()
+
+
+def _load_cpp() -> Backend:
+    try:
+        mod = importlib.import_module("rigl_fast._cpp")
+    except ImportError as e:
+        raise BackendUnavailable(f"the C++ backend module is missing: {e}") from e
+    if not hasattr(mod, "CppBackend"):
+        raise BackendUnavailable("the C++ backend is not built into this version")
+    return mod.CppBackend()  # raises BackendUnavailable if the extension cannot be built/loaded
+
+
+_LOADERS = {"reference": _load_reference, "triton": _load_triton, "cpp": _load_cpp}
+_CACHE: dict = {}
+
+
+def _load(name: str) -> Backend:
+    if name not in _CACHE:
+        try:
+            _CACHE[name] = _LOADERS[name]()
+        except BackendUnavailable as e:
+            _CACHE[name] = e
+    got = _CACHE[name]
+    if isinstance(got, BackendUnavailable):
+        raise BackendUnavailable(str(got))
+    return got
+
+
+def auto_order(device: torch.device) -> List[str]:
+    return ["triton", "cpp", "reference"] if device.type == "cuda" else ["cpp", "reference"]
+
+
+def check_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def get_backend(backend: str, device: torch.device) -> Backend:
+    """Resolve a backend name for tensors on `device`.
+
+    `auto` tries `auto_order(device)` and falls back silently past unavailable ones, unless the environment
+    variable RIGL_FAST_BACKEND names a backend: that counts as an explicit request. An explicit request
+    that cannot run raises RuntimeError saying why.
+    """
+    check_name(backend)
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+            backend, source = env, ENV_VAR
+    if backend != "auto":
+        try:
+            b = _load(backend)
+        except BackendUnavailable as e:
+            raise RuntimeError(f"{source}={backend!r} was requested but cannot run: {e}") from None
+        why = b.supports(device)
+        if why is not None:
+            raise RuntimeError(f"{source}={backend!r} was requested but cannot run on {device}: {why}")
+        return b
+    reasons = []
+    for name in auto_order(device):
+        try:
+            b = _load(name)
+        except BackendUnavailable as e:
+            reasons.append(f"{name}: {e}")
+            continue
+        why = b.supports(device)
+        if why is None:
+            if name == "reference" and reasons and device.type == "cpu":
+                warnings.warn("rigl_fast: falling back to the reference backend (" + "; ".join(reasons) + ")",
+                              RuntimeWarning, stacklevel=3)
+            return b
+        reasons.append(f"{name}: {why}")
+    raise RuntimeError("no rigl_fast backend can run on " + str(device) + ": " + "; ".join(reasons))

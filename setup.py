@@ -1,0 +1,37 @@
+"""rigl_fast: fast RigL dynamic sparse training for PyTorch.
+
+The top-level `kernels/` folder (Triton) installs as `rigl_fast.kernels`; `csrc/` (C++ sources, built on
+first use with torch.utils.cpp_extension + ninja) installs as package data `rigl_fast/csrc`.
+Set RIGL_FAST_BUILD_CPP=1 to prebuild the C++ extension at install time (see README).
+"""
+import os
+
+from setuptools import setup
+
+cmdclass, ext_modules = {}, []
+if os.environ.get("RIGL_FAST_BUILD_CPP") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import glob
+    ext_modules = [CppExtension("rigl_fast._C", sorted(glob.glob("csrc/*.cpp")),
+                                extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
+    cmdclass = {"build_ext": BuildExtension}
+
+setup(
+    name="rigl_fast",
+    version="0.1.0",
+    description="Fast, correct RigL dynamic sparse training for PyTorch (drop-in for rigl-torch)",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["rigl_fast", "rigl_fast.kernels", "rigl_fast.csrc"],
+    package_dir={"rigl_fast": "rigl_fast", "rigl_fast.kernels": "kernels", "rigl_fast.csrc": "csrc"},
+    package_data={"rigl_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
+    install_requires=["torch>=2.2", "numpy", "ninja"],
+    extras_require={
+        "cli": ["scikit-learn", "tqdm", "matplotlib"],
+        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1"],
+    },
+    entry_points={"console_scripts": ["rigl-fast=rigl_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

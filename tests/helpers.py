@@ -1,0 +1,78 @@
+"""Small models and a training loop shared by the tests (no torchvision)."""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = None
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class SmallResNet(nn.Module):
+    """conv + BN + residual blocks + linear, ResNet-shaped, for 1x8x8 inputs."""
+
+    def __init__(self, width=8, n_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = Block(width, width)
+        self.layer2 = Block(width, 2 * width, stride=2)
+        self.fc = nn.Linear(2 * width, n_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(64, 48, 32, 10)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def batches(n_steps, seed=0, batch=16, shape=(1, 8, 8), n_classes=10, device="cpu"):
+    """A fixed, generic (tie-free) stream of random batches."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_steps):
+        x = torch.randn((batch,) + tuple(shape), generator=g)
+        y = torch.randint(0, n_classes, (batch,), generator=g)
+        yield x.to(device), y.to(device)
+
+
+def train(model, optimizer, pruner, data, on_step=None):
+    """The rigl-torch loop: backward, then `if pruner(): optimizer.step()`. Returns pruner()'s results."""
+    returns = []
+    for x, y in data:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if on_step is not None:
+            on_step("after_backward")
+        r = pruner()
+        returns.append(r)
+        if r:
+            optimizer.step()
+        if on_step is not None:
+            on_step("after_step" if r else "after_update")
+    return returns
