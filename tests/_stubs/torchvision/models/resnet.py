@@ -1,0 +1,6 @@
+class BasicBlock:  # never instantiated: only an isinstance target
+    pass
+
+
+class Bottleneck:
+    pass
