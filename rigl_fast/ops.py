@@ -116,6 +116,7 @@ def _load_cpp() -> Backend:
 
 _LOADERS = {"reference": _load_reference, "triton": _load_triton, "cpp": _load_cpp}
 _CACHE: dict = {}
+_warned_fallback = False
 
 
 def _load(name: str) -> Backend:
@@ -172,7 +173,9 @@ def get_backend(backend: str, device: torch.device) -> Backend:
             continue
         why = b.supports(device)
         if why is None:
-            if name == "reference" and reasons and device.type == "cpu":
+            global _warned_fallback
+            if name == "reference" and reasons and device.type == "cpu" and not _warned_fallback:
+                _warned_fallback = True  # once per process: a one-line notice, not a warning per scheduler
                 warnings.warn("rigl_fast: falling back to the reference backend (" + "; ".join(reasons) + ")",
                               RuntimeWarning, stacklevel=3)
             return b

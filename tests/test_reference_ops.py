@@ -1,0 +1,141 @@
+"""The reference backend against a brute-force oracle (stable full sort), which is the spec's tie rule
+written the obvious way: among equal scores, the lower flat index ranks first."""
+import math
+
+import pytest
+import torch
+
+from rigl_fast.reference import ReferenceBackend, top_k_flags
+
+REF = ReferenceBackend()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def oracle_top_k(x, k):
+    order = torch.sort(x.float(), descending=True, stable=True).indices
+    out = torch.zeros(x.numel(), dtype=torch.bool)
+    out[order[:k]] = True
+    return out
+
+
+def oracle_new_mask(w, m, s, n_keep, n_grow):
+    key = torch.where(m.flatten(), w.flatten().abs().float(), torch.tensor(-1.0))
+    keep = oracle_top_k(key, n_keep)
+    grow = oracle_top_k(torch.where(keep, torch.tensor(-1.0), s.flatten().abs().float()), n_grow)
+    return (keep | grow).view(m.shape)
+
+
+def random_values(n, kind, dtype, g):
+    if kind == "generic":
+        return torch.randn(n, generator=g).to(dtype)
+    if kind == "levels":  # a handful of distinct values: ties everywhere
+        return (torch.randint(-3, 4, (n,), generator=g).float() * 0.5).to(dtype)
+    if kind == "zeros":
+        return torch.zeros(n, dtype=dtype)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1023, 4097])
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_top_k_flags_matches_stable_sort(n, kind):
+    g = torch.Generator().manual_seed(n)
+    x = random_values(n, kind, torch.float32, g).abs()
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        if 0 <= k <= n:
+            assert torch.equal(top_k_flags(x, k), oracle_top_k(x, k)), (n, kind, k)
+
+
+def make_layer(shape, density, kind, dtype, g):
+    n = math.prod(shape)
+    m = torch.rand(n, generator=g) < density
+    w = torch.where(m, random_values(n, kind, torch.float32, g), 0.0).to(dtype)
+    s = random_values(n, kind, torch.float32, g).to(dtype)
+    return w.view(shape), m.view(shape), s.view(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (1023,), (33, 31), (5, 3, 3, 3)])
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_update_matches_oracle(dtype, shape, kind):
+    g = torch.Generator().manual_seed(hash((str(dtype), shape, kind)) % 2**31)
+    w, m, s = make_layer(shape, 0.3, kind, dtype, g)
+    n_active = int(m.sum())
+    n = m.numel()
+    for n_drop in sorted({0, n_active // 3, n_active}):
+        n_keep = n_active - n_drop
+        if n_keep + n_drop > n:
+            continue
+        w1, m1 = w.clone(), m.clone()
+        st = [torch.randn(shape, generator=g).to(dtype), torch.rand(shape, generator=g).to(dtype)]
+        st_before = [t.clone() for t in st]
+        grad = torch.randn(shape, generator=g).to(dtype)
+        grad_before = grad.clone()
+        REF.update([w1], [m1], [s], [n_keep], [n_drop], [st], [grad])
+        expect = oracle_new_mask(w, m, s, n_keep, n_drop)
+        assert torch.equal(m1, expect)
+        assert int(m1.sum()) == n_active
+        both = expect & m
+        zero = torch.zeros((), dtype=dtype)
+        assert torch.equal(w1, torch.where(both, w, zero))
+        for t, t0 in zip(st, st_before):
+            assert torch.equal(t, torch.where(both, t0, zero))
+        assert torch.equal(grad, torch.where(expect, grad_before, zero))
+
+
+def test_update_drop_all_regrow_by_score():
+    # n_drop = n_active: keep nothing, grow the n_active best scores anywhere (dropped ones may regrow)
+    w = torch.tensor([5.0, 0.0, 3.0, 0.0, 1.0])
+    m = torch.tensor([True, False, True, False, True])
+    s = torch.tensor([9.0, 8.0, 0.0, 7.0, 0.0])
+    REF.update([w], [m], [s], [0], [3], [[]], [None])
+    assert m.tolist() == [True, True, False, True, False]
+    # position 0 was dropped and regrown: it keeps its value; others are zero
+    assert w.tolist() == [5.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_update_ties_take_lower_index():
+    w = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 0.0])
+    m = torch.tensor([True, True, True, True, False, False])
+    s = torch.zeros(6)
+    REF.update([w], [m], [s], [2], [2], [[]], [None])
+    # keep the two lowest-index equal weights; grow the two lowest-index non-kept (all scores tie at 0)
+    assert m.tolist() == [True, True, True, True, False, False]
+    assert w.tolist() == [2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_grad_is_a_select_and_accumulates_dense(dtype):
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(4, 5, generator=g).to(dtype)
+    grad[0, 0], grad[0, 1], grad[1, 1] = float("nan"), float("inf"), -3.0
+    mask = torch.rand(4, 5, generator=g) < 0.5
+    mask[0, 0] = mask[0, 1] = mask[1, 1] = False
+    acc = torch.randn(4, 5, generator=g).to(dtype)
+    acc0 = acc.clone()
+    out = REF.mask_grad(grad, mask, acc, 3)
+    assert torch.equal(out[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+    assert not torch.signbit(out[~mask]).any()  # +0.0 exactly, even where grad was NaN/inf/negative
+    assert torch.equal(out[mask], grad[mask])
+    expect = acc0.clone()
+    expect += grad / 3
+    assert torch.equal(acc.isnan(), expect.isnan())
+    assert torch.equal(torch.nan_to_num(acc), torch.nan_to_num(expect))
+
+
+def test_mask_grad_noncontiguous():
+    grad = torch.randn(6, 4).t()
+    mask = torch.rand(4, 6) < 0.5
+    out = REF.mask_grad(grad, mask, None, 1)
+    assert torch.equal(out, torch.where(mask, grad, 0.0))
+
+
+def test_apply_masks_and_nonfinite():
+    ts = [torch.randn(3, 3), torch.full((5,), float("nan"))]
+    ms = [torch.rand(3, 3) < 0.5, torch.tensor([True, False, True, False, False])]
+    before = ts[0].clone()
+    REF.apply_masks(ts, ms)
+    assert torch.equal(ts[0], torch.where(ms[0], before, 0.0))
+    assert ts[1].isnan().tolist() == [True, False, True, False, False]
+    assert REF.any_nonfinite(ts)
+    assert not REF.any_nonfinite([ts[0]])
+    assert not REF.any_nonfinite([])
