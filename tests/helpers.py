@@ -11,14 +11,14 @@ class Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.short = None
+        self.short = nn.Identity()  # not None: rigl-torch 0.5.2's model walk crashes on None submodules
         if stride != 1 or c_in != c_out:
             self.short = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.short is None else self.short(x)))
+        return F.relu(out + self.short(x))
 
 
 class SmallResNet(nn.Module):
