@@ -1,1 +1,76 @@
-"""Triton kernels of rigl_fast (installed as `rigl_fast.kernels`). See rigl_fast/ops.py for the contract."""
+"""Triton kernels of rigl_fast (installed as `rigl_fast.kernels`). See rigl_fast/ops.py for the contract and
+docs/triton.md for how the kernels work.
+
+Importing this module requires triton; `rigl_fast.ops` turns the ImportError into "backend unavailable".
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+import triton  # noqa: F401  (fail here, at import, when triton is missing)
+
+from rigl_fast.ops import Backend
+
+from . import elementwise as _ew
+from . import update as _up
+from ._common import FLOAT_CODES
+
+DEFAULT_BLOCK = 1024
+DEFAULT_ITERS = 16  # elements per program = BLOCK * ITERS: fewer programs, fewer histogram atomics
+
+
+class TritonBackend(Backend):
+    """The op contract in Triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
+
+    fp32/fp16/bf16 weights, gradients and scores (upcast to fp32 inside the kernels). Other float dtypes
+    (fp64) are passed to the reference backend, op by op, so results stay identical."""
+
+    name = "triton"
+
+    def __init__(self, block: int = DEFAULT_BLOCK, iters: int = DEFAULT_ITERS):
+        if block & (block - 1) or block < 16:
+            raise ValueError(f"block must be a power of two >= 16, got {block}")
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
+        self.block = block
+        self.iters = iters
+        self._ref = None
+
+    def _reference(self):
+        if self._ref is None:
+            from rigl_fast.reference import ReferenceBackend
+            self._ref = ReferenceBackend()
+        return self._ref
+
+    def supports(self, device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return "Triton runs on CPU tensors only under its interpreter (set TRITON_INTERPRET=1, tests only)"
+        return f"Triton kernels need CUDA tensors, got device type {device.type!r}"
+
+    def mask_grad(self, grad, mask, acc, n):
+        if grad.dtype not in FLOAT_CODES:
+            return self._reference().mask_grad(grad, mask, acc, n)
+        return _ew.mask_grad(grad, mask, acc, n, self.block)
+
+    def apply_masks(self, tensors, masks):
+        _ew.apply_masks(list(tensors), list(masks), self.block, self.iters)
+
+    def any_nonfinite(self, tensors):
+        return _ew.any_nonfinite(list(tensors), self.block, self.iters)
+
+    def update(self, weights, masks, scores, n_keep, n_grow, states, grads):
+        if any(t.dtype not in FLOAT_CODES for t in list(weights) + list(scores)):
+            return self._reference().update(weights, masks, scores, n_keep, n_grow, states, grads)
+        _up.update(list(weights), list(masks), list(scores), list(n_keep), list(n_grow),
+                   [list(s) for s in states], list(grads), self.block, self.iters)
+
+
+__all__ = ["TritonBackend"]

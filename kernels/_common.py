@@ -1,0 +1,64 @@
+"""Host-side helpers shared by the kernels: dtype codes, launch tables, contiguity handling.
+
+Multi-tensor launches pass tables of raw addresses (int64 `data_ptr()`s) that kernels cast with
+`tl.pointer_type`, so one launch covers any number of layers. Tables are built on the host from sizes and
+addresses only (never from tensor values), then copied to the device without a host synchronisation.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+# Codes the kernels branch on to read a float tensor and upcast it to fp32.
+DT_F32, DT_F16, DT_BF16 = 0, 1, 2
+FLOAT_CODES = {torch.float32: DT_F32, torch.float16: DT_F16, torch.bfloat16: DT_BF16}
+
+
+def float_code(t: torch.Tensor) -> int:
+    return FLOAT_CODES[t.dtype]
+
+
+def to_device(rows, dtype, device) -> torch.Tensor:
+    """A small host-built table on `device`. On CUDA it goes through pinned memory with non_blocking=True:
+    a pageable copy would make torch synchronise the stream, i.e. wait for all queued kernels."""
+    t = torch.tensor(rows, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def program_table(numels: Sequence[int], chunk: int) -> Tuple[List[int], List[int], List[int]]:
+    """Split each of `numels` into chunks of `chunk` elements; one program per chunk.
+
+    Returns (owner, start, first) where owner[p] / start[p] are the item and element offset of program p
+    and first[i] is the first program of item i (so per-program results can be scanned per item)."""
+    owner, start, first = [], [], []
+    for i, n in enumerate(numels):
+        first.append(len(owner))
+        n_prog = max(1, -(-n // chunk))
+        owner.extend([i] * n_prog)
+        start.extend(range(0, n_prog * chunk, chunk))
+    return owner, start, first
+
+
+class Contig:
+    """Contiguous stand-ins for tensors the kernels address by flat row-major index.
+
+    A non-contiguous tensor (channels_last weights, transposed gradients from torch.compile) is copied to a
+    contiguous temporary; `write_back()` copies the results into the original after the kernels ran."""
+
+    def __init__(self):
+        self._pairs = []
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        self._pairs.append((t, c))
+        return c
+
+    def write_back(self) -> None:
+        for orig, c in self._pairs:
+            orig.copy_(c)
+        self._pairs = []

@@ -1,0 +1,270 @@
+"""The gradient op, the after-step op and the non-finite check.
+
+Masking is done on raw bits (an fp32 tensor is stored through an int32 pointer, and so on): a masked
+entry is written as all-zero bits (+0.0) and an active one is left alone, so NaN/inf never leak through a
+multiply and any float dtype of the same width shares one code path.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import DT_BF16, DT_F16, DT_F32, float_code, program_table, to_device
+
+MAX_DIMS = 5  # Conv3d weights are 5-D; more dims after collapsing fall back to a contiguous copy
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _bf16_bits_to_f32(b):
+    # bf16 is the top half of an fp32: exact, and avoids bf16 arithmetic (wrong under the interpreter)
+    return (b.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _f32_to_bf16_bits(x):
+    # round to nearest even, NaN -> canonical quiet NaN: what torch does when it casts fp32 to bf16
+    b = x.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    r = tl.where(x != x, 0x7FC0, r)
+    return r.to(tl.int16)
+
+
+@triton.jit
+def _zero_store(base, offs, off_mask, esize):
+    """Write +0.0 (all-zero bits) at base[offs] where off_mask, whatever the element size."""
+    if esize == 4:
+        tl.store(base.to(tl.pointer_type(tl.int32)) + offs, tl.zeros(offs.shape, tl.int32), mask=off_mask)
+    elif esize == 2:
+        tl.store(base.to(tl.pointer_type(tl.int16)) + offs, tl.zeros(offs.shape, tl.int16), mask=off_mask)
+    elif esize == 8:
+        tl.store(base.to(tl.pointer_type(tl.int64)) + offs, tl.zeros(offs.shape, tl.int64), mask=off_mask)
+    else:
+        tl.store(base.to(tl.pointer_type(tl.int8)) + offs, tl.zeros(offs.shape, tl.int8), mask=off_mask)
+
+
+# ---------------------------------------------------------------------------------------------- gradient op
+@triton.jit
+def _mask_grad_kernel(g_ptr, m_ptr, out_ptr, acc_ptr, n_div, numel,
+                      d1, d2, d3, d4, s0, s1, s2, s3, s4,
+                      CONTIG: tl.constexpr, HAS_ACC: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inr = offs < numel
+    if CONTIG:
+        g_offs = offs
+    else:
+        # logical row-major index -> strided storage offset (the grad may be transposed, expanded, sliced)
+        r = offs
+        i4 = r % d4
+        r = r // d4
+        i3 = r % d3
+        r = r // d3
+        i2 = r % d2
+        r = r // d2
+        i1 = r % d1
+        i0 = r // d1
+        g_offs = i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4
+    g = tl.load(g_ptr + g_offs, mask=inr, other=0)
+    m = tl.load(m_ptr + offs, mask=inr, other=0)
+    tl.store(out_ptr + offs, tl.where(m != 0, g, tl.zeros_like(g)), mask=inr)
+    if HAS_ACC:
+        # acc += grad / n with torch's rounding: the quotient is IEEE-rounded in fp32 (div_rn: Triton's plain
+        # `/` may be approximate on GPU), rounded to the grad dtype, then added in fp32 and rounded again.
+        nf = n_div.to(tl.float32)
+        a = tl.load(acc_ptr + offs, mask=inr, other=0)
+        if DT == 2:
+            q = _bf16_bits_to_f32(_f32_to_bf16_bits(tl.math.div_rn(_bf16_bits_to_f32(g), nf)))
+            a_new = _f32_to_bf16_bits(_bf16_bits_to_f32(a) + q)
+        elif DT == 1:
+            q = tl.math.div_rn(g.to(tl.float32), nf).to(tl.float16).to(tl.float32)
+            a_new = (a.to(tl.float32) + q).to(tl.float16)
+        else:
+            a_new = a + tl.math.div_rn(g, nf)
+        tl.store(acc_ptr + offs, a_new, mask=inr)
+
+
+def _collapse(shape, strides):
+    """Merge adjacent dims that are contiguous with each other and drop size-1 dims."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    out = []
+    for n, s in dims:
+        if out and out[-1][1] == s * n:
+            out[-1] = (out[-1][0] * n, s)
+        else:
+            out.append((n, s))
+    return out or [(1, 1)]
+
+
+def _as_kernel_view(t: torch.Tensor) -> torch.Tensor:
+    # bf16 goes to the kernel as its int16 bits; fp32/fp16 as themselves
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor], n: int,
+              block: int) -> torch.Tensor:
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    numel = grad.numel()
+    if numel == 0:
+        return out
+    dims = _collapse(grad.shape, grad.stride())
+    src = grad
+    if len(dims) > MAX_DIMS:
+        src = grad.contiguous()
+        dims = [(numel, 1)]
+    contig = len(dims) == 1 and dims[0][1] == 1
+    dims = [(1, 0)] * (MAX_DIMS - len(dims)) + dims
+    sizes = [d[0] for d in dims]
+    strides = [d[1] for d in dims]
+    if acc is not None:
+        assert acc.is_contiguous() and acc.dtype == grad.dtype, "accumulator must be contiguous, grad's dtype"
+    # a bool view of a strided grad cannot be made; view the storage through the same strides instead
+    g = src if src.dtype != torch.bfloat16 else src.view(torch.int16)
+    grid = (triton.cdiv(numel, block),)
+    _mask_grad_kernel[grid](
+        g, mask.view(torch.uint8), _as_kernel_view(out), _as_kernel_view(acc) if acc is not None else out,
+        int(n), numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
+        CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), BLOCK=block)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- after-step op
+@triton.jit
+def _apply_masks_kernel(prog_group, prog_start, groups, rows, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """One program = one chunk of one mask; the mask is read once and every tensor sharing it (the weight
+    and its optimizer states) gets zeros written off the mask. Active entries are neither read nor written."""
+    pid = tl.program_id(0)
+    gi = tl.load(prog_group + pid)
+    start = tl.load(prog_start + pid)
+    m_ptr = tl.load(groups + gi * 4 + 0).to(tl.pointer_type(tl.uint8))
+    numel = tl.load(groups + gi * 4 + 1)
+    r0 = tl.load(groups + gi * 4 + 2)
+    r1 = tl.load(groups + gi * 4 + 3)
+    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    for it in range(0, n_it):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        inr = offs < numel
+        off_mask = inr & (tl.load(m_ptr + offs, mask=inr, other=1) == 0)
+        for r in range(r0, r1):
+            _zero_store(tl.load(rows + r * 2 + 0), offs, off_mask, tl.load(rows + r * 2 + 1))
+
+
+class _TableCache:
+    """The after-step op runs every step on the same tensors: reuse its device tables (keyed by addresses
+    and sizes only, so a table is right for whatever tensors now live there)."""
+
+    def __init__(self, size=8):
+        self.size = size
+        self.d = {}
+
+    def get(self, key, build):
+        hit = self.d.get(key)
+        if hit is None:
+            if len(self.d) >= self.size:
+                self.d.pop(next(iter(self.d)))
+            hit = self.d[key] = build()
+        return hit
+
+
+_APPLY_CACHE = _TableCache()
+
+
+def apply_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], block: int, iters: int) -> None:
+    if not tensors:
+        return
+    device = tensors[0].device
+    copies = []
+    group_of = {}
+    groups = []  # [mask, [(ptr, esize)]]
+    for t, m in zip(tensors, masks):
+        if t.numel() == 0:
+            continue
+        if not t.is_contiguous():
+            c = t.contiguous()
+            copies.append((t, c))
+            t = c
+        key = (m.data_ptr(), m.numel())
+        if key not in group_of:
+            group_of[key] = len(groups)
+            groups.append((m, []))
+        groups[group_of[key]][1].append((t.data_ptr(), t.element_size()))
+    if not groups:
+        return
+    chunk = block * iters
+    cache_key = (str(device), chunk, tuple((m.data_ptr(), m.numel(), tuple(r)) for m, r in groups))
+
+    def build():
+        g_rows, t_rows = [], []
+        for m, rs in groups:
+            g_rows.append([m.data_ptr(), m.numel(), len(t_rows), len(t_rows) + len(rs)])
+            t_rows.extend([list(r) for r in rs])
+        owner, start, _ = program_table([m.numel() for m, _ in groups], chunk)
+        return (to_device(owner, torch.int32, device), to_device(start, torch.int64, device),
+                to_device(g_rows, torch.int64, device), to_device(t_rows, torch.int64, device))
+
+    p_group, p_start, g_tab, t_tab = _APPLY_CACHE.get(cache_key, build)
+    _apply_masks_kernel[(p_group.numel(),)](p_group, p_start, g_tab, t_tab, BLOCK=block, ITERS=iters)
+    for orig, c in copies:
+        orig.copy_(c)
+
+
+# ---------------------------------------------------------------------------------------------- non-finite check
+@triton.jit
+def _nonfinite_kernel(prog_item, prog_start, items, flag, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Sets *flag to 1 if any element is NaN/inf: an all-ones exponent field, tested on the raw bits."""
+    pid = tl.program_id(0)
+    i = tl.load(prog_item + pid)
+    start = tl.load(prog_start + pid)
+    base = tl.load(items + i * 3 + 0)
+    numel = tl.load(items + i * 3 + 1)
+    dt = tl.load(items + i * 3 + 2)
+    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for it in range(0, n_it):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        inr = offs < numel
+        if dt == 0:
+            b = tl.load(base.to(tl.pointer_type(tl.int32)) + offs, mask=inr, other=0)
+            e = (b & 0x7F800000) == 0x7F800000
+        elif dt == 1:
+            b = tl.load(base.to(tl.pointer_type(tl.int16)) + offs, mask=inr, other=0).to(tl.int32)
+            e = (b & 0x7C00) == 0x7C00
+        elif dt == 2:
+            b = tl.load(base.to(tl.pointer_type(tl.int16)) + offs, mask=inr, other=0).to(tl.int32)
+            e = (b & 0x7F80) == 0x7F80
+        else:
+            b64 = tl.load(base.to(tl.pointer_type(tl.int64)) + offs, mask=inr, other=0)
+            e = (b64 & 0x7FF0000000000000) == 0x7FF0000000000000
+        bad = tl.maximum(bad, e.to(tl.int32))
+    any_bad = tl.max(bad, axis=0)
+    if any_bad > 0:
+        tl.atomic_max(flag, any_bad)
+
+
+_NONFINITE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def any_nonfinite(tensors: Sequence[torch.Tensor], block: int, iters: int) -> bool:
+    floats = [t for t in tensors if t.numel() > 0 and t.dtype.is_floating_point]
+    if not floats:
+        return False
+    device = floats[0].device
+    flat = [t.contiguous() for t in floats]
+    unsupported = [t for t in flat if t.dtype not in _NONFINITE_CODES]
+    items = [[t.data_ptr(), t.numel(), _NONFINITE_CODES[t.dtype]] for t in flat if t.dtype in _NONFINITE_CODES]
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    if items:
+        owner, start, _ = program_table([r[1] for r in items], block * iters)
+        _nonfinite_kernel[(len(owner),)](to_device(owner, torch.int32, device), to_device(start, torch.int64, device),
+                                         to_device(items, torch.int64, device), flag, BLOCK=block, ITERS=iters)
+    for t in unsupported:  # float8 and friends: rare enough for torch to check
+        flag |= (~torch.isfinite(t.float())).any().to(torch.int32).view(1)
+    return bool(flag.item())  # the one host sync of an update
+
+
+__all__ = ["mask_grad", "apply_masks", "any_nonfinite", "DT_F32", "DT_F16", "DT_BF16"]

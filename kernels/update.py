@@ -1,0 +1,242 @@
+"""The topology update (SPEC section 4, `Backend.update`) by radix selection, for all layers at once.
+
+Why it needs no sort: for finite floats, |x| upcast to fp32 orders exactly like its 31-bit pattern
+`bits(x) & 0x7FFFFFFF`, so "the k largest" is decided by a threshold on integer keys. The threshold T (the
+k-th largest key) is found digit by digit, most significant first, with histograms (11 + 10 + 10 bits):
+after each pass a one-program-per-layer kernel picks the bin holding the k-th largest and narrows the
+prefix. Everything with key > T is selected, and the first `k_rem` keys equal to T in flat-index order
+(per-program tie counts, an exclusive scan over programs, then a rank inside the program).
+
+Every launch covers every layer (a per-program layer table), so an update costs O(passes) launches and no
+host synchronisation. Per-layer state (prefix, k remaining) lives on the device.
+
+Pass list (phase K = keep over |w| of active positions, phase G = grow over |score| of non-kept ones):
+  K: hist x3 (+ pick), tie count, mark   -- mark rewrites each mask byte as old | kept << 1
+  G: hist x3 (+ pick), tie count, final  -- final writes the 0/1 mask and zeros weights/states/grads
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Contig, float_code, program_table, to_device
+from .elementwise import _zero_store
+
+# (shift, bits) of each radix pass over the 31-bit key; the first digit is the widest
+PASSES = ((20, 11), (10, 10), (0, 10))
+HIST_BINS = 2048
+NCOL = 8  # layer table: w_ptr, mask_ptr, score_ptr, numel, w_code, score_code, row_start, row_end
+
+
+@triton.jit
+def _keys(base, offs, valid, dt):
+    """|x| of a float tensor upcast to fp32, as its (order-preserving) int32 bit pattern."""
+    if dt == 0:
+        b = tl.load(base.to(tl.pointer_type(tl.int32)) + offs, mask=valid, other=0)
+    elif dt == 1:
+        h = tl.load(base.to(tl.pointer_type(tl.float16)) + offs, mask=valid, other=0.0)
+        b = h.to(tl.float32).to(tl.int32, bitcast=True)
+    else:
+        h = tl.load(base.to(tl.pointer_type(tl.int16)) + offs, mask=valid, other=0)
+        b = h.to(tl.int32) << 16  # bf16 -> fp32 is exact: the bf16 bits are the fp32's top half
+    return b & 0x7FFFFFFF
+
+
+@triton.jit
+def _candidates(tab, l, offs, inr, mb, PHASE: tl.constexpr):
+    """(valid, key) of this phase: keep competes among old-active positions (mask bit 0) by |w|; grow among
+    positions not kept (mask bit 1, written by the mark pass) by |score|."""
+    if PHASE == 0:
+        valid = inr & ((mb & 1) != 0)
+        key = _keys(tl.load(tab + l * 8 + 0), offs, valid, tl.load(tab + l * 8 + 4))
+    else:
+        valid = inr & ((mb & 2) == 0)
+        key = _keys(tl.load(tab + l * 8 + 2), offs, valid, tl.load(tab + l * 8 + 5))
+    return valid, key
+
+
+@triton.jit
+def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHIFT: tl.constexpr,
+                 NBITS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    l = tl.load(prog_layer + pid)
+    start = tl.load(prog_start + pid)
+    numel = tl.load(tab + l * 8 + 3)
+    m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
+    prefix = tl.load(st + l * 2 + 0)
+    counts = tl.zeros([1 << NBITS], tl.int32)
+    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    for it in range(0, n_it):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        inr = offs < numel
+        mb = tl.load(m_ptr + offs, mask=inr, other=0)
+        valid, key = _candidates(tab, l, offs, inr, mb, PHASE)
+        if SHIFT + NBITS < 31:
+            valid = valid & ((key >> (SHIFT + NBITS)) == prefix)
+        digit = (key >> SHIFT) & ((1 << NBITS) - 1)
+        counts += tl.histogram(digit, 1 << NBITS, mask=valid)
+    # one atomic per non-empty bin per program (programs cover ITERS blocks to keep atomics rare)
+    bins = tl.arange(0, 1 << NBITS)
+    tl.atomic_add(hist + l * 2048 + bins, counts, mask=counts > 0)
+
+
+@triton.jit
+def _pick_kernel(st, hist, NBITS: tl.constexpr):
+    """Per layer: the bin b holding the k-th largest key among candidates matching the prefix, i.e. the
+    largest b whose suffix count (keys in bins >= b) reaches k. k = 0 picks the top bin every pass, so the
+    threshold ends above every key and nothing is selected."""
+    l = tl.program_id(0)
+    bins = tl.arange(0, 1 << NBITS)
+    h = tl.load(hist + l * 2048 + bins)
+    k = tl.load(st + l * 2 + 1)
+    suffix = tl.cumsum(h, 0, reverse=True)
+    b = tl.maximum(tl.sum((suffix >= k).to(tl.int32), axis=0) - 1, 0)
+    above = tl.sum(tl.where(bins > b, h, 0), axis=0)
+    tl.store(st + l * 2 + 1, k - above)
+    prefix = tl.load(st + l * 2 + 0)
+    tl.store(st + l * 2 + 0, (prefix << NBITS) | b)
+
+
+@triton.jit
+def _tie_count_kernel(prog_layer, prog_start, tab, st, cnt, PHASE: tl.constexpr, BLOCK: tl.constexpr,
+                      ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    l = tl.load(prog_layer + pid)
+    start = tl.load(prog_start + pid)
+    numel = tl.load(tab + l * 8 + 3)
+    m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
+    thr = tl.load(st + l * 2 + 0)
+    total = tl.zeros([BLOCK], tl.int32)
+    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    for it in range(0, n_it):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        inr = offs < numel
+        mb = tl.load(m_ptr + offs, mask=inr, other=0)
+        valid, key = _candidates(tab, l, offs, inr, mb, PHASE)
+        total += (valid & (key == thr)).to(tl.int32)
+    tl.store(cnt + pid, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _selected(valid, key, thr, k_rem, run):
+    """Selected = key above the threshold, or equal to it and among the first k_rem such in index order
+    (`run` = ties in earlier blocks of this layer). Returns (selected, updated run)."""
+    eq = (valid & (key == thr)).to(tl.int32)
+    rank = run + tl.cumsum(eq, 0) - eq
+    sel = (valid & (key > thr)) | ((eq != 0) & (rank < k_rem))
+    return sel, run + tl.sum(eq, axis=0)
+
+
+@triton.jit
+def _mark_kernel(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    l = tl.load(prog_layer + pid)
+    start = tl.load(prog_start + pid)
+    numel = tl.load(tab + l * 8 + 3)
+    m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
+    thr = tl.load(st + l * 2 + 0)
+    k_rem = tl.load(st + l * 2 + 1)
+    run = tl.load(tie_off + pid)
+    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    for it in range(0, n_it):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        inr = offs < numel
+        mb = tl.load(m_ptr + offs, mask=inr, other=0)
+        valid, key = _candidates(tab, l, offs, inr, mb, 0)
+        kept, run = _selected(valid, key, thr, k_rem, run)
+        tl.store(m_ptr + offs, (mb & 1) | (kept.to(tl.uint8) << 1), mask=inr)
+
+
+@triton.jit
+def _final_kernel(prog_layer, prog_start, tab, rows, st, tie_off, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Grow decision, the 0/1 mask, and zeros written (never read) into every tensor of the layer: weight and
+    optimizer states where not (new and old), the gradient where not new."""
+    pid = tl.program_id(0)
+    l = tl.load(prog_layer + pid)
+    start = tl.load(prog_start + pid)
+    numel = tl.load(tab + l * 8 + 3)
+    m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
+    r0 = tl.load(tab + l * 8 + 6)
+    r1 = tl.load(tab + l * 8 + 7)
+    thr = tl.load(st + l * 2 + 0)
+    k_rem = tl.load(st + l * 2 + 1)
+    run = tl.load(tie_off + pid)
+    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    for it in range(0, n_it):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        inr = offs < numel
+        mb = tl.load(m_ptr + offs, mask=inr, other=0)
+        valid, key = _candidates(tab, l, offs, inr, mb, 1)
+        grow, run = _selected(valid, key, thr, k_rem, run)
+        new = grow | ((mb & 2) != 0)
+        both = new & ((mb & 1) != 0)
+        tl.store(m_ptr + offs, new.to(tl.uint8), mask=inr)
+        for r in range(r0, r1):
+            cond = tl.where(tl.load(rows + r * 3 + 2) == 0, both, new)
+            _zero_store(tl.load(rows + r * 3 + 0), offs, inr & (cond == 0), tl.load(rows + r * 3 + 1))
+
+
+def _scan_offsets(cnt: torch.Tensor, prog_layer_long: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix of per-program tie counts, restarted at each layer's first program (on device)."""
+    excl = torch.cumsum(cnt, 0) - cnt
+    return (excl - excl[first][prog_layer_long]).to(torch.int32)
+
+
+def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, iters):
+    p_layer, p_start, tab = launch
+    for shift, bits in PASSES:
+        _hist_kernel[grid](p_layer, p_start, tab, st, hist, PHASE=phase, SHIFT=shift, NBITS=bits,
+                           BLOCK=block, ITERS=iters)
+        _pick_kernel[(st.shape[0],)](st, hist, NBITS=bits)
+        hist.zero_()
+    _tie_count_kernel[grid](p_layer, p_start, tab, st, cnt, PHASE=phase, BLOCK=block, ITERS=iters)
+    return _scan_offsets(cnt, prog_layer_long, first)
+
+
+def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
+           n_keep: Sequence[int], n_grow: Sequence[int], states: Sequence[Sequence[torch.Tensor]],
+           grads: Sequence[Optional[torch.Tensor]], block: int, iters: int) -> None:
+    L = len(weights)
+    if L == 0:
+        return
+    device = weights[0].device
+    contig = Contig()
+    keep_alive = []
+    tab_rows, t_rows = [], []
+    for w, m, s, st_list, g in zip(weights, masks, scores, states, grads):
+        assert m.dtype == torch.bool and m.is_contiguous() and m.shape == w.shape, "masks: contiguous bool"
+        wc, sc = contig.get(w), contig.get(s)
+        keep_alive += [wc, sc]
+        r0 = len(t_rows)
+        t_rows.append([wc.data_ptr(), wc.element_size(), 0])
+        for t in st_list:
+            tc = contig.get(t)
+            keep_alive.append(tc)
+            t_rows.append([tc.data_ptr(), tc.element_size(), 0])
+        if g is not None:
+            gc = contig.get(g)
+            keep_alive.append(gc)
+            t_rows.append([gc.data_ptr(), gc.element_size(), 1])
+        tab_rows.append([wc.data_ptr(), m.data_ptr(), sc.data_ptr(), w.numel(), float_code(wc), float_code(sc),
+                         r0, len(t_rows)])
+    chunk = block * iters
+    owner, start, first = program_table([w.numel() for w in weights], chunk)
+    p_layer = to_device(owner, torch.int32, device)
+    launch = (p_layer, to_device(start, torch.int64, device), to_device(tab_rows, torch.int64, device))
+    rows = to_device(t_rows, torch.int64, device)
+    p_layer_long = p_layer.long()
+    first_t = to_device(first, torch.int64, device)
+    ks = to_device([[0, int(k)] for k in n_keep] + [[0, int(k)] for k in n_grow], torch.int32, device)
+    st_keep, st_grow = ks[:L], ks[L:]
+    hist = torch.zeros(L, HIST_BINS, dtype=torch.int32, device=device)
+    cnt = torch.empty(len(owner), dtype=torch.int32, device=device)
+    grid = (len(owner),)
+
+    keep_off = _select(0, grid, launch, st_keep, hist, cnt, p_layer_long, first_t, block, iters)
+    _mark_kernel[grid](*launch, st_keep, keep_off, BLOCK=block, ITERS=iters)
+    grow_off = _select(1, grid, launch, st_grow, hist, cnt, p_layer_long, first_t, block, iters)
+    _final_kernel[grid](*launch, rows, st_grow, grow_off, BLOCK=block, ITERS=iters)
+    contig.write_back()
