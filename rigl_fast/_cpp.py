@@ -1,0 +1,149 @@
+"""The C++ backend: the ops in `csrc/` (torch.library ops `torch.ops.rigl_fast.*`), CPU tensors.
+
+Loading, first match wins:
+1. a prebuilt `rigl_fast._C` (``RIGL_FAST_BUILD_CPP=1 pip install .``, see docs/cpp.md);
+2. a JIT build of csrc/*.cpp with torch.utils.cpp_extension.load + ninja, cached by torch (default
+   ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); rebuilt only when the sources or flags change.
+If neither works, `CppBackend()` raises `BackendUnavailable` with a one-line reason, so `auto` falls back
+and an explicit `backend='cpp'` raises.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import shutil
+import threading
+
+import torch
+
+from .ops import Backend, BackendUnavailable
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+EXT_NAME = "rigl_fast_cpp"
+
+
+def _sources():
+    here = os.path.dirname(os.path.abspath(__file__))
+    # an installed package holds csrc as rigl_fast/csrc; an editable checkout has it beside the package
+    for d in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        srcs = sorted(glob.glob(os.path.join(d, "*.cpp")))
+        if srcs:
+            return d, srcs
+    raise BackendUnavailable("the csrc/*.cpp sources are not installed with rigl_fast")
+
+
+def _registered() -> bool:
+    return hasattr(torch.ops, "rigl_fast") and hasattr(torch.ops.rigl_fast, "update")
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise BackendUnavailable(f"no C++ compiler ({cxx!r} not found on PATH); install one (e.g. g++) or "
+                                 "prebuild with RIGL_FAST_BUILD_CPP=1 pip install .")
+    if not cpp_extension.is_ninja_available():
+        raise BackendUnavailable("ninja is not installed (pip install ninja); it is needed to build the C++ ops")
+    src_dir, srcs = _sources()
+    try:
+        cpp_extension.load(name=EXT_NAME, sources=srcs, extra_include_paths=[src_dir],
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=os.environ.get("RIGL_FAST_VERBOSE_BUILD") == "1")
+    except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError with long logs
+        lines = str(e).strip().splitlines() or [e.__class__.__name__]
+        first = next((ln.strip() for ln in lines if "error" in ln.lower() and ":" in ln), lines[0])
+        raise BackendUnavailable(f"building the C++ ops failed ({first}); set RIGL_FAST_VERBOSE_BUILD=1 "
+                                 "for the compiler output") from e
+
+
+def load_library() -> str:
+    """Make sure the ops are registered; returns how ('prebuilt', 'jit' or 'already loaded')."""
+    with _LOCK:
+        if "how" in _STATE:
+            return _STATE["how"]
+        if "error" in _STATE:
+            raise BackendUnavailable(_STATE["error"])
+        try:
+            if _registered():
+                how = "already loaded"
+            else:
+                try:
+                    importlib.import_module("rigl_fast._C")
+                    how = "prebuilt"
+                except ImportError:
+                    _jit_build()
+                    how = "jit"
+            if not _registered():
+                raise BackendUnavailable("the C++ extension loaded but did not register torch.ops.rigl_fast")
+            _register_fakes()
+        except BackendUnavailable as e:
+            _STATE["error"] = str(e)
+            raise
+        _STATE["how"] = how
+        return how
+
+
+def _register_fakes():
+    """Fake (meta) implementations: shapes only, so torch.compile and opcheck can trace the ops."""
+
+    @torch.library.register_fake("rigl_fast::mask_grad")
+    def _mask_grad(grad, mask, acc, n):
+        return grad.new_empty(grad.shape)
+
+    @torch.library.register_fake("rigl_fast::apply_masks")
+    def _apply_masks(tensors, masks):
+        return None
+
+    @torch.library.register_fake("rigl_fast::any_nonfinite")
+    def _any_nonfinite(tensors):
+        return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
+
+    @torch.library.register_fake("rigl_fast::update")
+    def _update(weights, masks, scores, n_keep, n_grow, states, state_layer, grads, grad_layer):
+        return None
+
+
+class CppBackend(Backend):
+    name = "cpp"
+
+    def __init__(self):
+        self.how = load_library()
+        ops = torch.ops.rigl_fast
+        # OpOverloads, not the packets: skips overload resolution on the per-layer hook path
+        self._mask_grad = ops.mask_grad.default
+        self._apply_masks = ops.apply_masks.default
+        self._any_nonfinite = ops.any_nonfinite.default
+        self._update = ops.update.default
+
+    def supports(self, device):
+        device = torch.device(device)
+        if device.type != "cpu":
+            return f"the C++ ops are built for CPU tensors only, got {device}"
+        return None
+
+    def mask_grad(self, grad, mask, acc, n):
+        return self._mask_grad(grad, mask, acc, int(n))
+
+    def apply_masks(self, tensors, masks):
+        if len(tensors):
+            self._apply_masks(list(tensors), list(masks))
+
+    def any_nonfinite(self, tensors):
+        if not len(tensors):
+            return False
+        return bool(self._any_nonfinite(list(tensors)))
+
+    def update(self, weights, masks, scores, n_keep, n_grow, states, grads):
+        flat_states, state_layer, flat_grads, grad_layer = [], [], [], []
+        for i, st in enumerate(states):
+            flat_states.extend(st)
+            state_layer.extend([i] * len(st))
+        for i, g in enumerate(grads):
+            if g is not None:
+                flat_grads.append(g)
+                grad_layer.append(i)
+        self._update(list(weights), list(masks), list(scores), [int(k) for k in n_keep], [int(k) for k in n_grow],
+                     flat_states, state_layer, flat_grads, grad_layer)

@@ -1,0 +1,325 @@
+"""The C++ backend (csrc/, CPU) against the reference backend: masks bit-identical, weights/states/grads
+identical, on fresh random inputs with odd sizes, heavy ties and every dtype; opcheck for every op; an
+end-to-end training run identical to the reference at every step; build failure handling.
+
+The build must work wherever these tests run: a failed build fails the tests (no skip)."""
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from rigl_fast import RigLScheduler
+from rigl_fast import ops as rops
+from rigl_fast.reference import ReferenceBackend
+
+from helpers import MLP, SmallResNet, batches, train
+
+REF = ReferenceBackend()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# 1 and 7: tiny; 1023: odd; 4097: one past a power of two; 70001: several parallel tasks (grain 32768)
+SIZES = [1, 7, 1023, 4097, 70001]
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    from rigl_fast._cpp import CppBackend
+    return CppBackend()  # a build failure raises here and fails every test that uses it
+
+
+def values(n, kind, dtype, g):
+    if kind == "generic":
+        return torch.randn(n, generator=g).to(dtype)
+    if kind == "levels":  # a handful of distinct values: ties everywhere
+        return (torch.randint(-3, 4, (n,), generator=g).float() * 0.5).to(dtype)
+    if kind == "zeros":
+        return torch.zeros(n, dtype=dtype)
+    raise ValueError(kind)
+
+
+def equal_nan(a, b):
+    """Equal values, NaN where NaN (its payload and sign carry no meaning), and equal signs of zeros."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) \
+        and torch.equal(torch.signbit(a) & ~nan, torch.signbit(b) & ~nan)
+
+
+def seed_of(*parts):
+    return sum((i + 1) * ord(c) for i, c in enumerate(repr(parts))) % 2 ** 31
+
+
+# ------------------------------------------------------------------------------------------------ mask_grad
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("acc_n", [None, 1, 3])
+def test_mask_grad_matches_reference(cpp, dtype, n, acc_n):
+    g = torch.Generator().manual_seed(seed_of(dtype, n, acc_n))
+    grad = (torch.randn(n, generator=g) * 10).to(dtype)
+    grad[torch.rand(n, generator=g) < 0.05] = float("nan")
+    grad[torch.rand(n, generator=g) < 0.05] = float("-inf")
+    mask = torch.rand(n, generator=g) < 0.4
+    grad0 = grad.clone()
+    acc_c = acc_r = None
+    if acc_n is not None:
+        acc_r = torch.randn(n, generator=g).to(dtype)
+        acc_c = acc_r.clone()
+    out_c = cpp.mask_grad(grad, mask, acc_c, acc_n or 1)
+    out_r = REF.mask_grad(grad, mask, acc_r, acc_n or 1)
+    assert equal_nan(out_c, out_r)
+    assert not torch.signbit(out_c[~mask]).any()  # +0.0 off the mask, even where grad was NaN/-inf
+    assert equal_nan(grad, grad0)  # input untouched
+    if acc_n is not None:
+        assert equal_nan(acc_c, acc_r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_grad_rounds_like_torch(cpp, dtype):
+    # values whose quotient by 3 rounds differently if divided as x * (1/3) or rounded only once
+    g = torch.Generator().manual_seed(7)
+    grad = (torch.rand(50000, generator=g) * 1e3).to(dtype)
+    acc_r = (torch.rand(50000, generator=g) * 1e-3).to(dtype)
+    acc_c = acc_r.clone()
+    mask = torch.ones(50000, dtype=torch.bool)
+    cpp.mask_grad(grad, mask, acc_c, 3)
+    REF.mask_grad(grad, mask, acc_r, 3)
+    assert torch.equal(acc_c, acc_r)
+
+
+def test_mask_grad_noncontiguous(cpp):
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(301, 257, generator=g).t()
+    mask = torch.rand(257, 301, generator=g) < 0.5
+    acc_c, acc_r = torch.zeros(257, 301), torch.zeros(257, 301)
+    out = cpp.mask_grad(grad, mask, acc_c, 2)
+    assert torch.equal(out, REF.mask_grad(grad, mask, acc_r, 2))
+    assert torch.equal(acc_c, acc_r)
+    assert out.shape == grad.shape
+
+
+# ------------------------------------------------------------------------------------------------ apply_masks
+def test_apply_masks_matches_reference(cpp):
+    g = torch.Generator().manual_seed(11)
+    ts, ms = [], []
+    for n, dtype in [(1, torch.float32), (7, torch.float16), (1023, torch.bfloat16), (70001, torch.float32),
+                     (4097, torch.float64)]:
+        t = torch.randn(n, generator=g).to(dtype)
+        t[torch.rand(n, generator=g) < 0.1] = float("nan")
+        ts.append(t)
+        ms.append(torch.rand(n, generator=g) < 0.3)
+    base = torch.randn(40, 60, generator=g)
+    ts.append(base.t())  # non-contiguous: written back through the view
+    ms.append(torch.rand(60, 40, generator=g) < 0.3)
+    ms.append(ms[0])  # one mask used for two tensors, as the scheduler does
+    ts.append(torch.randn(1, generator=g))
+    ref = [t.clone() for t in ts]
+    cpp.apply_masks(ts, ms)
+    REF.apply_masks(ref, ms)
+    for a, b in zip(ts, ref):
+        assert equal_nan(a, b)
+    assert torch.equal(base.t(), ts[5])
+
+
+def test_any_nonfinite(cpp):
+    g = torch.Generator().manual_seed(5)
+    for dtype in DTYPES + [torch.float64]:
+        for bad in [None, float("nan"), float("inf"), float("-inf")]:
+            ts = [torch.randn(n, generator=g).to(dtype) for n in (3, 70001, 1)]
+            if bad is not None:
+                ts[1][int(torch.randint(0, 70001, (1,), generator=g))] = bad
+            assert cpp.any_nonfinite(ts) == REF.any_nonfinite(ts) == (bad is not None)
+    big = torch.full((3,), 65504.0, dtype=torch.float16)  # fp16 max is finite
+    assert not cpp.any_nonfinite([big])
+    assert not cpp.any_nonfinite([])
+    assert cpp.any_nonfinite([torch.randn(10, 10).t().contiguous().t().clone().fill_(float("nan"))])
+
+
+# ------------------------------------------------------------------------------------------------ update
+def make_layer(shape, density, kind, dtype, g):
+    n = math.prod(shape)
+    m = torch.rand(n, generator=g) < density
+    w = torch.where(m, values(n, kind, torch.float32, g), 0.0).to(dtype)
+    s = values(n, kind, torch.float32, g).to(dtype)
+    return w.view(shape), m.view(shape), s.view(shape)
+
+
+def run_both(cpp, ws, ms, ss, n_keep, n_grow, states, grads):
+    args_c = ([w.clone() for w in ws], [m.clone() for m in ms], ss, n_keep, n_grow,
+              [[t.clone() for t in st] for st in states], [None if x is None else x.clone() for x in grads])
+    args_r = ([w.clone() for w in ws], [m.clone() for m in ms], ss, n_keep, n_grow,
+              [[t.clone() for t in st] for st in states], [None if x is None else x.clone() for x in grads])
+    cpp.update(*args_c)
+    REF.update(*args_r)
+    return args_c, args_r
+
+
+def assert_same(args_c, args_r, n_active):
+    for mc, mr, k in zip(args_c[1], args_r[1], n_active):
+        assert torch.equal(mc, mr)
+        assert int(mc.sum()) == k
+    for a, b in zip(args_c[0], args_r[0]):
+        assert torch.equal(a, b)
+    for sc, sr in zip(args_c[5], args_r[5]):
+        for a, b in zip(sc, sr):
+            assert torch.equal(a, b)
+    for a, b in zip(args_c[6], args_r[6]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_update_matches_reference(cpp, dtype, kind):
+    """Every size in one multi-layer call, for each n_drop in {0, n/3, n_active} (drop all, regrow anywhere)."""
+    g = torch.Generator().manual_seed(seed_of(dtype, kind))
+    shapes = [(n,) for n in SIZES] + [(33, 31), (5, 3, 3, 3)]
+    layers = [make_layer(sh, 0.3, kind, dtype, g) for sh in shapes]
+    for frac in (0.0, 1 / 3, 1.0):
+        ws, ms, ss = zip(*layers)
+        n_active = [int(m.sum()) for m in ms]
+        n_drop = [int(a * frac) for a in n_active]
+        n_keep = [a - d for a, d in zip(n_active, n_drop)]
+        states = [[torch.randn(w.shape, generator=g).to(dtype), torch.rand(w.shape, generator=g).to(dtype)]
+                  for w in ws]
+        grads = [torch.randn(w.shape, generator=g).to(dtype) if i % 3 else None for i, w in enumerate(ws)]
+        args_c, args_r = run_both(cpp, ws, ms, ss, n_keep, n_drop, states, grads)
+        assert_same(args_c, args_r, n_active)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1023, 4097])
+def test_update_all_drop_counts(cpp, n):
+    """Every n_drop from 0 to n_active on one small layer with ties (covers every threshold position)."""
+    g = torch.Generator().manual_seed(n)
+    w, m, s = make_layer((n,), 0.5, "levels", torch.float32, g)
+    a = int(m.sum())
+    drops = range(a + 1) if a <= 40 else sorted({0, 1, 2, a // 2, a - 1, a} | set(range(0, a, max(1, a // 37))))
+    for d in drops:
+        if a + 0 > n:
+            continue
+        args_c, args_r = run_both(cpp, [w], [m], [s], [a - d], [d], [[]], [None])
+        assert_same(args_c, args_r, [a])
+
+
+def test_update_noncontiguous_and_mixed(cpp):
+    g = torch.Generator().manual_seed(17)
+    w, m, s = make_layer((64, 48), 0.2, "generic", torch.float32, g)
+    w_t = w.t().contiguous().t()  # same values, column-major storage
+    state = torch.randn(48, 64, generator=g).t()
+    grad = torch.randn(48, 64, generator=g).t()
+    s16 = s.to(torch.bfloat16)  # score dtype differs from the weight's
+    a = int(m.sum())
+    args_c, args_r = run_both(cpp, [w_t], [m], [s16], [a - 100], [100], [[state]], [grad])
+    assert_same(args_c, args_r, [a])
+    # and in place through the strided views themselves
+    w2, m2, st2, gr2 = w_t.clone().t().contiguous().t(), m.clone(), state.clone(), grad.clone()
+    cpp.update([w2], [m2], [s16], [a - 100], [100], [[st2]], [gr2])
+    assert torch.equal(m2, args_r[1][0]) and torch.equal(w2, args_r[0][0])
+    assert torch.equal(st2, args_r[5][0][0]) and torch.equal(gr2, args_r[6][0])
+
+
+def test_update_ties_take_lower_index(cpp):
+    w = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 0.0])
+    m = torch.tensor([True, True, True, True, False, False])
+    cpp.update([w], [m], [torch.zeros(6)], [2], [2], [[]], [None])
+    assert m.tolist() == [True, True, True, True, False, False]
+    w = torch.tensor([5.0, 0.0, 3.0, 0.0, 1.0])
+    m = torch.tensor([True, False, True, False, True])
+    cpp.update([w], [m], [torch.tensor([9.0, 8.0, 0.0, 7.0, 0.0])], [0], [3], [[]], [None])
+    assert m.tolist() == [True, True, False, True, False]
+    assert w.tolist() == [5.0, 0.0, 0.0, 0.0, 0.0]  # dropped and regrown keeps its value
+
+
+def test_update_rejects_bad_counts(cpp):
+    w, m = torch.ones(4), torch.ones(4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="n_keep"):
+        cpp.update([w], [m], [torch.ones(4)], [3], [2], [[]], [None])
+
+
+# ------------------------------------------------------------------------------------------------ opcheck
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+    w, m, s = make_layer((37, 5), 0.4, "generic", torch.float32, g)
+    a = int(m.sum())
+    return {
+        "mask_grad": [(torch.randn(37, 5), m, None, 1), (torch.randn(37, 5), m, torch.zeros(37, 5), 2)],
+        "apply_masks": [([torch.randn(37, 5), torch.randn(37, 5)], [m, m])],
+        "any_nonfinite": [([torch.randn(3), torch.randn(37, 5)],)],
+        "update": [([w.clone()], [m.clone()], [s], [a - 10], [10], [torch.randn(37, 5)], [0], [torch.randn(37, 5)],
+                    [0])],
+    }
+
+
+@pytest.mark.parametrize("op", ["mask_grad", "apply_masks", "any_nonfinite", "update"])
+def test_opcheck(cpp, op):
+    for args in _opcheck_cases()[op]:
+        torch.library.opcheck(getattr(torch.ops.rigl_fast, op).default, args)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("opt_name,accum,after_step", [("sgd", 1, "auto"), ("adam", 2, "always")])
+def test_training_identical_to_reference(cpp, opt_name, accum, after_step):
+    def run(backend):
+        torch.manual_seed(0)
+        model = SmallResNet(width=8)
+        opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=1e-2))
+        pruner = RigLScheduler(model, opt, dense_allocation=0.2, T_end=24, delta=4, grad_accumulation_n=accum,
+                               sparsity_distribution="erk", backend=backend, after_step=after_step)
+        assert pruner.backend == backend
+        snaps = []
+
+        def on_step(stage):
+            snaps.append((stage, [None if x is None else x.clone() for x in pruner.backward_masks],
+                          [w.detach().clone() for w in pruner.W],
+                          [None if w.grad is None else w.grad.clone() for w in pruner.W]))
+
+        train(model, opt, pruner, batches(30, seed=1), on_step)
+        return snaps, pruner.rigl_steps
+
+    got, steps_c = run("cpp")
+    want, steps_r = run("reference")
+    assert steps_c == steps_r > 3
+    assert len(got) == len(want)
+    changed = False
+    for (stage, mc, wc, gc), (_, mr, wr, gr) in zip(got, want):
+        for a, b in zip(mc, mr):
+            assert (a is None and b is None) or torch.equal(a, b), stage
+        for a, b in zip(wc, wr):
+            assert torch.equal(a, b), stage
+        for a, b in zip(gc, gr):
+            assert (a is None and b is None) or torch.equal(a, b), stage
+    for (_, m0, _, _), (_, m1, _, _) in zip(got, got[1:]):
+        changed |= any(a is not None and not torch.equal(a, b) for a, b in zip(m0, m1))
+    assert changed  # the run did move the topology
+
+
+# ------------------------------------------------------------------------------------------------ selection, build
+def test_auto_picks_cpp_on_cpu(cpp):
+    assert rops.get_backend("auto", torch.device("cpu")).name == "cpp"
+    assert rops.get_backend("cpp", torch.device("cpu")).name == "cpp"
+    assert cpp.supports(torch.device("cuda")) is not None
+
+
+def test_no_compiler_falls_back_under_auto_and_raises_when_explicit(tmp_path):
+    """A fresh process without a compiler (and no prebuilt module): auto warns and uses the reference;
+    backend='cpp' raises with the one-line reason."""
+    code = (
+        "import sys, warnings, torch\n"
+        "sys.modules['rigl_fast._C'] = None\n"  # as if no prebuilt module were installed
+        "from rigl_fast import ops\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert ops.get_backend('auto', torch.device('cpu')).name == 'reference'\n"
+        "assert any('no C++ compiler' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "try:\n"
+        "    ops.get_backend('cpp', torch.device('cpu'))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'no C++ compiler' in str(e) and '\\n' not in str(e), str(e)\n"
+        "    print('RAISED')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env.pop("RIGL_FAST_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "RAISED" in r.stdout
