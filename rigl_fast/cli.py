@@ -1,0 +1,314 @@
+"""The `rigl-fast` command.
+
+    rigl-fast train                      # a BatchNorm CNN, RigL at 10% density, on scikit-learn's digits
+    rigl-fast train --model mlp --method static --density 0.02 --distribution erk
+    rigl-fast train --compare            # dense/static/SET/RigL, 2% MLP, 10 seeds: table + plot in ./rigl_fast_compare
+    rigl-fast train --compare --density 0.2,0.05,0.02 --distribution uniform,erk --seeds 3
+    rigl-fast train --data mnist --data-dir ~/data --download
+
+Needs the 'cli' extra (scikit-learn, tqdm, matplotlib); they are imported only when a command runs, so
+`import rigl_fast` never pays for them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import warnings
+
+EXTRA_HINT = "pip install 'rigl_fast[cli]'"
+_METHODS = ("dense", "static", "set", "rigl")
+_MODELS = ("cnn", "mlp")
+_DISTRIBUTIONS = ("uniform", "erk")
+_DATASETS = ("digits", "mnist", "cifar10")
+_BACKENDS = ("auto", "reference", "triton", "cpp")
+
+
+# ----------------------------------------------------------------------------- argument types
+def _list_of(kind, name, check=None, choices=None):
+    """An argparse type for 'a' or 'a,b,c'; argparse prefixes errors with the option's name."""
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected one {name} or a comma-separated list, got {text!r}")
+        out = []
+        for t in items:
+            try:
+                v = kind(t)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{t!r} is not a valid {name}") from None
+            if choices is not None and v not in choices:
+                raise argparse.ArgumentTypeError(f"invalid {name} {t!r} (choose from {', '.join(choices)})")
+            if check is not None:
+                msg = check(v)
+                if msg:
+                    raise argparse.ArgumentTypeError(f"{name} {t!r} {msg}")
+            out.append(v)
+        return out
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    parse.__name__ = name
+    return parse
+
+
+def _positive_float(name):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return v
+    parse.__name__ = name
+    return parse
+
+
+def _alpha(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rigl-fast", description="rigl_fast: fast RigL dynamic sparse training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    t = sub.add_parser(
+        "train", help="train a small model with dense/static/SET/RigL and report accuracy",
+        description="Train a small CNN or MLP on scikit-learn's digits (bundled, no download) or, with "
+                    "torchvision, MNIST/CIFAR-10; print progress, a per-layer density table and the test "
+                    "accuracy. With --compare, run several methods/densities/seeds and write a table and a plot.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", choices=_MODELS, default=None,
+                   help="cnn = 3 conv layers with BatchNorm + linear; mlp = in-300-100-10. "
+                        "Default: cnn, or mlp with --compare")
+    t.add_argument("--method", type=_list_of(str, "method", choices=_METHODS), default=None,
+                   help="dense (no scheduler), static (fixed random mask), set (random regrowth), rigl "
+                        "(gradient regrowth); a comma list with --compare. Default: rigl, or all four with --compare")
+    t.add_argument("--density", type=_list_of(float, "density", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+                   default=None, help="dense_allocation, the fraction of weights kept in each sparse layer; a comma "
+                                      "list with --compare. Default: 0.1, or 0.02 with --compare")
+    t.add_argument("--distribution", type=_list_of(str, "distribution", choices=_DISTRIBUTIONS), default=None,
+                   help="uniform (rigl-torch's rule: first layer dense) or erk (Erdos-Renyi-Kernel); a comma list "
+                        "with --compare. Default: uniform")
+    t.add_argument("--epochs", type=_positive_int("epochs"), default=None,
+                   help="Default: 40 on digits, 5 on mnist/cifar10")
+    t.add_argument("--seed", type=int, default=0, help="seed of the model, the masks and the batch order; with "
+                                                       "--compare the first of --seeds consecutive seeds")
+    t.add_argument("--seeds", type=_positive_int("seeds"), default=10, help="number of seeds with --compare")
+    t.add_argument("--batch-size", type=_positive_int("batch-size"), default=128)
+    t.add_argument("--lr", type=_positive_float("lr"), default=0.1, help="SGD (momentum 0.9) learning rate, "
+                                                                         "cosine-annealed to 0 over training")
+    t.add_argument("--delta", type=_positive_int("delta"), default=None,
+                   help="steps between topology updates. Default: 10 on digits (12 steps an epoch), 100 otherwise")
+    t.add_argument("--alpha", type=_alpha, default=0.3, help="initial drop fraction (cosine-decayed)")
+    t.add_argument("--backend", choices=_BACKENDS, default="auto", help="rigl_fast backend for the mask ops")
+    t.add_argument("--data", choices=_DATASETS, default="digits",
+                   help="digits needs no download; mnist/cifar10 need torchvision and the data under --data-dir")
+    t.add_argument("--data-dir", default="data", help="where torchvision data sets are (or are downloaded to)")
+    t.add_argument("--download", action="store_true", help="download mnist/cifar10 if missing (needs a network)")
+    t.add_argument("--device", default=None, help="torch device. Default: cuda if available, else cpu")
+    t.add_argument("--threads", type=_positive_int("threads"), default=None,
+                   help="torch CPU threads. Default: 1 on digits (the models are too small to gain from more), "
+                        "torch's default otherwise")
+    t.add_argument("--compare", action="store_true",
+                   help="run every --method x --density x --distribution over --seeds seeds and write "
+                        "results.md, results.json and compare.png to --out")
+    t.add_argument("--out", default="rigl_fast_compare", help="output folder for --compare")
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    t.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+# ----------------------------------------------------------------------------- train
+def _require(modules):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pkg = {"sklearn": "scikit-learn"}
+        names = ", ".join(pkg.get(m, m) for m in missing)
+        print(f"rigl-fast: this command needs {names}, which is not installed: {EXTRA_HINT}", file=sys.stderr)
+        return False
+    return True
+
+
+def _resolve(args, parser):
+    """Fill the mode-dependent defaults and check the combinations argparse cannot."""
+    if not args.compare:
+        for name in ("method", "density", "distribution"):
+            v = getattr(args, name)
+            if v is not None and len(v) > 1:
+                parser.error(f"argument --{name}: a list of values ({','.join(map(str, v))}) needs --compare")
+        if args.seeds != 10:
+            parser.error("argument --seeds: only used with --compare (use --seed for a single run)")
+    args.model = args.model or ("mlp" if args.compare else "cnn")
+    args.method = args.method or (list(_METHODS) if args.compare else ["rigl"])
+    args.density = args.density or ([0.02] if args.compare else [0.1])
+    args.distribution = args.distribution or ["uniform"]
+    args.epochs = args.epochs or (40 if args.data == "digits" else 5)
+    args.delta = args.delta or (10 if args.data == "digits" else 100)
+    if args.threads is None and args.data == "digits":
+        args.threads = 1
+
+
+def _configs(args):
+    from .demo import RunConfig
+    base = dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, delta=args.delta,
+                alpha=args.alpha, backend=args.backend, device=args.device)
+    seeds = range(args.seed, args.seed + args.seeds) if args.compare else [args.seed]
+    out = []
+    for seed in seeds:
+        for method in args.method:
+            if method == "dense":  # density and distribution do not apply: one run per seed
+                out.append(RunConfig(method="dense", density=1.0, distribution="uniform", seed=seed, **base))
+                continue
+            for dist in args.distribution:
+                for density in args.density:
+                    out.append(RunConfig(method=method, density=density, distribution=dist, seed=seed, **base))
+    return out
+
+
+def _layer_table(result) -> str:
+    rows = [("layer", "shape", "weights", "active", "density")]
+    tot_n = tot_a = 0
+    for layer in result.layers:
+        rows.append((layer["name"], "x".join(map(str, layer["shape"])), str(layer["numel"]), str(layer["active"]),
+                     f"{100 * layer['active'] / layer['numel']:.2f}%"))
+        tot_n += layer["numel"]
+        tot_a += layer["active"]
+    rows.append(("total (Linear/Conv weights)", "", str(tot_n), str(tot_a), f"{100 * tot_a / tot_n:.2f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0 or k == len(rows) - 2:
+            lines.append("-" * len(lines[-1]))
+    return "\n".join(lines)
+
+
+def _cmd_train(args, parser) -> int:
+    _resolve(args, parser)
+    if not _require((["sklearn"] if args.data == "digits" else []) + ["tqdm"]
+                    + (["matplotlib"] if args.compare else [])):
+        return 1
+    import torch
+    from tqdm.auto import tqdm
+    from . import data as data_mod
+    from . import demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"argument --device: cannot use {args.device!r}: {e}")
+    try:
+        if "dense" not in args.method or len(args.method) > 1:
+            from .ops import get_backend
+            get_backend(args.backend, torch.device(args.device))
+    except RuntimeError as e:
+        parser.error(f"argument --backend: {e}")
+    try:
+        data = data_mod.load(args.data, args.data_dir, args.download)
+    except (RuntimeError, ImportError) as e:
+        print(f"rigl-fast: {e}", file=sys.stderr)
+        return 1
+    configs = _configs(args)
+    for c in configs:
+        c.validate()
+    print(f"data: {args.data} ({len(data.train_x)} train / {len(data.test_x)} test, {data.n_classes} classes, "
+          f"input {'x'.join(map(str, data.in_shape))}); model: {args.model}; {args.epochs} epochs; "
+          f"device {args.device}, {torch.get_num_threads()} thread(s)")
+    if args.compare:
+        return _compare(args, configs, data, demo, tqdm)
+    return _single(args, configs[0], data, demo, tqdm)
+
+
+def _single(args, cfg, data, demo, tqdm) -> int:
+    print(f"method: {cfg.method}" + ("" if cfg.method == "dense" else
+                                     f", density {cfg.density:g} ({cfg.distribution}), delta {cfg.delta}, "
+                                     f"alpha {cfg.alpha}, backend {cfg.backend}"))
+    bar = tqdm(total=1, desc=f"{cfg.method} d={cfg.density:g}", unit="step", disable=args.no_progress,
+               dynamic_ncols=True)
+
+    def progress(step, total, loss):
+        if step == 1:
+            bar.reset(total=total)
+        bar.update(1)
+        if step % 10 == 0 or step == total:
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{(step - 1) * args.epochs // total + 1}/{args.epochs}")
+
+    result = demo.run(cfg, data, progress=progress)
+    bar.close()
+    print()
+    print(_layer_table(result))
+    print()
+    if result.churn:
+        print(f"topology updates: {len(result.churn)}; weights regrown per update: "
+              f"{100 * result.churn[0][1]:.1f}% of active at the first, {100 * result.churn[-1][1]:.1f}% at the last")
+    print(f"final train loss: {result.train_loss:.4f}   train accuracy: {100 * result.train_acc:.2f}%")
+    print(f"test accuracy: {100 * result.test_acc:.2f}%  (chance {100 / data.n_classes:.0f}%, "
+          f"{len(data.test_x)} test samples, {result.seconds:.1f} s)")
+    return 0
+
+
+def _compare(args, configs, data, demo, tqdm) -> int:
+    from . import report
+
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    t0 = time.perf_counter()
+    with tqdm(configs, desc="runs", unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
+        for cfg in bar:
+            bar.set_postfix_str(f"{cfg.method} d={cfg.density:g} {cfg.distribution} seed {cfg.seed}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # lr_scheduler's notice when an update skips a step
+                results.append(demo.run(cfg, data).to_dict())
+    seconds = time.perf_counter() - t0
+    title = (f"{args.model} on {args.data}, {args.epochs} epochs, {args.seeds} seeds "
+             f"(delta={args.delta}, alpha={args.alpha})")
+    table = report.markdown(results)
+    md = os.path.join(args.out, "results.md")
+    with open(md, "w") as f:
+        f.write(f"# {title}\n\n{table}\n{len(results)} runs in {seconds:.0f} s.\n")
+    js = os.path.join(args.out, "results.json")
+    with open(js, "w") as f:
+        json.dump({"command": "rigl-fast train --compare", "args": {k: v for k, v in vars(args).items()
+                                                                   if k != "func"},
+                   "runs": results}, f, indent=1)
+    png = os.path.join(args.out, "compare.png")
+    report.plot(results, png, title)
+    print()
+    print(title)
+    print(table)
+    print(f"{len(results)} runs in {seconds:.0f} s; wrote {md}, {js}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
