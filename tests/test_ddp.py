@@ -1,0 +1,228 @@
+"""torch.distributed: 2 processes on gloo (CPU, loopback only).
+
+Under DDP every rank's hook sees its local gradient before the reducer averages it; the grow score is the
+local accumulators summed over ranks, one all-reduce per update. The checks: masks equal on every rank after
+every call (via all_gather, never by broadcasting masks after init), exactly one all-reduce on update steps
+and none elsewhere, and the same masks as one process training on the same global batch (generic data: the
+rank sum and the single-process gradient differ only by a uniform factor of world_size and rounding).
+"""
+import functools
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from helpers import MLP, batches
+from rigl_fast import RigLScheduler
+
+WORLD = 2
+GLOBAL_BATCH = 16
+STEPS = 26
+CFG = dict(dense_allocation=0.25, T_end=24, delta=4, grad_accumulation_n=2, ignore_linear_layers=False,
+           alpha=0.5, backend="reference")
+MODEL_SEED, MASK_SEED, DATA_SEED = 0, 100, 7
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not built into this torch")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _is_update(step):
+    return step % CFG["delta"] == 0 and step < CFG["T_end"]
+
+
+def _masks_cpu(pruner):
+    return [None if m is None else m.detach().clone() for m in pruner.backward_masks]
+
+
+def _gather_equal(masks):
+    """True if every rank holds bit-identical masks (all_gather, so the check itself moves no masks)."""
+    flat = torch.cat([m.reshape(-1).to(torch.uint8) for m in masks if m is not None])
+    out = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, flat)
+    return all(torch.equal(out[0], o) for o in out[1:])
+
+
+def _train(rank, scenario):
+    """One DDP run. 'wrapped': the scheduler is given the DDP module. 'wrap_after': it is given the bare
+    model, which DDP wraps afterwards (each rank starting from different weights, so DDP's broadcast of rank
+    0's weights matters). 'poison': rank 1 alone finds inf in its accumulator at the first update.
+    'no_sync': each rank's shard in 2 micro-batches, the first under DDP's no_sync()."""
+    torch.manual_seed(MODEL_SEED + (rank if scenario == "wrap_after" else 0))
+    model = MLP()
+    if scenario != "wrap_after":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    # a different global RNG on each rank: without rank 0's masks being adopted at init they would differ
+    torch.manual_seed(MASK_SEED + rank)
+    pruner = RigLScheduler(model, opt, **CFG)
+    if scenario == "wrap_after":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+
+    calls = {"all_reduce": 0, "broadcast": 0}
+    real = {k: getattr(dist, k) for k in calls}
+
+    def counting(name):
+        def f(*a, **k):
+            calls[name] += 1
+            return real[name](*a, **k)
+        return f
+
+    for k in calls:  # DDP's reducer talks to the process group from C++, so only rigl_fast is counted here
+        setattr(dist, k, counting(k))
+    try:
+        log = {"init": _masks_cpu(pruner), "init_equal": _gather_equal(pruner.backward_masks),
+               "equal_after_call": [], "reduces": [], "grad_masked": [], "updates": [], "warnings": []}
+        per = GLOBAL_BATCH // WORLD
+        for x, y in batches(STEPS, seed=DATA_SEED, batch=GLOBAL_BATCH):
+            x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+            opt.zero_grad()
+            if scenario == "no_sync":
+                with model.no_sync():
+                    (F.cross_entropy(model(x[:per // 2]), y[:per // 2]) / 2).backward()
+                (F.cross_entropy(model(x[per // 2:]), y[per // 2:]) / 2).backward()
+            else:
+                F.cross_entropy(model(x), y).backward()
+            log["grad_masked"].append(all(bool((w.grad[~m] == 0).all())
+                                          for w, m in zip(pruner.W, pruner.backward_masks) if m is not None))
+            if scenario == "poison" and rank == 1 and pruner.step + 1 == CFG["delta"]:
+                acc = next(h.dense_grad for h in pruner.backward_hook_objects if h.dense_grad is not None)
+                acc[0, 0] = float("inf")
+            before = calls["all_reduce"]
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                go = pruner()
+            log["warnings"] += [pruner.step for r in rec if issubclass(r.category, RuntimeWarning)]
+            log["reduces"].append(calls["all_reduce"] - before)
+            if go:
+                opt.step()
+            else:
+                log["updates"].append(_masks_cpu(pruner))
+            log["equal_after_call"].append(_gather_equal(pruner.backward_masks))
+    finally:
+        for k in calls:
+            setattr(dist, k, real[k])
+    log["broadcasts_after_init"] = calls["broadcast"]
+    log["skipped"] = pruner.skipped_updates
+    log["weights"] = [w.detach().clone() for w in pruner.W]
+    log["step"] = pruner.step
+    return log
+
+
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync")
+
+
+def _worker(rank, port, out_dir):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)  # two ranks on a small shared CPU: oversubscribed threads only slow them down
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.save({sc: _train(rank, sc) for sc in SCENARIOS}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=None)
+def _single_process():
+    torch.manual_seed(MODEL_SEED)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    torch.manual_seed(MASK_SEED)
+    pruner = RigLScheduler(model, opt, **CFG)
+    updates = []
+    for x, y in batches(STEPS, seed=DATA_SEED, batch=GLOBAL_BATCH):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pruner():
+            opt.step()
+        else:
+            updates.append(_masks_cpu(pruner))
+    return updates, [w.detach().clone() for w in pruner.W]
+
+
+@pytest.fixture(scope="module")
+def ddp_logs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_masks_identical_on_every_rank_after_every_call(ddp_logs, scenario):
+    logs = [log[scenario] for log in ddp_logs]
+    for log in logs:
+        assert log["init_equal"], "ranks started with different masks"
+        assert log["equal_after_call"] == [True] * STEPS
+        assert log["step"] == STEPS
+        assert all(log["grad_masked"]), "a DDP-averaged gradient was nonzero off the mask"
+    for a, b in zip(logs[0]["weights"], logs[1]["weights"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_one_all_reduce_per_update_and_no_mask_broadcast(ddp_logs, scenario):
+    expected = [1 if _is_update(s) else 0 for s in range(1, STEPS + 1)]
+    assert sum(expected) >= 4
+    for log in ddp_logs:
+        assert log[scenario]["reduces"] == expected
+        assert log[scenario]["broadcasts_after_init"] == 0
+
+
+def test_non_finite_on_one_rank_skips_the_update_on_all(ddp_logs):
+    logs = [log["poison"] for log in ddp_logs]
+    for log in logs:
+        assert log["skipped"] == 1 and log["warnings"] == [CFG["delta"]]
+        assert all(a is None or torch.equal(a, b) for a, b in zip(log["updates"][0], log["init"])), \
+            "the skipped update moved the masks"
+    clean = ddp_logs[0]["wrapped"]
+    assert clean["skipped"] == 0 and clean["warnings"] == []
+    # the skipped update left rank 0's masks where the clean run's update moved them
+    assert any(not torch.equal(a, b) for a, b in zip(logs[0]["updates"][0], clean["updates"][0]) if a is not None)
+
+
+@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync"])
+def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
+    ref_updates, ref_weights = _single_process()
+    assert all(log[scenario]["skipped"] == 0 and log[scenario]["warnings"] == [] for log in ddp_logs)
+    got = ddp_logs[0][scenario]["updates"]
+    assert len(got) == len(ref_updates) == sum(_is_update(s) for s in range(1, STEPS + 1))
+    changed = 0
+    prev = None
+    for k, (a, b) in enumerate(zip(got, ref_updates)):
+        for la, lb in zip(a, b):
+            assert (la is None) == (lb is None)
+            if la is not None:
+                assert torch.equal(la, lb), f"update {k}: DDP masks differ from the single-process run"
+        if prev is not None:
+            changed += any(not torch.equal(x, y) for x, y in zip(a, prev) if x is not None)
+        prev = a
+    assert changed == len(got) - 1, "some update did not move the topology: the comparison would be vacuous"
+    for a, b in zip(ddp_logs[0][scenario]["weights"], ref_weights):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_example_script_under_torchrun(tmp_path):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(REPO / "examples" / "ddp_train.py"), "--steps", "40",
+           "--delta", "10", "--t-end", "30"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [l for l in res.stdout.splitlines() if l.startswith("masks-digest")]
+    assert len(lines) == 2, res.stdout
+    digests = {l.split()[-1] for l in lines}
+    assert len(digests) == 1, f"ranks ended with different masks: {lines}"
