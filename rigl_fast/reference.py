@@ -32,22 +32,43 @@ def top_k_flags(x: torch.Tensor, k: int) -> torch.Tensor:
     return gt | (eq & (torch.cumsum(eq, 0, dtype=torch.int32) <= need))
 
 
+def top_k_flags_prefiltered(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_k_flags` for k much smaller than x: a strided sample gives a lower bound t for the k-th largest
+    value; only the values >= t (few) go through the exact selection. Exact whatever the sample says: if
+    fewer than k values reach t, it falls back to the whole tensor."""
+    n = x.numel()
+    if k <= 0 or 8 * k > n or n < 65536:
+        return top_k_flags(x, k)
+    stride = n // 16384
+    sample = x[::stride]
+    s = sample.numel()
+    rank = min(s, int(k * s / n * 1.5) + 32)  # generous margin: a miss costs only the fallback
+    t = torch.topk(sample, rank, sorted=False).values.min()
+    cand = x >= t
+    if int(cand.sum()) < k:
+        return top_k_flags(x, k)
+    out = torch.zeros(n, dtype=torch.bool, device=x.device)
+    out.masked_scatter_(cand, top_k_flags(x[cand], k))  # masked_select/scatter keep index order: ties hold
+    return out
+
+
 def select_layer(weight: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, n_keep: int,
                  n_grow: int) -> torch.Tensor:
     """The new flat bool mask of one layer (see `Backend.update`)."""
     active = mask.reshape(-1)
     # keep: only active positions compete, so select among their compressed values (index order preserved)
-    kept_vals = weight.reshape(-1).abs().float()[active]
+    kept_vals = weight.reshape(-1)[active].abs().float()
     keep = torch.zeros_like(active)
     keep.masked_scatter_(active, top_k_flags(kept_vals, n_keep))
     # grow: every position not kept competes; kept ones get -1, below any |score|
-    grow_score = torch.where(keep, -1.0, score.reshape(-1).abs().float())
-    grow = top_k_flags(grow_score, n_grow)
-    return keep | grow
+    grow_score = score.reshape(-1).abs().float()
+    grow_score.masked_fill_(keep, -1.0)
+    return keep | top_k_flags_prefiltered(grow_score, n_grow)
 
 
 def _mask_(t: torch.Tensor, mask: torch.Tensor) -> None:
-    t.copy_(torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device)))
+    # in place through out=: no temporary, and a select (NaN-safe), not a multiply
+    torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device), out=t)
 
 
 class ReferenceBackend(Backend):

@@ -139,3 +139,17 @@ def test_apply_masks_and_nonfinite():
     assert REF.any_nonfinite(ts)
     assert not REF.any_nonfinite([ts[0]])
     assert not REF.any_nonfinite([])
+
+
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros", "spiky"])
+def test_prefiltered_top_k_matches_stable_sort(kind):
+    from rigl_fast.reference import top_k_flags_prefiltered
+    g = torch.Generator().manual_seed(3)
+    n = 200_003
+    if kind == "spiky":  # the sample misses a cluster of large values: the fallback must still be exact
+        x = torch.zeros(n)
+        x[5:5000] = torch.rand(4995, generator=g) + 1
+    else:
+        x = random_values(n, kind, torch.float32, g).abs()
+    for k in (1, 17, 999, 4000, 20000):
+        assert torch.equal(top_k_flags_prefiltered(x, k), oracle_top_k(x, k)), (kind, k)
