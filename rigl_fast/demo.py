@@ -24,6 +24,8 @@ from .scheduler import RigLScheduler
 
 METHODS = ("dense", "static", "set", "rigl")
 MODELS = ("cnn", "mlp")
+# "cnn-nobn" is the same CNN without BatchNorm: the study shows why the demo's CNN has it.
+ALL_MODELS = MODELS + ("cnn-nobn",)
 
 
 class MLP(nn.Module):
@@ -48,16 +50,17 @@ class CNN(nn.Module):
     rigl-torch's default initialisation (the masked layers' activations shrink layer after layer).
     """
 
-    def __init__(self, in_channels: int, n_classes: int, width: int = 32):
+    def __init__(self, in_channels: int, n_classes: int, width: int = 32, batchnorm: bool = True):
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-        )
+
+        def block(c_in, c_out):
+            if batchnorm:
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+
+        self.features = nn.Sequential(*block(in_channels, w), *block(w, 2 * w), nn.MaxPool2d(2),
+                                      *block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1))
         self.fc = nn.Linear(2 * w, n_classes)
 
     def forward(self, x):
@@ -69,7 +72,9 @@ def make_model(name: str, in_shape, n_classes: int) -> nn.Module:
         return MLP(math.prod(in_shape), n_classes)
     if name == "cnn":
         return CNN(in_shape[0], n_classes)
-    raise ValueError(f"model: unknown model {name!r}; choose one of {MODELS}")
+    if name == "cnn-nobn":
+        return CNN(in_shape[0], n_classes, batchnorm=False)
+    raise ValueError(f"model: unknown model {name!r}; choose one of {ALL_MODELS}")
 
 
 @dataclass
@@ -94,8 +99,8 @@ class RunConfig:
     def validate(self):
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r}; choose one of {METHODS}")
-        if self.model not in MODELS:
-            raise ValueError(f"model: unknown model {self.model!r}; choose one of {MODELS}")
+        if self.model not in ALL_MODELS:
+            raise ValueError(f"model: unknown model {self.model!r}; choose one of {ALL_MODELS}")
         if not (0 < self.density <= 1):
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.epochs < 1:
