@@ -401,12 +401,15 @@ class RigLScheduler:
         else:
             accs = [self.backward_hook_objects[i].dense_grad for i in idx]
             self._free_dense_grads()
-            if all(a is None for a in accs):
+            have_grad = any(a is not None for a in accs)
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            if have_grad or distributed:
+                scores = [torch.zeros_like(w) if a is None else a for w, a in zip(weights, accs)]
+            if distributed:  # every rank must reach the all-reduce, so the skip decision is taken after it
+                have_grad = self._all_reduce_sum(scores, have_grad)
+            if not have_grad:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return
-            scores = [torch.zeros_like(w) if a is None else a for w, a in zip(weights, accs)]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                self._all_reduce_sum(scores)
         if self._ops.any_nonfinite(weights + scores):
             self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
             return
@@ -419,14 +422,17 @@ class RigLScheduler:
                          [self._states_like(w) for w in weights], [w.grad for w in weights])
 
     @staticmethod
-    def _all_reduce_sum(tensors):
-        """Grow scores are the gradient summed over ranks: one all-reduce of all layers' accumulators."""
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+    def _all_reduce_sum(tensors, have_grad: bool) -> bool:
+        """Grow scores are the gradient summed over ranks: one all-reduce of all layers' accumulators, with
+        one more element counting the ranks that accumulated anything. Returns whether any rank did."""
+        flag = torch.ones(1, dtype=tensors[0].dtype, device=tensors[0].device) * float(have_grad)
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [flag])
         dist.all_reduce(flat)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+        return bool(flat[-1] > 0)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):

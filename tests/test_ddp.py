@@ -6,6 +6,7 @@ every call (via all_gather, never by broadcasting masks after init), exactly one
 and none elsewhere, and the same masks as one process training on the same global batch (generic data: the
 rank sum and the single-process gradient differ only by a uniform factor of world_size and rounding).
 """
+import datetime
 import functools
 import os
 import socket
@@ -102,6 +103,9 @@ def _train(rank, scenario):
             if scenario == "poison" and rank == 1 and pruner.step + 1 == CFG["delta"]:
                 acc = next(h.dense_grad for h in pruner.backward_hook_objects if h.dense_grad is not None)
                 acc[0, 0] = float("inf")
+            if scenario == "nograd_one_rank" and rank == 1 and pruner.step + 1 == CFG["delta"]:
+                for h in pruner.backward_hook_objects:  # rank 1 reaches the first update with nothing accumulated
+                    h.dense_grad = None
             before = calls["all_reduce"]
             with warnings.catch_warnings(record=True) as rec:
                 warnings.simplefilter("always")
@@ -123,13 +127,15 @@ def _train(rank, scenario):
     return log
 
 
-SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync")
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank")
 
 
 def _worker(rank, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)  # two ranks on a small shared CPU: oversubscribed threads only slow them down
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # a bounded timeout: a rank left waiting in a collective fails the test instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.save({sc: _train(rank, sc) for sc in SCENARIOS}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -226,3 +232,14 @@ def test_example_script_under_torchrun(tmp_path):
     assert len(lines) == 2, res.stdout
     digests = {l.split()[-1] for l in lines}
     assert len(digests) == 1, f"ranks ended with different masks: {lines}"
+
+
+def test_a_rank_without_gradient_neither_hangs_nor_skips(ddp_logs):
+    """The skip decision is collective: rank 1 had no accumulator at the first update, rank 0 had one; both
+    take part in the one all-reduce and both update from rank 0's gradient (the other scenarios' checks of
+    equal masks and one all-reduce per update run on this scenario too)."""
+    logs = [log["nograd_one_rank"] for log in ddp_logs]
+    for log in logs:
+        assert log["skipped"] == 0 and log["warnings"] == []
+    first = logs[0]["updates"][0]
+    assert any(not torch.equal(a, b) for a, b in zip(first, logs[0]["init"]) if a is not None)
