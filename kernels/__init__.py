@@ -20,6 +20,10 @@ from ._common import FLOAT_CODES
 
 DEFAULT_BLOCK = 1024
 DEFAULT_ITERS = 16  # elements per program = BLOCK * ITERS: fewer programs, fewer histogram atomics
+# Digit width of the radix select. tl.histogram's GPU lowering costs about num_bins/32 operations per element
+# per thread, so 256 bins (4 passes) should stay bandwidth-bound where 2048 bins (3 passes) would not.
+# Not measured: no GPU was available when this was written; bench it before changing.
+DEFAULT_RADIX_BITS = 8
 
 
 class TritonBackend(Backend):
@@ -30,13 +34,17 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def __init__(self, block: int = DEFAULT_BLOCK, iters: int = DEFAULT_ITERS):
+    def __init__(self, block: int = DEFAULT_BLOCK, iters: int = DEFAULT_ITERS,
+                 radix_bits: int = DEFAULT_RADIX_BITS):
         if block & (block - 1) or block < 16:
             raise ValueError(f"block must be a power of two >= 16, got {block}")
         if iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
+        if not 4 <= radix_bits <= 11:
+            raise ValueError(f"radix_bits must be in [4, 11], got {radix_bits}")
         self.block = block
         self.iters = iters
+        self.radix_bits = radix_bits
         self._ref = None
 
     def _reference(self):
@@ -70,7 +78,7 @@ class TritonBackend(Backend):
         if any(t.dtype not in FLOAT_CODES for t in list(weights) + list(scores)):
             return self._reference().update(weights, masks, scores, n_keep, n_grow, states, grads)
         _up.update(list(weights), list(masks), list(scores), list(n_keep), list(n_grow),
-                   [list(s) for s in states], list(grads), self.block, self.iters)
+                   [list(s) for s in states], list(grads), self.block, self.iters, self.radix_bits)
 
 
 __all__ = ["TritonBackend"]

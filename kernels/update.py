@@ -2,7 +2,8 @@
 
 Why it needs no sort: for finite floats, |x| upcast to fp32 orders exactly like its 31-bit pattern
 `bits(x) & 0x7FFFFFFF`, so "the k largest" is decided by a threshold on integer keys. The threshold T (the
-k-th largest key) is found digit by digit, most significant first, with histograms (11 + 10 + 10 bits):
+k-th largest key) is found digit by digit, most significant first, with histograms (7 + 8 + 8 + 8 bits by
+default; `radix_bits` trades passes for histogram width):
 after each pass a one-program-per-layer kernel picks the bin holding the k-th largest and narrows the
 prefix. Everything with key > T is selected, and the first `k_rem` keys equal to T in flat-index order
 (per-program tie counts, an exclusive scan over programs, then a rank inside the program).
@@ -11,8 +12,8 @@ Every launch covers every layer (a per-program layer table), so an update costs 
 host synchronisation. Per-layer state (prefix, k remaining) lives on the device.
 
 Pass list (phase K = keep over |w| of active positions, phase G = grow over |score| of non-kept ones):
-  K: hist x3 (+ pick), tie count, mark   -- mark rewrites each mask byte as old | kept << 1
-  G: hist x3 (+ pick), tie count, final  -- final writes the 0/1 mask and zeros weights/states/grads
+  K: hist xP (+ pick), tie count, mark   -- mark rewrites each mask byte as old | kept << 1
+  G: hist xP (+ pick), tie count, final  -- final writes the 0/1 mask and zeros weights/states/grads
 """
 from __future__ import annotations
 
@@ -25,9 +26,18 @@ import triton.language as tl
 from ._common import Contig, float_code, program_table, to_device
 from .elementwise import _zero_store
 
-# (shift, bits) of each radix pass over the 31-bit key; the first digit is the widest
-PASSES = ((20, 11), (10, 10), (0, 10))
-HIST_BINS = 2048
+KEY_BITS = 31
+
+
+def radix_passes(radix_bits: int):
+    """(shift, width) of each histogram pass over the 31-bit key, most significant digit first; every digit
+    is `radix_bits` wide except the first, which takes the remainder."""
+    passes, low = [], 0
+    while low < KEY_BITS:
+        width = min(radix_bits, KEY_BITS - low)
+        passes.append((low, width))
+        low += width
+    return tuple(reversed(passes))
 NCOL = 8  # layer table: w_ptr, mask_ptr, score_ptr, numel, w_code, score_code, row_start, row_end
 
 
@@ -60,7 +70,7 @@ def _candidates(tab, l, offs, inr, mb, PHASE: tl.constexpr):
 
 @triton.jit
 def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHIFT: tl.constexpr,
-                 NBITS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                 NBITS: tl.constexpr, HSTRIDE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
     l = tl.load(prog_layer + pid)
     start = tl.load(prog_start + pid)
@@ -80,17 +90,17 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
         counts += tl.histogram(digit, 1 << NBITS, mask=valid)
     # one atomic per non-empty bin per program (programs cover ITERS blocks to keep atomics rare)
     bins = tl.arange(0, 1 << NBITS)
-    tl.atomic_add(hist + l * 2048 + bins, counts, mask=counts > 0)
+    tl.atomic_add(hist + l * HSTRIDE + bins, counts, mask=counts > 0)
 
 
 @triton.jit
-def _pick_kernel(st, hist, NBITS: tl.constexpr):
+def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr):
     """Per layer: the bin b holding the k-th largest key among candidates matching the prefix, i.e. the
     largest b whose suffix count (keys in bins >= b) reaches k. k = 0 picks the top bin every pass, so the
     threshold ends above every key and nothing is selected."""
     l = tl.program_id(0)
     bins = tl.arange(0, 1 << NBITS)
-    h = tl.load(hist + l * 2048 + bins)
+    h = tl.load(hist + l * HSTRIDE + bins)
     k = tl.load(st + l * 2 + 1)
     suffix = tl.cumsum(h, 0, reverse=True)
     b = tl.maximum(tl.sum((suffix >= k).to(tl.int32), axis=0) - 1, 0)
@@ -185,12 +195,13 @@ def _scan_offsets(cnt: torch.Tensor, prog_layer_long: torch.Tensor, first: torch
     return (excl - excl[first][prog_layer_long]).to(torch.int32)
 
 
-def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, iters):
+def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, iters, passes):
     p_layer, p_start, tab = launch
-    for shift, bits in PASSES:
+    hstride = hist.shape[1]
+    for shift, bits in passes:
         _hist_kernel[grid](p_layer, p_start, tab, st, hist, PHASE=phase, SHIFT=shift, NBITS=bits,
-                           BLOCK=block, ITERS=iters)
-        _pick_kernel[(st.shape[0],)](st, hist, NBITS=bits)
+                           HSTRIDE=hstride, BLOCK=block, ITERS=iters)
+        _pick_kernel[(st.shape[0],)](st, hist, NBITS=bits, HSTRIDE=hstride)
         hist.zero_()
     _tie_count_kernel[grid](p_layer, p_start, tab, st, cnt, PHASE=phase, BLOCK=block, ITERS=iters)
     return _scan_offsets(cnt, prog_layer_long, first)
@@ -198,7 +209,7 @@ def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, i
 
 def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
            n_keep: Sequence[int], n_grow: Sequence[int], states: Sequence[Sequence[torch.Tensor]],
-           grads: Sequence[Optional[torch.Tensor]], block: int, iters: int) -> None:
+           grads: Sequence[Optional[torch.Tensor]], block: int, iters: int, radix_bits: int) -> None:
     L = len(weights)
     if L == 0:
         return
@@ -231,12 +242,13 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
     first_t = to_device(first, torch.int64, device)
     ks = to_device([[0, int(k)] for k in n_keep] + [[0, int(k)] for k in n_grow], torch.int32, device)
     st_keep, st_grow = ks[:L], ks[L:]
-    hist = torch.zeros(L, HIST_BINS, dtype=torch.int32, device=device)
+    passes = radix_passes(radix_bits)
+    hist = torch.zeros(L, 1 << max(w for _, w in passes), dtype=torch.int32, device=device)
     cnt = torch.empty(len(owner), dtype=torch.int32, device=device)
     grid = (len(owner),)
 
-    keep_off = _select(0, grid, launch, st_keep, hist, cnt, p_layer_long, first_t, block, iters)
+    keep_off = _select(0, grid, launch, st_keep, hist, cnt, p_layer_long, first_t, block, iters, passes)
     _mark_kernel[grid](*launch, st_keep, keep_off, BLOCK=block, ITERS=iters)
-    grow_off = _select(1, grid, launch, st_grow, hist, cnt, p_layer_long, first_t, block, iters)
+    grow_off = _select(1, grid, launch, st_grow, hist, cnt, p_layer_long, first_t, block, iters, passes)
     _final_kernel[grid](*launch, rows, st_grow, grow_off, BLOCK=block, ITERS=iters)
     contig.write_back()

@@ -19,8 +19,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 7, 1023, 4097]
 REF = ReferenceBackend()
 # tiny chunks (64 x 2 elements per program) put 4097 elements on 33 programs; default-sized ones on one
-SMALL = TritonBackend(block=64, iters=2)
+# SMALL also uses the widest radix digits (3 passes) and the others the default (4 passes): both layouts run
+SMALL = TritonBackend(block=64, iters=2, radix_bits=11)
 WIDE = TritonBackend(block=1024, iters=1)
+MID = TritonBackend(block=512, iters=2)  # 4097 elements -> 5 programs, at a fraction of SMALL's cost
 
 
 @pytest.fixture
@@ -223,14 +225,15 @@ def check_update(layers, backends=(SMALL, WIDE)):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["random", "levels", "zeros"])
-@pytest.mark.parametrize("drop", ["some", "none", "all"])
-def test_update_matches_reference(dev, dtype, kind, drop):
-    """Every size in one batched call (layers of different sizes share each launch)."""
-    gen = torch.Generator().manual_seed(hash((str(dtype), kind, drop)) % 2 ** 31)
+def test_update_matches_reference(dev, dtype, kind):
+    """Every size and n_drop in {0, some, n_active} in one batched call (layers of different sizes and
+    drop counts share each launch)."""
+    gen = torch.Generator().manual_seed(DTYPES.index(dtype) * 10 + len(kind))
     layers = [make_layer(n, dtype, dtype, kind, d, drop, gen, dev)
+              for drop in ("some", "none", "all")
               for n, d in zip(SIZES + [2000], [1.0, 0.5, 0.3, 0.1, 0.9])]
-    ref = check_update(layers)
-    if drop == "some" and kind == "random":  # the update really changed something
+    ref = check_update(layers, backends=(MID,))
+    if kind == "random":  # the update really changed something
         assert any(not torch.equal(r["m"], L["m"]) for r, L in zip(ref, layers))
 
 
@@ -310,14 +313,14 @@ def test_end_to_end_same_masks_as_reference(case):
     if case == "resnet_sgd":
         model_fn = SmallResNet
         opt_fn = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)  # noqa: E731
-        kw = dict(dense_allocation=0.3, T_end=14, delta=3, grad_accumulation_n=1)
-        data_kw = dict(n_steps=16)
+        kw = dict(dense_allocation=0.3, T_end=10, delta=2, grad_accumulation_n=1)
+        data_kw = dict(n_steps=10, batch=8)
     else:
         model_fn = MLP
         opt_fn = lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)  # noqa: E731
         kw = dict(dense_allocation=0.2, T_end=14, delta=4, grad_accumulation_n=3, ignore_linear_layers=False,
                   sparsity_distribution="erk", after_step="always")
-        data_kw = dict(n_steps=16)
+        data_kw = dict(n_steps=14, batch=8)
     ref, r_ret, r_pruner = masks_every_step(model_fn, opt_fn, "reference", data_kw, **kw)
     tri, t_ret, t_pruner = masks_every_step(model_fn, opt_fn, "triton", data_kw, **kw)
     assert r_ret == t_ret and r_ret.count(False) >= 3  # several topology updates happened
