@@ -231,6 +231,34 @@ struct LayerArgs {
   Work* grad = nullptr;
 };
 
+// Number of active positions of a mask (bytes are 0/1).
+int64_t count_active(const uint8_t* mp, int64_t n) {
+  return at::parallel_reduce(0, n, kGrain, int64_t(0), [&](int64_t b, int64_t e, int64_t acc) {
+    uint64_t s = 0;
+    for (int64_t i = b; i < e; ++i) s += mp[i];
+    return acc + static_cast<int64_t>(s);
+  }, std::plus<int64_t>());
+}
+
+// Which positions are kept. A small keep set is selected directly (top n_keep |w|, lower index first);
+// a large one as its complement, the n_active - n_keep smallest |w| dropped with the higher index dropped
+// first (the same set), so the selection only ever looks for the smaller side.
+struct Keep {
+  Sel sel;
+  bool drop_form;
+  // chosen for an active position with key `key` at index i
+  inline bool kept(int64_t key, int64_t i) const {
+    return drop_form ? !sel.chosen(kKeyMax - key, i) : sel.chosen(key, i);
+  }
+  // U with kept(key, i) == (key > U) over the block, or false if a tie cutoff falls inside it
+  inline bool block_threshold(int64_t b, int64_t e, int64_t& U) const {
+    int64_t u;
+    if (!sel.block_threshold(b, e, u)) return false;
+    U = drop_form ? kKeyMax - u - 1 : u;  // not (kKeyMax - key > u)  <=>  key > kKeyMax - u - 1
+    return true;
+  }
+};
+
 template <typename W, typename S>
 void update_layer(LayerArgs& L) {
   const int64_t n = L.mask.numel();
@@ -238,14 +266,38 @@ void update_layer(LayerArgs& L) {
   const S* sp = L.score.const_data_ptr<S>();
   uint8_t* mp = reinterpret_cast<uint8_t*>(L.mask.mutable_data_ptr<bool>());
 
-  // keep: the n_keep largest |w| among old-active positions (key -1 = not competing)
-  const Sel keep = select_top(n, L.n_keep, [&](int64_t i) -> int64_t {
-    return mp[i] ? static_cast<int64_t>(abs_key(wp[i])) : -1;
-  });
-  auto kept = [&](int64_t i) { return mp[i] && keep.chosen(abs_key(wp[i]), i); };
+  const int64_t n_active = count_active(mp, n);
+  TORCH_CHECK(L.n_keep <= n_active, "rigl_fast: n_keep (", L.n_keep, ") exceeds the active count (", n_active, ")");
+  Keep keep{sel_all(), false};
+  if (L.n_keep < n_active) {
+    keep.drop_form = 2 * L.n_keep > n_active;
+    const int32_t flip = keep.drop_form ? static_cast<int32_t>(kKeyMax) : 0;  // key or kKeyMax - key
+    keep.sel = select_top(n, keep.drop_form ? n_active - L.n_keep : L.n_keep, !keep.drop_form,
+                          [&](int64_t b, int64_t len, int32_t* out) {
+      const W* w = wp + b;
+      const uint8_t* m = mp + b;
+      for (int64_t j = 0; j < len; ++j) {
+        const int32_t k = static_cast<int32_t>(abs_key(w[j]));
+        out[j] = m[j] ? (flip ? flip - k : k) : -1;
+      }
+    });
+  }
   // grow: the n_grow largest |score| among positions not kept
-  const Sel grow = select_top(n, L.n_grow, [&](int64_t i) -> int64_t {
-    return kept(i) ? -1 : static_cast<int64_t>(abs_key(sp[i]));
+  const Sel grow = select_top(n, L.n_grow, true, [&](int64_t b, int64_t len, int32_t* out) {
+    const W* w = wp + b;
+    const S* sc = sp + b;
+    const uint8_t* m = mp + b;
+    int64_t ku;
+    if (keep.block_threshold(b, b + len, ku)) {
+      const int32_t k32 = static_cast<int32_t>(ku);
+      for (int64_t j = 0; j < len; ++j) {
+        const bool kept = m[j] & (static_cast<int32_t>(abs_key(w[j])) > k32);
+        out[j] = kept ? -1 : static_cast<int32_t>(abs_key(sc[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j)
+        out[j] = (m[j] && keep.kept(abs_key(w[j]), b + j)) ? -1 : static_cast<int32_t>(abs_key(sc[j]));
+    }
   });
 
   struct Dst { char* p; int64_t bytes; };
@@ -255,16 +307,29 @@ void update_layer(LayerArgs& L) {
   const int64_t gbytes = L.grad ? L.grad->work.element_size() : 0;
 
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    uint8_t both[kBlock], nw[kBlock];
+    alignas(64) uint8_t both[kBlock], nw[kBlock];
     for (int64_t s = b; s < e; s += kBlock) {
       const int64_t len = std::min(kBlock, e - s);
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t i = s + j;
-        const bool old = mp[i];
-        const bool k = old && keep.chosen(abs_key(wp[i]), i);
-        const bool g = !k && grow.chosen(abs_key(sp[i]), i);
-        nw[j] = k | g;
-        both[j] = nw[j] & old;
+      int64_t ku, gu;
+      if (keep.block_threshold(s, s + len, ku) && grow.block_threshold(s, s + len, gu)) {
+        // keys are in [0, kKeyMax], thresholds in [-1, kKeyMax]: int32 compares, which vectorise
+        const int32_t k32 = static_cast<int32_t>(ku), g32 = static_cast<int32_t>(gu);
+        for (int64_t j = 0; j < len; ++j) {
+          const uint8_t old = mp[s + j];
+          const uint8_t k = old & static_cast<uint8_t>(static_cast<int32_t>(abs_key(wp[s + j])) > k32);
+          const uint8_t g = static_cast<uint8_t>(static_cast<int32_t>(abs_key(sp[s + j])) > g32) & (k ^ 1);
+          nw[j] = k | g;
+          both[j] = (k | g) & old;
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t i = s + j;
+          const bool old = mp[i];
+          const bool k = old && keep.kept(abs_key(wp[i]), i);
+          const bool g = !k && grow.chosen(abs_key(sp[i]), i);
+          nw[j] = k | g;
+          both[j] = nw[j] & old;
+        }
       }
       select_bits_inplace<sizeof(W)>(wp + s, both, len);
       for (const Dst& d : states) select_inplace_any(d.p + s * d.bytes, both, len, d.bytes);
