@@ -1,0 +1,205 @@
+"""The contenders: rigl-torch 0.5.2 and rigl_fast on every backend that loads, behind one small interface.
+
+Every contender holds its own modules, optimizer and scheduler, but its weights, `.grad`s and momentum buffers
+alias one shared set of master tensors, and its masks start from one shared copy; before every timed update
+all of it is restored, so every contender does exactly the same work on exactly the same data.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import weightsets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STUBS = os.path.join(os.path.dirname(HERE), "tests", "_stubs")
+
+RIGL_TORCH = "rigl-torch"
+
+
+def import_rigl_torch():
+    """rigl-torch 0.5.2's RigLScheduler; its `import torchvision` is satisfied by the repo's stub when the
+    real torchvision does not import (rigl-torch only needs two class names from it)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        if STUBS not in sys.path:
+            sys.path.insert(0, STUBS)
+    from rigl_torch.RigL import RigLScheduler
+    return RigLScheduler
+
+
+def rigl_torch_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version("rigl-torch")
+    except Exception:
+        return None
+
+
+def available_backends(device: torch.device) -> List[str]:
+    """Every rigl_fast backend that loads and runs natively on `device`.
+
+    Triton on CPU only runs under its interpreter (a test aid, orders of magnitude slower), so it is left out.
+    """
+    from rigl_fast import ops
+    names = []
+    for name in ("reference", "cpp", "triton"):
+        if name == "triton" and device.type != "cuda":
+            continue
+        try:
+            ops.get_backend(name, device)
+        except Exception:
+            continue
+        names.append(name)
+    return names
+
+
+def fast_name(backend: str, after_step: str = "auto") -> str:
+    return f"rigl_fast[{backend}]" + ("" if after_step == "auto" else f"+{after_step}")
+
+
+class Masters:
+    """The shared tensors of one weight set, and pristine copies to restore before every timed update."""
+
+    def __init__(self, shapes, device, dtype, seed=0):
+        g = torch.Generator(device=device).manual_seed(seed)  # on the device: 1.3B host draws take minutes
+        self.shapes = shapes
+        self.device, self.dtype = device, dtype
+
+        def rand():
+            return [torch.randn(s, generator=g, device=device).to(dtype) for s in shapes]
+
+        self.w = rand()
+        self.mom = rand()
+        self.acc = rand()     # the dense gradient: grow scores, and the hooks' incoming gradient
+        self.grad = [a.clone() for a in self.acc]  # `.grad` after backward (updates mask it in place)
+        self.masks: List[Optional[torch.Tensor]] = []
+        self.w0 = self.mom0 = self.grad0 = None
+
+    def freeze(self, masks):
+        """Fix the common masks and snapshot the state every update starts from (masked as after a step)."""
+        self.masks = [None if m is None else m.clone() for m in masks]
+        for w, mom, m in zip(self.w, self.mom, self.masks):
+            if m is not None:
+                w.masked_fill_(~m, 0)
+                mom.masked_fill_(~m, 0)
+        self.w0 = [w.clone() for w in self.w]
+        self.mom0 = [m.clone() for m in self.mom]
+        self.grad0 = [g.clone() for g in self.grad]
+
+    @torch.no_grad()
+    def restore(self):
+        for dst, src in ((self.w, self.w0), (self.mom, self.mom0), (self.grad, self.grad0)):
+            for d, s in zip(dst, src):
+                d.copy_(s)
+
+    @property
+    def n_weights(self):
+        return sum(weightsets.numel(s) for s in self.shapes)
+
+
+class Contender:
+    """One scheduler over the master tensors. `grad_op`, `after_step` and `update` are what is timed."""
+
+    def __init__(self, name, masters: Masters, sparsity, delta, T_end, sd=None, backend=None,
+                 after_step="auto"):
+        self.name = name
+        self.masters = masters
+        self.delta = delta
+        self.module = weightsets.build_module(masters.shapes, masters.w)
+        self.params = [layer.weight for layer in self.module.layers]
+        self.optimizer = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
+        kw = dict(dense_allocation=1 - sparsity, T_end=T_end, sparsity_distribution="uniform",
+                  ignore_linear_layers=False, delta=delta, alpha=0.3)
+        if name == RIGL_TORCH:
+            cls = import_rigl_torch()
+            if sd is not None:
+                sd = dict(sd, backward_masks=[None if m is None else m.clone() for m in sd["backward_masks"]])
+            self.sched = cls(self.module, self.optimizer, state_dict=sd, **kw)
+            self.hooks = self.sched.backward_hook_objects
+        else:
+            from rigl_fast import RigLScheduler
+            self.sched = RigLScheduler(self.module, self.optimizer, state_dict=sd, backend=backend,
+                                       after_step=after_step, **kw)
+            self.hooks = self.sched.backward_hook_objects
+        self.sparse = [i for i, m in enumerate(self.sched.backward_masks) if m is not None]
+        for p, g, mom in zip(self.params, masters.grad, masters.mom):
+            p.grad = g
+            self.optimizer.state[p]["momentum_buffer"] = mom
+        self.sched.step = 1  # outside the accumulation window: the hooks only mask
+
+    def masks(self):
+        return self.sched.backward_masks
+
+    @torch.no_grad()
+    def grad_op(self):
+        """The backward hook of every sparse weight, called as autograd calls it, with a dense gradient."""
+        acc = self.masters.acc
+        for i in self.sparse:
+            self.hooks[i](acc[i])
+
+    @torch.no_grad()
+    def after_step(self):
+        """What runs after optimizer.step(): rigl-torch's step wrapper body, rigl_fast's step post-hook."""
+        if self.name == RIGL_TORCH:
+            self.sched.reset_momentum()
+            self.sched.apply_mask_to_weights()
+        else:
+            self.sched._after_optimizer_step(self.optimizer, (), {})
+
+    @torch.no_grad()
+    def prepare_update(self):
+        """Restore masks (the masters are restored by the caller) and arm the dense gradients."""
+        m = self.masters
+        for i in self.sparse:
+            p = self.params[i]
+            if p.data_ptr() != m.w[i].data_ptr():  # rigl-torch replaces `w.data` in its update
+                p.data = m.w[i]
+            self.sched.backward_masks[i].copy_(m.masks[i])
+            self.hooks[i].dense_grad = m.acc[i]
+        self.sched.step = self.delta  # the first update: drop fraction alpha/2 * (1 + cos(pi delta/T_end))
+
+    @torch.no_grad()
+    def update(self):
+        self.sched._rigl_step()
+
+    def finish_update(self):
+        self.sched.step = 1
+        for i in self.sparse:
+            self.hooks[i].dense_grad = None
+
+    def close(self):
+        if hasattr(self.sched, "remove"):
+            self.sched.remove()
+
+
+def make_contenders(masters: Masters, names: Sequence[str], sparsity, delta=100, T_end=1000):
+    """Contenders by name ('rigl-torch', 'rigl_fast[<backend>]', 'rigl_fast[<backend>]+always').
+
+    The first rigl_fast scheduler draws the masks; every other contender loads them from its state dict
+    (both libraries accept one), so all start from the same masks without drawing again.
+    """
+    sd = None
+    out = {}
+    order = sorted(names, key=lambda n: n == RIGL_TORCH)  # a rigl_fast one first: its state dict has copies
+    for name in order:
+        if name == RIGL_TORCH:
+            c = Contender(name, masters, sparsity, delta, T_end, sd=sd)
+        else:
+            inner = name[len("rigl_fast["):]
+            backend, _, rest = inner.partition("]")
+            after = rest[1:] if rest.startswith("+") else "auto"
+            c = Contender(name, masters, sparsity, delta, T_end, sd=sd, backend=backend, after_step=after)
+        if sd is None:
+            sd = c.sched.state_dict()
+            if name != RIGL_TORCH:
+                sd = {k: v for k, v in sd.items() if not k.startswith("rigl_fast_")}
+            masters.freeze(c.masks())
+        out[name] = c
+    return [out[n] for n in names]

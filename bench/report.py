@@ -1,0 +1,244 @@
+"""Results -> JSON, a markdown report and plots, named for the device."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+from typing import Dict, List
+
+import torch
+
+from . import contenders as C
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def device_slug(device: torch.device) -> str:
+    return device.type + "-" + re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def meta(device: torch.device) -> dict:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except Exception:
+        commit, dirty = None, None
+    return {
+        "device": str(device), "device_name": device_name(device), "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
+        "numpy": _version("numpy"), "rigl_torch": C.rigl_torch_version(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "git_commit": commit, "git_dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+def _ms(st) -> str:
+    med, lo, hi = (st[k] * 1e3 for k in ("median", "min", "max"))
+    f = (lambda v: f"{v:.3g}") if med < 100 else (lambda v: f"{v:.0f}")
+    return f"{f(med)} ({f(lo)}-{f(hi)})" if st["n"] > 1 else f"{f(med)}"
+
+
+def _contenders(rows) -> List[str]:
+    seen = []
+    for r in rows:
+        if r["contender"] not in seen:
+            seen.append(r["contender"])
+    return seen
+
+
+def _grid(rows, key_fn, keys_header, cell) -> List[str]:
+    names = _contenders(rows)
+    keys = []
+    for r in rows:
+        k = key_fn(r)
+        if k not in keys:
+            keys.append(k)
+    out = ["| " + " | ".join(keys_header + names) + " |", "|" + "---|" * (len(keys_header) + len(names))]
+    for k in keys:
+        by = {r["contender"]: r for r in rows if key_fn(r) == k}
+        out.append("| " + " | ".join(list(k) + [cell(by[n]) if n in by else "—" for n in names]) + " |")
+    return out
+
+
+def _cfg(r):
+    return (r["set"], f"{r['n_sparse'] / 1e6:.3g}M", f"{r['sparsity']:.0%}", r["dtype"])
+
+
+def _speedup(rows, r, key):
+    ref = [x for x in rows if _cfg(x) == _cfg(r) and x["contender"] == C.RIGL_TORCH]
+    if not ref or r["contender"] == C.RIGL_TORCH:
+        return ""
+    return f", {ref[0][key]['median'] / r[key]['median']:.1f}x"
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    bw = res["copy_bandwidth_Bps"]
+    L = [f"# rigl_fast benchmark: {m['device_name']} ({m['device']})", "",
+         f"{m['date']} · commit `{(m['git_commit'] or '?')[:12]}`{' (dirty)' if m['git_dirty'] else ''} · "
+         f"python {m['python']} · torch {m['torch']} · triton {m['triton']} · rigl-torch {m['rigl_torch']} · "
+         f"{m['torch_threads']} threads · rigl_fast backends: {', '.join(res['backends'])}"
+         + (" · **--quick (smoke test, not a measurement)**" if res["quick"] else ""), "",
+         f"Copy bandwidth (read + write, measured in this run): {bw['median'] / 1e9:.1f} GB/s "
+         f"({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f}).", "",
+         "Times in ms: median (min-max) over interleaved repeats. `x floor` = time / (bytes that must move / copy "
+         "bandwidth); `Nx` = speed-up over rigl-torch. `+always` = rigl_fast with after_step='always' (the "
+         "default 'auto' skips the after-step pass for optimizers proven zero-preserving, such as SGD here).", ""]
+    L += ["## Per-step overhead (gradient hooks + after-step pass), ms", ""]
+    L += _grid(res["step"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
+               lambda r: f"{_ms(r['total'])} [{r['x_floor']:.2g}x floor{_speedup(res['step'], r, 'total')}]")
+    L += ["", "## Update latency (one topology update of all layers), ms", ""]
+    L += _grid(res["update"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
+               lambda r: f"{_ms(r['latency'])} [{r['x_floor']:.2g}x floor{_speedup(res['update'], r, 'latency')}]")
+    L += ["", "## Peak extra memory during an update, bytes per sparse weight", ""]
+    L += _grid(res["update"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
+               lambda r: "n/a" if r["peak_extra_bytes_per_weight"] is None
+               else f"{r['peak_extra_bytes_per_weight']:.2f}")
+    L += ["", "## End-to-end training, steps/s (one update every delta steps included)", ""]
+    L += _grid(res["e2e"], lambda r: (f"{r['model']} (width {r['width']}, {r['model_source']})",
+                                      f"{r['input']}x{r['input']}", str(r["batch"]), str(r["delta"])),
+               ["model", "input", "batch", "delta"],
+               lambda r: f"{r['steps_per_s']['median']:.3g} ({r['steps_per_s']['min']:.3g}-"
+                         f"{r['steps_per_s']['max']:.3g}) [{r['vs_dense']:.2f}x dense]")
+    L += ["", "## Scaling: update latency against weight count, ms", ""]
+    L += _grid(res["scaling"], lambda r: (r["label"], f"{r['n_sparse'] / 1e6:.3g}M"), ["weights", "sparse"],
+               lambda r: _ms(r["latency"]))
+    exps = scaling_exponents(res)
+    if exps:
+        L += ["", "Fitted exponent k in latency ~ n^k over the sweep points of >= 4M weights (1 = linear): "
+              + ", ".join(f"{n} {k:.2f}" for n, k in exps.items()) + "."]
+    if res["notes"]:
+        L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(L) + "\n"
+
+
+def scaling_exponents(res) -> Dict[str, float]:
+    out = {}
+    for name in _contenders(res["scaling"]):
+        pts = [(r["n_sparse"], r["latency"]["median"]) for r in res["scaling"]
+               if r["contender"] == name and r["label"].startswith("stack-") and r["n_sparse"] >= 4_000_000]
+        if len(pts) >= 2:
+            xs = [math.log(p[0]) for p in pts]
+            ys = [math.log(p[1]) for p in pts]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            den = sum((x - mx) ** 2 for x in xs)
+            if den > 0:
+                out[name] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plots(res: dict, prefix: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    title = f"{res['meta']['device_name']}"
+    fig, ax = plt.subplots(figsize=(7, 5))
+    annotated = set()
+    for name in _contenders(res["scaling"]):
+        pts = sorted((r["n_sparse"], r["latency"]) for r in res["scaling"]
+                     if r["contender"] == name and r["label"].startswith("stack-"))
+        if pts:
+            line, = ax.plot([p[0] for p in pts], [p[1]["median"] * 1e3 for p in pts], "o-", label=name)
+            ax.fill_between([p[0] for p in pts], [p[1]["min"] * 1e3 for p in pts],
+                            [p[1]["max"] * 1e3 for p in pts], color=line.get_color(), alpha=0.2)
+        others = {}  # one marker per named set; the sweep's own measurement wins over the main table's
+        for r in [r for r in res["update"] if r["contender"] == name and r["sparsity"] == 0.9
+                  and r["dtype"] == "fp32"]:
+            others[r["set"]] = r
+        for r in [r for r in res["scaling"] if r["contender"] == name and not r["label"].startswith("stack-")]:
+            others[r["label"]] = r
+        for label, r in others.items():
+            ax.plot(r["n_sparse"], r["latency"]["median"] * 1e3, "s", mfc="none",
+                    color=line.get_color() if pts else None)
+            if label not in annotated:
+                annotated.add(label)
+                ax.annotate(label, (r["n_sparse"], r["latency"]["median"] * 1e3),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("sparse weights"), ax.set_ylabel("update latency (ms)")
+    ax.set_title(f"Update latency vs weight count (90%, fp32) — {title}\n"
+                 "lines: stacks of square Linear layers; squares: named weight sets", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = prefix + "_scaling.png"
+    fig.savefig(path, dpi=110), plt.close(fig)
+    written.append(path)
+
+    main = [(r["set"]) for r in res["update"] if r["sparsity"] == 0.9 and r["dtype"] == "fp32"]
+    sets = list(dict.fromkeys(main))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, rows, what in ((axes[0], "total", res["step"], "per-step overhead"),
+                                (axes[1], "latency", res["update"], "update latency")):
+        names = _contenders(rows)
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            xs, ys, lo, hi = [], [], [], []
+            for i, s in enumerate(sets):
+                r = [x for x in rows if x["set"] == s and x["contender"] == name and x["sparsity"] == 0.9
+                     and x["dtype"] == "fp32"]
+                if r:
+                    st = r[0][key]
+                    xs.append(i + (j - (len(names) - 1) / 2) * width)
+                    ys.append(st["median"] * 1e3)
+                    lo.append((st["median"] - st["min"]) * 1e3)
+                    hi.append((st["max"] - st["median"]) * 1e3)
+            ax.bar(xs, ys, width, yerr=[lo, hi], label=name, capsize=2)
+        floors = [[x for x in rows if x["set"] == s and x["sparsity"] == 0.9 and x["dtype"] == "fp32"][0]["floor_s"]
+                  for s in sets]
+        ax.scatter(range(len(sets)), [f * 1e3 for f in floors], marker="_", s=600, color="k", zorder=5,
+                   label="floor (bytes / copy bandwidth)")
+        ax.set_xticks(range(len(sets)), sets)
+        ax.set_yscale("log"), ax.set_ylabel("ms"), ax.set_title(f"{what} (90%, fp32) — {title}", fontsize=9)
+        ax.legend(fontsize=7), ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path = prefix + "_bars.png"
+    fig.savefig(path, dpi=110), plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write(res: dict, out_dir: str, device: torch.device, with_plots: bool = True) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, device_slug(device))
+    paths = {"json": prefix + ".json", "md": prefix + ".md"}
+    with open(paths["json"], "w") as f:
+        json.dump(res, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(res))
+    if with_plots:
+        for p in plots(res, prefix):
+            paths[os.path.basename(p).rsplit("_", 1)[1][:-4]] = p
+    return paths

@@ -1,0 +1,267 @@
+"""What is measured on each device, and the measuring loops (every loop interleaves its contenders)."""
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import contenders as C
+from . import timing, weightsets
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Plan:
+    # (weight set, sparsity, dtype, rigl-torch's update repeats): the step-overhead and update measurements.
+    # rigl-torch's update is slow (a full sort per layer plus, for every layer, a pass over all layers), so it
+    # gets fewer repeats, or none (0) where one would take minutes.
+    configs: List[Tuple[str, float, str, int]]
+    step_repeats: int
+    update_repeats: int
+    # end-to-end: model, input side, batch, delta, blocks of delta steps per contender
+    e2e: List[Tuple[str, int, int, int, int]]
+    e2e_base: int
+    # scaling sweep: numbers of 1024x1024 layers, plus the LLM layer; at one sparsity and dtype
+    scaling_layers: List[int]
+    scaling_extra: List[str]
+    scaling_repeats: int
+    scaling_rigl_torch_max_weights: int
+    copy_bytes: int
+    scaling_width: int = 1024
+    notes: List[str] = field(default_factory=list)
+
+
+def plan_for(device: torch.device, quick: bool) -> Plan:
+    if quick:
+        return Plan(configs=[("tiny-cnn", 0.9, "fp32", 2), ("tiny-mlp", 0.9, "fp32", 2),
+                             ("tiny-mlp", 0.8, "bf16", 2)],
+                    step_repeats=2, update_repeats=2, e2e=[("resnet18", 32, 4, 3, 2)], e2e_base=8,
+                    scaling_layers=[1, 2, 4], scaling_extra=["tiny-mlp"], scaling_repeats=1,
+                    scaling_rigl_torch_max_weights=10 ** 9, copy_bytes=16 << 20, scaling_width=128,
+                    notes=["--quick: tiny weight sets, a reduced-width ResNet-18 and 1-2 repeats; a smoke test, "
+                           "not a measurement"])
+    if device.type == "cuda":
+        sets = ["resnet50", "gpt2-small", "llm-4096x11008"]
+        configs = [(s, sp, dt, 3) for s in sets for dt in ("fp32", "bf16") for sp in (0.9, 0.8, 0.95)]
+        configs += [("gpt-1.3b", 0.9, "fp32", 0), ("gpt-1.3b", 0.9, "bf16", 0)]
+        return Plan(configs=configs, step_repeats=5, update_repeats=7,
+                    e2e=[("resnet50", 224, 64, 100, 3), ("resnet18", 224, 128, 100, 3)], e2e_base=64,
+                    scaling_layers=[1, 4, 16, 64, 128, 256, 512], scaling_extra=["llm-4096x11008"],
+                    scaling_repeats=5, scaling_rigl_torch_max_weights=200_000_000, copy_bytes=2 << 30,
+                    notes=["rigl-torch's update is not timed on gpt-1.3b: for every sparse layer it masks all "
+                           "layers again (quadratic in the layer count), minutes per update at 104 layers"])
+    return Plan(configs=[("resnet50", 0.9, "fp32", 2), ("gpt2-small", 0.9, "fp32", 0),
+                         ("llm-4096x11008", 0.9, "fp32", 1), ("resnet50", 0.8, "fp32", 0),
+                         ("resnet50", 0.95, "fp32", 0), ("resnet50", 0.9, "bf16", 1)],
+                step_repeats=3, update_repeats=3, e2e=[("resnet18", 64, 16, 10, 2)], e2e_base=64,
+                scaling_layers=[1, 4, 16, 64, 128], scaling_extra=[], scaling_repeats=1,
+                scaling_rigl_torch_max_weights=5_000_000, copy_bytes=256 << 20,
+                notes=["CPU set: rigl-torch's update is not timed on gpt2-small (tens of seconds per update: "
+                       "its per-layer loop re-masks every layer) nor in the 80%/95% rows (its sort-based update "
+                       "does not depend on the sparsity); the sparsity sweep and bf16 run on resnet50 only; end-to-end is ResNet-18 at 64x64 with delta=10 so that a few "
+                       "updates fit in the time budget (delta=100 on a GPU)",
+                       "rigl-torch's first update is not preceded by a warm-up call on CPU (each costs seconds "
+                       "and its first call is not special); rigl_fast backends get one warm-up call"])
+
+
+def _rotate(xs, r):
+    r %= max(1, len(xs))
+    return xs[r:] + xs[:r]
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, backends, log) -> Tuple[list, list]:
+    shapes = weightsets.WEIGHT_SETS[set_name]()
+    dtype = DTYPES[dtype_name]
+    b = torch.finfo(dtype).bits // 8
+    masters = C.Masters(shapes, device, dtype)
+    n_all = masters.n_weights
+    names = [C.RIGL_TORCH] + [C.fast_name(be) for be in backends] + [C.fast_name(be, "always") for be in backends]
+    log(f"  {set_name} {sparsity} {dtype_name}: {n_all / 1e6:.1f}M weights, contenders ready")
+    cs = C.make_contenders(masters, names, sparsity)
+    n_sparse = sum(weightsets.numel(shapes[i]) for i in cs[0].sparse)
+    base = dict(set=set_name, sparsity=sparsity, dtype=dtype_name, n_weights=n_all, n_sparse=n_sparse)
+    clock = timing.Clock(device)
+
+    # ---- per-step overhead: gradient hooks + after-step pass, idempotent, so no restore between repeats
+    masters.restore()
+    for c in cs:
+        c.grad_op(), c.after_step()  # warm-up (and first-touch of the hooks' output pages)
+    samples: Dict[str, Dict[str, list]] = {c.name: {"grad_op": [], "after_step": [], "total": []} for c in cs}
+    for r in range(plan.step_repeats):
+        for c in _rotate(cs, r):
+            g = clock.repeatable(c.grad_op)
+            a = clock.repeatable(c.after_step)
+            s = samples[c.name]
+            s["grad_op"].append(g), s["after_step"].append(a), s["total"].append(g + a)
+    floors = timing.step_floor_bytes(n_sparse, b)
+    step_rows = []
+    for c in cs:
+        s = samples[c.name]
+        step_rows.append(dict(base, contender=c.name, **{k: timing.stats(v) for k, v in s.items()},
+                              floor_bytes=floors["grad_op"] + floors["after_step"], floor_parts_bytes=floors))
+    log(f"  step  {set_name} {sparsity} {dtype_name}: " + ", ".join(
+        f"{r['contender']} {r['total']['median'] * 1e3:.2f} ms" for r in step_rows))
+
+    # ---- update: same work for all (after_step does not matter), restored before every call
+    ucs = [c for c in cs if not c.name.endswith("+always")]
+    reps = {c.name: rt_reps if c.name == C.RIGL_TORCH else plan.update_repeats for c in ucs}
+    upd: Dict[str, list] = {c.name: [] for c in ucs}
+    mem: Dict[str, Optional[int]] = {}
+
+    def one_update(c, measure_mem):
+        masters.restore()
+        c.prepare_update()
+        _free(device)
+        pm = timing.PeakMemory(device)
+        if measure_mem:
+            with pm:
+                t = clock.once(c.update)
+            mem[c.name] = pm.bytes
+        else:
+            t = clock.once(c.update)
+        c.finish_update()
+        return t
+
+    for c in ucs:
+        if reps[c.name] and (c.name != C.RIGL_TORCH or device.type == "cuda"):
+            one_update(c, False)  # warm-up: lazy initialisation, kernel compilation
+    for r in range(max(reps.values())):
+        for c in _rotate(ucs, r):
+            if r < reps[c.name]:
+                upd[c.name].append(one_update(c, measure_mem=(r == reps[c.name] - 1)))
+                log(f"    {c.name} update {upd[c.name][-1] * 1e3:.0f} ms")
+    ufloor = timing.update_floor_bytes(n_sparse, b)
+    update_rows = []
+    for c in ucs:
+        if not upd[c.name]:
+            continue
+        m = mem.get(c.name)
+        update_rows.append(dict(base, contender=c.name, latency=timing.stats(upd[c.name]), floor_bytes=ufloor,
+                                peak_extra_bytes=m, peak_extra_bytes_per_weight=None if m is None else m / n_sparse))
+    log(f"  update {set_name} {sparsity} {dtype_name}: " + ", ".join(
+        f"{r['contender']} {r['latency']['median'] * 1e3:.1f} ms" for r in update_rows))
+    for c in cs:
+        c.close()
+    del cs, ucs, masters
+    _free(device)
+    return step_rows, update_rows
+
+
+def measure_scaling(device, plan: Plan, backends, log, sparsity=0.9, dtype_name="fp32") -> list:
+    rows = []
+    clock = timing.Clock(device)
+    d = plan.scaling_width
+    points = [(f"stack-{k}x{d}x{d}", weightsets.stack_shapes(k, d)) for k in plan.scaling_layers]
+    points += [(s, weightsets.WEIGHT_SETS[s]()) for s in plan.scaling_extra]
+    for label, shapes in points:
+        masters = C.Masters(shapes, device, DTYPES[dtype_name])
+        n = masters.n_weights
+        names = [C.fast_name(be) for be in backends]
+        if n <= plan.scaling_rigl_torch_max_weights:
+            names = [C.RIGL_TORCH] + names
+        cs = C.make_contenders(masters, names, sparsity)
+        n_sparse = sum(weightsets.numel(shapes[i]) for i in cs[0].sparse)
+        samples = {c.name: [] for c in cs}
+        for c in cs:
+            if c.name != C.RIGL_TORCH or device.type == "cuda":
+                masters.restore(), c.prepare_update(), c.update(), c.finish_update()
+        for r in range(plan.scaling_repeats):
+            for c in _rotate(cs, r):
+                masters.restore()
+                c.prepare_update()
+                samples[c.name].append(clock.once(c.update))
+                c.finish_update()
+        for c in cs:
+            rows.append(dict(label=label, n_weights=n, n_sparse=n_sparse, sparsity=sparsity, dtype=dtype_name,
+                             contender=c.name, latency=timing.stats(samples[c.name])))
+            c.close()
+        log(f"  scaling {label} ({n / 1e6:.1f}M): " + ", ".join(
+            f"{c.name} {timing.stats(samples[c.name])['median'] * 1e3:.1f} ms" for c in cs))
+        del cs, masters
+        _free(device)
+    return rows
+
+
+def measure_e2e(device, plan: Plan, backends, log) -> list:
+    rows = []
+    clock = timing.Clock(device)
+    for model_name, side, batch, delta, blocks in plan.e2e:
+        torch.manual_seed(0)
+        base_model, source = weightsets.resnet(model_name, base=plan.e2e_base)
+        base_model = base_model.to(device)
+        x = torch.randn(batch, 3, side, side, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        runs = []
+        for name in ["dense", C.RIGL_TORCH] + [C.fast_name(be) for be in backends]:
+            model = copy.deepcopy(base_model)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            kw = dict(dense_allocation=0.1, T_end=10 ** 9, delta=delta, ignore_linear_layers=False)
+            if name == "dense":
+                sched = None
+            elif name == C.RIGL_TORCH:
+                sched = C.import_rigl_torch()(model, opt, **kw)
+            else:
+                sched = __import__("rigl_fast").RigLScheduler(model, opt, backend=name[10:-1], **kw)
+            runs.append((name, model, opt, sched))
+
+        def block(model, opt, sched):
+            for _ in range(delta):  # exactly one topology update per block (steps k*delta+1 .. (k+1)*delta)
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                if sched is None or sched():
+                    opt.step()
+
+        for name, model, opt, sched in runs:
+            block(model, opt, sched)  # warm-up
+        samples = {r[0]: [] for r in runs}
+        for r in range(blocks):
+            for name, model, opt, sched in _rotate(runs, r):
+                samples[name].append(delta / clock.once(lambda: block(model, opt, sched)))
+        dense = timing.stats(samples["dense"])["median"]
+        for name, model, opt, sched in runs:
+            st = timing.stats(samples[name])
+            rows.append(dict(model=model_name, model_source=source, width=plan.e2e_base, input=side, batch=batch,
+                             delta=delta, contender=name, steps_per_s=st, vs_dense=st["median"] / dense))
+            if sched is not None and hasattr(sched, "remove"):
+                sched.remove()
+        log(f"  e2e {model_name} {side}px b{batch} delta={delta}: " + ", ".join(
+            f"{n} {timing.stats(s)['median']:.2f} steps/s" for n, s in samples.items()))
+        del runs, base_model
+        _free(device)
+    return rows
+
+
+def run(device: torch.device, quick: bool, log=print) -> dict:
+    plan = plan_for(device, quick)
+    backends = C.available_backends(device)
+    t0 = time.perf_counter()
+    log(f"rigl_fast backends on {device}: {backends}")
+    bw = timing.copy_bandwidth(device, plan.copy_bytes)
+    step_rows, update_rows = [], []
+    for set_name, sparsity, dt, rt_reps in plan.configs:
+        s, u = measure_config(set_name, sparsity, dt, rt_reps, device, plan, backends, log)
+        step_rows += s
+        update_rows += u
+    scaling = measure_scaling(device, plan, backends, log)
+    e2e = measure_e2e(device, plan, backends, log)
+    bw += timing.copy_bandwidth(device, plan.copy_bytes)  # again at the end: drift shows as a wide min-max
+    bw_st = timing.stats(bw)
+    for row in step_rows + update_rows:
+        row["floor_s"] = row["floor_bytes"] / bw_st["median"]
+        t = row["total"]["median"] if "total" in row else row["latency"]["median"]
+        row["x_floor"] = t / row["floor_s"]
+    log(f"copy bandwidth {bw_st['median'] / 1e9:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
+    return dict(quick=quick, backends=backends, copy_bandwidth_Bps=bw_st, step=step_rows, update=update_rows,
+                scaling=scaling, e2e=e2e, notes=plan.notes, wall_s=time.perf_counter() - t0)

@@ -1,0 +1,108 @@
+"""Smoke test of the benchmark: `--quick` runs, writes its files, and every number in them is finite and
+positive. No timing is asserted (the machine is shared and noisy)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import contenders, weightsets  # noqa: E402
+
+
+def _pos(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_stats(st):
+    assert st["n"] >= 1
+    assert _pos(st["median"]) and _pos(st["min"]) and _pos(st["max"])
+    assert st["min"] <= st["median"] <= st["max"]
+
+
+def test_resnet50_shapes_match_torchvision():
+    shapes = weightsets.resnet50_shapes()
+    assert len(shapes) == 54  # 53 convs + fc
+    assert sum(weightsets.numel(s) for s in shapes) == weightsets.RESNET50_WEIGHTS
+    model, _ = weightsets.resnet("resnet50")
+    from rigl_fast.layers import find_candidates
+    _, W, _ = find_candidates(model)
+    assert [tuple(w.shape) for w in W] == shapes
+
+
+def test_gpt_sets_have_the_advertised_sizes():
+    def n(name):
+        return sum(weightsets.numel(s) for s in weightsets.WEIGHT_SETS[name]()[1:])  # without the stem
+    assert n("gpt2-small") == 84_934_656
+    assert weightsets.numel(weightsets.WEIGHT_SETS["llm-4096x11008"]()[0]) == 4096 * 11008
+    assert 1.3e9 <= n("gpt-1.3b") < 1.35e9
+
+
+def test_contenders_do_the_same_update():
+    """The bench's premise: every contender starts each update from the same state and ends at the same
+    masks, so the timed work is identical (rigl-torch's mask differs only where its sort breaks ties)."""
+    import torch
+    masters = contenders.Masters(weightsets.WEIGHT_SETS["tiny-mlp"](), torch.device("cpu"), torch.float32)
+    names = [contenders.RIGL_TORCH, contenders.fast_name("reference")]
+    cs = contenders.make_contenders(masters, names, 0.9)
+    out = []
+    for c in cs:
+        masters.restore()
+        c.prepare_update()
+        before = [m.clone() for m in masters.masks if m is not None]
+        c.update()
+        c.finish_update()
+        after = [c.masks()[i].clone() for i in c.sparse]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the update changed something
+        out.append(after)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    for c in cs:
+        c.close()
+
+
+def test_quick_writes_json_and_markdown(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jsons = list(tmp_path.glob("*.json"))
+    assert len(jsons) == 1
+    res = json.loads(jsons[0].read_text())
+    md = jsons[0].with_suffix(".md").read_text()
+    assert (tmp_path / (jsons[0].stem + "_scaling.png")).stat().st_size > 0
+    assert (tmp_path / (jsons[0].stem + "_bars.png")).stat().st_size > 0
+
+    meta = res["meta"]
+    for key in ("device_name", "torch", "python", "date", "rigl_torch", "git_commit"):
+        assert meta[key], key
+    assert "reference" in res["backends"]
+    expected = {contenders.RIGL_TORCH} | {contenders.fast_name(b) for b in res["backends"]}
+    _check_stats(res["copy_bandwidth_Bps"])
+
+    assert {r["contender"] for r in res["update"]} == expected
+    assert {r["contender"] for r in res["step"]} == expected | {contenders.fast_name(b, "always")
+                                                               for b in res["backends"]}
+    for r in res["step"]:
+        _check_stats(r["total"])
+        assert _pos(r["floor_s"]) and _pos(r["x_floor"])
+    for r in res["update"]:
+        _check_stats(r["latency"])
+        assert _pos(r["floor_s"]) and _pos(r["x_floor"])
+        m = r["peak_extra_bytes_per_weight"]
+        assert m is None or (math.isfinite(m) and m >= 0)
+    assert {r["contender"] for r in res["e2e"]} == expected | {"dense"}
+    for r in res["e2e"]:
+        _check_stats(r["steps_per_s"])
+    assert len({r["n_weights"] for r in res["scaling"]}) >= 3
+    for r in res["scaling"]:
+        _check_stats(r["latency"])
+    for name in expected:
+        assert name in md
+    for section in ("Per-step overhead", "Update latency", "Peak extra memory", "End-to-end", "Scaling"):
+        assert section in md
