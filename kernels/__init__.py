@@ -40,8 +40,8 @@ class TritonBackend(Backend):
             raise ValueError(f"block must be a power of two >= 16, got {block}")
         if iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
-        if not 4 <= radix_bits <= 11:
-            raise ValueError(f"radix_bits must be in [4, 11], got {radix_bits}")
+        if not 5 <= radix_bits <= 11:  # >= 32 histogram bins (one per warp lane), <= 2048 (cost grows with bins)
+            raise ValueError(f"radix_bits must be in [5, 11], got {radix_bits}")
         self.block = block
         self.iters = iters
         self.radix_bits = radix_bits

@@ -76,7 +76,7 @@ def _mask_grad_kernel(g_ptr, m_ptr, out_ptr, acc_ptr, n_div, numel,
     if HAS_ACC:
         # acc += grad / n with torch's rounding: the quotient is IEEE-rounded in fp32 (div_rn: Triton's plain
         # `/` may be approximate on GPU), rounded to the grad dtype, then added in fp32 and rounded again.
-        nf = n_div.to(tl.float32)
+        nf = n_div
         a = tl.load(acc_ptr + offs, mask=inr, other=0)
         if DT == 2:
             q = _bf16_bits_to_f32(_f32_to_bf16_bits(tl.math.div_rn(_bf16_bits_to_f32(g), nf)))
@@ -128,7 +128,8 @@ def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor
     grid = (triton.cdiv(numel, block),)
     _mask_grad_kernel[grid](
         g, mask.view(torch.uint8), _as_kernel_view(out), _as_kernel_view(acc) if acc is not None else out,
-        int(n), numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
+        # n as a float: an int argument equal to 1 would be specialised into a constexpr on GPU
+        float(n), numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
         CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), BLOCK=block)
     return out
 

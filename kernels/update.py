@@ -77,7 +77,9 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
     numel = tl.load(tab + l * 8 + 3)
     m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
     prefix = tl.load(st + l * 2 + 0)
-    counts = tl.zeros([1 << NBITS], tl.int32)
+    # every pass uses HSTRIDE bins (>= 32: the GPU histogram lowering works per warp lane) even when its
+    # digit is narrower; the extra bins stay empty
+    counts = tl.zeros([HSTRIDE], tl.int32)
     n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
     for it in range(0, n_it):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
@@ -87,9 +89,9 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
         if SHIFT + NBITS < 31:
             valid = valid & ((key >> (SHIFT + NBITS)) == prefix)
         digit = (key >> SHIFT) & ((1 << NBITS) - 1)
-        counts += tl.histogram(digit, 1 << NBITS, mask=valid)
+        counts += tl.histogram(digit, HSTRIDE, mask=valid)
     # one atomic per non-empty bin per program (programs cover ITERS blocks to keep atomics rare)
-    bins = tl.arange(0, 1 << NBITS)
+    bins = tl.arange(0, HSTRIDE)
     tl.atomic_add(hist + l * HSTRIDE + bins, counts, mask=counts > 0)
 
 
@@ -99,11 +101,12 @@ def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr):
     largest b whose suffix count (keys in bins >= b) reaches k. k = 0 picks the top bin every pass, so the
     threshold ends above every key and nothing is selected."""
     l = tl.program_id(0)
-    bins = tl.arange(0, 1 << NBITS)
+    bins = tl.arange(0, HSTRIDE)
     h = tl.load(hist + l * HSTRIDE + bins)
     k = tl.load(st + l * 2 + 1)
     suffix = tl.cumsum(h, 0, reverse=True)
-    b = tl.maximum(tl.sum((suffix >= k).to(tl.int32), axis=0) - 1, 0)
+    # k = 0 would pick the last (possibly unused) bin: clamp to the digit's own top bin
+    b = tl.minimum(tl.maximum(tl.sum((suffix >= k).to(tl.int32), axis=0) - 1, 0), (1 << NBITS) - 1)
     above = tl.sum(tl.where(bins > b, h, 0), axis=0)
     tl.store(st + l * 2 + 1, k - above)
     prefix = tl.load(st + l * 2 + 0)
@@ -243,7 +246,7 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
     ks = to_device([[0, int(k)] for k in n_keep] + [[0, int(k)] for k in n_grow], torch.int32, device)
     st_keep, st_grow = ks[:L], ks[L:]
     passes = radix_passes(radix_bits)
-    hist = torch.zeros(L, 1 << max(w for _, w in passes), dtype=torch.int32, device=device)
+    hist = torch.zeros(L, 1 << radix_bits, dtype=torch.int32, device=device)
     cnt = torch.empty(len(owner), dtype=torch.int32, device=device)
     grid = (len(owner),)
 

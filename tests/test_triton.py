@@ -265,6 +265,15 @@ def test_update_mixed_dtypes_and_layouts(dev):
     check_update([a, b, c])
 
 
+@pytest.mark.parametrize("radix_bits", [5, 6, 11])
+def test_update_other_radix_widths(dev, radix_bits):
+    """Digit widths that leave a narrow first digit (31 = 1 + 6 * 5 for 6 bits), with k = 0 in one layer."""
+    gen = torch.Generator().manual_seed(radix_bits)
+    a = make_layer(1023, torch.float32, torch.float32, "levels", 0.4, "all", gen, dev)
+    b = make_layer(777, torch.float16, torch.float16, "random", 0.3, "some", gen, dev)
+    check_update([a, b], backends=(TritonBackend(block=256, iters=1, radix_bits=radix_bits),))
+
+
 def test_update_zero_keep_and_full_layer(dev):
     """n_keep = 0 (everything dropped, the grow selection alone decides) and a layer whose mask ends full."""
     gen = torch.Generator().manual_seed(8)
