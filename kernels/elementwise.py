@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -50,9 +51,18 @@ def _zero_store(base, offs, off_mask, esize):
 
 # ---------------------------------------------------------------------------------------------- gradient op
 @triton.jit
+def _quotient(x, d, RECIP: tl.constexpr):
+    # d is n (divide) or the fp32 reciprocal 1/n (multiply); both fp32 scalars
+    if RECIP:
+        return x * d
+    else:
+        return tl.math.div_rn(x, d)
+
+
+@triton.jit
 def _mask_grad_kernel(g_ptr, m_ptr, out_ptr, acc_ptr, n_div, numel,
-                      d1, d2, d3, d4, s0, s1, s2, s3, s4,
-                      CONTIG: tl.constexpr, HAS_ACC: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
+                      d1, d2, d3, d4, s0, s1, s2, s3, s4, CONTIG: tl.constexpr, HAS_ACC: tl.constexpr,
+                      DT: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inr = offs < numel
@@ -74,18 +84,19 @@ def _mask_grad_kernel(g_ptr, m_ptr, out_ptr, acc_ptr, n_div, numel,
     m = tl.load(m_ptr + offs, mask=inr, other=0)
     tl.store(out_ptr + offs, tl.where(m != 0, g, tl.zeros_like(g)), mask=inr)
     if HAS_ACC:
-        # acc += grad / n with torch's rounding: the quotient is IEEE-rounded in fp32 (div_rn: Triton's plain
-        # `/` may be approximate on GPU), rounded to the grad dtype, then added in fp32 and rounded again.
-        nf = n_div
+        # acc += grad / n, rounded as torch rounds it on this device: the quotient in fp32, rounded to the grad
+        # dtype, then added in fp32 and rounded again. torch on CPU divides (IEEE; div_rn, since Triton's plain
+        # `/` may be approximate on GPU); torch on CUDA multiplies by the fp32 reciprocal of a CPU-scalar
+        # divisor (RECIP; the kernel is launched with fp fusion off so a + g * inv is not turned into an FMA).
         a = tl.load(acc_ptr + offs, mask=inr, other=0)
         if DT == 2:
-            q = _bf16_bits_to_f32(_f32_to_bf16_bits(tl.math.div_rn(_bf16_bits_to_f32(g), nf)))
+            q = _bf16_bits_to_f32(_f32_to_bf16_bits(_quotient(_bf16_bits_to_f32(g), n_div, RECIP)))
             a_new = _f32_to_bf16_bits(_bf16_bits_to_f32(a) + q)
         elif DT == 1:
-            q = tl.math.div_rn(g.to(tl.float32), nf).to(tl.float16).to(tl.float32)
+            q = _quotient(g.to(tl.float32), n_div, RECIP).to(tl.float16).to(tl.float32)
             a_new = (a.to(tl.float32) + q).to(tl.float16)
         else:
-            a_new = a + tl.math.div_rn(g, nf)
+            a_new = a + _quotient(g, n_div, RECIP)
         tl.store(acc_ptr + offs, a_new, mask=inr)
 
 
@@ -106,8 +117,13 @@ def _as_kernel_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+def torch_divides_by_reciprocal(device: torch.device) -> bool:
+    """Whether `tensor / python_int` on `device` is computed by torch as tensor * fp32(1 / n)."""
+    return torch.device(device).type == "cuda"
+
+
 def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor], n: int,
-              block: int) -> torch.Tensor:
+              block: int, recip: Optional[bool] = None) -> torch.Tensor:
     out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
     numel = grad.numel()
     if numel == 0:
@@ -123,14 +139,17 @@ def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor
     strides = [d[1] for d in dims]
     if acc is not None:
         assert acc.is_contiguous() and acc.dtype == grad.dtype, "accumulator must be contiguous, grad's dtype"
-    # a bool view of a strided grad cannot be made; view the storage through the same strides instead
-    g = src if src.dtype != torch.bfloat16 else src.view(torch.int16)
+    if recip is None:
+        recip = torch_divides_by_reciprocal(grad.device)
+    # n goes in as a float: an int argument equal to 1 would be specialised into a constexpr on GPU
+    n_div = float(np.float32(1.0) / np.float32(n)) if recip else float(n)
+    extra = {"enable_fp_fusion": False} if grad.device.type == "cuda" else {}
     grid = (triton.cdiv(numel, block),)
     _mask_grad_kernel[grid](
-        g, mask.view(torch.uint8), _as_kernel_view(out), _as_kernel_view(acc) if acc is not None else out,
-        # n as a float: an int argument equal to 1 would be specialised into a constexpr on GPU
-        float(n), numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
-        CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), BLOCK=block)
+        _as_kernel_view(src), mask.view(torch.uint8), _as_kernel_view(out),
+        _as_kernel_view(acc) if acc is not None else out,
+        n_div, numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
+        CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), RECIP=bool(recip), BLOCK=block, **extra)
     return out
 
 

@@ -120,6 +120,30 @@ def test_mask_grad_accumulates_over_window(dev):
     assert_same(acc_t, acc_r, "accumulator")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_grad_reciprocal_rounding(dev, dtype):
+    """On CUDA torch computes `grad / n` (n a Python int) as grad * fp32(1/n), which the reference then
+    inherits; the kernel's RECIP mode must round exactly like that. Emulated here with explicit fp32 ops."""
+    from rigl_fast.kernels.elementwise import mask_grad
+    gen = torch.Generator().manual_seed(11)
+    grad = values((4097,), dtype, "random", gen, dev) * 1e3
+    mask = (torch.rand(4097, generator=gen) < 0.5).to(dev)
+    acc = values((4097,), dtype, "random", gen, dev)
+    expect = acc.clone()
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(3.0, dtype=torch.float32)
+    q = (grad.float() * inv.to(dev)).to(dtype)
+    expect.copy_((expect.float() + q.float()).to(dtype))
+    out = mask_grad(grad, mask, acc, 3, block=1024, recip=True)
+    assert_same(acc, expect, "accumulator")
+    assert_same(out, torch.where(mask, grad, torch.zeros((), dtype=dtype, device=dev)), "masked grad")
+    if dtype == torch.float32:  # the two roundings really differ somewhere, so both modes are exercised
+        acc_div = values((4097,), dtype, "random", torch.Generator().manual_seed(0), dev)
+        acc_rec = acc_div.clone()
+        mask_grad(grad, mask, acc_div, 3, block=1024, recip=False)
+        mask_grad(grad, mask, acc_rec, 3, block=1024, recip=True)
+        assert not torch.equal(acc_div, acc_rec)
+
+
 # ------------------------------------------------------------------------------------------------ after-step op
 @pytest.mark.parametrize("backend", [SMALL, WIDE], ids=["small", "wide"])
 def test_apply_masks_matches_reference(dev, backend):
