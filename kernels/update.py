@@ -111,6 +111,7 @@ def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr):
     tl.store(st + l * 2 + 1, k - above)
     prefix = tl.load(st + l * 2 + 0)
     tl.store(st + l * 2 + 0, (prefix << NBITS) | b)
+    tl.store(hist + l * HSTRIDE + bins, tl.zeros_like(h))  # ready for the next pass, without a memset launch
 
 
 @triton.jit
@@ -205,7 +206,6 @@ def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, i
         _hist_kernel[grid](p_layer, p_start, tab, st, hist, PHASE=phase, SHIFT=shift, NBITS=bits,
                            HSTRIDE=hstride, BLOCK=block, ITERS=iters)
         _pick_kernel[(st.shape[0],)](st, hist, NBITS=bits, HSTRIDE=hstride)
-        hist.zero_()
     _tie_count_kernel[grid](p_layer, p_start, tab, st, cnt, PHASE=phase, BLOCK=block, ITERS=iters)
     return _scan_offsets(cnt, prog_layer_long, first)
 
