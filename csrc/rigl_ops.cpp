@@ -271,28 +271,31 @@ void update_layer(LayerArgs& L) {
   Keep keep{sel_all(), false};
   if (L.n_keep < n_active) {
     keep.drop_form = 2 * L.n_keep > n_active;
-    const int32_t flip = keep.drop_form ? static_cast<int32_t>(kKeyMax) : 0;  // key or kKeyMax - key
+    // kKeyMax - key == kKeyMax ^ key on [0, kKeyMax]; the key loops are written branch-free (bit ops, no
+    // ternaries) because GCC will not if-convert them otherwise, and they are the bulk of the update.
+    const uint32_t flip = keep.drop_form ? static_cast<uint32_t>(kKeyMax) : 0u;
     keep.sel = select_top(n, keep.drop_form ? n_active - L.n_keep : L.n_keep, !keep.drop_form,
-                          [&](int64_t b, int64_t len, int32_t* out) {
-      const W* w = wp + b;
-      const uint8_t* m = mp + b;
+                          [&](int64_t b, int64_t len, int32_t* __restrict out) {
+      const W* __restrict w = wp + b;
+      const uint8_t* __restrict m = mp + b;
       for (int64_t j = 0; j < len; ++j) {
-        const int32_t k = static_cast<int32_t>(abs_key(w[j]));
-        out[j] = m[j] ? (flip ? flip - k : k) : -1;
+        const uint32_t active = 0u - static_cast<uint32_t>(m[j]);
+        out[j] = static_cast<int32_t>(((abs_key(w[j]) ^ flip) & active) | ~active);  // inactive -> -1
       }
     });
   }
   // grow: the n_grow largest |score| among positions not kept
-  const Sel grow = select_top(n, L.n_grow, true, [&](int64_t b, int64_t len, int32_t* out) {
-    const W* w = wp + b;
-    const S* sc = sp + b;
-    const uint8_t* m = mp + b;
+  const Sel grow = select_top(n, L.n_grow, true, [&](int64_t b, int64_t len, int32_t* __restrict out) {
+    const W* __restrict w = wp + b;
+    const S* __restrict sc = sp + b;
+    const uint8_t* __restrict m = mp + b;
     int64_t ku;
     if (keep.block_threshold(b, b + len, ku)) {
       const int32_t k32 = static_cast<int32_t>(ku);
       for (int64_t j = 0; j < len; ++j) {
-        const bool kept = m[j] & (static_cast<int32_t>(abs_key(w[j])) > k32);
-        out[j] = kept ? -1 : static_cast<int32_t>(abs_key(sc[j]));
+        const uint32_t kept = static_cast<uint32_t>(m[j]) &
+                              static_cast<uint32_t>(static_cast<int32_t>(abs_key(w[j])) > k32);
+        out[j] = static_cast<int32_t>(abs_key(sc[j]) | (0u - kept));  // kept -> -1
       }
     } else {
       for (int64_t j = 0; j < len; ++j)

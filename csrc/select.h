@@ -187,11 +187,18 @@ Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys) 
     for (int64_t s = b; s < e && !overflow.load(std::memory_order_relaxed); s += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, e - s);
       block_keys(s, len, keys);
-      for (int64_t j = 0; j < len; ++j) {
-        if (keys[j] >= l) {
-          const int64_t i = s + j;
-          local.push_back(Cand{static_cast<uint32_t>(keys[j]), static_cast<uint32_t>(i),
-                               static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32)});
+      // candidates are a few percent of positions: test 16 keys at a time (vectorised), look closer on a hit
+      for (int64_t g = 0; g < len; g += 16) {
+        const int64_t ge = std::min(len, g + 16);
+        int hit = 0;
+        for (int64_t j = g; j < ge; ++j) hit |= keys[j] >= l;
+        if (!hit) continue;
+        for (int64_t j = g; j < ge; ++j) {
+          if (keys[j] >= l) {
+            const int64_t i = s + j;
+            local.push_back(Cand{static_cast<uint32_t>(keys[j]), static_cast<uint32_t>(i),
+                                 static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32)});
+          }
         }
       }
       if (total.load(std::memory_order_relaxed) + static_cast<int64_t>(local.size()) > cap) overflow.store(true);
