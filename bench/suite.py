@@ -81,7 +81,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, backends, log) -> Tuple[list, list]:
+def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, backends, bw, log) -> Tuple[list, list]:
     shapes = weightsets.WEIGHT_SETS[set_name]()
     dtype = DTYPES[dtype_name]
     b = torch.finfo(dtype).bits // 8
@@ -99,7 +99,9 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     for c in cs:
         c.grad_op(), c.after_step()  # warm-up (and first-touch of the hooks' output pages)
     samples: Dict[str, Dict[str, list]] = {c.name: {"grad_op": [], "after_step": [], "total": []} for c in cs}
+    bws = []
     for r in range(plan.step_repeats):
+        bws.append(bw.sample())
         for c in _rotate(cs, r):
             g = clock.repeatable(c.grad_op)
             a = clock.repeatable(c.after_step)
@@ -138,10 +140,15 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
         if reps[c.name] and (c.name != C.RIGL_TORCH or device.type == "cuda"):
             one_update(c, False)  # warm-up: lazy initialisation, kernel compilation
     for r in range(max(reps.values())):
+        bws.append(bw.sample())
         for c in _rotate(ucs, r):
             if r < reps[c.name]:
                 upd[c.name].append(one_update(c, measure_mem=(r == reps[c.name] - 1)))
                 log(f"    {c.name} update {upd[c.name][-1] * 1e3:.0f} ms")
+    bws.append(bw.sample())
+    bw_st = timing.stats(bws)
+    for row in step_rows:
+        row["copy_bandwidth_Bps"] = bw_st
     ufloor = timing.update_floor_bytes(n_sparse, b)
     update_rows = []
     for c in ucs:
@@ -149,6 +156,7 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
             continue
         m = mem.get(c.name)
         update_rows.append(dict(base, contender=c.name, latency=timing.stats(upd[c.name]), floor_bytes=ufloor,
+                                copy_bandwidth_Bps=bw_st,
                                 peak_extra_bytes=m, peak_extra_bytes_per_weight=None if m is None else m / n_sparse))
     log(f"  update {set_name} {sparsity} {dtype_name}: " + ", ".join(
         f"{r['contender']} {r['latency']['median'] * 1e3:.1f} ms" for r in update_rows))
@@ -248,20 +256,24 @@ def run(device: torch.device, quick: bool, log=print) -> dict:
     backends = C.available_backends(device)
     t0 = time.perf_counter()
     log(f"rigl_fast backends on {device}: {backends}")
-    bw = timing.copy_bandwidth(device, plan.copy_bytes)
+    bw = timing.CopyBandwidth(device, plan.copy_bytes)
+    bw_all = [bw.sample() for _ in range(3)]
     step_rows, update_rows = [], []
     for set_name, sparsity, dt, rt_reps in plan.configs:
-        s, u = measure_config(set_name, sparsity, dt, rt_reps, device, plan, backends, log)
+        s, u = measure_config(set_name, sparsity, dt, rt_reps, device, plan, backends, bw, log)
         step_rows += s
         update_rows += u
     scaling = measure_scaling(device, plan, backends, log)
     e2e = measure_e2e(device, plan, backends, log)
-    bw += timing.copy_bandwidth(device, plan.copy_bytes)  # again at the end: drift shows as a wide min-max
-    bw_st = timing.stats(bw)
+    bw_all += [bw.sample() for _ in range(3)]
     for row in step_rows + update_rows:
-        row["floor_s"] = row["floor_bytes"] / bw_st["median"]
+        bw_all += [row["copy_bandwidth_Bps"]["median"]]
+        # the floor of each weight set uses the bandwidth sampled among its own repeats
+        row["floor_s"] = row["floor_bytes"] / row["copy_bandwidth_Bps"]["median"]
         t = row["total"]["median"] if "total" in row else row["latency"]["median"]
         row["x_floor"] = t / row["floor_s"]
+    del bw
+    bw_st = timing.stats(bw_all)
     log(f"copy bandwidth {bw_st['median'] / 1e9:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
     return dict(quick=quick, backends=backends, copy_bandwidth_Bps=bw_st, step=step_rows, update=update_rows,
                 scaling=scaling, e2e=e2e, notes=plan.notes, wall_s=time.perf_counter() - t0)

@@ -1,6 +1,7 @@
 """Clocks, copy bandwidth, peak memory and the byte floors."""
 from __future__ import annotations
 
+import ctypes
 import re
 import statistics
 import time
@@ -46,15 +47,18 @@ class Clock:
         return self.once(fn)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> List[float]:
-    """Bytes/s of a large copy_ (bytes read + bytes written), one sample per repeat."""
-    clock = Clock(device)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch of dst's pages is not bandwidth
-    out = [2 * src.numel() * 4 / clock.once(lambda: dst.copy_(src)) for _ in range(repeats)]
-    del src, dst
-    return out
+class CopyBandwidth:
+    """Bytes/s of a large copy_ (bytes read + bytes written); `sample()` is called among the contenders'
+    repeats, so the floor sees the same machine state as the times it is compared with."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        self.clock = Clock(device)
+        self.src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # first touch of dst's pages is not bandwidth
+
+    def sample(self) -> float:
+        return 2 * self.src.numel() * 4 / self.clock.once(lambda: self.dst.copy_(self.src))
 
 
 class PeakMemory:
@@ -82,6 +86,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        try:
+            # glibc keeps freed blocks resident for reuse; hand them back first, so that an allocation that
+            # reuses them faults its pages in again and shows up in the high-water mark
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
