@@ -147,7 +147,7 @@ def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor
     grid = (triton.cdiv(numel, block),)
     _mask_grad_kernel[grid](
         _as_kernel_view(src), mask.view(torch.uint8), _as_kernel_view(out),
-        _as_kernel_view(acc) if acc is not None else out,
+        _as_kernel_view(acc if acc is not None else out),
         n_div, numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
         CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), RECIP=bool(recip), BLOCK=block, **extra)
     return out

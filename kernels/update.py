@@ -44,14 +44,15 @@ NCOL = 8  # layer table: w_ptr, mask_ptr, score_ptr, numel, w_code, score_code, 
 @triton.jit
 def _keys(base, offs, valid, dt):
     """|x| of a float tensor upcast to fp32, as its (order-preserving) int32 bit pattern."""
+    # names differ per branch: a name bound in both branches of a runtime `if` must have one type when compiled
     if dt == 0:
         b = tl.load(base.to(tl.pointer_type(tl.int32)) + offs, mask=valid, other=0)
     elif dt == 1:
-        h = tl.load(base.to(tl.pointer_type(tl.float16)) + offs, mask=valid, other=0.0)
-        b = h.to(tl.float32).to(tl.int32, bitcast=True)
+        half = tl.load(base.to(tl.pointer_type(tl.float16)) + offs, mask=valid, other=0.0)
+        b = half.to(tl.float32).to(tl.int32, bitcast=True)
     else:
-        h = tl.load(base.to(tl.pointer_type(tl.int16)) + offs, mask=valid, other=0)
-        b = h.to(tl.int32) << 16  # bf16 -> fp32 is exact: the bf16 bits are the fp32's top half
+        bf_bits = tl.load(base.to(tl.pointer_type(tl.int16)) + offs, mask=valid, other=0)
+        b = bf_bits.to(tl.int32) << 16  # bf16 -> fp32 is exact: the bf16 bits are the fp32's top half
     return b & 0x7FFFFFFF
 
 
