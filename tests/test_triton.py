@@ -313,6 +313,30 @@ def test_update_zero_keep_and_full_layer(dev):
     check_update([a, b])
 
 
+def test_update_never_reads_back_to_the_host(dev, monkeypatch):
+    """No per-layer (or any) host synchronisation in an update: every tensor-to-Python conversion raises while
+    it runs (on CUDA, torch's sync debug mode also turns any synchronising call into an error)."""
+    gen = torch.Generator().manual_seed(9)
+    layers = [make_layer(n, torch.float32, torch.float32, "random", 0.4, "some", gen, dev) for n in (500, 231)]
+    expect = run_update(REF, layers)
+    c = [dict(w=L["w"].clone(), m=L["m"].clone(), s=L["s"].clone()) for L in layers]
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        def refuse(self, *a, _name=name, **k):
+            raise AssertionError(f"update read a tensor back to the host (Tensor.{_name})")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    if dev.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        SMALL.update([x["w"] for x in c], [x["m"] for x in c], [x["s"] for x in c], [L["keep"] for L in layers],
+                     [L["grow"] for L in layers], [[], []], [None, None])
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    for x, e in zip(c, expect):
+        assert torch.equal(x["m"], e["m"])
+
+
 # ------------------------------------------------------------------------------------------------ backend selection
 def test_supports(monkeypatch):
     b = TritonBackend()
