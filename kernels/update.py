@@ -38,7 +38,12 @@ def radix_passes(radix_bits: int):
         passes.append((low, width))
         low += width
     return tuple(reversed(passes))
-NCOL = 8  # layer table: w_ptr, mask_ptr, score_ptr, numel, w_code, score_code, row_start, row_end
+
+
+# Layer table, one int64 row of 8 per layer (kernels index it as tab + l * 8 + column):
+#   0 weight address, 1 mask address, 2 score address, 3 numel, 4 weight dtype code, 5 score dtype code,
+#   6..7 the layer's rows [start, end) in the tensor table (address, element size, 0 = zero where not
+#   (new & old): weight and states, 1 = zero where not new: the gradient).
 
 
 @triton.jit
@@ -218,22 +223,18 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
     if L == 0:
         return
     device = weights[0].device
-    contig = Contig()
-    keep_alive = []
+    contig = Contig()  # also keeps the contiguous stand-ins alive until the kernels have run
     tab_rows, t_rows = [], []
     for w, m, s, st_list, g in zip(weights, masks, scores, states, grads):
         assert m.dtype == torch.bool and m.is_contiguous() and m.shape == w.shape, "masks: contiguous bool"
         wc, sc = contig.get(w), contig.get(s)
-        keep_alive += [wc, sc]
         r0 = len(t_rows)
         t_rows.append([wc.data_ptr(), wc.element_size(), 0])
         for t in st_list:
             tc = contig.get(t)
-            keep_alive.append(tc)
             t_rows.append([tc.data_ptr(), tc.element_size(), 0])
         if g is not None:
             gc = contig.get(g)
-            keep_alive.append(gc)
             t_rows.append([gc.data_ptr(), gc.element_size(), 1])
         tab_rows.append([wc.data_ptr(), m.data_ptr(), sc.data_ptr(), w.numel(), float_code(wc), float_code(sc),
                          r0, len(t_rows)])
