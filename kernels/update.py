@@ -14,6 +14,7 @@ host synchronisation. Per-layer state (prefix, k remaining) lives on the device.
 Pass list (phase K = keep over |w| of active positions, phase G = grow over |score| of non-kept ones):
   K: hist xP (+ pick), tie count, mark   -- mark rewrites each mask byte as old | kept << 1
   G: hist xP (+ pick), tie count, final  -- final writes the 0/1 mask and zeros weights/states/grads
+A layer's tie count reads nothing when all keys at its threshold are taken (the usual case).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ._common import Contig, float_code, program_table, to_device
 from .elementwise import _zero_store
 
 KEY_BITS = 31
+ALL_TIES = tl.constexpr(2 ** 31 - 1)  # "k remaining" meaning: every key equal to the threshold is selected
 
 
 def radix_passes(radix_bits: int):
@@ -102,10 +104,14 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
 
 
 @triton.jit
-def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr):
+def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr, LAST: tl.constexpr):
     """Per layer: the bin b holding the k-th largest key among candidates matching the prefix, i.e. the
     largest b whose suffix count (keys in bins >= b) reaches k. k = 0 picks the top bin every pass, so the
-    threshold ends above every key and nothing is selected."""
+    threshold ends above every key and nothing is selected.
+
+    After the last digit, bin b holds exactly the keys equal to the threshold. If all of them are taken (the
+    usual case for real-valued data: one key at the threshold), k remaining becomes ALL_TIES, which makes
+    the tie-count pass skip its reads and every tie count as selected."""
     l = tl.program_id(0)
     bins = tl.arange(0, HSTRIDE)
     h = tl.load(hist + l * HSTRIDE + bins)
@@ -114,7 +120,11 @@ def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr):
     # k = 0 would pick the last (possibly unused) bin: clamp to the digit's own top bin
     b = tl.minimum(tl.maximum(tl.sum((suffix >= k).to(tl.int32), axis=0) - 1, 0), (1 << NBITS) - 1)
     above = tl.sum(tl.where(bins > b, h, 0), axis=0)
-    tl.store(st + l * 2 + 1, k - above)
+    k_rem = k - above
+    if LAST:
+        at_thr = tl.sum(tl.where(bins == b, h, 0), axis=0)
+        k_rem = tl.where((k_rem > 0) & (k_rem == at_thr), ALL_TIES, k_rem)
+    tl.store(st + l * 2 + 1, k_rem)
     prefix = tl.load(st + l * 2 + 0)
     tl.store(st + l * 2 + 0, (prefix << NBITS) | b)
     tl.store(hist + l * HSTRIDE + bins, tl.zeros_like(h))  # ready for the next pass, without a memset launch
@@ -131,6 +141,7 @@ def _tie_count_kernel(prog_layer, prog_start, tab, st, cnt, PHASE: tl.constexpr,
     thr = tl.load(st + l * 2 + 0)
     total = tl.zeros([BLOCK], tl.int32)
     n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    n_it = tl.where(tl.load(st + l * 2 + 1) == ALL_TIES, 0, n_it)  # ranks not needed: read nothing
     for it in range(0, n_it):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         inr = offs < numel
@@ -211,7 +222,7 @@ def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, i
     for shift, bits in passes:
         _hist_kernel[grid](p_layer, p_start, tab, st, hist, PHASE=phase, SHIFT=shift, NBITS=bits,
                            HSTRIDE=hstride, BLOCK=block, ITERS=iters)
-        _pick_kernel[(st.shape[0],)](st, hist, NBITS=bits, HSTRIDE=hstride)
+        _pick_kernel[(st.shape[0],)](st, hist, NBITS=bits, HSTRIDE=hstride, LAST=shift == 0)
     _tie_count_kernel[grid](p_layer, p_start, tab, st, cnt, PHASE=phase, BLOCK=block, ITERS=iters)
     return _scan_offsets(cnt, prog_layer_long, first)
 
