@@ -14,24 +14,20 @@ import torch
 
 from . import weightsets
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-STUBS = os.path.join(os.path.dirname(HERE), "tests", "_stubs")
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 RIGL_TORCH = "rigl-torch"
 
 
 def import_rigl_torch():
-    """rigl-torch 0.5.2's RigLScheduler; its `import torchvision` is satisfied by the repo's stub when the
-    real torchvision does not import (rigl-torch only needs two class names from it)."""
+    """rigl-torch 0.5.2's RigLScheduler, through the tests' importer (it lends rigl-torch the torchvision stub
+    when the real torchvision does not import, and hides the stub again afterwards)."""
+    sys.path.insert(0, TESTS)
     try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        if STUBS not in sys.path:
-            sys.path.insert(0, STUBS)
-    from rigl_torch.RigL import RigLScheduler
-    return RigLScheduler
+        from rigl_torch_import import import_rigl_torch as _imp
+    finally:
+        sys.path.remove(TESTS)
+    return _imp()
 
 
 def rigl_torch_version() -> Optional[str]:
