@@ -17,6 +17,7 @@ from rigl_fast import ops as rops
 from rigl_fast.reference import ReferenceBackend
 
 from helpers import MLP, SmallResNet, batches, train
+from test_reference_ops import random_values
 
 REF = ReferenceBackend()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,14 +31,7 @@ def cpp():
     return CppBackend()  # a build failure raises here and fails every test that uses it
 
 
-def values(n, kind, dtype, g):
-    if kind == "generic":
-        return torch.randn(n, generator=g).to(dtype)
-    if kind == "levels":  # a handful of distinct values: ties everywhere
-        return (torch.randint(-3, 4, (n,), generator=g).float() * 0.5).to(dtype)
-    if kind == "zeros":
-        return torch.zeros(n, dtype=dtype)
-    raise ValueError(kind)
+values = random_values  # the reference tests' value kinds: generic, levels (ties), zeros
 
 
 def equal_nan(a, b):
