@@ -17,7 +17,7 @@ from rigl_fast import ops as rops
 from rigl_fast.reference import ReferenceBackend
 
 from helpers import MLP, SmallResNet, batches, train
-from test_reference_ops import random_values
+from test_reference_ops import make_layer
 
 REF = ReferenceBackend()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -31,7 +31,6 @@ def cpp():
     return CppBackend()  # a build failure raises here and fails every test that uses it
 
 
-values = random_values  # the reference tests' value kinds: generic, levels (ties), zeros
 
 
 def equal_nan(a, b):
@@ -131,14 +130,6 @@ def test_any_nonfinite(cpp):
 
 
 # ------------------------------------------------------------------------------------------------ update
-def make_layer(shape, density, kind, dtype, g):
-    n = math.prod(shape)
-    m = torch.rand(n, generator=g) < density
-    w = torch.where(m, values(n, kind, torch.float32, g), 0.0).to(dtype)
-    s = values(n, kind, torch.float32, g).to(dtype)
-    return w.view(shape), m.view(shape), s.view(shape)
-
-
 def run_both(cpp, ws, ms, ss, n_keep, n_grow, states, grads):
     args_c = ([w.clone() for w in ws], [m.clone() for m in ms], ss, n_keep, n_grow,
               [[t.clone() for t in st] for st in states], [None if x is None else x.clone() for x in grads])
