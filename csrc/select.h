@@ -6,25 +6,14 @@
 // one pass collects those few candidates (key, index) and nth_element finds the k-th. If the sample was
 // wrong, or ties make the candidate set large (e.g. all zeros), an exact radix select on the key bits
 // (12/10/10-bit digits) plus one pass that finds the needed tie's index takes over.
+//
+// Included only by update_kernels.h, inside the instruction-set namespace RIGL_ISA.
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <mutex>
-#include <vector>
+#include "common.h"
 
 namespace rigl_fast {
-
-constexpr int64_t kKeyMax = 0x7fffffff;
+namespace RIGL_ISA {
 
 // |x| compared as fp32 (the reference compares `x.abs().float()`): the bits of a non-negative float order
 // like the float itself, so selection works on integer keys in [0, kKeyMax]. Inputs are finite.
@@ -36,42 +25,11 @@ inline uint32_t abs_key(T x) {
   return b & 0x7fffffffu;
 }
 
-// Position i with key `key` is chosen iff key > T, or key == T and i is on the chosen side of `cutoff`
-// (i <= cutoff when ties go to lower indices, i >= cutoff otherwise).
-struct Sel {
-  int64_t T, cutoff;
-  bool tie_low;
-  inline bool chosen(int64_t key, int64_t i) const {
-    return key > T || (key == T && (tie_low ? i <= cutoff : i >= cutoff));
-  }
-  // For the index block [b, e): U with chosen(key, i) == (key > U) for every i in the block, or false
-  // when the tie cutoff falls inside it. Lets the write pass use one integer compare per element.
-  inline bool block_threshold(int64_t b, int64_t e, int64_t& U) const {
-    if (T < 0 || T > kKeyMax) {
-      U = T < 0 ? -1 : kKeyMax;
-      return true;
-    }
-    const bool all = tie_low ? e - 1 <= cutoff : b >= cutoff;
-    const bool none = tie_low ? b > cutoff : e - 1 < cutoff;
-    if (!all && !none) return false;
-    U = all ? T - 1 : T;
-    return true;
-  }
-};
-
-inline Sel sel_none() { return Sel{std::numeric_limits<int64_t>::max(), -1, true}; }
-inline Sel sel_all() { return Sel{-1, -1, true}; }
-
 namespace detail {
 
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kKeyBlock = 1024;
 
-struct Cand {
-  uint32_t key, idx_lo;  // idx stored split so a candidate is 12 bytes even for layers >= 2^32
-  uint32_t idx_hi;
-  int64_t idx() const { return (static_cast<int64_t>(idx_hi) << 32) | idx_lo; }
-};
 
 // The exact path: radix select on the keys, then the needed tie by a chunked count.
 template <typename BlockKeys>
@@ -149,72 +107,177 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
 
 }  // namespace detail
 
+namespace detail {
+
+// Samples are runs of kRun consecutive positions (one or two cache lines), evenly spread over the layer.
+constexpr int64_t kRun = 16;
+
+inline int64_t sample_runs(int64_t n) {
+  const int64_t want = std::min<int64_t>(8192, std::max<int64_t>(1024, n / 32));
+  return std::max<int64_t>(1, std::min(n / kRun, want / kRun));
+}
+
+inline int64_t run_start(int64_t r, int64_t runs, int64_t n) { return r * (n / runs); }
+
+// A key range [lo, hi] that holds the k-th largest key of the layer with high probability, from a sample of
+// the eligible keys found at `positions` sampled positions (of n); `mid` is the sample's own estimate of the
+// k-th key. `sample` is reordered.
+struct Band {
+  int64_t lo, hi, mid;
+};
+
+inline Band band_from_sample(std::vector<uint32_t>& sample, int64_t positions, int64_t n, int64_t k) {
+  // the k-th's expected rank in the sample, and a margin of ~5 standard deviations either side
+  const double rank = static_cast<double>(k) * positions / n;
+  const double margin = 5.0 * std::sqrt(rank + 1.0) + 4.0;
+  const int64_t m = static_cast<int64_t>(sample.size());
+  const int64_t r_hi = static_cast<int64_t>(std::floor(rank - margin));  // 1-based; < 1: no upper bound
+  const int64_t r_lo = static_cast<int64_t>(std::ceil(rank + margin));   // > m: no lower bound
+  const int64_t r_mid = std::max<int64_t>(1, static_cast<int64_t>(std::llround(rank)));
+  Band b{0, kKeyMax, 0};  // keys above hi are only counted
+  auto begin = sample.begin(), end = sample.end();
+  if (r_lo <= m) {
+    std::nth_element(begin, begin + (r_lo - 1), end, std::greater<uint32_t>());
+    b.lo = sample[r_lo - 1];
+    end = begin + (r_lo - 1);  // the r_lo - 1 largest are now in front of it
+  }
+  if (r_mid <= end - begin) {
+    std::nth_element(begin, begin + (r_mid - 1), end, std::greater<uint32_t>());
+    b.mid = sample[r_mid - 1];
+    end = begin + (r_mid - 1);
+  } else {
+    b.mid = b.lo;
+  }
+  if (r_hi >= 1 && r_hi <= end - begin) {
+    std::nth_element(begin, begin + (r_hi - 1), end, std::greater<uint32_t>());
+    b.hi = std::max<int64_t>(b.lo, static_cast<int64_t>(sample[r_hi - 1]) - 1);  // its equals go in the band
+  }
+  return b;
+}
+
+// A band entry packs (key, rank of the index among ties) into 64 bits so that "outranks" is one integer
+// compare: the larger packed value comes first. Layers of more than 2^32 positions take the exact path.
+inline uint32_t tie_flip(bool tie_low) { return tie_low ? 0xffffffffu : 0u; }
+inline uint64_t pack(uint32_t key, int64_t i, uint32_t flip) {
+  return (static_cast<uint64_t>(key) << 32) | (static_cast<uint32_t>(i) ^ flip);
+}
+
+// The need-th entry (1-based) of a band whose keys lie in [lo, hi], as a Sel: everything above the band is
+// already chosen. A histogram of the keys finds the bucket holding it, and nth_element orders only that
+// bucket. `band` is not reordered.
+inline Sel band_select(const std::vector<uint64_t>& band, int64_t need, bool tie_low, int64_t lo, int64_t hi) {
+  std::vector<uint64_t> sub;
+  if (band.size() <= 4096) {
+    sub = band;
+  } else {
+    const uint32_t width = static_cast<uint32_t>(hi - lo);
+    const int shift = std::max(0, static_cast<int>(std::bit_width(width)) - 11);
+    const size_t nb = (width >> shift) + 1;
+    std::vector<int64_t> hist(nb, 0);
+    for (const uint64_t e : band) ++hist[(static_cast<uint32_t>(e >> 32) - static_cast<uint32_t>(lo)) >> shift];
+    size_t bucket = nb - 1;
+    for (; bucket > 0 && hist[bucket] < need; --bucket) need -= hist[bucket];
+    sub.reserve(hist[bucket]);
+    for (const uint64_t e : band)
+      if (((static_cast<uint32_t>(e >> 32) - static_cast<uint32_t>(lo)) >> shift) == bucket) sub.push_back(e);
+  }
+  std::nth_element(sub.begin(), sub.begin() + (need - 1), sub.end(), std::greater<uint64_t>());
+  const uint64_t kth = sub[need - 1];
+  return Sel{static_cast<int64_t>(kth >> 32), static_cast<int64_t>(static_cast<uint32_t>(kth) ^ tie_flip(tie_low)),
+             tie_low};
+}
+
+// Calls visit(j) for every j < len with flags[j] != 0; flags are bytes, zero-padded to a multiple of 8.
+// Eight flags are tested with one load, and only the set ones are visited (the band is a few percent).
+template <typename Visit>
+inline void for_each_flagged(const uint8_t* flags, int64_t len, const Visit& visit) {
+  if constexpr (std::endian::native == std::endian::little) {
+    for (int64_t j8 = 0; j8 < len; j8 += 8) {
+      uint64_t x;
+      std::memcpy(&x, flags + j8, 8);
+      while (x) {
+        const int bit = std::countr_zero(x) & ~7;
+        visit(j8 + (bit >> 3));
+        x &= ~(uint64_t{0xff} << bit);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j)
+      if (flags[j]) visit(j);
+  }
+}
+
+// Pads a block's flags with zeros up to the next multiple of 8 (the array has room: kKeyBlock is one).
+inline void pad_flags(uint8_t* flags, int64_t len) {
+  for (int64_t j = len; j < ((len + 7) & ~int64_t{7}); ++j) flags[j] = 0;
+}
+
+}  // namespace detail
+
 // The k positions of largest key among positions 0..n-1. block_keys(b, len, out) writes the keys of
 // positions b..b+len-1 to out: a key in [0, kKeyMax], or -1 for a position that does not compete (computed
 // a block at a time so the key loops vectorise). Ties: lower index first if tie_low, else higher first.
+//
+// A sample of short runs of positions brackets the k-th key between two sample keys lo <= hi. One pass
+// counts the keys above hi (a vectorised compare) and collects the few in [lo, hi] (the band); if the count
+// leaves the k-th inside the band, nth_element over the band finds it. Otherwise (an unlucky sample, or ties
+// that make the band huge) the exact radix select runs.
 template <typename BlockKeys>
 Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys) {
-  using detail::kKeyBlock;
-  using detail::Cand;
+  using namespace detail;
   if (k <= 0 || n <= 0) return sel_none();
   if (k >= n) return sel_all();
-  // sample: every stride-th position
-  const int64_t stride = std::max<int64_t>(1, n / 16384);
+  if (n > (int64_t{1} << 32)) return radix_select(n, k, tie_low, block_keys);
+  const int64_t runs = sample_runs(n);
   std::vector<uint32_t> sample;
-  for (int64_t i = 0; i < n; i += stride) {
-    int32_t key;
-    block_keys(i, 1, &key);
-    if (key >= 0) sample.push_back(static_cast<uint32_t>(key));
+  sample.reserve(runs * kRun);
+  int64_t positions = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t b = run_start(r, runs, n), len = std::min(kRun, n - b);
+    int32_t keys[kRun];
+    block_keys(b, len, keys);
+    positions += len;
+    for (int64_t j = 0; j < len; ++j)
+      if (keys[j] >= 0) sample.push_back(static_cast<uint32_t>(keys[j]));
   }
-  const int64_t positions = (n + stride - 1) / stride;
-  const double r = static_cast<double>(k) * positions / n;  // the k-th's expected rank in the sample
-  const int64_t rank = static_cast<int64_t>(std::ceil(r * 1.15 + 4.0 * std::sqrt(r) + 8.0));
-  int64_t L = 0;
-  if (rank < static_cast<int64_t>(sample.size())) {
-    std::nth_element(sample.begin(), sample.begin() + (rank - 1), sample.end(), std::greater<uint32_t>());
-    L = sample[rank - 1];
-  }
-  // collect every eligible key >= L, unless there are too many (then the exact path is cheaper)
-  const int64_t cap = std::max<int64_t>(1 << 16, std::min<int64_t>(n / 8, 4 * k + (1 << 14)));
-  std::vector<Cand> cand;
-  std::atomic<int64_t> total{0};
+  const Band bd = band_from_sample(sample, positions, n, k);
+  // one pass: count keys > hi, collect keys in [lo, hi]; too big a band means the exact path is cheaper
+  const int64_t cap = std::max<int64_t>(1 << 16, n / 16);
+  const uint32_t flip = tie_flip(tie_low), lo = static_cast<uint32_t>(bd.lo);
+  const uint32_t width = static_cast<uint32_t>(bd.hi - bd.lo);
+  const int32_t hi = static_cast<int32_t>(bd.hi);
+  std::vector<uint64_t> band;
+  std::atomic<int64_t> total{0}, above{0};
   std::atomic<bool> overflow{false};
   std::mutex mu;
-  at::parallel_for(0, n, detail::kGrain, [&](int64_t b, int64_t e) {
-    std::vector<Cand> local;
-    const int32_t l = static_cast<int32_t>(L);  // L >= 0, so ineligible (-1) never passes
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    std::vector<uint64_t> local;
+    int64_t cnt = 0;
     alignas(64) int32_t keys[kKeyBlock];
+    alignas(64) uint8_t flags[kKeyBlock];
     for (int64_t s = b; s < e && !overflow.load(std::memory_order_relaxed); s += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, e - s);
       block_keys(s, len, keys);
-      // candidates are a few percent of positions: test 16 keys at a time (vectorised), look closer on a hit
-      for (int64_t g = 0; g < len; g += 16) {
-        const int64_t ge = std::min(len, g + 16);
-        int hit = 0;
-        for (int64_t j = g; j < ge; ++j) hit |= keys[j] >= l;
-        if (!hit) continue;
-        for (int64_t j = g; j < ge; ++j) {
-          if (keys[j] >= l) {
-            const int64_t i = s + j;
-            local.push_back(Cand{static_cast<uint32_t>(keys[j]), static_cast<uint32_t>(i),
-                                 static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32)});
-          }
-        }
+      int32_t c = 0;
+      for (int64_t j = 0; j < len; ++j) {  // vectorised: count above the band, flag the band
+        c += keys[j] > hi;
+        flags[j] = (static_cast<uint32_t>(keys[j]) - lo) <= width;
       }
+      cnt += c;
+      pad_flags(flags, len);
+      for_each_flagged(flags, len, [&](int64_t j) { local.push_back(pack(static_cast<uint32_t>(keys[j]), s + j, flip)); });
       if (total.load(std::memory_order_relaxed) + static_cast<int64_t>(local.size()) > cap) overflow.store(true);
     }
+    above += cnt;
     total += static_cast<int64_t>(local.size());
     std::lock_guard<std::mutex> lock(mu);
-    cand.insert(cand.end(), local.begin(), local.end());  // order is irrelevant: nth_element orders by index
+    band.insert(band.end(), local.begin(), local.end());
   });
-  const int64_t c = total.load();
-  if (overflow.load() || c > cap || c < k) return detail::radix_select(n, k, tie_low, block_keys);
-  auto before = [tie_low](const Cand& a, const Cand& b) {
-    if (a.key != b.key) return a.key > b.key;
-    return tie_low ? a.idx() < b.idx() : a.idx() > b.idx();
-  };
-  std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), before);
-  return Sel{cand[k - 1].key, cand[k - 1].idx(), tie_low};
+  const int64_t need = k - above.load();
+  if (overflow.load() || need <= 0 || need > static_cast<int64_t>(band.size()))
+    return radix_select(n, k, tie_low, block_keys);
+  return band_select(band, need, tie_low, bd.lo, bd.hi);
 }
 
+}  // namespace RIGL_ISA
 }  // namespace rigl_fast

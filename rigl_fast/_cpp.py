@@ -102,8 +102,8 @@ def _register_fakes():
         return torch.empty((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
 
     @torch.library.register_fake("rigl_fast::update")
-    def _update(weights, masks, scores, n_keep, n_grow, states, state_layer, grads, grad_layer):
-        return None
+    def _update(weights, masks, scores, n_keep, n_grow, states, state_layer, grads, grad_layer, check_finite=False):
+        return torch.empty((), dtype=torch.bool, device=weights[0].device if weights else "cpu")
 
 
 class CppBackend(Backend):
@@ -137,6 +137,13 @@ class CppBackend(Backend):
         return bool(self._any_nonfinite(list(tensors)))
 
     def update(self, weights, masks, scores, n_keep, n_grow, states, grads):
+        self._run_update(weights, masks, scores, n_keep, n_grow, states, grads, False)
+
+    def checked_update(self, weights, masks, scores, n_keep, n_grow, states, grads):
+        # the finiteness check rides on the selection's read of weights and scores: one pass fewer
+        return self._run_update(weights, masks, scores, n_keep, n_grow, states, grads, True)
+
+    def _run_update(self, weights, masks, scores, n_keep, n_grow, states, grads, check_finite):
         flat_states, state_layer, flat_grads, grad_layer = [], [], [], []
         for i, st in enumerate(states):
             flat_states.extend(st)
@@ -145,5 +152,8 @@ class CppBackend(Backend):
             if g is not None:
                 flat_grads.append(g)
                 grad_layer.append(i)
-        self._update(list(weights), list(masks), list(scores), [int(k) for k in n_keep], [int(k) for k in n_grow],
-                     flat_states, state_layer, flat_grads, grad_layer)
+        if not len(weights):
+            return True
+        return bool(self._update(list(weights), list(masks), list(scores), [int(k) for k in n_keep],
+                                 [int(k) for k in n_grow], flat_states, state_layer, flat_grads, grad_layer,
+                                 check_finite))

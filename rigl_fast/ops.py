@@ -84,6 +84,19 @@ class Backend:
         """
         raise NotImplementedError
 
+    def checked_update(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                       scores: Sequence[torch.Tensor], n_keep: Sequence[int], n_grow: Sequence[int],
+                       states: Sequence[Sequence[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> bool:
+        """`update` unless any weight or score holds a NaN or +-inf: then nothing changes and it returns False.
+
+        Returns True when the update was applied. This default checks with `any_nonfinite` first; a backend
+        may fold the check into its update's own read of the weights and scores.
+        """
+        if self.any_nonfinite(list(weights) + list(scores)):
+            return False
+        self.update(weights, masks, scores, n_keep, n_grow, states, grads)
+        return True
+
 
 def _load_reference() -> Backend:
     from .reference import ReferenceBackend

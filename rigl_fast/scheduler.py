@@ -410,16 +410,14 @@ class RigLScheduler:
             if not have_grad:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return
-        if self._ops.any_nonfinite(weights + scores):
-            self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
-            return
         n_keep, n_grow = [], []
         for i in idx:
             n_drop = int(self._n_active[i] * drop_fraction)
             n_keep.append(self._n_active[i] - n_drop)
             n_grow.append(n_drop)
-        self._ops.update(weights, [self.backward_masks[i] for i in idx], scores, n_keep, n_grow,
-                         [self._states_like(w) for w in weights], [w.grad for w in weights])
+        if not self._ops.checked_update(weights, [self.backward_masks[i] for i in idx], scores, n_keep, n_grow,
+                                        [self._states_like(w) for w in weights], [w.grad for w in weights]):
+            self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
 
     @staticmethod
     def _all_reduce_sum(tensors, have_grad: bool) -> bool:

@@ -1,0 +1,155 @@
+// Declarations shared by the op registrations (rigl_ops.cpp) and the update kernels, which are compiled once
+// per instruction set (update_base.cpp, update_avx2.cpp) into namespaces of their own and picked at run time.
+//
+// Everything defined in this header is compiled for the baseline instruction set: it is parsed before any
+// `#pragma GCC target`, so its out-of-line copies are the same in every translation unit; code inlined from
+// it into an AVX2 kernel is compiled for AVX2 there.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define RIGL_FAST_HAVE_AVX2 1
+#else
+#define RIGL_FAST_HAVE_AVX2 0
+#endif
+
+namespace rigl_fast {
+
+constexpr int64_t kKeyMax = 0x7fffffff;
+
+// Position i with key `key` is chosen iff key > T, or key == T and i is on the chosen side of `cutoff`
+// (i <= cutoff when ties go to lower indices, i >= cutoff otherwise).
+struct Sel {
+  int64_t T, cutoff;
+  bool tie_low;
+  inline bool chosen(int64_t key, int64_t i) const {
+    return key > T || (key == T && (tie_low ? i <= cutoff : i >= cutoff));
+  }
+  // For the index block [b, e): U with chosen(key, i) == (key > U) for every i in the block, or false
+  // when the tie cutoff falls inside it. Lets the write pass use one integer compare per element.
+  inline bool block_threshold(int64_t b, int64_t e, int64_t& U) const {
+    if (T < 0 || T > kKeyMax) {
+      U = T < 0 ? -1 : kKeyMax;
+      return true;
+    }
+    const bool all = tie_low ? e - 1 <= cutoff : b >= cutoff;
+    const bool none = tie_low ? b > cutoff : e - 1 < cutoff;
+    if (!all && !none) return false;
+    U = all ? T - 1 : T;
+    return true;
+  }
+};
+
+inline Sel sel_none() { return Sel{std::numeric_limits<int64_t>::max(), -1, true}; }
+inline Sel sel_all() { return Sel{-1, -1, true}; }
+
+// ------------------------------------------------------------------------------------------ masking
+template <int Bytes> struct UInt;
+template <> struct UInt<1> { using type = uint8_t; };
+template <> struct UInt<2> { using type = uint16_t; };
+template <> struct UInt<4> { using type = uint32_t; };
+template <> struct UInt<8> { using type = uint64_t; };
+
+// out[i] = keep[i] ? in[i] : +0 for an element of `Bytes` bytes. keep is 0/1 bytes. Vectorises.
+template <int Bytes>
+inline void select_bits(void* out, const void* in, const uint8_t* __restrict keep, int64_t n) {
+  using U = typename UInt<Bytes>::type;
+  U* __restrict o = static_cast<U*>(out);
+  const U* __restrict x = static_cast<const U*>(in);
+  for (int64_t i = 0; i < n; ++i) o[i] = x[i] & static_cast<U>(U(0) - static_cast<U>(keep[i]));
+}
+
+// In-place variant; same pointer in and out, so no __restrict.
+template <int Bytes>
+inline void select_bits_inplace(void* t, const uint8_t* __restrict keep, int64_t n) {
+  using U = typename UInt<Bytes>::type;
+  U* __restrict o = static_cast<U*>(t);
+  for (int64_t i = 0; i < n; ++i) o[i] = o[i] & static_cast<U>(U(0) - static_cast<U>(keep[i]));
+}
+
+inline void select_any(void* out, const void* in, const uint8_t* keep, int64_t n, int64_t bytes) {
+  switch (bytes) {
+    case 1: select_bits<1>(out, in, keep, n); break;
+    case 2: select_bits<2>(out, in, keep, n); break;
+    case 4: select_bits<4>(out, in, keep, n); break;
+    case 8: select_bits<8>(out, in, keep, n); break;
+    default: TORCH_CHECK(false, "rigl_fast: unsupported element size ", bytes);
+  }
+}
+
+inline void select_inplace_any(void* t, const uint8_t* keep, int64_t n, int64_t bytes) {
+  switch (bytes) {
+    case 1: select_bits_inplace<1>(t, keep, n); break;
+    case 2: select_bits_inplace<2>(t, keep, n); break;
+    case 4: select_bits_inplace<4>(t, keep, n); break;
+    case 8: select_bits_inplace<8>(t, keep, n); break;
+    default: TORCH_CHECK(false, "rigl_fast: unsupported element size ", bytes);
+  }
+}
+
+// Which positions are kept. A small keep set is selected directly (top n_keep |w|, lower index first);
+// a large one as its complement, the n_active - n_keep smallest |w| dropped with the higher index dropped
+// first (the same set), so the selection only ever looks for the smaller side. Keys of that selection are
+// |w| bits xor `flip` (kKeyMax - |w| bits in the drop form), -1 for inactive positions.
+struct Keep {
+  Sel sel = sel_all();
+  bool drop_form = false;
+  // chosen for an active position with |w| key `key` at index i
+  inline bool kept(int64_t key, int64_t i) const {
+    return drop_form ? !sel.chosen(kKeyMax - key, i) : sel.chosen(key, i);
+  }
+  // U with kept(key, i) == (key > U) over the block, or false if a tie cutoff falls inside it
+  inline bool block_threshold(int64_t b, int64_t e, int64_t& U) const {
+    int64_t u;
+    if (!sel.block_threshold(b, e, u)) return false;
+    U = drop_form ? kKeyMax - u - 1 : u;  // not (kKeyMax - key > u)  <=>  key > kKeyMax - u - 1
+    return true;
+  }
+};
+
+enum class FloatType { f32, f64, f16, bf16 };
+
+// One layer of an update, as raw pointers to contiguous data.
+struct LayerView {
+  void* w;
+  FloatType w_type;
+  const void* score;
+  FloatType s_type;
+  uint8_t* mask;
+  int64_t n, n_keep, n_grow;
+  std::vector<std::pair<char*, int64_t>> states;  // (data, element size)
+  char* grad = nullptr;
+  int64_t grad_bytes = 0;
+  Keep keep;  // the selections, written by select_layer
+  Sel grow = sel_none();
+};
+
+// The update kernels of one instruction set: select_layer decides both selections (and, if asked, checks
+// that weight and score are finite: false if not, with nothing decided); write_layer applies them.
+#define RIGL_FAST_DECLARE_KERNELS(ISA)               \
+  namespace ISA {                                    \
+  bool select_layer(LayerView& L, bool check_finite); \
+  void write_layer(LayerView& L);                    \
+  }
+RIGL_FAST_DECLARE_KERNELS(base)
+#if RIGL_FAST_HAVE_AVX2
+RIGL_FAST_DECLARE_KERNELS(avx2)
+#endif
+
+}  // namespace rigl_fast

@@ -1,0 +1,5 @@
+// The update kernels for the baseline instruction set (every CPU).
+#include "common.h"
+
+#define RIGL_ISA base
+#include "update_kernels.h"
