@@ -136,16 +136,17 @@ struct LayerView {
   std::vector<std::pair<char*, int64_t>> states;  // (data, element size)
   char* grad = nullptr;
   int64_t grad_bytes = 0;
-  Keep keep;  // the selections, written by select_layer
+  Keep keep;  // the selections, written by select_layers
   Sel grow = sel_none();
 };
 
-// The update kernels of one instruction set: select_layer decides both selections (and, if asked, checks
-// that weight and score are finite: false if not, with nothing decided); write_layer applies them.
-#define RIGL_FAST_DECLARE_KERNELS(ISA)               \
-  namespace ISA {                                    \
-  bool select_layer(LayerView& L, bool check_finite); \
-  void write_layer(LayerView& L);                    \
+// The update kernels of one instruction set: select_layers decides both selections of every layer (and,
+// if asked, checks that weights and scores are finite: false if not, with nothing decided); write_layer
+// applies a layer's.
+#define RIGL_FAST_DECLARE_KERNELS(ISA)                                          \
+  namespace ISA {                                                               \
+  bool select_layers(std::vector<LayerView>& layers, bool check_finite);        \
+  void write_layer(LayerView& L);                                               \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

@@ -256,11 +256,11 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
     layers[l].grad_bytes = grads[j].element_size();
   }
   const bool avx2 = std::strcmp(kernel_isa(), "avx2") == 0;
-  auto select = [&](LayerView& v) {
+  auto select = [&]() {
 #if RIGL_FAST_HAVE_AVX2
-    if (avx2) return avx2::select_layer(v, check_finite);
+    if (avx2) return avx2::select_layers(layers, check_finite);
 #endif
-    return base::select_layer(v, check_finite);
+    return base::select_layers(layers, check_finite);
   };
   auto write = [&](LayerView& v) {
 #if RIGL_FAST_HAVE_AVX2
@@ -268,10 +268,9 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
 #endif
     base::write_layer(v);
   };
-  // Layers run one after another, each parallel inside (small layers cost no fork). Every selection, and
-  // the finiteness check riding on it, comes before any write: a non-finite input leaves everything as it was.
-  for (auto& v : layers)
-    if (!select(v)) return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
+  // Every selection, and the finiteness check riding on it, comes before any write: a non-finite input
+  // leaves everything as it was. Layers are written one after another, each parallel inside.
+  if (!select()) return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
   for (auto& v : layers) write(v);
   for (auto& w : ws) w.finish();
   return at::scalar_tensor(true, at::TensorOptions().dtype(at::kBool));

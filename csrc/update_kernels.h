@@ -15,15 +15,6 @@ constexpr int64_t kGrain = 1 << 15;
 // Inner block of the write pass: it finishes one block (a few KiB of every operand) before the next.
 constexpr int64_t kBlock = 2048;
 
-// Number of active positions of a mask (bytes are 0/1).
-int64_t count_active(const uint8_t* mp, int64_t n) {
-  return at::parallel_reduce(0, n, kGrain, int64_t(0), [&](int64_t b, int64_t e, int64_t acc) {
-    uint64_t s = 0;
-    for (int64_t i = b; i < e; ++i) s += mp[i];
-    return acc + static_cast<int64_t>(s);
-  }, std::plus<int64_t>());
-}
-
 // An IEEE value is NaN or inf iff its exponent bits are all ones; 1 for such a value, else 0.
 template <typename T> inline uint32_t nonfinite_bit(T x);
 template <> inline uint32_t nonfinite_bit(float x) {
@@ -35,98 +26,93 @@ template <> inline uint32_t nonfinite_bit(double x) {
 template <> inline uint32_t nonfinite_bit(at::Half x) { return (x.x & 0x7c00u) == 0x7c00u; }
 template <> inline uint32_t nonfinite_bit(at::BFloat16 x) { return (x.x & 0x7f80u) == 0x7f80u; }
 
-// Both selections of a layer, from one read of weight, mask and score (plus small samples), and the
-// finiteness check of weight and score folded into the same read. Returns false, with nothing decided,
-// if the check is on and finds a NaN/inf.
-//
-// The pass brackets each selection's threshold in a band from a sample (see select_top): it counts the keys
-// above the band and collects those inside. The grow selection competes among positions not kept, which is
-// only known once keep is resolved; so the pass treats the positions whose keep key falls in keep's band as
-// undecided (they are collected anyway) and adds them to grow's count or band afterwards. Whenever a band
-// misses its threshold, that selection (and grow after keep) is redone exactly by select_top.
+// Keep's keys: |w| bits xor `flip` for active positions, -1 for inactive ones. Written branch-free (bit ops,
+// no ternaries) because GCC will not if-convert the key loops otherwise, and they are the bulk of the update.
+template <typename W>
+struct KeepKeys {
+  const W* wp;
+  const uint8_t* mp;
+  uint32_t flip;
+  void operator()(int64_t b, int64_t len, int32_t* __restrict out) const {
+    const W* __restrict w = wp + b;
+    const uint8_t* __restrict m = mp + b;
+    for (int64_t j = 0; j < len; ++j) {
+      const uint32_t active = 0u - static_cast<uint32_t>(m[j]);
+      out[j] = static_cast<int32_t>(((abs_key(w[j]) ^ flip) & active) | ~active);
+    }
+  }
+};
+
+// Grow's keys once keep is decided: |score| bits, -1 for kept positions.
 template <typename W, typename S>
-bool select_layer_t(LayerView& L, bool check_finite) {
+struct GrowKeys {
+  const W* wp;
+  const S* sp;
+  const uint8_t* mp;
+  const Keep* keep;
+  void operator()(int64_t b, int64_t len, int32_t* __restrict out) const {
+    const W* __restrict w = wp + b;
+    const S* __restrict sc = sp + b;
+    const uint8_t* __restrict m = mp + b;
+    int64_t ku;
+    if (keep->block_threshold(b, b + len, ku)) {
+      const int32_t k32 = static_cast<int32_t>(ku);
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t kept = static_cast<uint32_t>(m[j]) &
+                              static_cast<uint32_t>(static_cast<int32_t>(abs_key(w[j])) > k32);
+        out[j] = static_cast<int32_t>(abs_key(sc[j]) | (0u - kept));
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j)
+        out[j] = (m[j] && keep->kept(abs_key(w[j]), b + j)) ? -1 : static_cast<int32_t>(abs_key(sc[j]));
+    }
+  }
+};
+
+// One layer between the phases of select_layers.
+struct Pending {
+  bool keep_sel = false, grow_sel = false;  // whether each needs a selection (else all or nothing)
+  int64_t kk = 0;                           // keep's k, in its own key order (drop form: the dropped count)
+  uint32_t flip = 0;                        // keep's key transform (kKeyMax in the drop form)
+  bool exact = false;                       // no band pass: the exact path (layers of 2^32+ positions)
+  detail::Band kb{0, kKeyMax, 0}, gb{0, kKeyMax, 0};
+  std::vector<uint64_t> kband, gband;       // band entries (packed key, index)
+  std::vector<uint32_t> kband_score;        // |score| key of each keep band entry, in the same order
+  int64_t k_above = 0, g_above = 0;         // keys above each band
+  bool missed = false, bad = false;         // a band overflowed; a NaN/inf was seen
+};
+
+// Phase 1 (one thread per layer): the active count, the form of keep, and each selection's band from a
+// sample of short runs (keep's keys, and |score| at positions that keep's estimate does not keep).
+template <typename W, typename S>
+void prepare_t(LayerView& L, Pending& P) {
   using namespace detail;
   const int64_t n = L.n;
   const W* wp = static_cast<const W*>(L.w);
   const S* sp = static_cast<const S*>(L.score);
   const uint8_t* mp = L.mask;
-
-  const int64_t n_active = count_active(mp, n);
+  int64_t n_active = 0;
+  for (int64_t i = 0; i < n; ++i) n_active += mp[i];
   TORCH_CHECK(L.n_keep <= n_active, "rigl_fast: n_keep (", L.n_keep, ") exceeds the active count (", n_active, ")");
   Keep& keep = L.keep;
-  const bool keep_sel = L.n_keep > 0 && L.n_keep < n_active;  // otherwise keep is all or nothing
-  keep.drop_form = keep_sel && 2 * L.n_keep > n_active;
+  P.keep_sel = L.n_keep > 0 && L.n_keep < n_active;
+  keep.drop_form = P.keep_sel && 2 * L.n_keep > n_active;
   keep.sel = L.n_keep == 0 ? sel_none() : sel_all();
-  const int64_t kk = keep.drop_form ? n_active - L.n_keep : L.n_keep;  // keep's k, in its own key order
-  const bool keep_low = !keep.drop_form;
-  // kKeyMax - key == kKeyMax ^ key on [0, kKeyMax]; the key loops are written branch-free (bit ops, no
-  // ternaries) because GCC will not if-convert them otherwise, and they are the bulk of the update.
-  const uint32_t flip = keep.drop_form ? static_cast<uint32_t>(kKeyMax) : 0u;
-  auto keep_keys = [&](int64_t b, int64_t len, int32_t* __restrict out) {
-    const W* __restrict w = wp + b;
-    const uint8_t* __restrict m = mp + b;
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t active = 0u - static_cast<uint32_t>(m[j]);
-      out[j] = static_cast<int32_t>(((abs_key(w[j]) ^ flip) & active) | ~active);  // inactive -> -1
-    }
-  };
-  // grow's keys once keep is known: |score|, -1 for kept positions
-  auto grow_keys = [&](int64_t b, int64_t len, int32_t* __restrict out) {
-    const W* __restrict w = wp + b;
-    const S* __restrict sc = sp + b;
-    const uint8_t* __restrict m = mp + b;
-    int64_t ku;
-    if (keep.block_threshold(b, b + len, ku)) {
-      const int32_t k32 = static_cast<int32_t>(ku);
-      for (int64_t j = 0; j < len; ++j) {
-        const uint32_t kept = static_cast<uint32_t>(m[j]) &
-                              static_cast<uint32_t>(static_cast<int32_t>(abs_key(w[j])) > k32);
-        out[j] = static_cast<int32_t>(abs_key(sc[j]) | (0u - kept));  // kept -> -1
-      }
-    } else {
-      for (int64_t j = 0; j < len; ++j)
-        out[j] = (m[j] && keep.kept(abs_key(w[j]), b + j)) ? -1 : static_cast<int32_t>(abs_key(sc[j]));
-    }
-  };
-  const int64_t eligible = n - L.n_keep;  // positions grow competes for
-  const bool grow_sel = L.n_grow > 0 && L.n_grow < eligible;
+  P.kk = keep.drop_form ? n_active - L.n_keep : L.n_keep;
+  P.flip = keep.drop_form ? static_cast<uint32_t>(kKeyMax) : 0u;  // kKeyMax - key == kKeyMax ^ key
+  P.grow_sel = L.n_grow > 0 && L.n_grow < n - L.n_keep;  // grow competes for the n - n_keep positions not kept
   L.grow = L.n_grow == 0 ? sel_none() : sel_all();
-  if (n > (int64_t{1} << 32)) {  // band entries hold 32-bit indices: the exact path (and a separate check)
-    if (check_finite) {
-      std::atomic<bool> bad{false};
-      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        uint32_t f = 0;
-        for (int64_t i = b; i < e; ++i) f |= nonfinite_bit(wp[i]) | nonfinite_bit(sp[i]);
-        if (f) bad.store(true);
-      });
-      if (bad.load()) return false;
-    }
-    if (keep_sel) keep.sel = select_top(n, kk, keep_low, keep_keys);
-    if (grow_sel) L.grow = select_top(n, L.n_grow, true, grow_keys);
-    return true;
-  }
+  P.exact = n > (int64_t{1} << 32);  // band entries hold 32-bit indices
+  if (P.exact || !(P.keep_sel || P.grow_sel)) return;
 
-  // samples: keep's keys, and |score| at positions that keep's estimate does not keep. The runs are far
-  // apart, so their cache lines are fetched a few runs ahead.
+  const KeepKeys<W> keep_keys{wp, mp, P.flip};
   const int64_t runs = sample_runs(n);
   std::vector<int32_t> rk(runs * kRun);  // keep's key at each sampled position
   std::vector<uint32_t> rs(runs * kRun), ks, gs;
   ks.reserve(runs * kRun);
   gs.reserve(runs * kRun);
   int64_t positions = 0;
-  constexpr int64_t kAhead = 8;
-  auto prefetch = [&](int64_t r) {
-    const int64_t b = run_start(r, runs, n);
-    __builtin_prefetch(wp + b);
-    __builtin_prefetch(wp + b + kRun - 1);
-    __builtin_prefetch(sp + b);
-    __builtin_prefetch(sp + b + kRun - 1);
-    __builtin_prefetch(mp + b);
-  };
-  for (int64_t r = 0; r < std::min(runs, kAhead); ++r) prefetch(r);
   for (int64_t r = 0; r < runs; ++r) {
-    if (r + kAhead < runs) prefetch(r + kAhead);
     const int64_t b = run_start(r, runs, n), len = std::min(kRun, n - b);
     keep_keys(b, len, rk.data() + positions);
     for (int64_t j = 0; j < len; ++j) {
@@ -135,32 +121,54 @@ bool select_layer_t(LayerView& L, bool check_finite) {
     }
     positions += len;
   }
-  Band kb{0, kKeyMax, 0};
-  if (keep_sel) kb = band_from_sample(ks, positions, n, kk);
+  if (P.keep_sel) P.kb = band_from_sample(ks, positions, n, P.kk);
+  if (!P.grow_sel) return;
   for (int64_t j = 0; j < positions; ++j) {
     bool kept_est;
-    if (!keep_sel) kept_est = rk[j] >= 0 && L.n_keep > 0;
-    else if (keep.drop_form) kept_est = rk[j] >= 0 && rk[j] < kb.mid;
-    else kept_est = rk[j] >= kb.mid;
+    if (!P.keep_sel) kept_est = rk[j] >= 0 && L.n_keep > 0;
+    else if (keep.drop_form) kept_est = rk[j] >= 0 && rk[j] < P.kb.mid;
+    else kept_est = rk[j] >= P.kb.mid;
     if (!kept_est) gs.push_back(rs[j]);
   }
-  Band gb{0, kKeyMax, 0};
-  if (grow_sel) gb = band_from_sample(gs, positions, n, L.n_grow);
+  P.gb = band_from_sample(gs, positions, n, L.n_grow);
+}
 
-  // the pass. Keep: keys > k_hi chosen, [k_lo, k_lo + k_width] the band. An active position is surely kept
-  // if its key is above the band (normal form) or below it (drop form); in the band it is undecided.
-  // Without a keep selection the band is empty (lo past every key) and k_hi says all or nothing.
-  const uint32_t k_lo = keep_sel ? static_cast<uint32_t>(kb.lo) : 0x80000000u;
-  const uint32_t k_width = keep_sel ? static_cast<uint32_t>(kb.hi - kb.lo) : 0u;
-  const int32_t k_hi = keep_sel ? static_cast<int32_t>(kb.hi) : (L.n_keep > 0 ? -1 : static_cast<int32_t>(kKeyMax));
-  const uint32_t drop_mask = keep.drop_form ? 0xffffffffu : 0u;
-  const uint32_t g_lo = grow_sel ? static_cast<uint32_t>(gb.lo) : 0x80000000u;
-  const uint32_t g_width = grow_sel ? static_cast<uint32_t>(gb.hi - gb.lo) : 0u;
-  const int32_t g_hi = static_cast<int32_t>(gb.hi);
-  const uint32_t k_flip = tie_flip(keep_low), g_flip = tie_flip(true);
+// Phase 2 (all threads on one layer): one read of weight, mask and score. Counts the keys above each band,
+// collects the entries inside, and checks that weight and score are finite.
+//
+// Grow competes among positions not kept, which is only known once keep is decided; so the pass gives grow
+// only the positions surely not kept, and leaves those in keep's band (collected anyway, with their |score|)
+// for phase 3 to add to grow's count or band.
+template <typename W, typename S>
+void scan_t(LayerView& L, Pending& P) {
+  using namespace detail;
+  const int64_t n = L.n;
+  const W* wp = static_cast<const W*>(L.w);
+  const S* sp = static_cast<const S*>(L.score);
+  const uint8_t* mp = L.mask;
+  if (P.exact) {  // only the check
+    std::atomic<bool> bad{false};
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      uint32_t f = 0;
+      for (int64_t i = b; i < e; ++i) f |= nonfinite_bit(wp[i]) | nonfinite_bit(sp[i]);
+      if (f) bad.store(true);
+    });
+    P.bad = bad.load();
+    return;
+  }
+  // Keep: keys > k_hi chosen, [k_lo, k_lo + k_width] the band. An active position is surely kept if its key
+  // is above the band (normal form) or below it (drop form). Without a keep selection the band is empty
+  // (lo past every key) and k_hi says all or nothing; likewise for grow.
+  const uint32_t flip = P.flip;
+  const uint32_t k_lo = P.keep_sel ? static_cast<uint32_t>(P.kb.lo) : 0x80000000u;
+  const uint32_t k_width = P.keep_sel ? static_cast<uint32_t>(P.kb.hi - P.kb.lo) : 0u;
+  const int32_t k_hi = P.keep_sel ? static_cast<int32_t>(P.kb.hi) : (L.n_keep > 0 ? -1 : static_cast<int32_t>(kKeyMax));
+  const uint32_t drop_mask = L.keep.drop_form ? 0xffffffffu : 0u;
+  const uint32_t g_lo = P.grow_sel ? static_cast<uint32_t>(P.gb.lo) : 0x80000000u;
+  const uint32_t g_width = P.grow_sel ? static_cast<uint32_t>(P.gb.hi - P.gb.lo) : 0u;
+  const int32_t g_hi = static_cast<int32_t>(P.gb.hi);
+  const uint32_t k_flip = tie_flip(!L.keep.drop_form), g_flip = tie_flip(true);
   const int64_t cap = std::max<int64_t>(1 << 16, n / 16);
-  std::vector<uint64_t> kband, gband;
-  std::vector<uint32_t> kband_score;  // |score| key of each keep band entry, in the same order
   std::atomic<int64_t> k_above{0}, g_above{0};
   std::atomic<bool> overflow{false}, bad{false};
   std::mutex mu;
@@ -211,45 +219,61 @@ bool select_layer_t(LayerView& L, bool check_finite) {
     g_above += gc;
     if (nonfinite) bad.store(true);
     std::lock_guard<std::mutex> lock(mu);
-    kband.insert(kband.end(), kl.begin(), kl.end());
-    kband_score.insert(kband_score.end(), kls.begin(), kls.end());
-    gband.insert(gband.end(), gl.begin(), gl.end());
+    P.kband.insert(P.kband.end(), kl.begin(), kl.end());
+    P.kband_score.insert(P.kband_score.end(), kls.begin(), kls.end());
+    P.gband.insert(P.gband.end(), gl.begin(), gl.end());
   });
-  if (check_finite && bad.load()) return false;
-  const bool missed = overflow.load() || kband.size() > static_cast<size_t>(cap) || gband.size() > static_cast<size_t>(cap);
+  P.k_above = k_above.load();
+  P.g_above = g_above.load();
+  P.bad = bad.load();
+  P.missed = overflow.load() || P.kband.size() > static_cast<size_t>(cap) || P.gband.size() > static_cast<size_t>(cap);
+}
 
-  // keep
-  bool grow_exact = missed;
-  if (keep_sel) {
-    const int64_t need = kk - k_above.load();
-    if (missed || need <= 0 || need > static_cast<int64_t>(kband.size())) {
-      keep.sel = select_top(n, kk, keep_low, keep_keys);
+// Phase 3 (one thread per layer): both selections from the bands. A band that misses its threshold (an
+// unlucky sample, or ties that overflow it) sends that selection, and grow after keep, to the exact select_top.
+template <typename W, typename S>
+void resolve_t(LayerView& L, Pending& P) {
+  using namespace detail;
+  const int64_t n = L.n;
+  const W* wp = static_cast<const W*>(L.w);
+  const S* sp = static_cast<const S*>(L.score);
+  const uint8_t* mp = L.mask;
+  Keep& keep = L.keep;
+  const bool keep_low = !keep.drop_form;
+  const KeepKeys<W> keep_keys{wp, mp, P.flip};
+  const GrowKeys<W, S> grow_keys{wp, sp, mp, &keep};
+  bool grow_exact = P.exact || P.missed;
+  if (P.keep_sel) {
+    const int64_t need = P.kk - P.k_above;
+    if (P.exact || P.missed || need <= 0 || need > static_cast<int64_t>(P.kband.size())) {
+      keep.sel = select_top(n, P.kk, keep_low, keep_keys);
       grow_exact = true;
     } else {
-      keep.sel = band_select(kband, need, keep_low, kb.lo, kb.hi);
+      keep.sel = band_select(P.kband, need, keep_low, P.kb.lo, P.kb.hi);
     }
   }
-  if (!grow_sel) return true;
+  if (!P.grow_sel) return;
   if (!grow_exact) {
     // the undecided positions: those keep did not keep compete for grow
-    int64_t above = g_above.load();
-    for (size_t t = 0; t < kband.size(); ++t) {
-      const uint64_t entry = kband[t];
+    const uint32_t k_flip = tie_flip(keep_low), g_flip = tie_flip(true);
+    const uint32_t g_lo = static_cast<uint32_t>(P.gb.lo), g_width = static_cast<uint32_t>(P.gb.hi - P.gb.lo);
+    int64_t above = P.g_above;
+    for (size_t t = 0; t < P.kband.size(); ++t) {
+      const uint64_t entry = P.kband[t];
       const int64_t i = static_cast<uint32_t>(entry) ^ k_flip;
-      const int64_t key = static_cast<int64_t>(entry >> 32) ^ flip;  // back to the |w| key
+      const int64_t key = static_cast<int64_t>(entry >> 32) ^ P.flip;  // back to the |w| key
       if (keep.kept(key, i)) continue;
-      const uint32_t g = kband_score[t];
-      if (static_cast<int32_t>(g) > g_hi) ++above;
-      else if (g - g_lo <= g_width) gband.push_back(pack(g, i, g_flip));
+      const uint32_t g = P.kband_score[t];
+      if (static_cast<int64_t>(g) > P.gb.hi) ++above;
+      else if (g - g_lo <= g_width) P.gband.push_back(pack(g, i, g_flip));
     }
     const int64_t need = L.n_grow - above;
-    if (need > 0 && need <= static_cast<int64_t>(gband.size())) {
-      L.grow = band_select(gband, need, true, gb.lo, gb.hi);
-      return true;
+    if (need > 0 && need <= static_cast<int64_t>(P.gband.size())) {
+      L.grow = band_select(P.gband, need, true, P.gb.lo, P.gb.hi);
+      return;
     }
   }
   L.grow = select_top(n, L.n_grow, true, grow_keys);
-  return true;
 }
 
 template <typename W, typename S>
@@ -308,10 +332,33 @@ decltype(auto) dispatch(FloatType t, F&& f) {
 
 }  // namespace
 
-bool select_layer(LayerView& L, bool check_finite) {
-  return dispatch(L.w_type, [&](auto w) {
-    return dispatch(L.s_type, [&](auto s) { return select_layer_t<decltype(w), decltype(s)>(L, check_finite); });
+// Runs fn(i) for every layer i, the layers shared out dynamically among the threads (their sizes differ).
+template <typename Fn>
+void for_each_layer(size_t count, const Fn& fn) {
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(count));
+  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (size_t i = next++; i < count; i = next++) fn(i);
   });
+}
+
+bool select_layers(std::vector<LayerView>& layers, bool check_finite) {
+  std::vector<Pending> pending(layers.size());
+  auto typed = [&](LayerView& L, auto phase) {
+    dispatch(L.w_type, [&](auto w) { dispatch(L.s_type, [&](auto s) { phase(w, s); }); });
+  };
+  for_each_layer(layers.size(), [&](size_t i) {
+    typed(layers[i], [&](auto w, auto s) { prepare_t<decltype(w), decltype(s)>(layers[i], pending[i]); });
+  });
+  for (size_t i = 0; i < layers.size(); ++i) {
+    typed(layers[i], [&](auto w, auto s) { scan_t<decltype(w), decltype(s)>(layers[i], pending[i]); });
+    if (check_finite && pending[i].bad) return false;
+  }
+  for_each_layer(layers.size(), [&](size_t i) {
+    typed(layers[i], [&](auto w, auto s) { resolve_t<decltype(w), decltype(s)>(layers[i], pending[i]); });
+  });
+  return true;
 }
 
 void write_layer(LayerView& L) {
