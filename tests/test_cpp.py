@@ -156,12 +156,13 @@ def assert_same(args_c, args_r, n_active):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
 def test_update_matches_reference(cpp, dtype, kind):
-    """Every size in one multi-layer call, for each n_drop in {0, n/3, n_active} (drop all, regrow anywhere)."""
+    """Every size in one multi-layer call, for each n_drop in {0, n/3, 0.7 n, n_active} (n/3: keep is selected as
+    its complement, the dropped positions; 0.7 n: directly; n_active: drop all, regrow anywhere)."""
     g = torch.Generator().manual_seed(seed_of(dtype, kind))
     # 300007: large enough that heavy ties overflow the candidate buffer and take the exact radix path
     shapes = [(n,) for n in SIZES] + [(33, 31), (5, 3, 3, 3), (300007,)]
     layers = [make_layer(sh, 0.3, kind, dtype, g) for sh in shapes]
-    for frac in (0.0, 1 / 3, 1.0):
+    for frac in (0.0, 1 / 3, 0.7, 1.0):
         ws, ms, ss = zip(*layers)
         n_active = [int(m.sum()) for m in ms]
         n_drop = [int(a * frac) for a in n_active]
@@ -216,6 +217,93 @@ def test_update_ties_take_lower_index(cpp):
     assert w.tolist() == [5.0, 0.0, 0.0, 0.0, 0.0]  # dropped and regrown keeps its value
 
 
+def sampled_positions(n):
+    """The positions the C++ update samples to place its bands (csrc/select.h: sample_runs, run_start)."""
+    want = min(8192, max(1024, n // 32))
+    runs = max(1, min(n // 16, want // 16))
+    return torch.cat([torch.arange(r * (n // runs), min(n, r * (n // runs) + 16)) for r in range(runs)])
+
+
+@pytest.mark.parametrize("frac", [1 / 3, 0.7])
+def test_update_misleading_sample(cpp, frac):
+    """Values at the sampled positions unlike the rest: the bands miss and the exact path must take over."""
+    g = torch.Generator().manual_seed(23)
+    n = 300007
+    w, m, s = make_layer((n,), 0.3, "generic", torch.float32, g)
+    at = sampled_positions(n)
+    w[at] = torch.where(m[at], 1e-6, 0.0)  # keep's sample: every active weight looks tiny
+    s[at] = 1e6                            # grow's sample: every score looks huge
+    a = int(m.sum())
+    d = int(a * frac)
+    args_c, args_r = run_both(cpp, [w], [m], [s], [a - d], [d], [[torch.randn(n, generator=g)]],
+                              [torch.randn(n, generator=g)])
+    assert_same(args_c, args_r, [a])
+
+
+def test_update_isa_builds_agree(cpp, monkeypatch):
+    """The AVX2 build of the update kernels (picked where the CPU has AVX2) equals the baseline build."""
+    import platform
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    has_avx2 = platform.machine() in ("x86_64", "AMD64") and all(f" {x}" in flags for x in ("avx2", "fma", "bmi2"))
+    assert torch.ops.rigl_fast.cpu_isa() == ("avx2" if has_avx2 else "base")
+    g = torch.Generator().manual_seed(29)
+    layers = [make_layer(sh, 0.1, kind, torch.float32, g)
+              for sh, kind in [((300007,), "generic"), ((70001,), "levels"), ((64, 3, 3, 3), "generic")]]
+    ws, ms, ss = zip(*layers)
+    n_active = [int(m.sum()) for m in ms]
+    for frac in (0.3, 0.7):
+        n_drop = [int(a * frac) for a in n_active]
+        n_keep = [a - d for a, d in zip(n_active, n_drop)]
+        states = [[torch.randn(w.shape, generator=g)] for w in ws]
+        grads = [torch.randn(w.shape, generator=g) for w in ws]
+        default, _ = run_both(cpp, ws, ms, ss, n_keep, n_drop, states, grads)
+        monkeypatch.setenv("RIGL_FAST_CPU_ISA", "base")
+        assert torch.ops.rigl_fast.cpu_isa() == "base"
+        base, ref = run_both(cpp, ws, ms, ss, n_keep, n_drop, states, grads)
+        monkeypatch.delenv("RIGL_FAST_CPU_ISA")
+        assert_same(default, base, n_active)
+        assert_same(base, ref, n_active)
+
+
+@pytest.mark.parametrize("where", ["weight", "inactive weight", "score"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checked_update_nonfinite_changes_nothing(cpp, where, bad):
+    """The check folded into the update: a NaN/inf in any layer (here the last) changes no layer."""
+    g = torch.Generator().manual_seed(31)
+    layers = [make_layer(sh, 0.2, "generic", torch.float16, g) for sh in [(70001,), (33, 31), (4097,)]]
+    ws, ms, ss = [list(x) for x in zip(*layers)]
+    m = ms[-1].view(-1)
+    target = {"weight": ws[-1], "inactive weight": ws[-1], "score": ss[-1]}[where].view(-1)
+    pos = int(torch.nonzero(m if where == "weight" else ~m)[7])
+    target[pos] = bad
+    n_active = [int(x.sum()) for x in ms]
+    n_drop = [a // 3 for a in n_active]
+    n_keep = [a - d for a, d in zip(n_active, n_drop)]
+    states = [[torch.randn(w.shape, generator=g).half()] for w in ws]
+    grads = [torch.randn(w.shape, generator=g).half() for w in ws]
+    args = ([w.clone() for w in ws], [x.clone() for x in ms], ss, n_keep, n_drop,
+            [[t.clone() for t in st] for st in states], [x.clone() for x in grads])
+    assert cpp.checked_update(*args) is False
+    assert REF.checked_update(*args) is False
+    for a, b in zip(args[0], ws):
+        assert equal_nan(a, b)
+    for a, b in zip(args[1], ms):
+        assert torch.equal(a, b)
+    for a, b in zip(args[5], states):
+        assert torch.equal(a[0], b[0])
+    for a, b in zip(args[6], grads):
+        assert torch.equal(a, b)
+    # and with the value made finite again, the checked update runs and equals the reference's
+    target[pos] = 0.0
+    args_c = ([w.clone() for w in ws], [x.clone() for x in ms], ss, n_keep, n_drop,
+              [[t.clone() for t in st] for st in states], [x.clone() for x in grads])
+    args_r = ([w.clone() for w in ws], [x.clone() for x in ms], ss, n_keep, n_drop,
+              [[t.clone() for t in st] for st in states], [x.clone() for x in grads])
+    assert cpp.checked_update(*args_c) is True
+    assert REF.checked_update(*args_r) is True
+    assert_same(args_c, args_r, n_active)
+
+
 def test_update_rejects_bad_counts(cpp):
     w, m = torch.ones(4), torch.ones(4, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="n_keep"):
@@ -232,7 +320,8 @@ def _opcheck_cases():
         "apply_masks": [([torch.randn(37, 5), torch.randn(37, 5)], [m, m])],
         "any_nonfinite": [([torch.randn(3), torch.randn(37, 5)],)],
         "update": [([w.clone()], [m.clone()], [s], [a - 10], [10], [torch.randn(37, 5)], [0], [torch.randn(37, 5)],
-                    [0])],
+                    [0]),
+                   ([w.clone()], [m.clone()], [s], [a - 10], [10], [], [], [], [], True)],
     }
 
 
