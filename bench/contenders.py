@@ -133,6 +133,12 @@ class Contender:
     def masks(self):
         return self.sched.backward_masks
 
+    @property
+    def skips_after_step(self) -> bool:
+        """Whether the after-step pass does nothing here (rigl_fast, after_step='auto', a zero-preserving
+        optimizer such as this SGD): its floor then has no after-step bytes."""
+        return bool(getattr(self.sched, "_skip_after_step", False))
+
     @torch.no_grad()
     def grad_op(self):
         """The backward hook of every sparse weight, called as autograd calls it, with a dense gradient."""

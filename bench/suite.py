@@ -111,8 +111,11 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     step_rows = []
     for c in cs:
         s = samples[c.name]
+        # a contender that skips the after-step pass (after_step='auto' with a zero-preserving optimizer) must
+        # move only the gradient op's bytes: its floor leaves the after-step part out
+        parts = dict(floors, after_step=0) if c.skips_after_step else floors
         step_rows.append(dict(base, contender=c.name, **{k: timing.stats(v) for k, v in s.items()},
-                              floor_bytes=floors["grad_op"] + floors["after_step"], floor_parts_bytes=floors))
+                              floor_bytes=parts["grad_op"] + parts["after_step"], floor_parts_bytes=parts))
     log(f"  step  {set_name} {sparsity} {dtype_name}: " + ", ".join(
         f"{r['contender']} {r['total']['median'] * 1e3:.2f} ms" for r in step_rows))
 

@@ -177,29 +177,30 @@ void scan_t(LayerView& L, Pending& P) {
     std::vector<uint32_t> kls;
     int64_t kc = 0, gc = 0;
     uint32_t nonfinite = 0;
-    alignas(64) int32_t kkey[kKeyBlock], gkey[kKeyBlock];
-    alignas(64) uint32_t skey[kKeyBlock];
     alignas(64) uint8_t kflag[kKeyBlock], gflag[kKeyBlock];
     for (int64_t s = b; s < e; s += kKeyBlock) {
       const int64_t len = std::min(kKeyBlock, e - s);
       const W* __restrict w = wp + s;
       const S* __restrict sc = sp + s;
       const uint8_t* __restrict m = mp + s;
-      int32_t c1 = 0, c2 = 0;
-      for (int64_t j = 0; j < len; ++j) {  // vectorised: keys, counts above the bands, band flags
+      // keep's key, |score|, and grow's key (-1 unless the position is surely not kept) at j
+      auto keys = [=](int64_t j, int32_t& kw, uint32_t& sk, int32_t& gk) {
         const uint32_t active = 0u - static_cast<uint32_t>(m[j]);
-        const int32_t kw = static_cast<int32_t>(((abs_key(w[j]) ^ flip) & active) | ~active);
+        kw = static_cast<int32_t>(((abs_key(w[j]) ^ flip) & active) | ~active);
         const uint32_t in_kband = (static_cast<uint32_t>(kw) - k_lo) <= k_width;
         const uint32_t sure_kept = (drop_mask & static_cast<uint32_t>(static_cast<uint32_t>(kw) < k_lo)) |
                                    (~drop_mask & static_cast<uint32_t>(kw > k_hi));
-        const uint32_t sk = abs_key(sc[j]);
-        const int32_t gk = static_cast<int32_t>(sk | (0u - (in_kband | sure_kept)));  // not surely free -> -1
+        sk = abs_key(sc[j]);
+        gk = static_cast<int32_t>(sk | (0u - (in_kband | sure_kept)));
+      };
+      int32_t c1 = 0, c2 = 0;
+      for (int64_t j = 0; j < len; ++j) {  // vectorised: counts above the bands, band flags, the check
+        int32_t kw, gk;
+        uint32_t sk;
+        keys(j, kw, sk, gk);
         c1 += kw > k_hi;
         c2 += gk > g_hi;
-        kkey[j] = kw;
-        gkey[j] = gk;
-        skey[j] = sk;
-        kflag[j] = static_cast<uint8_t>(in_kband);
+        kflag[j] = (static_cast<uint32_t>(kw) - k_lo) <= k_width;
         gflag[j] = (static_cast<uint32_t>(gk) - g_lo) <= g_width;
         nonfinite |= nonfinite_bit(w[j]) | nonfinite_bit(sc[j]);
       }
@@ -208,11 +209,19 @@ void scan_t(LayerView& L, Pending& P) {
       if (overflow.load(std::memory_order_relaxed)) continue;  // a fallback follows; counts and check go on
       pad_flags(kflag, len);
       pad_flags(gflag, len);
-      for_each_flagged(kflag, len, [&](int64_t j) {
-        kl.push_back(pack(static_cast<uint32_t>(kkey[j]), s + j, k_flip));
-        kls.push_back(skey[j]);
+      for_each_flagged(kflag, len, [&](int64_t j) {  // the few band entries: their keys again
+        int32_t kw, gk;
+        uint32_t sk;
+        keys(j, kw, sk, gk);
+        kl.push_back(pack(static_cast<uint32_t>(kw), s + j, k_flip));
+        kls.push_back(sk);
       });
-      for_each_flagged(gflag, len, [&](int64_t j) { gl.push_back(pack(static_cast<uint32_t>(gkey[j]), s + j, g_flip)); });
+      for_each_flagged(gflag, len, [&](int64_t j) {
+        int32_t kw, gk;
+        uint32_t sk;
+        keys(j, kw, sk, gk);
+        gl.push_back(pack(static_cast<uint32_t>(gk), s + j, g_flip));
+      });
       if (static_cast<int64_t>(std::max(kl.size(), gl.size())) > cap) overflow.store(true);
     }
     k_above += kc;
