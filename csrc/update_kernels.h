@@ -82,15 +82,23 @@ struct Pending {
   bool missed = false, bad = false;         // a band overflowed; a NaN/inf was seen
 };
 
+// A layer's data with its element types.
+template <typename W, typename S>
+struct Typed {
+  int64_t n;
+  W* wp;
+  const S* sp;
+  uint8_t* mp;
+  explicit Typed(const LayerView& L)
+      : n(L.n), wp(static_cast<W*>(L.w)), sp(static_cast<const S*>(L.score)), mp(L.mask) {}
+};
+
 // Phase 1 (one thread per layer): the active count, the form of keep, and each selection's band from a
 // sample of short runs (keep's keys, and |score| at positions that keep's estimate does not keep).
 template <typename W, typename S>
 void prepare_t(LayerView& L, Pending& P) {
   using namespace detail;
-  const int64_t n = L.n;
-  const W* wp = static_cast<const W*>(L.w);
-  const S* sp = static_cast<const S*>(L.score);
-  const uint8_t* mp = L.mask;
+  const auto [n, wp, sp, mp] = Typed<W, S>(L);
   int64_t n_active = 0;
   for (int64_t i = 0; i < n; ++i) n_active += mp[i];
   TORCH_CHECK(L.n_keep <= n_active, "rigl_fast: n_keep (", L.n_keep, ") exceeds the active count (", n_active, ")");
@@ -142,10 +150,7 @@ void prepare_t(LayerView& L, Pending& P) {
 template <typename W, typename S>
 void scan_t(LayerView& L, Pending& P) {
   using namespace detail;
-  const int64_t n = L.n;
-  const W* wp = static_cast<const W*>(L.w);
-  const S* sp = static_cast<const S*>(L.score);
-  const uint8_t* mp = L.mask;
+  const auto [n, wp, sp, mp] = Typed<W, S>(L);
   if (P.exact) {  // only the check
     std::atomic<bool> bad{false};
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
@@ -243,10 +248,7 @@ void scan_t(LayerView& L, Pending& P) {
 template <typename W, typename S>
 void resolve_t(LayerView& L, Pending& P) {
   using namespace detail;
-  const int64_t n = L.n;
-  const W* wp = static_cast<const W*>(L.w);
-  const S* sp = static_cast<const S*>(L.score);
-  const uint8_t* mp = L.mask;
+  const auto [n, wp, sp, mp] = Typed<W, S>(L);
   Keep& keep = L.keep;
   const bool keep_low = !keep.drop_form;
   const KeepKeys<W> keep_keys{wp, mp, P.flip};
@@ -287,10 +289,7 @@ void resolve_t(LayerView& L, Pending& P) {
 
 template <typename W, typename S>
 void write_layer_t(LayerView& L) {
-  const int64_t n = L.n;
-  W* wp = static_cast<W*>(L.w);
-  const S* sp = static_cast<const S*>(L.score);
-  uint8_t* mp = L.mask;
+  const auto [n, wp, sp, mp] = Typed<W, S>(L);
   const Keep& keep = L.keep;
   const Sel& grow = L.grow;
   char* gp = L.grad;
