@@ -109,7 +109,10 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
 
 namespace detail {
 
-// Samples are runs of kRun consecutive positions (one or two cache lines), evenly spread over the layer.
+// Samples are runs of kRun consecutive positions (one or two cache lines) spread over the layer: run r starts
+// at a pseudo-random offset inside the r-th of `runs` equal strides. (Starts at a fixed stride alias with the
+// layer's own period: on a 3x3 conv weight a stride that is a multiple of 9 samples the same kernel taps, whose
+// magnitudes differ systematically, and the bands then miss on real weights.)
 constexpr int64_t kRun = 16;
 
 inline int64_t sample_runs(int64_t n) {
@@ -117,7 +120,11 @@ inline int64_t sample_runs(int64_t n) {
   return std::max<int64_t>(1, std::min(n / kRun, want / kRun));
 }
 
-inline int64_t run_start(int64_t r, int64_t runs, int64_t n) { return r * (n / runs); }
+inline int64_t run_start(int64_t r, int64_t runs, int64_t n) {
+  const int64_t stride = n / runs;
+  const uint64_t slack = static_cast<uint64_t>(std::max<int64_t>(1, stride - kRun + 1));
+  return r * stride + static_cast<int64_t>((static_cast<uint64_t>(r) * 0x9E3779B97F4A7C15ull >> 17) % slack);
+}
 
 // A key range [lo, hi] that holds the k-th largest key of the layer with high probability, from a sample of
 // the eligible keys found at `positions` sampled positions (of n); `mid` is the sample's own estimate of the

@@ -221,7 +221,9 @@ def sampled_positions(n):
     """The positions the C++ update samples to place its bands (csrc/select.h: sample_runs, run_start)."""
     want = min(8192, max(1024, n // 32))
     runs = max(1, min(n // 16, want // 16))
-    return torch.cat([torch.arange(r * (n // runs), min(n, r * (n // runs) + 16)) for r in range(runs)])
+    stride = n // runs
+    starts = [r * stride + ((r * 0x9E3779B97F4A7C15 % 2 ** 64) >> 17) % max(1, stride - 15) for r in range(runs)]
+    return torch.cat([torch.arange(b, min(n, b + 16)) for b in starts])
 
 
 @pytest.mark.parametrize("frac", [1 / 3, 0.7])
