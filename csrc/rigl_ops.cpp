@@ -11,6 +11,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <Python.h>
 
 #include <algorithm>
@@ -65,6 +69,47 @@ void accumulate(T* __restrict acc, const T* __restrict g, int64_t n, int64_t div
   }
 }
 
+// out[i] = keep[i] ? in[i] : +0 written with streaming (non-temporal) stores, for outputs too large to
+// stay in cache: a fresh output is not read into the cache before it is overwritten, so the op moves 9 bytes
+// per fp32 element instead of 13. Elements of 2 or 4 bytes on x86-64; others use select_any.
+constexpr int64_t kStreamBytes = 1 << 20;  // outputs at least this large (past L2) are streamed
+
+void select_stream(char* out, const char* in, const uint8_t* keep, int64_t n, int64_t bytes) {
+#if defined(__SSE2__)
+  if (bytes == 2 || bytes == 4) {
+    // scalar head up to a 16-byte aligned output, then 16 elements per step, then the tail
+    int64_t i = 0;
+    const int64_t head = std::min<int64_t>(n, ((16 - reinterpret_cast<uintptr_t>(out) % 16) % 16) / bytes);
+    select_any(out, in, keep, head, bytes);
+    i = head;
+    const __m128i zero = _mm_setzero_si128();
+    for (; i + 16 <= n; i += 16) {
+      const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i));
+      const __m128i k16lo = _mm_unpacklo_epi8(k, zero), k16hi = _mm_unpackhi_epi8(k, zero);
+      const __m128i* x = reinterpret_cast<const __m128i*>(in + i * bytes);
+      __m128i* o = reinterpret_cast<__m128i*>(out + i * bytes);
+      if (bytes == 4) {
+        const __m128i m0 = _mm_cmpgt_epi32(_mm_unpacklo_epi16(k16lo, zero), zero);
+        const __m128i m1 = _mm_cmpgt_epi32(_mm_unpackhi_epi16(k16lo, zero), zero);
+        const __m128i m2 = _mm_cmpgt_epi32(_mm_unpacklo_epi16(k16hi, zero), zero);
+        const __m128i m3 = _mm_cmpgt_epi32(_mm_unpackhi_epi16(k16hi, zero), zero);
+        _mm_stream_si128(o + 0, _mm_and_si128(_mm_loadu_si128(x + 0), m0));
+        _mm_stream_si128(o + 1, _mm_and_si128(_mm_loadu_si128(x + 1), m1));
+        _mm_stream_si128(o + 2, _mm_and_si128(_mm_loadu_si128(x + 2), m2));
+        _mm_stream_si128(o + 3, _mm_and_si128(_mm_loadu_si128(x + 3), m3));
+      } else {
+        _mm_stream_si128(o + 0, _mm_and_si128(_mm_loadu_si128(x + 0), _mm_cmpgt_epi16(k16lo, zero)));
+        _mm_stream_si128(o + 1, _mm_and_si128(_mm_loadu_si128(x + 1), _mm_cmpgt_epi16(k16hi, zero)));
+      }
+    }
+    _mm_sfence();  // streaming stores are weakly ordered: make them visible before the caller goes on
+    select_any(out + i * bytes, in + i * bytes, keep + i, n - i, bytes);
+    return;
+  }
+#endif
+  select_any(out, in, keep, n, bytes);
+}
+
 at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, const std::optional<at::Tensor>& acc,
                      int64_t n) {
   check_mask(grad, mask, "grad");
@@ -76,9 +121,11 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, const std::
   const auto* gp = static_cast<const char*>(g.const_data_ptr());
   auto* op = static_cast<char*>(out.mutable_data_ptr());
   const auto* mp = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+  const bool stream = numel * bytes >= kStreamBytes;
   if (!acc.has_value()) {
     at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) {
-      select_any(op + b * bytes, gp + b * bytes, mp + b, e - b, bytes);
+      if (stream) select_stream(op + b * bytes, gp + b * bytes, mp + b, e - b, bytes);
+      else select_any(op + b * bytes, gp + b * bytes, mp + b, e - b, bytes);
     });
     return out;
   }
@@ -92,7 +139,8 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, const std::
       for (int64_t s = b; s < e; s += kBlock) {
         const int64_t len = std::min(kBlock, e - s);
         accumulate<scalar_t>(ap + s, gs + s, len, n);
-        select_bits<sizeof(scalar_t)>(op + s * bytes, gp + s * bytes, mp + s, len);
+        if (stream) select_stream(op + s * bytes, gp + s * bytes, mp + s, len, bytes);
+        else select_bits<sizeof(scalar_t)>(op + s * bytes, gp + s * bytes, mp + s, len);
       }
     });
   });

@@ -45,8 +45,10 @@ def seed_of(*parts):
 
 
 # ------------------------------------------------------------------------------------------------ mask_grad
+# 300007 and 1000003: outputs over 1 MB, written with streaming stores (a scalar head to 16-byte alignment and
+# a tail around them, at every thread's chunk boundary)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", SIZES + [300007, 1000003])
 @pytest.mark.parametrize("acc_n", [None, 1, 3])
 def test_mask_grad_matches_reference(cpp, dtype, n, acc_n):
     g = torch.Generator().manual_seed(seed_of(dtype, n, acc_n))
