@@ -112,8 +112,10 @@ def markdown(res: dict) -> str:
          f"Copy bandwidth (read + write, measured in this run): {bw['median'] / 1e9:.1f} GB/s "
          f"({bw['min'] / 1e9:.1f}-{bw['max'] / 1e9:.1f}).", "",
          "Times in ms: median (min-max) over interleaved repeats. `x floor` = time / (bytes that must move / copy "
-         "bandwidth): 1x moves the bytes as fast as torch's `copy_` did in this run, and a fused loop can come in "
-         "a little under it (both are at the memory-bandwidth limit then); `Nx` = speed-up over rigl-torch. `+always` = rigl_fast with after_step='always' (the "
+         "bandwidth). The copy bandwidth credits torch's `copy_` with reading and writing each byte once, but its "
+         "stores also read every destination line first (write-allocate): a kernel with streaming stores, such "
+         "as the C++ gradient op, moves less than it is credited with and can come in under 1x. `Nx` = speed-up "
+         "over rigl-torch. `+always` = rigl_fast with after_step='always' (the "
          "default 'auto' skips the after-step pass for optimizers proven zero-preserving, such as SGD here).", ""]
     L += ["## Per-step overhead (gradient hooks + after-step pass), ms", ""]
     L += _grid(res["step"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
