@@ -2,10 +2,11 @@
 // or, for a "bottom-k" selection, the higher index is dropped first). No sort of the layer, no index
 // temporaries the size of the layer.
 //
-// Fast path: a strided sample gives a key L that at least k eligible positions reach (with a wide margin);
-// one pass collects those few candidates (key, index) and nth_element finds the k-th. If the sample was
-// wrong, or ties make the candidate set large (e.g. all zeros), an exact radix select on the key bits
-// (12/10/10-bit digits) plus one pass that finds the needed tie's index takes over.
+// Fast path: a sample of short runs of positions brackets the k-th key in a narrow key band; one pass counts
+// the keys above the band and collects the few inside, and a histogram of the band plus nth_element on one
+// bucket finds the k-th (update_kernels.h runs this for keep and grow together in one pass). If the band
+// misses (an unlucky sample, or ties that overflow it, e.g. all zeros), an exact radix select on the key
+// bits (11/10/10-bit digits) plus a chunked count of the needed tie takes over.
 //
 // Included only by update_kernels.h, inside the instruction-set namespace RIGL_ISA.
 #pragma once
@@ -29,7 +30,6 @@ namespace detail {
 
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kKeyBlock = 1024;
-
 
 // The exact path: radix select on the keys, then the needed tie by a chunked count.
 template <typename BlockKeys>
@@ -104,10 +104,6 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
   }
   TORCH_CHECK(false, "rigl_fast: internal error in radix_select (tie count)");
 }
-
-}  // namespace detail
-
-namespace detail {
 
 // Samples are runs of kRun consecutive positions (one or two cache lines) spread over the layer: run r starts
 // at a pseudo-random offset inside the r-th of `runs` equal strides. (Starts at a fixed stride alias with the

@@ -10,8 +10,7 @@ namespace rigl_fast {
 namespace RIGL_ISA {
 namespace {
 
-// Elements per parallel task: below this a layer runs on one thread (the fork costs more than it saves).
-constexpr int64_t kGrain = 1 << 15;
+using detail::kGrain;  // elements per parallel task: smaller layers run on one thread
 // Inner block of the write pass: it finishes one block (a few KiB of every operand) before the next.
 constexpr int64_t kBlock = 2048;
 
