@@ -332,7 +332,8 @@ TORCH_LIBRARY(rigl_fast, m) {
   m.def("apply_masks(Tensor(a!)[] tensors, Tensor[] masks) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");
   m.def("update(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] scores, int[] n_keep, int[] n_grow, "
-        "Tensor(c!)[] states, int[] state_layer, Tensor(d!)[] grads, int[] grad_layer, bool check_finite=False) -> Tensor");
+        "Tensor(c!)[] states, int[] state_layer, Tensor(d!)[] grads, int[] grad_layer, "
+        "bool check_finite=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {

@@ -224,8 +224,8 @@ inline void pad_flags(uint8_t* flags, int64_t len) {
 //
 // A sample of short runs of positions brackets the k-th key between two sample keys lo <= hi. One pass
 // counts the keys above hi (a vectorised compare) and collects the few in [lo, hi] (the band); if the count
-// leaves the k-th inside the band, nth_element over the band finds it. Otherwise (an unlucky sample, or ties
-// that make the band huge) the exact radix select runs.
+// leaves the k-th inside the band, band_select finds it there. Otherwise (an unlucky sample, or ties that make
+// the band huge) the exact radix select runs.
 template <typename BlockKeys>
 Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys) {
   using namespace detail;
@@ -269,7 +269,8 @@ Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys) 
       }
       cnt += c;
       pad_flags(flags, len);
-      for_each_flagged(flags, len, [&](int64_t j) { local.push_back(pack(static_cast<uint32_t>(keys[j]), s + j, flip)); });
+      for_each_flagged(flags, len,
+                       [&](int64_t j) { local.push_back(pack(static_cast<uint32_t>(keys[j]), s + j, flip)); });
       if (total.load(std::memory_order_relaxed) + static_cast<int64_t>(local.size()) > cap) overflow.store(true);
     }
     above += cnt;
