@@ -19,11 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <cstdint>
 #include <cstring>
-#include <limits>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
