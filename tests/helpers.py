@@ -76,3 +76,13 @@ def train(model, optimizer, pruner, data, on_step=None):
         if on_step is not None:
             on_step("after_step" if r else "after_update")
     return returns
+
+
+def assert_same_updates(updates, ref_updates, count=2):
+    """Masks recorded after each topology update equal the reference run's bit for bit, and the first two
+    differ from each other (the updates really moved weights)."""
+    assert len(updates) == len(ref_updates) == count
+    for a, b in zip(updates, ref_updates):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert any(not torch.equal(x, y) for x, y in zip(updates[0], updates[1]))
