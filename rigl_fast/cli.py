@@ -52,27 +52,17 @@ def _list_of(kind, name, check=None, choices=None):
     return parse
 
 
-def _positive_int(name):
+def _positive(name, cast):
+    """An argparse type: a number of type `cast` (int or float) that must be > 0."""
+    noun, bound = ("an integer", ">= 1") if cast is int else ("a number", "> 0")
+
     def parse(text):
         try:
-            v = int(text)
+            v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-    parse.__name__ = name
-    return parse
-
-
-def _positive_float(name):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
         if not v > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {v}")
         return v
     parse.__name__ = name
     return parse
@@ -109,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distribution", type=_list_of(str, "distribution", choices=_DISTRIBUTIONS), default=None,
                    help="uniform (rigl-torch's rule: first layer dense) or erk (Erdos-Renyi-Kernel); a comma list "
                         "with --compare. Default: uniform")
-    t.add_argument("--epochs", type=_positive_int("epochs"), default=None,
+    t.add_argument("--epochs", type=_positive("epochs", int), default=None,
                    help="Default: 40 on digits, 5 on mnist/cifar10")
     t.add_argument("--seed", type=int, default=0, help="seed of the model, the masks and the batch order; with "
                                                        "--compare the first of --seeds consecutive seeds")
-    t.add_argument("--seeds", type=_positive_int("seeds"), default=10, help="number of seeds with --compare")
-    t.add_argument("--batch-size", type=_positive_int("batch-size"), default=128)
-    t.add_argument("--lr", type=_positive_float("lr"), default=0.1, help="SGD (momentum 0.9) learning rate, "
+    t.add_argument("--seeds", type=_positive("seeds", int), default=10, help="number of seeds with --compare")
+    t.add_argument("--batch-size", type=_positive("batch-size", int), default=128)
+    t.add_argument("--lr", type=_positive("lr", float), default=0.1, help="SGD (momentum 0.9) learning rate, "
                                                                          "cosine-annealed to 0 over training")
-    t.add_argument("--delta", type=_positive_int("delta"), default=None,
+    t.add_argument("--delta", type=_positive("delta", int), default=None,
                    help="steps between topology updates. Default: 10 on digits (12 steps an epoch), 100 otherwise")
     t.add_argument("--alpha", type=_alpha, default=0.3, help="initial drop fraction (cosine-decayed)")
     t.add_argument("--backend", choices=_BACKENDS, default="auto", help="rigl_fast backend for the mask ops")
@@ -126,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", default="data", help="where torchvision data sets are (or are downloaded to)")
     t.add_argument("--download", action="store_true", help="download mnist/cifar10 if missing (needs a network)")
     t.add_argument("--device", default=None, help="torch device. Default: cuda if available, else cpu")
-    t.add_argument("--threads", type=_positive_int("threads"), default=None,
+    t.add_argument("--threads", type=_positive("threads", int), default=None,
                    help="torch CPU threads. Default: 1 on digits (the models are too small to gain from more), "
                         "torch's default otherwise")
     t.add_argument("--compare", action="store_true",
