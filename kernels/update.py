@@ -162,7 +162,9 @@ def _selected(valid, key, thr, k_rem, run):
 
 
 @triton.jit
-def _mark_kernel(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def _program(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """What a program of the mark and final passes works on: its layer, first position, the layer's size and
+    mask, the selection's threshold and ties still to take, the ties in earlier programs, and its iterations."""
     pid = tl.program_id(0)
     l = tl.load(prog_layer + pid)
     start = tl.load(prog_start + pid)
@@ -172,6 +174,12 @@ def _mark_kernel(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, 
     k_rem = tl.load(st + l * 2 + 1)
     run = tl.load(tie_off + pid)
     n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    return l, start, numel, m_ptr, thr, k_rem, run, n_it
+
+
+@triton.jit
+def _mark_kernel(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    l, start, numel, m_ptr, thr, k_rem, run, n_it = _program(prog_layer, prog_start, tab, st, tie_off, BLOCK, ITERS)
     for it in range(0, n_it):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         inr = offs < numel
@@ -185,17 +193,9 @@ def _mark_kernel(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, 
 def _final_kernel(prog_layer, prog_start, tab, rows, st, tie_off, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Grow decision, the 0/1 mask, and zeros written (never read) into every tensor of the layer: weight and
     optimizer states where not (new and old), the gradient where not new."""
-    pid = tl.program_id(0)
-    l = tl.load(prog_layer + pid)
-    start = tl.load(prog_start + pid)
-    numel = tl.load(tab + l * 8 + 3)
-    m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
+    l, start, numel, m_ptr, thr, k_rem, run, n_it = _program(prog_layer, prog_start, tab, st, tie_off, BLOCK, ITERS)
     r0 = tl.load(tab + l * 8 + 6)
     r1 = tl.load(tab + l * 8 + 7)
-    thr = tl.load(st + l * 2 + 0)
-    k_rem = tl.load(st + l * 2 + 1)
-    run = tl.load(tie_off + pid)
-    n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
     for it in range(0, n_it):
         offs = start + it * BLOCK + tl.arange(0, BLOCK)
         inr = offs < numel
