@@ -27,7 +27,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["rigl_fast", "rigl_fast.kernels", "rigl_fast.csrc"],
+    packages=["rigl_fast", "rigl_fast.app", "rigl_fast.kernels", "rigl_fast.csrc"],
     package_dir={"rigl_fast": "rigl_fast", "rigl_fast.kernels": "kernels", "rigl_fast.csrc": "csrc"},
     package_data={"rigl_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=["torch>=2.2", "numpy", "ninja"],
@@ -35,7 +35,7 @@ setup(
         "cli": ["scikit-learn", "tqdm", "matplotlib"],
         "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1"],
     },
-    entry_points={"console_scripts": ["rigl-fast=rigl_fast.cli:main"]},
+    entry_points={"console_scripts": ["rigl-fast=rigl_fast.app.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -39,7 +39,7 @@ def _rigl_torch_class():
 def _run(job):
     """One run in a worker process: (part, impl, config dict) -> result dict."""
     global _DATA
-    from rigl_fast import data, demo
+    from rigl_fast.app import data, demo
     if _DATA is None:
         _DATA = data.load("digits")
     part, impl, cfg = job
@@ -104,7 +104,7 @@ def compat_table(results):
 
 
 def cnn_table(results):
-    from rigl_fast.report import total_density
+    from rigl_fast.app.report import total_density
     groups = {}
     for r in results:
         if r["part"] == "cnn":
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         p.error("--densities / --cnn-densities: every density must be in (0, 1]")
 
     import torch
-    from rigl_fast import report
+    from rigl_fast.app import report
     todo = jobs(args)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()

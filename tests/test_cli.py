@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
-from rigl_fast import cli  # noqa: E402
+from rigl_fast.app import cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def test_train_short_run_learns(capsys):
 def test_console_script_prints_progress_and_accuracy():
     # The installed entry point, as a user runs it; tqdm writes its bar to stderr.
     exe = os.path.join(os.path.dirname(sys.executable), "rigl-fast")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "rigl_fast.cli"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "rigl_fast.app"]
     p = subprocess.run(cmd + ["train", "--model", "mlp", "--method", "dense", "--epochs", "5"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -128,7 +128,7 @@ def test_torchvision_data_error_is_clear(tmp_path, capsys):
 
 
 def test_runs_are_reproducible_from_the_seed():
-    from rigl_fast import data, demo
+    from rigl_fast.app import data, demo
     d = data.load("digits")
     cfg = dict(model="mlp", density=0.05, epochs=2, backend="reference")
     a = demo.run(demo.RunConfig(method="rigl", seed=3, **cfg), d)

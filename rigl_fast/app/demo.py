@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Data
-from .scheduler import RigLScheduler
+from ..scheduler import RigLScheduler
 
 METHODS = ("dense", "static", "set", "rigl")
 MODELS = ("cnn", "mlp")
@@ -143,7 +143,7 @@ def make_scheduler(cfg: RunConfig, model, optimizer, total_steps: int, scheduler
 
 def layer_table(model: nn.Module, pruner) -> List[dict]:
     if pruner is None:
-        from .layers import find_candidates
+        from ..layers import find_candidates
         names, W, _ = find_candidates(model)
         return [dict(name=n, shape=list(w.shape), numel=w.numel(), active=w.numel()) for n, w in zip(names, W)]
     return [dict(name=n, shape=list(w.shape), numel=w.numel(), active=w.numel() if m is None else int(m.sum()))

@@ -219,7 +219,7 @@ def _cmd_train(args, parser) -> int:
         parser.error(f"argument --device: cannot use {args.device!r}: {e}")
     try:
         if "dense" not in args.method or len(args.method) > 1:
-            from .ops import get_backend
+            from ..ops import get_backend
             get_backend(args.backend, torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"argument --backend: {e}")
