@@ -15,6 +15,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 from rigl_fast.app import cli  # noqa: E402
+from rigl_fast.layers import DISTRIBUTIONS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +77,25 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert "**uniform**" in md and "**erk**" in md and "| RigL |" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(out / "compare.png") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_every_library_distribution_is_accepted(dist):
+    args = cli.build_parser().parse_args(["train", "--distribution", dist])
+    assert args.distribution == [dist]
+
+
+def test_train_with_er_distribution(capsys):
+    # 'er' (Erdos-Renyi) is the library's; the CLI used to refuse it. On the CNN it differs from ERK (the
+    # kernel size does not count), so the table shows ER's own per-layer densities, 10% in total.
+    rc = cli.main(["train", "--distribution", "er", "--epochs", "1", "--delta", "4", "--no-progress",
+                   "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "density 0.1 (er)" in out
+    assert re.search(r"features\.3\.weight\s+64x32x3x3\s+18432\s+2206\s+11\.97%", out), out
+    assert re.search(r"fc\.weight\s+10x64\s+640\s+189\s+29\.53%", out), out
+    assert re.search(r"total \(Linear/Conv weights\)\s+56224\s+5624\s+10\.00%", out), out
 
 
 @pytest.mark.parametrize("argv, needle", [

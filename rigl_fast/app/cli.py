@@ -19,10 +19,11 @@ import sys
 import time
 import warnings
 
+from ..layers import DISTRIBUTIONS as _DISTRIBUTIONS  # the library's list, so the CLI accepts what it accepts
+
 EXTRA_HINT = "pip install 'rigl_fast[cli]'"
 _METHODS = ("dense", "static", "set", "rigl")
 _MODELS = ("cnn", "mlp")
-_DISTRIBUTIONS = ("uniform", "erk")
 _DATASETS = ("digits", "mnist", "cifar10")
 _BACKENDS = ("auto", "reference", "triton", "cpp")
 
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="dense_allocation, the fraction of weights kept in each sparse layer; a comma "
                                       "list with --compare. Default: 0.1, or 0.02 with --compare")
     t.add_argument("--distribution", type=_list_of(str, "distribution", choices=_DISTRIBUTIONS), default=None,
-                   help="uniform (rigl-torch's rule: first layer dense) or erk (Erdos-Renyi-Kernel); a comma list "
-                        "with --compare. Default: uniform")
+                   help="uniform (rigl-torch's rule: first layer dense), erk (Erdos-Renyi-Kernel) or er "
+                        "(Erdos-Renyi); a comma list with --compare. Default: uniform")
     t.add_argument("--epochs", type=_positive("epochs", int), default=None,
                    help="Default: 40 on digits, 5 on mnist/cifar10")
     t.add_argument("--seed", type=int, default=0, help="seed of the model, the masks and the batch order; with "
