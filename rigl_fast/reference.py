@@ -3,6 +3,11 @@ every other backend is tested against.
 
 Selection uses a threshold, never a full sort: the k-th largest score is found with `topk(sorted=False)`
 (small k) or `kthvalue` (large k), everything above it is taken, and ties at it are taken in flat-index order.
+
+Layers of `LARGE_LAYER` (2**31) elements or more take a path built only from elementwise ops, reductions and
+`cumsum`, whose 64-bit indexing torch guarantees on every device: the threshold by a binary search on the
+values' bits, no compression of the active values and no prefilter (topk/sort and boolean indexing have had
+32-bit limits on CUDA in some torch versions). Tests force that path on small layers.
 """
 from __future__ import annotations
 
@@ -12,6 +17,14 @@ import torch
 
 from .ops import Backend
 
+LARGE_LAYER = 2 ** 31  # from this many elements on, selection avoids ops with 32-bit limits (module doc)
+
+
+def tie_rank_dtype(n_ties: int) -> torch.dtype:
+    """The dtype of the running tie count: int32 (half the bytes of int64) unless it could reach 2**31 (a layer
+    of 2**31+ elements with that many ties at the threshold), where int32 would wrap."""
+    return torch.int32 if n_ties <= torch.iinfo(torch.int32).max else torch.int64
+
 
 def top_k_flags(x: torch.Tensor, k: int) -> torch.Tensor:
     """Bool flags over 1-D `x` (fp32) marking its k largest values; equal values -> lower index first."""
@@ -20,16 +33,37 @@ def top_k_flags(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=x.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=x.device)
-    if 2 * k <= n:
+    if n >= LARGE_LAYER:
+        v = kth_largest_by_bits(x, k)
+    elif 2 * k <= n:
         v = torch.topk(x, k, sorted=False).values.min()
     else:
         v = torch.kthvalue(x, n - k + 1).values
     gt = x > v
     eq = x == v
     need = k - int(gt.sum())
-    if int(eq.sum()) == need:  # no tie straddles the threshold: skip the prefix count
+    n_eq = int(eq.sum())
+    if n_eq == need:  # no tie straddles the threshold: skip the prefix count
         return gt | eq
-    return gt | (eq & (torch.cumsum(eq, 0, dtype=torch.int32) <= need))
+    return gt | (eq & (torch.cumsum(eq, 0, dtype=tie_rank_dtype(n_eq)) <= need))
+
+
+def kth_largest_by_bits(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value (1 <= k <= n, counting equal values) of 1-D finite fp32 `x`, as a 0-dim tensor.
+
+    A binary search over the 32-bit patterns, mapped so that integer order is float order, with one
+    compare-and-count pass per step: 32 passes, no int32 index anywhere."""
+    b = (x + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: the two compare equal as floats
+    key = b ^ ((b >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits, so int order = float order
+    lo, hi = -2 ** 31, 2 ** 31 - 1  # the answer's key is in [lo, hi], and at least k keys are >= lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int((key >= mid).sum()) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    bits = lo ^ ((lo >> 31) & 0x7FFFFFFF)  # the same map undoes itself
+    return torch.tensor([bits], dtype=torch.int32, device=x.device).view(torch.float32)[0]
 
 
 def top_k_flags_prefiltered(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,7 +71,7 @@ def top_k_flags_prefiltered(x: torch.Tensor, k: int) -> torch.Tensor:
     value; only the values >= t (few) go through the exact selection. Exact whatever the sample says: if
     fewer than k values reach t, it falls back to the whole tensor."""
     n = x.numel()
-    if k <= 0 or 8 * k > n or n < 65536:
+    if k <= 0 or 8 * k > n or n < 65536 or n >= LARGE_LAYER:
         return top_k_flags(x, k)
     stride = n // 16384
     sample = x[::stride]
@@ -56,10 +90,14 @@ def select_layer(weight: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, 
                  n_grow: int) -> torch.Tensor:
     """The new flat bool mask of one layer (see `Backend.update`)."""
     active = mask.reshape(-1)
-    # keep: only active positions compete, so select among their compressed values (index order preserved)
-    kept_vals = weight.reshape(-1)[active].abs().float()
-    keep = torch.zeros_like(active)
-    keep.masked_scatter_(active, top_k_flags(kept_vals, n_keep))
+    if active.numel() >= LARGE_LAYER:
+        # no compression (boolean indexing): inactive positions get -1, below any |w|; n_keep <= active count
+        keep = top_k_flags(torch.where(active, weight.reshape(-1).abs().float(), -1.0), n_keep)
+    else:
+        # keep: only active positions compete, so select among their compressed values (index order preserved)
+        kept_vals = weight.reshape(-1)[active].abs().float()
+        keep = torch.zeros_like(active)
+        keep.masked_scatter_(active, top_k_flags(kept_vals, n_keep))
     # grow: every position not kept competes; kept ones get -1, below any |score|
     grow_score = score.reshape(-1).abs().float()
     grow_score.masked_fill_(keep, -1.0)

@@ -153,3 +153,84 @@ def test_prefiltered_top_k_matches_stable_sort(kind):
         x = random_values(n, kind, torch.float32, g).abs()
     for k in (1, 17, 999, 4000, 20000):
         assert torch.equal(top_k_flags_prefiltered(x, k), oracle_top_k(x, k)), (kind, k)
+
+
+# ------------------------------------------------------------------------------------------------ 2**31+ elements
+# A layer that large (2 GiB of mask, 8+ GiB of fp32 weight and score) does not fit this suite; the tests below
+# check the arithmetic of the large-layer path on small stand-ins instead (docs/cpp.md, docs/triton.md).
+def test_tie_rank_dtype_is_int64_past_int32():
+    from rigl_fast.reference import tie_rank_dtype
+    assert tie_rank_dtype(0) == torch.int32
+    assert tie_rank_dtype(2 ** 31 - 1) == torch.int32  # the largest count int32 holds
+    assert tie_rank_dtype(2 ** 31) == torch.int64
+    assert tie_rank_dtype(3 * 2 ** 32) == torch.int64
+
+
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_top_k_flags_int64_tie_ranks_match(kind, monkeypatch):
+    """The tie ranks counted in int64 (a layer with 2**31+ ties) select exactly what the int32 count does."""
+    from rigl_fast import reference
+    g = torch.Generator().manual_seed(11)
+    x = random_values(4097, kind, torch.float32, g).abs()
+    ks = (1, 100, 2048, 4000)
+    want = [top_k_flags(x, k) for k in ks]
+    used = []
+    monkeypatch.setattr(reference, "tie_rank_dtype", lambda n: used.append(n) or torch.int64)
+    for k, w in zip(ks, want):
+        assert torch.equal(top_k_flags(x, k), w), (kind, k)
+        assert torch.equal(w, oracle_top_k(x, k)), (kind, k)
+    if kind != "generic":
+        assert used, "no tie straddled the threshold: the int64 count never ran"
+
+
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_kth_largest_by_bits_matches_sort(kind):
+    """The large-layer threshold: the k-th largest by a binary search on the bits, for signed values, -0.0
+    and +0.0 (equal as floats), ties, and every k of a small tensor."""
+    from rigl_fast.reference import kth_largest_by_bits
+    g = torch.Generator().manual_seed(12)
+    x = random_values(301, kind, torch.float32, g)
+    x[::7] = -0.0
+    x[1] = torch.finfo(torch.float32).max
+    x[2] = -torch.finfo(torch.float32).max
+    x[3] = torch.finfo(torch.float32).tiny / 4  # a subnormal
+    desc = torch.sort(x, descending=True).values
+    for k in range(1, x.numel() + 1):
+        v = kth_largest_by_bits(x, k)
+        assert v.dtype == torch.float32 and v.dim() == 0
+        assert v == desc[k - 1], (kind, k, float(v), float(desc[k - 1]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_large_layer_path_matches_oracle(dtype, kind, monkeypatch):
+    """The reference's path for layers of 2**31+ elements, forced on small layers: the same masks as the
+    oracle, and none of the ops it avoids (topk, kthvalue, boolean indexing) runs."""
+    from rigl_fast import reference
+    monkeypatch.setattr(reference, "LARGE_LAYER", 1)
+    g = torch.Generator().manual_seed(13)
+    w, m, s = make_layer((4097,), 0.3, kind, dtype, g)
+    n_active, n = int(m.sum()), m.numel()
+    cases = [(n_active, 0), (n_active - n_active // 3, n_active // 3), (0, n_active), (n_active, n - n_active)]
+
+    def refuse(*a, **k):
+        raise AssertionError("the large-layer path called an op it must avoid")
+    getitem = torch.Tensor.__getitem__
+
+    def getitem_no_tensor_index(self, i):
+        if isinstance(i, torch.Tensor):
+            refuse()
+        return getitem(self, i)
+    with monkeypatch.context() as mp:
+        for name in ("topk", "kthvalue", "masked_select"):
+            mp.setattr(torch, name, refuse)
+        mp.setattr(torch.Tensor, "masked_scatter_", refuse)
+        mp.setattr(torch.Tensor, "__getitem__", getitem_no_tensor_index)
+        got = []
+        for n_keep, n_grow in cases:
+            m1 = m.clone()
+            REF.update([w.clone()], [m1], [s], [n_keep], [n_grow], [[]], [None])
+            got.append(m1)
+    for (n_keep, n_grow), m1 in zip(cases, got):
+        assert torch.equal(m1, oracle_new_mask(w, m, s, n_keep, n_grow)), (n_keep, n_grow)
+        assert int(m1.sum()) == n_keep + n_grow
