@@ -39,6 +39,11 @@ class Backend:
         """None if this backend can run on tensors of `device`, else a one-line reason why not."""
         raise NotImplementedError
 
+    def max_numel(self) -> Optional[int]:
+        """The largest layer (in elements) this backend handles, or None for no limit. The scheduler refuses
+        larger sparse layers at construction, with a message naming the layer and the backend."""
+        return None
+
     def mask_grad(self, grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor],
                   n: int) -> torch.Tensor:
         """The gradient op, called from a weight's backward hook with the dense incoming gradient.
