@@ -112,12 +112,28 @@ def test_train_with_er_distribution(capsys):
     (["--density", "0.1,0.2"], "needs --compare"),
     (["--method", "static,rigl"], "needs --compare"),
     (["--seeds", "3"], "--seeds"),
+    (["--density", "7"], "--density"),
+    (["--device", "nope"], "--device"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--epochs", "1", "extra"], "unrecognized arguments: extra"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train"] + argv)
     assert e.value.code == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err
+    # train's own usage and prefix, not the top-level "usage: rigl-fast [-h] COMMAND ..."
+    assert err.startswith("usage: rigl-fast train [-h] "), err
+    assert "\nrigl-fast train: error: " in err, err
+
+
+def test_unknown_option_before_the_command_gets_the_top_level_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--bogus", "train"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: rigl-fast [-h] COMMAND") and "rigl-fast: error: unrecognized arguments: --bogus" in err
 
 
 def test_no_subcommand_is_an_error(capsys):

@@ -126,13 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="rigl_fast_compare", help="output folder for --compare")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     t.set_defaults(func=_cmd_train)
+    parser.commands = {"train": t}  # main() reports errors with the subcommand's usage
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.func(args, parser)
+    # Not parse_args: argparse hands a subcommand's unknown options up to the top-level parser, whose error
+    # prints the top-level usage. Every error about a subcommand's arguments goes through its own parser.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, unknown = parser.parse_known_args(argv)
+    command = parser.commands[args.command]
+    if unknown:  # the top level has no options but -h, so anything before the command name is its error
+        before = argv[:argv.index(args.command)]
+        (parser if before else command).error(f"unrecognized arguments: {' '.join(before or unknown)}")
+    return args.func(args, command)
 
 
 # ----------------------------------------------------------------------------- train
