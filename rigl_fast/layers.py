@@ -1,35 +1,153 @@
 """Which weights are sparse candidates, and how sparse each one is (uniform, ERK, ER)."""
 from __future__ import annotations
 
+import fnmatch
+from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
 CANDIDATE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def is_conv1d_like(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and kin): a linear layer whose weight is stored (in, out), recognised by
+    its class name and `nf` attribute so that transformers is never imported."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor)
+            and w.dim() == 2)
+
+
+def weight_slots(module: nn.Module) -> List[Tuple[str, bool]]:
+    """(attribute, is_linear) of each weight of `module` that can be sparse, by the type rules alone."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [(a, True) for a in MHA_WEIGHTS if getattr(module, a, None) is not None]
+    if isinstance(module, CANDIDATE_TYPES):
+        return [("weight", isinstance(module, nn.Linear))]
+    if is_conv1d_like(module):
+        return [("weight", True)]
+    return []
+
+
+@dataclass
+class Skipped:
+    """A weight of a candidate type that stays out of the candidates, and why."""
+    name: str
+    shape: Tuple[int, ...]
+    reason: str
+
+
+@dataclass
+class Candidates:
+    names: List[str] = field(default_factory=list)          # parameter names, e.g. "h.0.attn.c_attn.weight"
+    modules: List[str] = field(default_factory=list)        # their modules' names in named_modules()
+    weights: List[nn.Parameter] = field(default_factory=list)
+    is_linear: List[bool] = field(default_factory=list)
+    skipped: List[Skipped] = field(default_factory=list)
+
+
+def _check_patterns(arg: str, patterns) -> List[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{arg} must be a list of glob patterns over module names (e.g. {arg}=['*.mlp.*']), "
+                        f"got {patterns!r}")
+    return list(patterns)
+
+
+def _param_owners(model: nn.Module):
+    """id(parameter) -> every 'module.attr' that holds it (tied weights have more than one)."""
+    owners = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, module, pname))
+    return owners
+
+
+def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = False) -> Candidates:
+    """The candidate weights of `model`, in `named_modules()` order (SPEC section 2).
+
+    Trainable floating-point weights of nn.Linear, nn.Conv1d/2d/3d (subclasses too), transformers-style
+    Conv1D and nn.MultiheadAttention's projection weights. `include`/`exclude` are glob patterns over
+    module names (fnmatch, case-sensitive); a weight also held by a non-candidate module (an embedding tied
+    to an output head) stays dense unless `sparsify_tied`. A weight shared by candidate slots is listed once,
+    at its first. Raises ValueError naming the layer for weights it cannot mask: parametrized (computed, not
+    a Parameter), lazy (uninitialised) or on the meta device. Nothing is modified.
+    """
+    include = _check_patterns("include", include)
+    exclude = _check_patterns("exclude", exclude)
+    owners = _param_owners(model)
+    out, seen = Candidates(), set()
+    slot_ids = set()
+    for _, module in model.named_modules():
+        for attr, _ in weight_slots(module):
+            p = module._parameters.get(attr)
+            if p is not None:
+                slot_ids.add((id(module), attr))
+    for mname, module in model.named_modules():
+        for attr, linear in weight_slots(module):
+            name = f"{mname}.{attr}" if mname else attr
+            if include and not any(fnmatch.fnmatchcase(mname, p) for p in include):
+                out.skipped.append(Skipped(name, _shape(module, attr), "not matched by include"))
+                continue
+            if any(fnmatch.fnmatchcase(mname, p) for p in exclude):
+                out.skipped.append(Skipped(name, _shape(module, attr), "excluded"))
+                continue
+            if parametrize.is_parametrized(module, attr) or attr not in module._parameters:
+                raise ValueError(f"layer {name!r}: its weight is computed (a parametrization such as weight norm), "
+                                 "not a Parameter, so rigl_fast cannot mask it; remove the parametrization or "
+                                 f"keep the layer dense with exclude=[{mname!r}]")
+            w = module._parameters[attr]
+            if isinstance(w, nn.parameter.UninitializedParameter):
+                raise ValueError(f"layer {name!r} is lazy (uninitialized): run one forward pass to materialise it "
+                                 "before creating the RigLScheduler")
+            if not w.requires_grad:
+                out.skipped.append(Skipped(name, tuple(w.shape), "frozen"))
+                continue
+            if not w.is_floating_point():
+                out.skipped.append(Skipped(name, tuple(w.shape), f"not floating point ({w.dtype})"))
+                continue
+            if w.device.type == "meta":
+                raise ValueError(f"layer {name!r} is on the meta device: materialise the model (to_empty() and "
+                                 "initialise or load its weights) before creating the RigLScheduler")
+            if id(w) in seen:
+                continue
+            tied = [o for o, mod, a in owners.get(id(w), []) if (id(mod), a) not in slot_ids]
+            if tied and not sparsify_tied:
+                out.skipped.append(Skipped(name, tuple(w.shape), f"tied to {tied[0]}"))
+                seen.add(id(w))
+                continue
+            seen.add(id(w))
+            out.names.append(name)
+            out.modules.append(mname)
+            out.weights.append(w)
+            out.is_linear.append(linear)
+    return out
+
+
+def unmatched_patterns(model: nn.Module, include=None, exclude=None) -> List[str]:
+    """The include/exclude patterns that match no module name (a configuration that does nothing)."""
+    names = [n for n, _ in model.named_modules()]
+    return [f"{arg}={p!r}" for arg, pats in (("include", include), ("exclude", exclude)) for p in (pats or [])
+            if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def _shape(module, attr) -> Tuple[int, ...]:
+    w = getattr(module, attr, None)
+    if isinstance(w, nn.parameter.UninitializedParameter) or not isinstance(w, torch.Tensor):
+        return ()
+    return tuple(w.shape)
 
 
 def find_candidates(model: nn.Module) -> Tuple[List[str], List[nn.Parameter], List[bool]]:
-    """(names, weights, is_linear) of every Linear/Conv1d/2d/3d weight, in `named_modules()` order.
-
-    A weight shared by several modules (tied weights) is listed once, at its first module. Norms,
-    embeddings and biases are never candidates.
-    """
-    names, weights, is_linear, seen = [], [], [], set()
-    for name, module in model.named_modules():
-        if not isinstance(module, CANDIDATE_TYPES):
-            continue
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor) or isinstance(w, nn.parameter.UninitializedParameter):
-            continue
-        if id(w) in seen:
-            continue
-        seen.add(id(w))
-        names.append(f"{name}.weight" if name else "weight")
-        weights.append(w)
-        is_linear.append(isinstance(module, nn.Linear))
-    return names, weights, is_linear
+    """(names, weights, is_linear) of the candidates under the default rules (see `select`)."""
+    c = select(model)
+    return c.names, c.weights, c.is_linear
 
 
 def uniform_sparsities(n_layers: int, is_linear: Sequence[bool], dense_allocation: float,

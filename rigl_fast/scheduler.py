@@ -11,24 +11,29 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
+from . import distributed as _dist
 from . import layers as _layers
 from . import ops as _ops
+from . import state as _state
+from .state import FORMAT_VERSION  # noqa: F401  (re-exported: older code imports it from here)
 
-FORMAT_VERSION = 1
 GROW_MODES = ("gradient", "random")
-AFTER_STEP_MODES = ("auto", "always")
+AFTER_STEP_MODES = ("always", "trusted")
 
 # Optimizers whose update keeps a weight and its states exactly zero wherever the gradient, the weight and
 # the states are zero (elementwise rules; tests/test_invariants.py proves it for each, with every option).
-# For these the after-step masking pass is redundant: gradients are masked in backward and states are
-# zeroed at every topology update. Exact types only: a subclass may change `step`.
+# With after_step='trusted' the after-step masking pass is skipped for these: correct only while nothing
+# but rigl_fast's hooks touches weights, gradients and optimizer states (see RigLScheduler's docstring).
+# Exact types only: a subclass may change `step`.
 ZERO_PRESERVING_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
                               torch.optim.Adagrad)
 
-_REGISTERED_ATTR = "_rigl_fast_registered"
+# Parameters registered to a live scheduler. Kept here, not as an attribute of the parameter, so that a
+# pickled model (torch.save(model)) does not carry its registration into the copy, which has no hooks.
+_REGISTERED = WeakIdKeyDictionary()
 
 
 class IndexMaskHook:
@@ -49,14 +54,37 @@ class IndexMaskHook:
         mask = s.backward_masks[self.layer]
         if mask is None:
             return None
+        if mask.device != grad.device:  # the model was moved with .to() after construction: masks follow
+            s._follow_devices()
+            mask = s.backward_masks[self.layer]
         acc = None
         if s.check_if_backward_hook_should_accumulate_grad():
-            if self.dense_grad is None:
-                self.dense_grad = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
             acc = self.dense_grad
+            if acc is None:
+                acc = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+            elif acc.dtype != grad.dtype or acc.device != grad.device:  # .to() inside the window
+                acc = acc.to(device=grad.device, dtype=grad.dtype)
+            self.dense_grad = acc
         else:
             self.dense_grad = None
         return s._ops.mask_grad(grad, mask, acc, s.grad_accumulation_n)
+
+
+def unwrap_optimizer(optimizer):
+    """The torch.optim.Optimizer that really steps. Wrappers that forward step() to an optimizer held as
+    `.optimizer` (Accelerate's AcceleratedOptimizer, which the HF Trainer uses; Lightning's
+    LightningOptimizer) are followed down to it: its step hook fires whenever the wrapper steps."""
+    opt = optimizer
+    for _ in range(8):
+        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_post_hooks"):
+            return opt
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    raise TypeError(f"optimizer must be a torch.optim.Optimizer, or a wrapper that forwards step() to one held as "
+                    f".optimizer (like Accelerate's AcceleratedOptimizer); got {type(optimizer).__name__}, which is "
+                    "neither: pass the torch.optim.Optimizer that steps the model's parameters")
 
 
 def _is_int(x) -> bool:
@@ -74,45 +102,58 @@ class RigLScheduler:
 
     Keyword-only extras: `backend` ('auto', 'reference', 'triton', 'cpp'; env RIGL_FAST_BACKEND overrides
     'auto'), `erk_power_scale` (ERK exponent, default 1.0), `grow_mode` ('gradient' = RigL; 'random' = SET,
-    Mocanu et al. 2018), `after_step` ('auto' skips the after-step masking pass for optimizers proven
-    zero-preserving; 'always' keeps it).
+    Mocanu et al. 2018), `include` / `exclude` (glob patterns over module names narrowing the candidates),
+    `sparsify_tied` (make weights tied to a non-candidate module, e.g. an output head tied to an embedding,
+    sparse too; default False keeps them dense), `after_step` ('always', the default: weights and optimizer
+    states are masked after every optimizer step, whatever touched them; 'trusted' skips that pass for the
+    optimizers proven zero-preserving, which is exact only while nothing but rigl_fast's hooks changes the
+    sparse weights, their gradients and their optimizer states: no model.load_state_dict() after
+    construction, no gradient noise or clipping hooks, no optimizer.load_state_dict()).
     """
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, backend="auto", erk_power_scale=1.0, grow_mode="gradient",
-                 after_step="auto"):
-        # ---- validate everything before touching the model or the optimizer ----
+                 after_step="always", include=None, exclude=None, sparsify_tied=False):
+        # ---- validate everything before touching the model, the optimizer or the RNG ----
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        inner = unwrap_optimizer(optimizer)
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta_T=delta, alpha=alpha, static_topo=static_topo,
                   grad_accumulation_n=grad_accumulation_n, erk_power_scale=erk_power_scale, grow_mode=grow_mode)
         if state_dict is not None:
-            hp.update(self._hyperparams_from_state_dict(state_dict))  # the state dict's values win
+            hp.update(_state.hyperparams(state_dict))  # the state dict's values win
         self._validate_hyperparams(hp)
+        if after_step == "auto":
+            raise ValueError("after_step='auto' is now called 'trusted' and is no longer the default (it skips the "
+                             "after-step pass, exact only when nothing else changes weights, gradients or optimizer "
+                             "states); use after_step='trusted', or the default 'always'")
         if after_step not in AFTER_STEP_MODES:
             raise ValueError(f"after_step must be one of {AFTER_STEP_MODES}, got {after_step!r}")
+        if not isinstance(sparsify_tied, bool):
+            raise TypeError(f"sparsify_tied must be a bool, got {sparsify_tied!r}")
         _ops.check_name(backend)
 
-        names, W, is_linear = _layers.find_candidates(model)
+        found = _layers.select(model, include=include, exclude=exclude, sparsify_tied=sparsify_tied)
+        names, W, is_linear = found.names, found.weights, found.is_linear
         if not W:
-            raise ValueError("model has no candidate weights: rigl_fast sparsifies the weights of nn.Linear and "
-                             "nn.Conv1d/2d/3d modules, and found none in the model")
+            why = "; ".join(f"{k.name}: {k.reason}" for k in found.skipped[:6])
+            raise ValueError("model has no candidate weights: rigl_fast sparsifies the trainable floating-point "
+                             "weights of nn.Linear, nn.Conv1d/2d/3d, transformers' Conv1D and "
+                             "nn.MultiheadAttention, and found none" + (f" ({why})" if why else ""))
         for name, w in zip(names, W):
-            if getattr(w, _REGISTERED_ATTR, False) or getattr(w, "_has_rigl_backward_hook", False):
+            if w in _REGISTERED or (getattr(w, "_has_rigl_backward_hook", False) and w._backward_hooks):
                 raise ValueError(f"model is already registered to a RigLScheduler (weight {name!r} has its "
                                  "hooks); call .remove() on the old scheduler first")
 
         if state_dict is not None:
-            S, masks = self._fit_state_dict(state_dict, names, W)
+            S, masks = _state.fit(state_dict, names, W)
         else:
             S = _layers.sparsities(hp["sparsity_distribution"], [tuple(w.shape) for w in W], is_linear,
                                    hp["dense_allocation"], hp["ignore_linear_layers"], hp["erk_power_scale"])
             masks = None
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = {id(p) for group in inner.param_groups for p in group["params"]}
         missing = [n for n, w, s in zip(names, W, S) if s > 0 and id(w) not in held]
         if missing:
             raise ValueError(f"optimizer does not hold the sparse weights {missing}: pass the model's parameters "
@@ -120,16 +161,37 @@ class RigLScheduler:
         sparse_devices = {w.device for w, s in zip(W, S) if s > 0} or {W[0].device}
         if len(sparse_devices) > 1:
             raise ValueError(f"model: sparse weights must be on one device, found {sorted(map(str, sparse_devices))}")
-        self._ops = _ops.get_backend(backend, next(iter(sparse_devices)))
+        ops = _ops.get_backend(backend, next(iter(sparse_devices)))
+        self._check_sizes(ops, names, W, S)
 
-        # ---- from here on, state changes ----
+        # ---- from here on, state changes; any failure undoes what was done (and the RNG's draws) ----
+        rng = torch.random.get_rng_state()
+        self._handles = []
+        self.W: List[nn.Parameter] = W
+        try:
+            self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict)
+        except BaseException:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            for w in W:
+                _REGISTERED.pop(w, None)
+            torch.random.set_rng_state(rng)
+            raise
+        self._warn_if_idle(model, include, exclude)
+
+    def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict):
         self.model = model
         self.optimizer = optimizer
-        self.W: List[nn.Parameter] = W
-        self.names = names
-        self._linear_layers_mask = [int(x) for x in is_linear]
-        self.N = [w.numel() for w in W]
-        self.backend = self._ops.name
+        self._optimizer = inner
+        self._ops = ops
+        self._backend_request = backend
+        self.names = found.names
+        self.module_names = found.modules
+        self.skipped_layers = found.skipped
+        self._linear_layers_mask = [int(x) for x in found.is_linear]
+        self.N = [w.numel() for w in self.W]
+        self.backend = ops.name
         self._after_step_mode = after_step
         self._set_hyperparams(hp)
         self.S = list(S)
@@ -137,28 +199,61 @@ class RigLScheduler:
         self.rigl_steps = 0
         self.skipped_updates = 0
         self._generator = None
-        if masks is None:
-            self.backward_masks = self._random_masks()
-        else:
-            self.backward_masks = masks
+        self.backward_masks = self._random_masks() if masks is None else masks
         self._seed_generator()
         if state_dict is not None:
             self._load_counters(state_dict)
         self._n_active = [None if m is None else int(m.sum()) for m in self.backward_masks]
-
+        # the optimizer's hook first: it is the registration most likely to be refused
+        self._handles.append(inner.register_step_post_hook(self._after_optimizer_step))
         self.backward_hook_objects: List[IndexMaskHook] = []
-        self._handles = []
-        for i, w in enumerate(W):
+        for i, w in enumerate(self.W):
             hook = IndexMaskHook(i, self)
             self.backward_hook_objects.append(hook)
             self._handles.append(w.register_hook(hook))
-            setattr(w, _REGISTERED_ATTR, True)
-        self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        for w in self.W:
+            _REGISTERED[w] = True
         if state_dict is not None:
             self._load_dense_grads(state_dict)
         self.apply_mask_to_weights()
         self.reset_momentum()
         self.apply_mask_to_gradients()
+
+    @staticmethod
+    def _check_sizes(ops, names, W, S):
+        limit = ops.max_numel() if hasattr(ops, "max_numel") else None
+        if limit is None:
+            return
+        for name, w, s in zip(names, W, S):
+            if s > 0 and w.numel() > limit:
+                raise ValueError(f"layer {name!r} has {w.numel()} weights, more than the {ops.name} backend handles "
+                                 f"({limit}); choose another backend or keep the layer dense with exclude=")
+
+    def _warn_if_idle(self, model, include, exclude):
+        """Configurations that would silently do nothing get a warning naming the argument to change."""
+        for p in _layers.unmatched_patterns(model, include, exclude):
+            warnings.warn(f"rigl_fast: {p} matches no module name of the model, so it changes nothing",
+                          UserWarning, stacklevel=3)
+        if all(s <= 0 for s in self.S):
+            n_lin = sum(self._linear_layers_mask)
+            if self.ignore_linear_layers and n_lin:
+                why = (f"ignore_linear_layers=True keeps its {n_lin} linear layers (nn.Linear, Conv1D, attention "
+                       "projections) dense; pass ignore_linear_layers=False")
+            elif self.dense_allocation >= 1:
+                why = "dense_allocation=1 keeps every layer dense; pass e.g. dense_allocation=0.1"
+            else:
+                why = "every candidate is dense under this sparsity_distribution"
+            warnings.warn(f"rigl_fast: no layer of the model is sparse, so RigL does nothing: {why}", UserWarning,
+                          stacklevel=3)
+        elif not self.static_topo and self.T_end is not None and self.T_end <= self.delta_T:
+            warnings.warn(f"rigl_fast: T_end={self.T_end} <= delta={self.delta_T}, so no topology update will ever "
+                          "run (the first is at step delta, and none at or after T_end); set T_end to about 75% of "
+                          "the training steps", UserWarning, stacklevel=3)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a RigLScheduler cannot be pickled or copied (torch.save(pruner), pickle, copy.deepcopy): "
+                        "its hooks live on the model's parameters and would not come back. Save "
+                        "pruner.state_dict() instead and resume with RigLScheduler(model, optimizer, state_dict=sd)")
 
     # ------------------------------------------------------------------ validation / hyperparameters
     @staticmethod
@@ -170,8 +265,9 @@ class RigLScheduler:
             raise ValueError(f"sparsity_distribution must be one of {_layers.DISTRIBUTIONS}, "
                              f"got {hp['sparsity_distribution']!r}")
         delta = hp["delta_T"]
-        if not _is_int(delta) or delta < 1:
-            raise ValueError(f"delta must be an integer >= 1, got {delta!r}")
+        if not _is_int(delta) or delta < 2:
+            raise ValueError(f"delta must be an integer >= 2 (the steps between topology updates; with delta=1 every "
+                             f"step would be an update and the optimizer would never step), got {delta!r}")
         T_end = hp["T_end"]
         if T_end is None:
             if not hp["static_topo"]:
@@ -206,8 +302,8 @@ class RigLScheduler:
         self.grad_accumulation_n = hp["grad_accumulation_n"]
         self.erk_power_scale = hp["erk_power_scale"]
         self.grow_mode = hp["grow_mode"]
-        self._skip_after_step = (self._after_step_mode == "auto"
-                                 and type(self.optimizer) in ZERO_PRESERVING_OPTIMIZERS)
+        self._skip_after_step = (self._after_step_mode == "trusted"
+                                 and type(self._optimizer) in ZERO_PRESERVING_OPTIMIZERS)
 
     def _hyperparams(self):
         return dict(dense_allocation=self.dense_allocation, T_end=self.T_end,
@@ -216,58 +312,7 @@ class RigLScheduler:
                     grad_accumulation_n=self.grad_accumulation_n, erk_power_scale=self.erk_power_scale,
                     grow_mode=self.grow_mode)
 
-    @staticmethod
-    def _hyperparams_from_state_dict(sd):
-        if not isinstance(sd, dict):
-            raise TypeError(f"state_dict must be a dict (from RigLScheduler.state_dict()), got {type(sd).__name__}")
-        for key in ("dense_allocation", "S", "N", "hyperparams", "step", "rigl_steps", "backward_masks"):
-            if key not in sd:
-                raise ValueError(f"state_dict is missing the key {key!r}: it is not a RigLScheduler state dict")
-        hp = sd["hyperparams"]
-        if not isinstance(hp, dict):
-            raise ValueError("state_dict['hyperparams'] must be a dict")
-        out = {"dense_allocation": sd["dense_allocation"]}
-        for key in ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo", "sparsity_distribution",
-                    "grad_accumulation_n", "erk_power_scale", "grow_mode"):
-            if key in hp:
-                out[key] = hp[key]
-        return out
-
-    def _fit_state_dict(self, sd, names, W):
-        """Validated (S, masks) from a state dict for this model's candidates; raises naming the mismatch."""
-        S, N, masks = sd["S"], sd["N"], sd["backward_masks"]
-        if not (isinstance(S, (list, tuple)) and isinstance(N, (list, tuple)) and isinstance(masks, (list, tuple))):
-            raise ValueError("state_dict: 'S', 'N' and 'backward_masks' must be lists")
-        if not (len(S) == len(N) == len(masks) == len(W)):
-            raise ValueError(f"state_dict does not fit the model: it has {len(S)} layers, the model has {len(W)} "
-                             f"candidate weights ({names})")
-        out = []
-        for i, (name, w) in enumerate(zip(names, W)):
-            if int(N[i]) != w.numel():
-                raise ValueError(f"state_dict does not fit the model: layer {i} ({name}) has {N[i]} weights in the "
-                                 f"state dict but {w.numel()} (shape {tuple(w.shape)}) in the model")
-            m = masks[i]
-            if S[i] <= 0:
-                if m is not None:
-                    raise ValueError(f"state_dict: layer {i} ({name}) is dense (S=0) but has a mask")
-                out.append(None)
-                continue
-            if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(w.shape):
-                got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(f"state_dict does not fit the model: mask of layer {i} ({name}) has shape {got}, "
-                                 f"the weight has shape {tuple(w.shape)}")
-            out.append(m.detach().to(device=w.device, dtype=torch.bool).clone().contiguous())
-        accs = sd.get("rigl_fast_dense_grads")
-        if accs is not None:
-            if len(accs) != len(W):
-                raise ValueError("state_dict: 'rigl_fast_dense_grads' has the wrong number of layers")
-            for i, (name, w, a) in enumerate(zip(names, W, accs)):
-                if a is not None and tuple(a.shape) != tuple(w.shape):
-                    raise ValueError(f"state_dict does not fit the model: dense gradient of layer {i} ({name}) has "
-                                     f"shape {tuple(a.shape)}, the weight has shape {tuple(w.shape)}")
-        return list(S), out
-
-    # ------------------------------------------------------------------ masks and RNG
+    # ------------------------------------------------------------------ masks, RNG and devices
     @torch.no_grad()
     def _random_masks(self):
         """rigl-torch's draws: for each sparse layer in order, zeros at randperm(n)[:int(S*n)] (global CPU RNG).
@@ -280,12 +325,7 @@ class RigLScheduler:
             flat = torch.ones(n, dtype=torch.bool)
             flat[torch.randperm(n)[:int(s * n)]] = False
             masks.append(flat.view(w.shape).to(w.device))
-        if dist.is_available() and dist.is_initialized():
-            for m in masks:
-                if m is not None:
-                    buf = m.to(torch.uint8)
-                    dist.broadcast(buf, 0)
-                    m.copy_(buf.bool())
+        _dist.broadcast_masks(masks)
         return masks
 
     def _seed_generator(self):
@@ -293,31 +333,46 @@ class RigLScheduler:
         seed under torch.distributed) and saved in the state dict, so resuming reproduces the draws."""
         if self.grow_mode != "random":
             return
-        seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(seed, 0)
-        self._generator = torch.Generator().manual_seed(int(seed))
+        seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
+        seed = _dist.broadcast_seed(seed, self.W[0].device)
+        self._generator = torch.Generator().manual_seed(seed)
 
     def _load_counters(self, sd):
-        self.step = int(sd["step"])
-        self.rigl_steps = int(sd["rigl_steps"])
-        self.skipped_updates = int(sd.get("rigl_fast_skipped_updates", 0))
-        rng = sd.get("rigl_fast_rng")
+        self.step, self.rigl_steps, self.skipped_updates, rng = _state.counters(sd)
         if rng is not None and self._generator is not None:
             self._generator.set_state(rng)
 
     def _load_dense_grads(self, sd):
-        accs = sd.get("rigl_fast_dense_grads")
-        for hook, w, i in zip(self.backward_hook_objects, self.W, range(len(self.W))):
-            a = None if accs is None else accs[i]
-            hook.dense_grad = None if a is None else a.detach().to(w.device).clone().contiguous()
+        accs = _dist.zero_unless_rank0(_state.dense_grads(sd, self.W))
+        for hook, a in zip(self.backward_hook_objects, accs):
+            hook.dense_grad = a
+
+    def _devices_moved(self) -> bool:
+        return any(m is not None and m.device != w.device for m, w in zip(self.backward_masks, self.W))
+
+    @torch.no_grad()
+    def _follow_devices(self):
+        """After model.to(device): masks and accumulators move to their weights' device and the backend is
+        chosen again for it (an explicitly requested backend that cannot run there raises, naming it)."""
+        devices = {self.W[i].device for i in self._sparse_layers()}
+        if len(devices) > 1:
+            raise RuntimeError(f"model: the sparse weights were moved to several devices {sorted(map(str, devices))}; "
+                               "rigl_fast needs them on one")
+        device = next(iter(devices))
+        self._ops = _ops.get_backend(self._backend_request, device)
+        self.backend = self._ops.name
+        for i in self._sparse_layers():
+            self.backward_masks[i] = self.backward_masks[i].to(device)
+            h = self.backward_hook_objects[i]
+            if h.dense_grad is not None:
+                h.dense_grad = h.dense_grad.to(device)
 
     # ------------------------------------------------------------------ the masked tensors
     def _sparse_layers(self):
         return [i for i, m in enumerate(self.backward_masks) if m is not None]
 
     def _states_like(self, w):
-        state = self.optimizer.state.get(w)
+        state = self._optimizer.state.get(w)
         if not state:
             return []
         return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == w.shape and v is not w]
@@ -350,6 +405,8 @@ class RigLScheduler:
     def _after_optimizer_step(self, optimizer, args, kwargs):
         if self._skip_after_step:
             return
+        if self._devices_moved():
+            self._follow_devices()
         tensors, masks = [], []
         for i in self._sparse_layers():
             m = self.backward_masks[i]
@@ -371,6 +428,7 @@ class RigLScheduler:
         return self.alpha / 2 * (1 + np.cos((self.step * np.pi) / self.T_end))
 
     def __call__(self):
+        accumulated = self.check_if_backward_hook_should_accumulate_grad()  # what the last backward did
         self.step += 1
         if self.static_topo:
             return True
@@ -378,7 +436,20 @@ class RigLScheduler:
             self._rigl_step()
             self.rigl_steps += 1
             return False
+        if accumulated and _dist.active():
+            self._fold_dense_grads()
         return True
+
+    def _fold_dense_grads(self):
+        """DDP, inside an accumulation window: rank 0 takes the sum of the ranks' partial accumulators, so a
+        checkpoint rank 0 writes now restores the window exactly (distributed.fold_partial_sums)."""
+        idx = self._sparse_layers()
+        if not idx:
+            return
+        hooks = [self.backward_hook_objects[i] for i in idx]
+        folded = _dist.fold_partial_sums([h.dense_grad for h in hooks], [self.W[i] for i in idx])
+        for h, a in zip(hooks, folded):
+            h.dense_grad = a
 
     def _free_dense_grads(self):
         for hook in self.backward_hook_objects:
@@ -395,6 +466,8 @@ class RigLScheduler:
         idx = self._sparse_layers()
         if not idx:
             return
+        if self._devices_moved():
+            self._follow_devices()
         weights = [self.W[i] for i in idx]
         if self.grow_mode == "random":
             scores = [torch.rand(w.shape, generator=self._generator).to(w.device) for w in weights]
@@ -402,11 +475,11 @@ class RigLScheduler:
             accs = [self.backward_hook_objects[i].dense_grad for i in idx]
             self._free_dense_grads()
             have_grad = any(a is not None for a in accs)
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            distributed = _dist.active()
             if have_grad or distributed:
                 scores = [torch.zeros_like(w) if a is None else a for w, a in zip(weights, accs)]
             if distributed:  # every rank must reach the all-reduce, so the skip decision is taken after it
-                have_grad = self._all_reduce_sum(scores, have_grad)
+                have_grad = _dist.sum_scores(scores, have_grad)
             if not have_grad:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return
@@ -419,47 +492,19 @@ class RigLScheduler:
                                         [self._states_like(w) for w in weights], [w.grad for w in weights]):
             self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
 
-    @staticmethod
-    def _all_reduce_sum(tensors, have_grad: bool) -> bool:
-        """Grow scores are the gradient summed over ranks: one all-reduce of all layers' accumulators, with
-        one more element counting the ranks that accumulated anything. Returns whether any rank did."""
-        flag = torch.ones(1, dtype=tensors[0].dtype, device=tensors[0].device) * float(have_grad)
-        flat = torch.cat([t.reshape(-1) for t in tensors] + [flag])
-        dist.all_reduce(flat)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return bool(flat[-1] > 0)
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
-        hp = self._hyperparams()
-        return {
-            "dense_allocation": self.dense_allocation,
-            "S": list(self.S),
-            "N": list(self.N),
-            "hyperparams": {k: hp[k] for k in ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo",
-                                               "sparsity_distribution", "grad_accumulation_n", "erk_power_scale",
-                                               "grow_mode")},
-            "step": self.step,
-            "rigl_steps": self.rigl_steps,
-            "backward_masks": [None if m is None else m.clone() for m in self.backward_masks],
-            "_linear_layers_mask": list(self._linear_layers_mask),
-            "rigl_fast_format": FORMAT_VERSION,
-            "rigl_fast_skipped_updates": self.skipped_updates,
-            "rigl_fast_dense_grads": [None if h.dense_grad is None else h.dense_grad.clone()
-                                      for h in self.backward_hook_objects],
-            "rigl_fast_rng": None if self._generator is None else self._generator.get_state(),
-        }
+        """rigl-torch's keys plus rigl_fast's (see state.py). Under DDP, rank 0's state dict is the one to save:
+        it holds the whole accumulation window (the other ranks' partial sums are folded into it)."""
+        return _state.build(self)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict):
         """Restore a state dict from `state_dict()` (or from rigl-torch 0.5.2). Validated before any change."""
         hp = self._hyperparams()
-        hp.update(self._hyperparams_from_state_dict(state_dict))
+        hp.update(_state.hyperparams(state_dict))
         self._validate_hyperparams(hp)
-        S, masks = self._fit_state_dict(state_dict, self.names, self.W)
+        S, masks = _state.fit(state_dict, self.names, self.W)
         self._set_hyperparams(hp)
         self.S = S
         self.backward_masks = masks
@@ -479,16 +524,41 @@ class RigLScheduler:
         self._handles = []
         self._free_dense_grads()
         for w in self.W:
-            if hasattr(w, _REGISTERED_ATTR):
-                delattr(w, _REGISTERED_ATTR)
+            _REGISTERED.pop(w, None)
 
     # ------------------------------------------------------------------ printing
+    def _dense_reason(self, i) -> str:
+        if self.S[i] > 0:
+            return ""
+        if self.sparsity_distribution == "uniform" and i == 0 and len(self.W) > 1:
+            return "first layer"
+        if self._linear_layers_mask[i] and self.ignore_linear_layers:
+            return "ignore_linear_layers"
+        if self.dense_allocation >= 1:
+            return "dense_allocation=1"
+        return f"{self.sparsity_distribution}: density capped at 1"
+
+    @torch.no_grad()
+    def summary(self) -> str:
+        """One line per weight of a candidate type: name, shape, density, and why a dense one is dense."""
+        rows = []
+        for i, (name, w, m) in enumerate(zip(self.names, self.W, self.backward_masks)):
+            density = "%.2f%%" % (100.0 * self._n_active[i] / self.N[i]) if m is not None else "100.00%"
+            rows.append((name, str(tuple(w.shape)), density, "" if m is not None else "dense: " + self._dense_reason(i)))
+        for k in self.skipped_layers:
+            rows.append((k.name, str(k.shape), "100.00%", "dense: " + k.reason))
+        widths = [max(len(r[c]) for r in rows + [("layer", "shape", "density", "")]) for c in range(3)]
+        lines = ["  ".join(h.ljust(wd) for h, wd in zip(("layer", "shape", "density"), widths)).rstrip()]
+        for r in rows:
+            lines.append("  ".join(v.ljust(wd) for v, wd in zip(r[:3], widths)) + ("  " + r[3] if r[3] else ""))
+        return "\n".join(ln.rstrip() for ln in lines)
+
     @torch.no_grad()
     def __str__(self):
         N_str, S_str = [], []
         total, total_nz, conv, conv_nz = 0, 0, 0, 0
         for N, mask, W, is_linear in zip(self.N, self.backward_masks, self.W, self._linear_layers_mask):
-            zeros_off_mask = 0 if mask is None else int((W[~mask] == 0).sum())
+            zeros_off_mask = 0 if mask is None else int((W[~mask.to(W.device)] == 0).sum())
             nz = N - zeros_off_mask
             N_str.append("%i/%i" % (nz, N))
             S_str.append("%.2f%%" % (float(nz) / float(N) * 100))
@@ -511,6 +581,7 @@ class RigLScheduler:
         s += "num_rigl_steps=" + str(self.rigl_steps) + ",\n"
         s += "ignoring_linear_layers=" + str(self.ignore_linear_layers) + ",\n"
         s += "sparsity_distribution=" + str(self.sparsity_distribution) + ",\n"
-        return s + ")"
+        s += ")\n" + self.summary()
+        return s
 
     __repr__ = __str__

@@ -1,10 +1,13 @@
 """torch.distributed: 2 processes on gloo (CPU, loopback only).
 
 Under DDP every rank's hook sees its local gradient before the reducer averages it; the grow score is the
-local accumulators summed over ranks, one all-reduce per update. The checks: masks equal on every rank after
-every call (via all_gather, never by broadcasting masks after init), exactly one all-reduce on update steps
-and none elsewhere, and the same masks as one process training on the same global batch (generic data: the
-rank sum and the single-process gradient differ only by a uniform factor of world_size and rounding).
+local accumulators summed over ranks, one all-reduce per update; inside a window of several backward passes
+the partial sums are also folded onto rank 0 after each pass but the last (one all-reduce each), so that
+rank 0's checkpoint holds the whole window. The checks: masks equal on every rank after every call (via
+all_gather, never by broadcasting masks after init), all-reduces exactly on update steps and folded window
+steps, the same masks as one process training on the same global batch (generic data: the rank sum and the
+single-process gradient differ only by a uniform factor of world_size and rounding), and a run resumed
+inside an accumulation window from rank 0's checkpoint equal to the uninterrupted run bit for bit.
 """
 import datetime
 import functools
@@ -43,8 +46,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+RESUME_AT = 7  # after the fold of the window's first backward pass, before its second one
+
+
 def _is_update(step):
     return step % CFG["delta"] == 0 and step < CFG["T_end"]
+
+
+def _accumulated(old_step):
+    """Whether the backward pass run at (not yet incremented) `old_step` fills the accumulators."""
+    return old_step < CFG["T_end"] and CFG["delta"] - old_step % CFG["delta"] <= CFG["grad_accumulation_n"]
+
+
+def _expected_reduces(step):
+    return int(_is_update(step) or _accumulated(step - 1))
 
 
 def _masks_cpu(pruner):
@@ -59,21 +74,40 @@ def _gather_equal(masks):
     return all(torch.equal(out[0], o) for o in out[1:])
 
 
-def _train(rank, scenario):
+def _build(rank, scenario, ckpt=None):
+    torch.manual_seed(MODEL_SEED + (rank if scenario == "wrap_after" else 0))
+    model = MLP()
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    if scenario != "wrap_after":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["opt"])
+    # a different global RNG on each rank: without rank 0's masks being adopted at init they would differ
+    torch.manual_seed(MASK_SEED + rank)
+    pruner = RigLScheduler(model, opt, **CFG, state_dict=None if ckpt is None else ckpt["pruner"])
+    if scenario == "wrap_after":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    return model, opt, pruner
+
+
+def _resume_from_rank0(rank, model, opt, pruner, path):
+    """Rank 0 alone writes the checkpoint (as scripts do); every rank rebuilds from that file."""
+    if rank == 0:
+        torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "pruner": pruner.state_dict()},
+                   path)
+    dist.barrier()
+    pruner.remove()
+    return _build(rank, "resume", torch.load(path))
+
+
+def _train(rank, scenario, out_dir):
     """One DDP run. 'wrapped': the scheduler is given the DDP module. 'wrap_after': it is given the bare
     model, which DDP wraps afterwards (each rank starting from different weights, so DDP's broadcast of rank
     0's weights matters). 'poison': rank 1 alone finds inf in its accumulator at the first update.
     'no_sync': each rank's shard in 2 micro-batches, the first under DDP's no_sync()."""
-    torch.manual_seed(MODEL_SEED + (rank if scenario == "wrap_after" else 0))
-    model = MLP()
-    if scenario != "wrap_after":
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    # a different global RNG on each rank: without rank 0's masks being adopted at init they would differ
-    torch.manual_seed(MASK_SEED + rank)
-    pruner = RigLScheduler(model, opt, **CFG)
-    if scenario == "wrap_after":
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    model, opt, pruner = _build(rank, scenario)
 
     calls = {"all_reduce": 0, "broadcast": 0}
     real = {k: getattr(dist, k) for k in calls}
@@ -118,6 +152,9 @@ def _train(rank, scenario):
             else:
                 log["updates"].append(_masks_cpu(pruner))
             log["equal_after_call"].append(_gather_equal(pruner.backward_masks))
+            if scenario == "resume" and pruner.step == RESUME_AT:
+                assert any(h.dense_grad is not None for h in pruner.backward_hook_objects), "not inside a window"
+                model, opt, pruner = _resume_from_rank0(rank, model, opt, pruner, os.path.join(out_dir, "ck.pt"))
     finally:
         for k in calls:
             setattr(dist, k, real[k])
@@ -128,7 +165,7 @@ def _train(rank, scenario):
     return log
 
 
-SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank")
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume")
 
 
 def _worker(rank, port, out_dir):
@@ -138,7 +175,7 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        torch.save({sc: _train(rank, sc) for sc in SCENARIOS}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({sc: _train(rank, sc, out_dir) for sc in SCENARIOS}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -181,9 +218,9 @@ def test_masks_identical_on_every_rank_after_every_call(ddp_logs, scenario):
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_one_all_reduce_per_update_and_no_mask_broadcast(ddp_logs, scenario):
-    expected = [1 if _is_update(s) else 0 for s in range(1, STEPS + 1)]
-    assert sum(expected) >= 4
+def test_all_reduces_only_on_updates_and_folds_and_no_mask_broadcast(ddp_logs, scenario):
+    expected = [_expected_reduces(s) for s in range(1, STEPS + 1)]
+    assert sum(_is_update(s) for s in range(1, STEPS + 1)) >= 4 and sum(expected) > sum(map(_is_update, range(1, STEPS + 1)))
     for log in ddp_logs:
         assert log[scenario]["reduces"] == expected
         assert log[scenario]["broadcasts_after_init"] == 0
@@ -245,3 +282,16 @@ def test_a_rank_without_gradient_neither_hangs_nor_skips(ddp_logs):
         assert log["skipped"] == 0 and log["warnings"] == []
     first = logs[0]["updates"][0]
     assert any(not torch.equal(a, b) for a, b in zip(first, logs[0]["init"]) if a is not None)
+
+
+def test_resume_inside_an_accumulation_window_is_exact(ddp_logs):
+    """Rank 0's checkpoint, written between the two backward passes of a window and loaded on every rank,
+    continues exactly as the run never stopped: same masks at every later update, same final weights."""
+    for log in ddp_logs:
+        resumed, plain = log["resume"], log["wrapped"]
+        assert resumed["skipped"] == plain["skipped"] == 0
+        assert len(resumed["updates"]) == len(plain["updates"]) >= 4
+        for a, b in zip(resumed["updates"], plain["updates"]):
+            assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
+        for a, b in zip(resumed["weights"], plain["weights"]):
+            assert torch.equal(a, b)

@@ -88,14 +88,14 @@ def test_masks_actually_move():
 
 @pytest.mark.parametrize("opt_name", [n for n in OPTIMIZERS if n != "nadam"])
 def test_zero_preserving_lever_changes_nothing(opt_name):
-    """after_step='auto' skips the after-step pass for these optimizers: results equal the pass bit for bit."""
+    """after_step='trusted' skips the after-step pass for these optimizers: results equal the pass bit for bit."""
     results = []
-    for mode in ("auto", "always"):
+    for mode in ("trusted", "always"):
         torch.manual_seed(0)
         model = SmallResNet()
         opt = OPTIMIZERS[opt_name](model.parameters())
         pruner = RigLScheduler(model, opt, dense_allocation=0.3, T_end=20, delta=3, after_step=mode)
-        assert pruner._skip_after_step == (mode == "auto")
+        assert pruner._skip_after_step == (mode == "trusted")
         train(model, opt, pruner, batches(12, seed=3))
         results.append([p.detach().clone() for p in model.parameters()]
                        + [m.clone() for m in pruner.backward_masks if m is not None])

@@ -44,4 +44,6 @@ def test_same_masks_and_returns_as_rigl_torch(kwargs):
         for a, b in zip(p_o, p_t):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert ours.rigl_steps == theirs.rigl_steps > 0
-    assert str(ours) == str(theirs)
+    # rigl-torch's fields, verbatim, then rigl_fast's per-layer summary
+    assert str(ours) == str(theirs) + "\n" + ours.summary()
+    assert all(name in ours.summary() for name in ours.names)

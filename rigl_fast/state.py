@@ -1,0 +1,102 @@
+"""The checkpoint format: build, validate and read a RigLScheduler state dict (rigl-torch 0.5.2's too).
+
+rigl-torch's keys (`dense_allocation`, `S`, `N`, `hyperparams`, `step`, `rigl_steps`, `backward_masks`,
+`_linear_layers_mask`) plus rigl_fast's, all prefixed `rigl_fast_` (rigl-torch's loader sets every key as an
+attribute, so no extra key may shadow one of its names). Everything is validated before anything changes.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("dense_allocation", "S", "N", "hyperparams", "step", "rigl_steps", "backward_masks")
+HYPERPARAM_KEYS = ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo", "sparsity_distribution",
+                   "grad_accumulation_n", "erk_power_scale", "grow_mode")
+
+
+def build(pruner) -> dict:
+    """A state dict of copies (never the live masks or accumulators)."""
+    hp = pruner._hyperparams()
+    return {
+        "dense_allocation": pruner.dense_allocation,
+        "S": list(pruner.S),
+        "N": list(pruner.N),
+        "hyperparams": {k: hp[k] for k in HYPERPARAM_KEYS},
+        "step": pruner.step,
+        "rigl_steps": pruner.rigl_steps,
+        "backward_masks": [None if m is None else m.clone() for m in pruner.backward_masks],
+        "_linear_layers_mask": list(pruner._linear_layers_mask),
+        "rigl_fast_format": FORMAT_VERSION,
+        "rigl_fast_skipped_updates": pruner.skipped_updates,
+        "rigl_fast_dense_grads": [None if h.dense_grad is None else h.dense_grad.clone()
+                                  for h in pruner.backward_hook_objects],
+        "rigl_fast_rng": None if pruner._generator is None else pruner._generator.get_state(),
+    }
+
+
+def hyperparams(sd) -> dict:
+    """The hyperparameters a state dict carries (they win over the constructor's, as in rigl-torch)."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"state_dict must be a dict (from RigLScheduler.state_dict()), got {type(sd).__name__}")
+    for key in REQUIRED_KEYS:
+        if key not in sd:
+            raise ValueError(f"state_dict is missing the key {key!r}: it is not a RigLScheduler state dict")
+    hp = sd["hyperparams"]
+    if not isinstance(hp, dict):
+        raise ValueError("state_dict['hyperparams'] must be a dict")
+    out = {"dense_allocation": sd["dense_allocation"]}
+    for key in HYPERPARAM_KEYS:
+        if key in hp:
+            out[key] = hp[key]
+    return out
+
+
+def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float], List[Optional[torch.Tensor]]]:
+    """Validated (S, masks) from a state dict for this model's candidates; raises naming the mismatch."""
+    S, N, masks = sd["S"], sd["N"], sd["backward_masks"]
+    if not (isinstance(S, (list, tuple)) and isinstance(N, (list, tuple)) and isinstance(masks, (list, tuple))):
+        raise ValueError("state_dict: 'S', 'N' and 'backward_masks' must be lists")
+    if not (len(S) == len(N) == len(masks) == len(W)):
+        raise ValueError(f"state_dict does not fit the model: it has {len(S)} layers, the model has {len(W)} "
+                         f"candidate weights ({list(names)})")
+    out = []
+    for i, (name, w) in enumerate(zip(names, W)):
+        if int(N[i]) != w.numel():
+            raise ValueError(f"state_dict does not fit the model: layer {i} ({name}) has {N[i]} weights in the "
+                             f"state dict but {w.numel()} (shape {tuple(w.shape)}) in the model")
+        m = masks[i]
+        if S[i] <= 0:
+            if m is not None:
+                raise ValueError(f"state_dict: layer {i} ({name}) is dense (S=0) but has a mask")
+            out.append(None)
+            continue
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(w.shape):
+            got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"state_dict does not fit the model: mask of layer {i} ({name}) has shape {got}, "
+                             f"the weight has shape {tuple(w.shape)}")
+        out.append(m.detach().to(device=w.device, dtype=torch.bool).clone().contiguous())
+    accs = sd.get("rigl_fast_dense_grads")
+    if accs is not None:
+        if len(accs) != len(W):
+            raise ValueError("state_dict: 'rigl_fast_dense_grads' has the wrong number of layers")
+        for i, (name, w, a) in enumerate(zip(names, W, accs)):
+            if a is not None and tuple(a.shape) != tuple(w.shape):
+                raise ValueError(f"state_dict does not fit the model: dense gradient of layer {i} ({name}) has "
+                                 f"shape {tuple(a.shape)}, the weight has shape {tuple(w.shape)}")
+    return list(S), out
+
+
+def counters(sd) -> Tuple[int, int, int, Optional[torch.Tensor]]:
+    """(step, rigl_steps, skipped updates, SET generator state or None)."""
+    return (int(sd["step"]), int(sd["rigl_steps"]), int(sd.get("rigl_fast_skipped_updates", 0)),
+            sd.get("rigl_fast_rng"))
+
+
+def dense_grads(sd, W: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The accumulators saved inside an accumulation window, on their weights' devices (copies)."""
+    accs = sd.get("rigl_fast_dense_grads")
+    if accs is None:
+        return [None] * len(W)
+    return [None if a is None else a.detach().to(w.device).clone().contiguous() for a, w in zip(accs, W)]
