@@ -59,6 +59,14 @@ def _check_patterns(arg: str, patterns) -> List[str]:
     return list(patterns)
 
 
+def _matches(module_name: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a module if it matches its name or the name of a module containing it, so
+    exclude=["encoder"] and exclude=["encoder.*"] both reach every layer inside `encoder`."""
+    parts = module_name.split(".") if module_name else []
+    prefixes = [".".join(parts[:k]) for k in range(1, len(parts) + 1)] or [""]
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in prefixes)
+
+
 def _param_owners(model: nn.Module):
     """id(parameter) -> every 'module.attr' that holds it (tied weights have more than one)."""
     owners = {}
@@ -74,10 +82,12 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
 
     Trainable floating-point weights of nn.Linear, nn.Conv1d/2d/3d (subclasses too), transformers-style
     Conv1D and nn.MultiheadAttention's projection weights. `include`/`exclude` are glob patterns over
-    module names (fnmatch, case-sensitive); a weight also held by a non-candidate module (an embedding tied
-    to an output head) stays dense unless `sparsify_tied`. A weight shared by candidate slots is listed once,
-    at its first. Raises ValueError naming the layer for weights it cannot mask: parametrized (computed, not
-    a Parameter), lazy (uninitialised) or on the meta device. Nothing is modified.
+    module names (fnmatch, case-sensitive; a pattern matching a module also covers the modules inside it;
+    attention projections go by their MultiheadAttention's name). A weight also held by a non-candidate
+    module (an embedding tied to an output head) stays dense unless `sparsify_tied`. A weight shared by
+    candidate slots is listed once, at its first. Raises ValueError naming the layer for weights it cannot
+    mask: parametrized (computed, not a Parameter), lazy (uninitialised) or on the meta device. Nothing is
+    modified.
     """
     include = _check_patterns("include", include)
     exclude = _check_patterns("exclude", exclude)
@@ -92,10 +102,10 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
     for mname, module in model.named_modules():
         for attr, linear in weight_slots(module):
             name = f"{mname}.{attr}" if mname else attr
-            if include and not any(fnmatch.fnmatchcase(mname, p) for p in include):
+            if include and not _matches(mname, include):
                 out.skipped.append(Skipped(name, _shape(module, attr), "not matched by include"))
                 continue
-            if any(fnmatch.fnmatchcase(mname, p) for p in exclude):
+            if exclude and _matches(mname, exclude):
                 out.skipped.append(Skipped(name, _shape(module, attr), "excluded"))
                 continue
             if parametrize.is_parametrized(module, attr) or attr not in module._parameters:
