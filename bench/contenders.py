@@ -56,8 +56,25 @@ def available_backends(device: torch.device) -> List[str]:
     return names
 
 
-def fast_name(backend: str, after_step: str = "auto") -> str:
-    return f"rigl_fast[{backend}]" + ("" if after_step == "auto" else f"+{after_step}")
+# rigl_fast's after_step modes: the default 'always' masks weights and optimizer states after every step (the
+# plain contender name); 'trusted' is the opt-in fast path that skips that pass for zero-preserving optimizers
+# (the SGD used here is one), named with a '+trusted' suffix.
+DEFAULT_AFTER_STEP = "always"
+FAST_PATH = "trusted"
+
+
+def fast_name(backend: str, after_step: str = DEFAULT_AFTER_STEP) -> str:
+    return f"rigl_fast[{backend}]" + ("" if after_step == DEFAULT_AFTER_STEP else f"+{after_step}")
+
+
+def parse_fast_name(name: str):
+    """'rigl_fast[cpp]' -> ('cpp', 'always'); 'rigl_fast[cpp]+trusted' -> ('cpp', 'trusted')."""
+    if not name.startswith("rigl_fast[") or "]" not in name:
+        raise ValueError(f"not a rigl_fast contender name: {name!r}")
+    backend, _, rest = name[len("rigl_fast["):].partition("]")
+    if rest and not rest.startswith("+"):
+        raise ValueError(f"not a rigl_fast contender name: {name!r}")
+    return backend, (rest[1:] if rest else DEFAULT_AFTER_STEP)
 
 
 class Masters:
@@ -104,7 +121,7 @@ class Contender:
     """One scheduler over the master tensors. `grad_op`, `after_step` and `update` are what is timed."""
 
     def __init__(self, name, masters: Masters, sparsity, delta, T_end, sd=None, backend=None,
-                 after_step="auto"):
+                 after_step=DEFAULT_AFTER_STEP):
         self.name = name
         self.masters = masters
         self.delta = delta
@@ -135,7 +152,7 @@ class Contender:
 
     @property
     def skips_after_step(self) -> bool:
-        """Whether the after-step pass does nothing here (rigl_fast, after_step='auto', a zero-preserving
+        """Whether the after-step pass does nothing here (rigl_fast, after_step='trusted', a zero-preserving
         optimizer such as this SGD): its floor then has no after-step bytes."""
         return bool(getattr(self.sched, "_skip_after_step", False))
 
@@ -182,7 +199,8 @@ class Contender:
 
 
 def make_contenders(masters: Masters, names: Sequence[str], sparsity, delta=100, T_end=1000):
-    """Contenders by name ('rigl-torch', 'rigl_fast[<backend>]', 'rigl_fast[<backend>]+always').
+    """Contenders by name ('rigl-torch', 'rigl_fast[<backend>]' with the default after_step='always',
+    'rigl_fast[<backend>]+trusted' with the fast path).
 
     The first rigl_fast scheduler draws the masks; every other contender loads them from its state dict
     (both libraries accept one), so all start from the same masks without drawing again.
@@ -194,9 +212,7 @@ def make_contenders(masters: Masters, names: Sequence[str], sparsity, delta=100,
         if name == RIGL_TORCH:
             c = Contender(name, masters, sparsity, delta, T_end, sd=sd)
         else:
-            inner = name[len("rigl_fast["):]
-            backend, _, rest = inner.partition("]")
-            after = rest[1:] if rest.startswith("+") else "auto"
+            backend, after = parse_fast_name(name)
             c = Contender(name, masters, sparsity, delta, T_end, sd=sd, backend=backend, after_step=after)
         if sd is None:
             sd = c.sched.state_dict()

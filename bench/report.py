@@ -115,11 +115,21 @@ def markdown(res: dict) -> str:
          "bandwidth). The copy bandwidth credits torch's `copy_` with reading and writing each byte once, but its "
          "stores also read every destination line first (write-allocate): a kernel with streaming stores, such "
          "as the C++ gradient op, moves less than it is credited with and can come in under 1x. `Nx` = speed-up "
-         "over rigl-torch. `+always` = rigl_fast with after_step='always' (the "
-         "default 'auto' skips the after-step pass for optimizers proven zero-preserving, such as SGD here).", ""]
+         "over rigl-torch. `rigl_fast[<backend>]` runs rigl_fast's default after_step='always' (weights and every "
+         "same-shaped optimizer state masked after every optimizer step: exact whatever else touches them); "
+         "`+trusted` is the opt-in fast path after_step='trusted', which skips that pass for optimizers proven "
+         "zero-preserving (SGD, Adam, AdamW, RMSprop, Adagrad; SGD here) and is exact only while nothing but "
+         "rigl_fast's hooks changes the sparse weights, their gradients and their optimizer states (no "
+         "load_state_dict after construction, no gradient clipping or noise hooks). A contender that skips the "
+         "pass is held to the gradient op's bytes alone.", ""]
     L += ["## Per-step overhead (gradient hooks + after-step pass), ms", ""]
     L += _grid(res["step"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
                lambda r: f"{_ms(r['total'])} [{r['x_floor']:.2g}x floor{_speedup(res['step'], r, 'total')}]")
+    cost = _grid(_safe_default_cost(res["step"]), _cfg, ["weights", "sparse", "sparsity", "dtype"],
+                 lambda r: f"{r['ratio']:.2f}x (+{r['extra_ms']:.3g} ms)")
+    if len(cost) > 2:
+        L += ["", "## Cost of the safe default: per-step time with after_step='always' / with 'trusted' "
+              "(medians of the same run)", ""] + cost
     L += ["", "## Update latency (one topology update of all layers), ms", ""]
     L += _grid(res["update"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
                lambda r: f"{_ms(r['latency'])} [{r['x_floor']:.2g}x floor{_speedup(res['update'], r, 'latency')}]")
@@ -143,6 +153,22 @@ def markdown(res: dict) -> str:
     if res["notes"]:
         L += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(L) + "\n"
+
+
+def _safe_default_cost(step_rows) -> List[dict]:
+    """For each rigl_fast contender with a `+trusted` twin in the same configuration: the ratio of their per-step
+    medians (default 'always' / fast path 'trusted') and the extra milliseconds, one row per pair."""
+    out = []
+    suffix = "+" + C.FAST_PATH
+    for r in step_rows:
+        if not r["contender"].endswith(suffix):
+            continue
+        default = r["contender"][:-len(suffix)]
+        twin = [x for x in step_rows if _cfg(x) == _cfg(r) and x["contender"] == default]
+        if twin:
+            a, t = twin[0]["total"]["median"], r["total"]["median"]
+            out.append(dict(r, contender=default, ratio=a / t, extra_ms=(a - t) * 1e3))
+    return out
 
 
 def scaling_exponents(res) -> Dict[str, float]:

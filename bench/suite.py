@@ -87,7 +87,10 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     b = torch.finfo(dtype).bits // 8
     masters = C.Masters(shapes, device, dtype)
     n_all = masters.n_weights
-    names = [C.RIGL_TORCH] + [C.fast_name(be) for be in backends] + [C.fast_name(be, "always") for be in backends]
+    # rigl_fast on every backend with its default after_step='always', then the same with the opt-in fast path
+    # after_step='trusted' (per-step table only): the ratio of the two is the cost of the safe default
+    names = ([C.RIGL_TORCH] + [C.fast_name(be) for be in backends]
+             + [C.fast_name(be, C.FAST_PATH) for be in backends])
     log(f"  {set_name} {sparsity} {dtype_name}: {n_all / 1e6:.1f}M weights, contenders ready")
     cs = C.make_contenders(masters, names, sparsity)
     n_sparse = sum(weightsets.numel(shapes[i]) for i in cs[0].sparse)
@@ -111,16 +114,17 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     step_rows = []
     for c in cs:
         s = samples[c.name]
-        # a contender that skips the after-step pass (after_step='auto' with a zero-preserving optimizer) must
+        # a contender that skips the after-step pass (after_step='trusted' with a zero-preserving optimizer) must
         # move only the gradient op's bytes: its floor leaves the after-step part out
         parts = dict(floors, after_step=0) if c.skips_after_step else floors
         step_rows.append(dict(base, contender=c.name, **{k: timing.stats(v) for k, v in s.items()},
+                              skips_after_step=c.skips_after_step,
                               floor_bytes=parts["grad_op"] + parts["after_step"], floor_parts_bytes=parts))
     log(f"  step  {set_name} {sparsity} {dtype_name}: " + ", ".join(
         f"{r['contender']} {r['total']['median'] * 1e3:.2f} ms" for r in step_rows))
 
     # ---- update: same work for all (after_step does not matter), restored before every call
-    ucs = [c for c in cs if not c.name.endswith("+always")]
+    ucs = [c for c in cs if not c.name.endswith("+" + C.FAST_PATH)]
     reps = {c.name: rt_reps if c.name == C.RIGL_TORCH else plan.update_repeats for c in ucs}
     upd: Dict[str, list] = {c.name: [] for c in ucs}
     mem: Dict[str, Optional[int]] = {}
@@ -215,7 +219,10 @@ def measure_e2e(device, plan: Plan, backends, log) -> list:
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         runs = []
-        for name in ["dense", C.RIGL_TORCH] + [C.fast_name(be) for be in backends]:
+        # rigl_fast with its default after_step='always' and with the fast path 'trusted' (SGD: no after-step pass)
+        names = (["dense", C.RIGL_TORCH] + [C.fast_name(be) for be in backends]
+                 + [C.fast_name(be, C.FAST_PATH) for be in backends])
+        for name in names:
             model = copy.deepcopy(base_model)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             kw = dict(dense_allocation=0.1, T_end=10 ** 9, delta=delta, ignore_linear_layers=False)
@@ -224,7 +231,8 @@ def measure_e2e(device, plan: Plan, backends, log) -> list:
             elif name == C.RIGL_TORCH:
                 sched = C.import_rigl_torch()(model, opt, **kw)
             else:
-                sched = __import__("rigl_fast").RigLScheduler(model, opt, backend=name[10:-1], **kw)
+                backend, after = C.parse_fast_name(name)
+                sched = __import__("rigl_fast").RigLScheduler(model, opt, backend=backend, after_step=after, **kw)
             runs.append((name, model, opt, sched))
 
         def block(model, opt, sched):

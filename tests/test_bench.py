@@ -42,6 +42,29 @@ def test_gpt_sets_have_the_advertised_sizes():
     assert 1.3e9 <= n("gpt-1.3b") < 1.35e9
 
 
+def test_contender_names_follow_the_after_step_default():
+    """The plain name is rigl_fast's default after_step='always' (the after-step pass runs, so its floor counts
+    those bytes); '+trusted' is the fast path, which skips the pass for this SGD."""
+    import torch
+    import inspect
+    from rigl_fast import RigLScheduler
+    assert inspect.signature(RigLScheduler).parameters["after_step"].default == contenders.DEFAULT_AFTER_STEP
+    assert contenders.fast_name("cpp") == "rigl_fast[cpp]"
+    assert contenders.fast_name("cpp", "trusted") == "rigl_fast[cpp]+trusted"
+    for be in ("reference", "cpp"):
+        for mode in ("always", "trusted"):
+            assert contenders.parse_fast_name(contenders.fast_name(be, mode)) == (be, mode)
+    with pytest.raises(ValueError):
+        contenders.parse_fast_name("rigl_fast[cpp]always")
+    masters = contenders.Masters(weightsets.WEIGHT_SETS["tiny-mlp"](), torch.device("cpu"), torch.float32)
+    names = [contenders.fast_name("reference"), contenders.fast_name("reference", "trusted")]
+    default, fast = contenders.make_contenders(masters, names, 0.9)
+    assert default.sched._after_step_mode == "always" and not default.skips_after_step
+    assert fast.sched._after_step_mode == "trusted" and fast.skips_after_step
+    for c in (default, fast):
+        c.close()
+
+
 def test_contenders_do_the_same_update():
     """The bench's premise: every contender starts each update from the same state and ends at the same
     masks, so the timed work is identical (rigl-torch's mask differs only where its sort breaks ties)."""
@@ -83,26 +106,30 @@ def test_quick_writes_json_and_markdown(tmp_path):
         assert meta[key], key
     assert "reference" in res["backends"]
     expected = {contenders.RIGL_TORCH} | {contenders.fast_name(b) for b in res["backends"]}
+    trusted = {contenders.fast_name(b, "trusted") for b in res["backends"]}
     _check_stats(res["copy_bandwidth_Bps"])
 
     assert {r["contender"] for r in res["update"]} == expected
-    assert {r["contender"] for r in res["step"]} == expected | {contenders.fast_name(b, "always")
-                                                               for b in res["backends"]}
+    assert {r["contender"] for r in res["step"]} == expected | trusted
     for r in res["step"]:
         _check_stats(r["total"])
         assert _pos(r["floor_s"]) and _pos(r["x_floor"])
+        # only the fast path skips the after-step pass (SGD is zero-preserving), and only its floor drops it
+        assert r["skips_after_step"] == (r["contender"] in trusted)
+        assert (r["floor_parts_bytes"]["after_step"] == 0) == (r["contender"] in trusted)
     for r in res["update"]:
         _check_stats(r["latency"])
         assert _pos(r["floor_s"]) and _pos(r["x_floor"])
         m = r["peak_extra_bytes_per_weight"]
         assert m is None or (math.isfinite(m) and m >= 0)
-    assert {r["contender"] for r in res["e2e"]} == expected | {"dense"}
+    assert {r["contender"] for r in res["e2e"]} == expected | trusted | {"dense"}
     for r in res["e2e"]:
         _check_stats(r["steps_per_s"])
     assert len({r["n_weights"] for r in res["scaling"]}) >= 3
     for r in res["scaling"]:
         _check_stats(r["latency"])
-    for name in expected:
+    for name in expected | trusted:
         assert name in md
-    for section in ("Per-step overhead", "Update latency", "Peak extra memory", "End-to-end", "Scaling"):
+    for section in ("Per-step overhead", "Cost of the safe default", "Update latency", "Peak extra memory",
+                    "End-to-end", "Scaling"):
         assert section in md
