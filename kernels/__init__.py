@@ -40,6 +40,8 @@ class TritonBackend(Backend):
             raise ValueError(f"block must be a power of two >= 16, got {block}")
         if iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
+        if block * iters >= 2 ** 31:  # a program's own counts are int32 (layers of any size are fine)
+            raise ValueError(f"block * iters must be < 2**31, got {block} * {iters}")
         if not 5 <= radix_bits <= 11:  # >= 32 histogram bins (one per warp lane), <= 2048 (cost grows with bins)
             raise ValueError(f"radix_bits must be in [5, 11], got {radix_bits}")
         self.block = block

@@ -6,7 +6,8 @@ addresses only (never from tensor values), then copied to the device without a h
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import threading
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,6 +18,56 @@ FLOAT_CODES = {torch.float32: DT_F32, torch.float16: DT_F16, torch.bfloat16: DT_
 
 def float_code(t: torch.Tensor) -> int:
     return FLOAT_CODES[t.dtype]
+
+
+_LAUNCH = threading.local()
+
+
+class on_device:
+    """`with on_device(device):` around every kernel launch. Triton launches on the *current* CUDA device and
+    its current stream, wherever the pointers it is given live; a model on cuda:1 while the current device is
+    0 would get its kernels launched on device 0. This makes `device` current (a no-op for CPU tensors under
+    the interpreter) and records it, so tests can check that each launch ran under the right guard."""
+
+    __slots__ = ("device", "_cuda", "_prev")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._cuda = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        self._prev = getattr(_LAUNCH, "device", None)
+        _LAUNCH.device = self.device
+        if self._cuda is not None:
+            self._cuda.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._cuda is not None:
+            self._cuda.__exit__(*exc)
+        _LAUNCH.device = self._prev
+        return False
+
+
+def launch_device() -> Optional[torch.device]:
+    """The device of the innermost `on_device` guard active in this thread (None outside any)."""
+    return getattr(_LAUNCH, "device", None)
+
+
+def one_device(tensors: Iterable[Optional[torch.Tensor]], what: str) -> torch.device:
+    """The device all `tensors` (Nones skipped) live on: a kernel launch covers one device. Raises a clear
+    ValueError for tensors on several devices instead of handing a kernel foreign pointers."""
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"rigl_fast (triton): {what} must all be on one device, got {device} and {t.device}")
+    if device is None:
+        raise ValueError(f"rigl_fast (triton): no tensors in {what}")
+    return device
 
 
 def to_device(rows, dtype, device) -> torch.Tensor:

@@ -72,6 +72,14 @@ def main(arch: int = 90) -> int:
                  [[w.clone()]], [w.clone()])
     # the update's histogram passes for both radix widths used by the tests
     TritonBackend(radix_bits=11).update([w.clone()], [m.clone()], [w.clone()], [100], [50], [[]], [None])
+    # a gradient of 2**31+ elements: its size and strides arrive as i64 (the other kernels read sizes from
+    # int64 tables); nothing runs, so small tensors stand in for the pointers
+    from rigl_fast.kernels.elementwise import _mask_grad_kernel
+    big = 2 ** 31 + 1
+    g32, m8 = torch.zeros(4), torch.zeros(4, dtype=torch.uint8)
+    for contig in (True, False):
+        _mask_grad_kernel[(4,)](g32, m8, g32, g32, 1.0, big, 1, 1, 2, big, 0, 0, 0, big, 1, CONTIG=contig,
+                                HAS_ACC=True, DT=0, RECIP=False, BLOCK=1024)
     print(f"aot_check: {len(compiled)} kernel variants compiled for sm_{arch}")
     return 0
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DT_BF16, DT_F16, DT_F32, float_code, program_table, to_device
+from ._common import DT_BF16, DT_F16, DT_F32, float_code, on_device, one_device, program_table, to_device
 
 MAX_DIMS = 5  # Conv3d weights are 5-D; more dims after collapsing fall back to a contiguous copy
 
@@ -124,7 +124,8 @@ def torch_divides_by_reciprocal(device: torch.device) -> bool:
 
 def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor], n: int,
               block: int, recip: Optional[bool] = None) -> torch.Tensor:
-    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    device = one_device((grad, mask, acc), "the gradient, its mask and the accumulator")
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=device)
     numel = grad.numel()
     if numel == 0:
         return out
@@ -145,11 +146,12 @@ def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor
     n_div = float(np.float32(1.0) / np.float32(n)) if recip else float(n)
     extra = {"enable_fp_fusion": False} if grad.device.type == "cuda" else {}
     grid = (triton.cdiv(numel, block),)
-    _mask_grad_kernel[grid](
-        _as_kernel_view(src), mask.view(torch.uint8), _as_kernel_view(out),
-        _as_kernel_view(acc if acc is not None else out),
-        n_div, numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
-        CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), RECIP=bool(recip), BLOCK=block, **extra)
+    with on_device(device):
+        _mask_grad_kernel[grid](
+            _as_kernel_view(src), mask.view(torch.uint8), _as_kernel_view(out),
+            _as_kernel_view(acc if acc is not None else out),
+            n_div, numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
+            CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), RECIP=bool(recip), BLOCK=block, **extra)
     return out
 
 
@@ -197,7 +199,7 @@ _APPLY_CACHE = _TableCache()
 def apply_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], block: int, iters: int) -> None:
     if not tensors:
         return
-    device = tensors[0].device
+    device = one_device(list(tensors) + list(masks), "the after-step pass's tensors and masks")
     copies = []
     group_of = {}
     groups = []  # [mask, [(ptr, esize)]]
@@ -228,7 +230,8 @@ def apply_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], 
                 to_device(g_rows, torch.int64, device), to_device(t_rows, torch.int64, device))
 
     p_group, p_start, g_tab, t_tab = _APPLY_CACHE.get(cache_key, build)
-    _apply_masks_kernel[(p_group.numel(),)](p_group, p_start, g_tab, t_tab, BLOCK=block, ITERS=iters)
+    with on_device(device):
+        _apply_masks_kernel[(p_group.numel(),)](p_group, p_start, g_tab, t_tab, BLOCK=block, ITERS=iters)
     for orig, c in copies:
         orig.copy_(c)
 
@@ -273,15 +276,17 @@ def any_nonfinite(tensors: Sequence[torch.Tensor], block: int, iters: int) -> bo
     floats = [t for t in tensors if t.numel() > 0 and t.dtype.is_floating_point]
     if not floats:
         return False
-    device = floats[0].device
+    device = one_device(floats, "the tensors checked for NaN/inf")
     flat = [t.contiguous() for t in floats]
     unsupported = [t for t in flat if t.dtype not in _NONFINITE_CODES]
     items = [[t.data_ptr(), t.numel(), _NONFINITE_CODES[t.dtype]] for t in flat if t.dtype in _NONFINITE_CODES]
     flag = torch.zeros(1, dtype=torch.int32, device=device)
     if items:
         owner, start, _ = program_table([r[1] for r in items], block * iters)
-        _nonfinite_kernel[(len(owner),)](to_device(owner, torch.int32, device), to_device(start, torch.int64, device),
-                                         to_device(items, torch.int64, device), flag, BLOCK=block, ITERS=iters)
+        tables = (to_device(owner, torch.int32, device), to_device(start, torch.int64, device),
+                  to_device(items, torch.int64, device))
+        with on_device(device):
+            _nonfinite_kernel[(len(owner),)](*tables, flag, BLOCK=block, ITERS=iters)
     for t in unsupported:  # float8 and friends: rare enough for torch to check
         flag |= (~torch.isfinite(t.float())).any().to(torch.int32).view(1)
     return bool(flag.item())  # the one host sync of an update

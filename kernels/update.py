@@ -11,6 +11,10 @@ prefix. Everything with key > T is selected, and the first `k_rem` keys equal to
 Every launch covers every layer (a per-program layer table), so an update costs O(passes) launches and no
 host synchronisation. Per-layer state (prefix, k remaining) lives on the device.
 
+64-bit where a layer of 2**31+ elements needs it: element offsets (int64 program starts), the per-layer
+histograms, k and the ties counted before a program. Per-program counts stay int32 (a program covers
+BLOCK * ITERS < 2**31 elements), and so does every per-element vector.
+
 Pass list (phase K = keep over |w| of active positions, phase G = grow over |score| of non-kept ones):
   K: hist xP (+ pick), tie count, mark   -- mark rewrites each mask byte as old | kept << 1
   G: hist xP (+ pick), tie count, final  -- final writes the 0/1 mask and zeros weights/states/grads
@@ -24,11 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Contig, float_code, program_table, to_device
+from ._common import Contig, float_code, on_device, one_device, program_table, to_device
 from .elementwise import _zero_store
 
 KEY_BITS = 31
-ALL_TIES = tl.constexpr(2 ** 31 - 1)  # "k remaining" meaning: every key equal to the threshold is selected
+# "k remaining" meaning: every key equal to the threshold is selected (above any count a layer can have)
+ALL_TIES = tl.constexpr(2 ** 62)
 
 
 def radix_passes(radix_bits: int):
@@ -84,7 +89,7 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
     start = tl.load(prog_start + pid)
     numel = tl.load(tab + l * 8 + 3)
     m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
-    prefix = tl.load(st + l * 2 + 0)
+    prefix = tl.load(st + l * 2 + 0).to(tl.int32)  # < 2**31: the key bits found so far
     # every pass uses HSTRIDE bins (>= 32: the GPU histogram lowering works per warp lane) even when its
     # digit is narrower; the extra bins stay empty
     counts = tl.zeros([HSTRIDE], tl.int32)
@@ -98,9 +103,10 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
             valid = valid & ((key >> (SHIFT + NBITS)) == prefix)
         digit = (key >> SHIFT) & ((1 << NBITS) - 1)
         counts += tl.histogram(digit, HSTRIDE, mask=valid)
-    # one atomic per non-empty bin per program (programs cover ITERS blocks to keep atomics rare)
+    # one atomic per non-empty bin per program (programs cover ITERS blocks to keep atomics rare); the layer's
+    # histogram is int64: one bin of a 2**31+ element layer can hold more than int32 counts
     bins = tl.arange(0, HSTRIDE)
-    tl.atomic_add(hist + l * HSTRIDE + bins, counts, mask=counts > 0)
+    tl.atomic_add(hist + l * HSTRIDE + bins, counts.to(tl.int64), mask=counts > 0)
 
 
 @triton.jit
@@ -138,7 +144,7 @@ def _tie_count_kernel(prog_layer, prog_start, tab, st, cnt, PHASE: tl.constexpr,
     start = tl.load(prog_start + pid)
     numel = tl.load(tab + l * 8 + 3)
     m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
-    thr = tl.load(st + l * 2 + 0)
+    thr = tl.load(st + l * 2 + 0).to(tl.int32)
     total = tl.zeros([BLOCK], tl.int32)
     n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
     n_it = tl.where(tl.load(st + l * 2 + 1) == ALL_TIES, 0, n_it)  # ranks not needed: read nothing
@@ -152,12 +158,15 @@ def _tie_count_kernel(prog_layer, prog_start, tab, st, cnt, PHASE: tl.constexpr,
 
 
 @triton.jit
-def _selected(valid, key, thr, k_rem, run):
+def _selected(valid, key, thr, k_rem, run, BLOCK: tl.constexpr):
     """Selected = key above the threshold, or equal to it and among the first k_rem such in index order
-    (`run` = ties in earlier blocks of this layer). Returns (selected, updated run)."""
+    (`run` = ties in earlier blocks of this layer). Returns (selected, updated run).
+
+    k_rem and run are int64 scalars (a layer may hold 2**31+ ties); the ties this block may still take,
+    clamped to [0, BLOCK], keep the per-element rank compare in int32."""
     eq = (valid & (key == thr)).to(tl.int32)
-    rank = run + tl.cumsum(eq, 0) - eq
-    sel = (valid & (key > thr)) | ((eq != 0) & (rank < k_rem))
+    lim = tl.minimum(tl.maximum(k_rem - run, 0), BLOCK).to(tl.int32)
+    sel = (valid & (key > thr)) | ((eq != 0) & (tl.cumsum(eq, 0) - eq < lim))
     return sel, run + tl.sum(eq, axis=0)
 
 
@@ -170,9 +179,9 @@ def _program(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, ITER
     start = tl.load(prog_start + pid)
     numel = tl.load(tab + l * 8 + 3)
     m_ptr = tl.load(tab + l * 8 + 1).to(tl.pointer_type(tl.uint8))
-    thr = tl.load(st + l * 2 + 0)
+    thr = tl.load(st + l * 2 + 0).to(tl.int32)
     k_rem = tl.load(st + l * 2 + 1)
-    run = tl.load(tie_off + pid)
+    run = tl.load(tie_off + pid)  # int64
     n_it = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
     return l, start, numel, m_ptr, thr, k_rem, run, n_it
 
@@ -185,7 +194,7 @@ def _mark_kernel(prog_layer, prog_start, tab, st, tie_off, BLOCK: tl.constexpr, 
         inr = offs < numel
         mb = tl.load(m_ptr + offs, mask=inr, other=0)
         valid, key = _candidates(tab, l, offs, inr, mb, 0)
-        kept, run = _selected(valid, key, thr, k_rem, run)
+        kept, run = _selected(valid, key, thr, k_rem, run, BLOCK)
         tl.store(m_ptr + offs, (mb & 1) | (kept.to(tl.uint8) << 1), mask=inr)
 
 
@@ -201,7 +210,7 @@ def _final_kernel(prog_layer, prog_start, tab, rows, st, tie_off, BLOCK: tl.cons
         inr = offs < numel
         mb = tl.load(m_ptr + offs, mask=inr, other=0)
         valid, key = _candidates(tab, l, offs, inr, mb, 1)
-        grow, run = _selected(valid, key, thr, k_rem, run)
+        grow, run = _selected(valid, key, thr, k_rem, run, BLOCK)
         new = grow | ((mb & 2) != 0)
         both = new & ((mb & 1) != 0)
         tl.store(m_ptr + offs, new.to(tl.uint8), mask=inr)
@@ -211,9 +220,10 @@ def _final_kernel(prog_layer, prog_start, tab, rows, st, tie_off, BLOCK: tl.cons
 
 
 def _scan_offsets(cnt: torch.Tensor, prog_layer_long: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """Exclusive prefix of per-program tie counts, restarted at each layer's first program (on device)."""
-    excl = torch.cumsum(cnt, 0) - cnt
-    return (excl - excl[first][prog_layer_long]).to(torch.int32)
+    """Exclusive prefix of per-program tie counts (int32), restarted at each layer's first program (on device).
+    int64: the ties before a program can number 2**31 or more."""
+    excl = torch.cumsum(cnt, 0, dtype=torch.int64) - cnt
+    return excl - excl[first][prog_layer_long]
 
 
 def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, iters, passes):
@@ -233,7 +243,8 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
     L = len(weights)
     if L == 0:
         return
-    device = weights[0].device
+    device = one_device([t for group in (weights, masks, scores, grads) for t in group] +
+                        [t for st_list in states for t in st_list], "the update's tensors")
     contig = Contig()  # also keeps the contiguous stand-ins alive until the kernels have run
     tab_rows, t_rows = [], []
     for w, m, s, st_list, g in zip(weights, masks, scores, states, grads):
@@ -256,15 +267,17 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
     rows = to_device(t_rows, torch.int64, device)
     p_layer_long = p_layer.long()
     first_t = to_device(first, torch.int64, device)
-    ks = to_device([[0, int(k)] for k in n_keep] + [[0, int(k)] for k in n_grow], torch.int32, device)
+    # per layer (prefix, k remaining), int64: k and n_keep of a 2**31+ element layer pass int32
+    ks = to_device([[0, int(k)] for k in n_keep] + [[0, int(k)] for k in n_grow], torch.int64, device)
     st_keep, st_grow = ks[:L], ks[L:]
     passes = radix_passes(radix_bits)
-    hist = torch.zeros(L, 1 << radix_bits, dtype=torch.int32, device=device)
+    hist = torch.zeros(L, 1 << radix_bits, dtype=torch.int64, device=device)
     cnt = torch.empty(len(owner), dtype=torch.int32, device=device)
     grid = (len(owner),)
 
-    keep_off = _select(0, grid, launch, st_keep, hist, cnt, p_layer_long, first_t, block, iters, passes)
-    _mark_kernel[grid](*launch, st_keep, keep_off, BLOCK=block, ITERS=iters)
-    grow_off = _select(1, grid, launch, st_grow, hist, cnt, p_layer_long, first_t, block, iters, passes)
-    _final_kernel[grid](*launch, rows, st_grow, grow_off, BLOCK=block, ITERS=iters)
+    with on_device(device):
+        keep_off = _select(0, grid, launch, st_keep, hist, cnt, p_layer_long, first_t, block, iters, passes)
+        _mark_kernel[grid](*launch, st_keep, keep_off, BLOCK=block, ITERS=iters)
+        grow_off = _select(1, grid, launch, st_grow, hist, cnt, p_layer_long, first_t, block, iters, passes)
+        _final_kernel[grid](*launch, rows, st_grow, grow_off, BLOCK=block, ITERS=iters)
     contig.write_back()
