@@ -5,7 +5,6 @@ every pass over weights goes through `self._ops`, a backend from `ops.py`.
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import List, Optional
 
@@ -14,22 +13,14 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import config as _config
 from . import distributed as _dist
 from . import layers as _layers
 from . import ops as _ops
 from . import state as _state
+from . import summary as _summary
+from .config import AFTER_STEP_MODES, GROW_MODES, ZERO_PRESERVING_OPTIMIZERS  # noqa: F401  (their old home)
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: older code imports it from here)
-
-GROW_MODES = ("gradient", "random")
-AFTER_STEP_MODES = ("always", "trusted")
-
-# Optimizers whose update keeps a weight and its states exactly zero wherever the gradient, the weight and
-# the states are zero (elementwise rules; tests/test_invariants.py proves it for each, with every option).
-# With after_step='trusted' the after-step masking pass is skipped for these: correct only while nothing
-# but rigl_fast's hooks touches weights, gradients and optimizer states (see RigLScheduler's docstring).
-# Exact types only: a subclass may change `step`.
-ZERO_PRESERVING_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
-                              torch.optim.Adagrad)
 
 # Parameters registered to a live scheduler. Kept here, not as an attribute of the parameter, so that a
 # pickled model (torch.save(model)) does not carry its registration into the copy, which has no hooks.
@@ -70,31 +61,6 @@ class IndexMaskHook:
         return s._ops.mask_grad(grad, mask, acc, s.grad_accumulation_n)
 
 
-def unwrap_optimizer(optimizer):
-    """The torch.optim.Optimizer that really steps. Wrappers that forward step() to an optimizer held as
-    `.optimizer` (Accelerate's AcceleratedOptimizer, which the HF Trainer uses; Lightning's
-    LightningOptimizer) are followed down to it: its step hook fires whenever the wrapper steps."""
-    opt = optimizer
-    for _ in range(8):
-        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_post_hooks"):
-            return opt
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or inner is opt:
-            break
-        opt = inner
-    raise TypeError(f"optimizer must be a torch.optim.Optimizer, or a wrapper that forwards step() to one held as "
-                    f".optimizer (like Accelerate's AcceleratedOptimizer); got {type(optimizer).__name__}, which is "
-                    "neither: pass the torch.optim.Optimizer that steps the model's parameters")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 class RigLScheduler:
     """Drop-in replacement for `rigl_torch.RigL.RigLScheduler`.
 
@@ -118,19 +84,14 @@ class RigLScheduler:
         # ---- validate everything before touching the model, the optimizer or the RNG ----
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        inner = unwrap_optimizer(optimizer)
+        inner = _config.unwrap_optimizer(optimizer)
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta_T=delta, alpha=alpha, static_topo=static_topo,
                   grad_accumulation_n=grad_accumulation_n, erk_power_scale=erk_power_scale, grow_mode=grow_mode)
         if state_dict is not None:
             hp.update(_state.hyperparams(state_dict))  # the state dict's values win
-        self._validate_hyperparams(hp)
-        if after_step == "auto":
-            raise ValueError("after_step='auto' is now called 'trusted' and is no longer the default (it skips the "
-                             "after-step pass, exact only when nothing else changes weights, gradients or optimizer "
-                             "states); use after_step='trusted', or the default 'always'")
-        if after_step not in AFTER_STEP_MODES:
-            raise ValueError(f"after_step must be one of {AFTER_STEP_MODES}, got {after_step!r}")
+        _config.validate(hp)
+        _config.check_after_step(after_step)
         if not isinstance(sparsify_tied, bool):
             raise TypeError(f"sparsify_tied must be a bool, got {sparsify_tied!r}")
         _ops.check_name(backend)
@@ -178,7 +139,7 @@ class RigLScheduler:
                 _REGISTERED.pop(w, None)
             torch.random.set_rng_state(rng)
             raise
-        self._warn_if_idle(model, include, exclude)
+        _config.warn_if_idle(self, model, include, exclude)
 
     def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict):
         self.model = model
@@ -229,68 +190,12 @@ class RigLScheduler:
                 raise ValueError(f"layer {name!r} has {w.numel()} weights, more than the {ops.name} backend handles "
                                  f"({limit}); choose another backend or keep the layer dense with exclude=")
 
-    def _warn_if_idle(self, model, include, exclude):
-        """Configurations that would silently do nothing get a warning naming the argument to change."""
-        for p in _layers.unmatched_patterns(model, include, exclude):
-            warnings.warn(f"rigl_fast: {p} matches no module name of the model, so it changes nothing",
-                          UserWarning, stacklevel=3)
-        if all(s <= 0 for s in self.S):
-            n_lin = sum(self._linear_layers_mask)
-            if self.ignore_linear_layers and n_lin:
-                why = (f"ignore_linear_layers=True keeps its {n_lin} linear layers (nn.Linear, Conv1D, attention "
-                       "projections) dense; pass ignore_linear_layers=False")
-            elif self.dense_allocation >= 1:
-                why = "dense_allocation=1 keeps every layer dense; pass e.g. dense_allocation=0.1"
-            else:
-                why = "every candidate is dense under this sparsity_distribution"
-            warnings.warn(f"rigl_fast: no layer of the model is sparse, so RigL does nothing: {why}", UserWarning,
-                          stacklevel=3)
-        elif not self.static_topo and self.T_end is not None and self.T_end <= self.delta_T:
-            warnings.warn(f"rigl_fast: T_end={self.T_end} <= delta={self.delta_T}, so no topology update will ever "
-                          "run (the first is at step delta, and none at or after T_end); set T_end to about 75% of "
-                          "the training steps", UserWarning, stacklevel=3)
-
     def __reduce_ex__(self, protocol):
         raise TypeError("a RigLScheduler cannot be pickled or copied (torch.save(pruner), pickle, copy.deepcopy): "
                         "its hooks live on the model's parameters and would not come back. Save "
                         "pruner.state_dict() instead and resume with RigLScheduler(model, optimizer, state_dict=sd)")
 
     # ------------------------------------------------------------------ validation / hyperparameters
-    @staticmethod
-    def _validate_hyperparams(hp):
-        da = hp["dense_allocation"]
-        if not _is_real(da) or not (0 < da <= 1):
-            raise ValueError(f"dense_allocation must be a number in (0, 1], got {da!r}")
-        if hp["sparsity_distribution"] not in _layers.DISTRIBUTIONS:
-            raise ValueError(f"sparsity_distribution must be one of {_layers.DISTRIBUTIONS}, "
-                             f"got {hp['sparsity_distribution']!r}")
-        delta = hp["delta_T"]
-        if not _is_int(delta) or delta < 2:
-            raise ValueError(f"delta must be an integer >= 2 (the steps between topology updates; with delta=1 every "
-                             f"step would be an update and the optimizer would never step), got {delta!r}")
-        T_end = hp["T_end"]
-        if T_end is None:
-            if not hp["static_topo"]:
-                raise ValueError("T_end is required (an integer >= 1, the step after which the topology is "
-                                 "frozen; rigl-torch recommends 75% of the total iterations) unless static_topo=True")
-        elif not _is_int(T_end) or T_end < 1:
-            raise ValueError(f"T_end must be an integer >= 1, got {T_end!r}")
-        alpha = hp["alpha"]
-        if not _is_real(alpha) or not (0 <= alpha <= 1):
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        n = hp["grad_accumulation_n"]
-        if not _is_int(n) or not (1 <= n < delta):
-            raise ValueError(f"grad_accumulation_n must be an integer in [1, delta) = [1, {delta}), got {n!r}")
-        eps = hp["erk_power_scale"]
-        if not _is_real(eps) or not np.isfinite(eps):
-            raise ValueError(f"erk_power_scale must be a finite number, got {eps!r}")
-        if hp["grow_mode"] not in GROW_MODES:
-            raise ValueError(f"grow_mode must be one of {GROW_MODES}, got {hp['grow_mode']!r}")
-        if not isinstance(hp["static_topo"], (bool, int)):
-            raise TypeError(f"static_topo must be a bool, got {hp['static_topo']!r}")
-        if not isinstance(hp["ignore_linear_layers"], (bool, int)):
-            raise TypeError(f"ignore_linear_layers must be a bool, got {hp['ignore_linear_layers']!r}")
-
     def _set_hyperparams(self, hp):
         self.dense_allocation = hp["dense_allocation"]
         self.T_end = hp["T_end"]
@@ -303,7 +208,7 @@ class RigLScheduler:
         self.erk_power_scale = hp["erk_power_scale"]
         self.grow_mode = hp["grow_mode"]
         self._skip_after_step = (self._after_step_mode == "trusted"
-                                 and type(self._optimizer) in ZERO_PRESERVING_OPTIMIZERS)
+                                 and type(self._optimizer) in _config.ZERO_PRESERVING_OPTIMIZERS)
 
     def _hyperparams(self):
         return dict(dense_allocation=self.dense_allocation, T_end=self.T_end,
@@ -503,7 +408,7 @@ class RigLScheduler:
         """Restore a state dict from `state_dict()` (or from rigl-torch 0.5.2). Validated before any change."""
         hp = self._hyperparams()
         hp.update(_state.hyperparams(state_dict))
-        self._validate_hyperparams(hp)
+        _config.validate(hp)
         S, masks = _state.fit(state_dict, self.names, self.W)
         self._set_hyperparams(hp)
         self.S = S
@@ -526,62 +431,13 @@ class RigLScheduler:
         for w in self.W:
             _REGISTERED.pop(w, None)
 
-    # ------------------------------------------------------------------ printing
-    def _dense_reason(self, i) -> str:
-        if self.S[i] > 0:
-            return ""
-        if self.sparsity_distribution == "uniform" and i == 0 and len(self.W) > 1:
-            return "first layer"
-        if self._linear_layers_mask[i] and self.ignore_linear_layers:
-            return "ignore_linear_layers"
-        if self.dense_allocation >= 1:
-            return "dense_allocation=1"
-        return f"{self.sparsity_distribution}: density capped at 1"
-
     @torch.no_grad()
     def summary(self) -> str:
         """One line per weight of a candidate type: name, shape, density, and why a dense one is dense."""
-        rows = []
-        for i, (name, w, m) in enumerate(zip(self.names, self.W, self.backward_masks)):
-            density = "%.2f%%" % (100.0 * self._n_active[i] / self.N[i]) if m is not None else "100.00%"
-            rows.append((name, str(tuple(w.shape)), density, "" if m is not None else "dense: " + self._dense_reason(i)))
-        for k in self.skipped_layers:
-            rows.append((k.name, str(k.shape), "100.00%", "dense: " + k.reason))
-        widths = [max(len(r[c]) for r in rows + [("layer", "shape", "density", "")]) for c in range(3)]
-        lines = ["  ".join(h.ljust(wd) for h, wd in zip(("layer", "shape", "density"), widths)).rstrip()]
-        for r in rows:
-            lines.append("  ".join(v.ljust(wd) for v, wd in zip(r[:3], widths)) + ("  " + r[3] if r[3] else ""))
-        return "\n".join(ln.rstrip() for ln in lines)
+        return _summary.layer_table(self)
 
     @torch.no_grad()
     def __str__(self):
-        N_str, S_str = [], []
-        total, total_nz, conv, conv_nz = 0, 0, 0, 0
-        for N, mask, W, is_linear in zip(self.N, self.backward_masks, self.W, self._linear_layers_mask):
-            zeros_off_mask = 0 if mask is None else int((W[~mask.to(W.device)] == 0).sum())
-            nz = N - zeros_off_mask
-            N_str.append("%i/%i" % (nz, N))
-            S_str.append("%.2f%%" % (float(nz) / float(N) * 100))
-            total += N
-            total_nz += nz
-            if not is_linear:
-                conv += N
-                conv_nz += nz
-
-        def pct(a, b):
-            return "%i/%i (%.2f%%)" % (a, b, float(a) / float(b) * 100 if b else 0.0)
-
-        s = "RigLScheduler(\n"
-        s += "layers=%i,\n" % len(self.N)
-        s += "nonzero_params=[" + ", ".join(N_str) + "],\n"
-        s += "nonzero_percentages=[" + ", ".join(S_str) + "],\n"
-        s += "total_nonzero_params=" + pct(total_nz, total) + ",\n"
-        s += "total_CONV_nonzero_params=" + pct(conv_nz, conv) + ",\n"
-        s += "step=" + str(self.step) + ",\n"
-        s += "num_rigl_steps=" + str(self.rigl_steps) + ",\n"
-        s += "ignoring_linear_layers=" + str(self.ignore_linear_layers) + ",\n"
-        s += "sparsity_distribution=" + str(self.sparsity_distribution) + ",\n"
-        s += ")\n" + self.summary()
-        return s
+        return _summary.render(self)
 
     __repr__ = __str__

@@ -1,0 +1,116 @@
+"""The scheduler's arguments: validation and the optimizer it hooks (both before anything is changed), and
+the warnings for configurations that would do nothing (after a successful construction)."""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import torch
+
+from . import layers as _layers
+
+GROW_MODES = ("gradient", "random")
+AFTER_STEP_MODES = ("always", "trusted")
+
+# Optimizers whose update keeps a weight and its states exactly zero wherever the gradient, the weight and
+# the states are zero (elementwise rules; tests/test_invariants.py proves it for each, with every option).
+# With after_step='trusted' the after-step masking pass is skipped for these: correct only while nothing
+# but rigl_fast's hooks touches weights, gradients and optimizer states (see RigLScheduler's docstring).
+# Exact types only: a subclass may change `step`.
+ZERO_PRESERVING_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+                              torch.optim.Adagrad)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate(hp) -> None:
+    """Raises ValueError/TypeError naming the first bad hyperparameter (nothing has changed yet)."""
+    da = hp["dense_allocation"]
+    if not is_real(da) or not (0 < da <= 1):
+        raise ValueError(f"dense_allocation must be a number in (0, 1], got {da!r}")
+    if hp["sparsity_distribution"] not in _layers.DISTRIBUTIONS:
+        raise ValueError(f"sparsity_distribution must be one of {_layers.DISTRIBUTIONS}, "
+                         f"got {hp['sparsity_distribution']!r}")
+    delta = hp["delta_T"]
+    if not is_int(delta) or delta < 2:
+        raise ValueError(f"delta must be an integer >= 2 (the steps between topology updates; with delta=1 every "
+                         f"step would be an update and the optimizer would never step), got {delta!r}")
+    T_end = hp["T_end"]
+    if T_end is None:
+        if not hp["static_topo"]:
+            raise ValueError("T_end is required (an integer >= 1, the step after which the topology is "
+                             "frozen; rigl-torch recommends 75% of the total iterations) unless static_topo=True")
+    elif not is_int(T_end) or T_end < 1:
+        raise ValueError(f"T_end must be an integer >= 1, got {T_end!r}")
+    alpha = hp["alpha"]
+    if not is_real(alpha) or not (0 <= alpha <= 1):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    n = hp["grad_accumulation_n"]
+    if not is_int(n) or not (1 <= n < delta):
+        raise ValueError(f"grad_accumulation_n must be an integer in [1, delta) = [1, {delta}), got {n!r}")
+    eps = hp["erk_power_scale"]
+    if not is_real(eps) or not np.isfinite(eps):
+        raise ValueError(f"erk_power_scale must be a finite number, got {eps!r}")
+    if hp["grow_mode"] not in GROW_MODES:
+        raise ValueError(f"grow_mode must be one of {GROW_MODES}, got {hp['grow_mode']!r}")
+    if not isinstance(hp["static_topo"], (bool, int)):
+        raise TypeError(f"static_topo must be a bool, got {hp['static_topo']!r}")
+    if not isinstance(hp["ignore_linear_layers"], (bool, int)):
+        raise TypeError(f"ignore_linear_layers must be a bool, got {hp['ignore_linear_layers']!r}")
+
+
+def check_after_step(after_step) -> None:
+    if after_step == "auto":
+        raise ValueError("after_step='auto' is now called 'trusted' and is no longer the default (it skips the "
+                         "after-step pass, exact only when nothing else changes weights, gradients or optimizer "
+                         "states); use after_step='trusted', or the default 'always'")
+    if after_step not in AFTER_STEP_MODES:
+        raise ValueError(f"after_step must be one of {AFTER_STEP_MODES}, got {after_step!r}")
+
+
+def unwrap_optimizer(optimizer):
+    """The torch.optim.Optimizer that really steps. Wrappers that forward step() to an optimizer held as
+    `.optimizer` (Accelerate's AcceleratedOptimizer, which the HF Trainer uses; Lightning's
+    LightningOptimizer) are followed down to it: its step hook fires whenever the wrapper steps."""
+    opt = optimizer
+    for _ in range(8):
+        if isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "_optimizer_step_post_hooks"):
+            return opt
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    raise TypeError(f"optimizer must be a torch.optim.Optimizer, or a wrapper that forwards step() to one held as "
+                    f".optimizer (like Accelerate's AcceleratedOptimizer); got {type(optimizer).__name__}, which is "
+                    "neither: pass the torch.optim.Optimizer that steps the model's parameters")
+
+
+def warn_if_idle(pruner, model, include, exclude) -> None:
+    """Configurations that would silently do nothing get a warning naming the argument to change."""
+    for p in _layers.unmatched_patterns(model, include, exclude):
+        warnings.warn(f"rigl_fast: {p} matches no module name of the model, so it changes nothing",
+                      UserWarning, stacklevel=3)
+    if all(s <= 0 for s in pruner.S):
+        n_lin = sum(pruner._linear_layers_mask)
+        if pruner.ignore_linear_layers and n_lin:
+            why = (f"ignore_linear_layers=True keeps its {n_lin} linear layers (nn.Linear, Conv1D, attention "
+                   "projections) dense; pass ignore_linear_layers=False")
+        elif pruner.dense_allocation >= 1:
+            why = "dense_allocation=1 keeps every layer dense; pass e.g. dense_allocation=0.1"
+        else:
+            why = "every candidate is dense under this sparsity_distribution"
+        warnings.warn(f"rigl_fast: no layer of the model is sparse, so RigL does nothing: {why}", UserWarning,
+                      stacklevel=3)
+    elif not pruner.static_topo and pruner.T_end is not None and pruner.T_end <= pruner.delta_T:
+        warnings.warn(f"rigl_fast: T_end={pruner.T_end} <= delta={pruner.delta_T}, so no topology update will ever "
+                      "run (the first is at step delta, and none at or after T_end); set T_end to about 75% of "
+                      "the training steps", UserWarning, stacklevel=3)
+
+
