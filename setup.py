@@ -11,13 +11,14 @@ from setuptools import setup
 cmdclass, ext_modules = {}, []
 if os.environ.get("RIGL_FAST_BUILD_CPP") == "1":
     # Prebuild the C++ ops as rigl_fast._C (docs/cpp.md); without this they are JIT-built on first use.
-    # -fopenmp: at::parallel_for is inline in the headers and runs serially without it.
+    # -fopenmp: at::parallel_for is inline in the headers and runs serially without it. -std=c++20: what csrc
+    # needs (<bit>), explicit since older torch defaults to C++17; the same flags as rigl_fast/_cpp.py's JIT build.
     from torch.utils.cpp_extension import BuildExtension, CppExtension
     import glob
     here = os.path.dirname(os.path.abspath(__file__))
     ext_modules = [CppExtension("rigl_fast._C", sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
                                 include_dirs=[os.path.join(here, "csrc")],
-                                extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
+                                extra_compile_args=["-O3", "-fopenmp", "-std=c++20"], extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
