@@ -125,6 +125,21 @@ struct Keep {
 
 enum class FloatType { f32, f64, f16, bf16 };
 
+// The band method packs a position into 32 bits, so it serves layers of up to 2^32 positions; larger ones take
+// the exact path (radix select), which is 64-bit throughout.
+constexpr int64_t kBandMaxNumel = int64_t{1} << 32;
+
+// How many selections the band method resolved and how many took the exact radix path, since the library
+// loaded (torch.ops.rigl_fast.select_paths(); diagnostics, and the tests check which path ran). One shared
+// object: inline, so every translation unit, whatever its instruction set, uses the same counters.
+struct SelectPaths {
+  std::atomic<int64_t> band{0}, exact{0};
+};
+inline SelectPaths& select_paths() {
+  static SelectPaths counts;
+  return counts;
+}
+
 // One layer of an update, as raw pointers to contiguous data.
 struct LayerView {
   void* w;
@@ -133,6 +148,7 @@ struct LayerView {
   FloatType s_type;
   uint8_t* mask;
   int64_t n, n_keep, n_grow;
+  bool exact = false;  // skip the band method: layers of more than kBandMaxNumel positions (or a test's knob)
   std::vector<std::pair<char*, int64_t>> states;  // (data, element size)
   char* grad = nullptr;
   int64_t grad_bytes = 0;

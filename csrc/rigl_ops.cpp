@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -251,6 +252,21 @@ const char* kernel_isa() {
 
 std::string cpu_isa() { return kernel_isa(); }
 
+// Layers above this many positions skip the band method (kBandMaxNumel). RIGL_FAST_CPU_BAND_MAX_NUMEL can
+// only lower it: the tests run the path of 2^32+ position layers on small ones (read on every call).
+int64_t band_max_numel() {
+  const char* env = std::getenv("RIGL_FAST_CPU_BAND_MAX_NUMEL");
+  if (env == nullptr || *env == '\0') return kBandMaxNumel;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && v >= 0, "rigl_fast: RIGL_FAST_CPU_BAND_MAX_NUMEL must be an integer >= 0, got ", env);
+  return std::min<int64_t>(v, kBandMaxNumel);
+}
+
+std::vector<int64_t> select_paths_op() {
+  return {select_paths().band.load(), select_paths().exact.load()};
+}
+
 at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef n_keep,
                   at::IntArrayRef n_grow, at::TensorList states, at::IntArrayRef state_layer, at::TensorList grads,
                   at::IntArrayRef grad_layer, bool check_finite) {
@@ -264,6 +280,7 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
   std::vector<at::Tensor> sc;
   sc.reserve(L);
   std::vector<LayerView> layers(L);
+  const int64_t band_max = band_max_numel();
   for (size_t i = 0; i < L; ++i) {
     check_mask(weights[i], masks[i], "weights");
     TORCH_CHECK(scores[i].sizes() == weights[i].sizes(), "rigl_fast: score ", i, " has shape ", scores[i].sizes(),
@@ -283,6 +300,7 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
     v.n = n;
     v.n_keep = n_keep[i];
     v.n_grow = n_grow[i];
+    v.exact = n > band_max;
   }
   for (size_t j = 0; j < states.size(); ++j) {
     const int64_t l = state_layer[j];
@@ -325,6 +343,8 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
 
 TORCH_LIBRARY(rigl_fast, m) {
   m.def("cpu_isa() -> str", &cpu_isa);  // the build of the update kernels that runs here: 'avx2' or 'base'
+  // [band, exact]: selections resolved by the band method and by the exact radix path since load
+  m.def("select_paths() -> int[]", &select_paths_op);
   m.def("mask_grad(Tensor grad, Tensor mask, Tensor(a!)? acc, int n) -> Tensor");
   m.def("apply_masks(Tensor(a!)[] tensors, Tensor[] masks) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");

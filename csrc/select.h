@@ -34,6 +34,7 @@ constexpr int64_t kKeyBlock = 1024;
 // The exact path: radix select on the keys, then the needed tie by a chunked count.
 template <typename BlockKeys>
 Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys) {
+  select_paths().exact.fetch_add(1, std::memory_order_relaxed);
   constexpr int kWidths[3] = {11, 10, 10};  // keys have 31 bits
   uint32_t prefix = 0;
   int shift = 31;
@@ -45,7 +46,7 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
     std::vector<int64_t> hist(nb, 0);
     std::mutex mu;
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      std::vector<uint32_t> h(nb, 0);
+      std::vector<int64_t> h(nb, 0);  // a thread's range can exceed 2^32 positions of one key
       alignas(64) int32_t keys[kKeyBlock];
       for (int64_t s = b; s < e; s += kKeyBlock) {
         const int64_t len = std::min(kKeyBlock, e - s);
@@ -160,7 +161,8 @@ inline Band band_from_sample(std::vector<uint32_t>& sample, int64_t positions, i
 }
 
 // A band entry packs (key, rank of the index among ties) into 64 bits so that "outranks" is one integer
-// compare: the larger packed value comes first. Layers of more than 2^32 positions take the exact path.
+// compare: the larger packed value comes first. Layers of more than kBandMaxNumel (2^32) positions take the
+// exact path.
 inline uint32_t tie_flip(bool tie_low) { return tie_low ? 0xffffffffu : 0u; }
 inline uint64_t pack(uint32_t key, int64_t i, uint32_t flip) {
   return (static_cast<uint64_t>(key) << 32) | (static_cast<uint32_t>(i) ^ flip);
@@ -170,6 +172,7 @@ inline uint64_t pack(uint32_t key, int64_t i, uint32_t flip) {
 // already chosen. A histogram of the keys finds the bucket holding it, and nth_element orders only that
 // bucket. `band` is not reordered.
 inline Sel band_select(const std::vector<uint64_t>& band, int64_t need, bool tie_low, int64_t lo, int64_t hi) {
+  select_paths().band.fetch_add(1, std::memory_order_relaxed);
   std::vector<uint64_t> sub;
   if (band.size() <= 4096) {
     sub = band;
@@ -225,13 +228,13 @@ inline void pad_flags(uint8_t* flags, int64_t len) {
 // A sample of short runs of positions brackets the k-th key between two sample keys lo <= hi. One pass
 // counts the keys above hi (a vectorised compare) and collects the few in [lo, hi] (the band); if the count
 // leaves the k-th inside the band, band_select finds it there. Otherwise (an unlucky sample, or ties that make
-// the band huge) the exact radix select runs.
+// the band huge) the exact radix select runs; it runs straight away if `exact` (see LayerView::exact).
 template <typename BlockKeys>
-Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys) {
+Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys, bool exact) {
   using namespace detail;
   if (k <= 0 || n <= 0) return sel_none();
   if (k >= n) return sel_all();
-  if (n > (int64_t{1} << 32)) return radix_select(n, k, tie_low, block_keys);
+  if (exact || n > kBandMaxNumel) return radix_select(n, k, tie_low, block_keys);
   const int64_t runs = sample_runs(n);
   std::vector<uint32_t> sample;
   sample.reserve(runs * kRun);

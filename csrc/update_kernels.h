@@ -73,7 +73,7 @@ struct Pending {
   bool keep_sel = false, grow_sel = false;  // whether each needs a selection (else all or nothing)
   int64_t kk = 0;                           // keep's k, in its own key order (drop form: the dropped count)
   uint32_t flip = 0;                        // keep's key transform (kKeyMax in the drop form)
-  bool exact = false;                       // no band pass: the exact path (layers of 2^32+ positions)
+  bool exact = false;                       // no band pass: the exact path (LayerView::exact)
   detail::Band kb{0, kKeyMax, 0}, gb{0, kKeyMax, 0};
   std::vector<uint64_t> kband, gband;       // band entries (packed key, index)
   std::vector<uint32_t> kband_score;        // |score| key of each keep band entry, in the same order
@@ -109,7 +109,7 @@ void prepare_t(LayerView& L, Pending& P) {
   P.flip = keep.drop_form ? static_cast<uint32_t>(kKeyMax) : 0u;  // kKeyMax - key == kKeyMax ^ key
   P.grow_sel = L.n_grow > 0 && L.n_grow < n - L.n_keep;  // grow competes for the n - n_keep positions not kept
   L.grow = L.n_grow == 0 ? sel_none() : sel_all();
-  P.exact = n > (int64_t{1} << 32);  // band entries hold 32-bit indices
+  P.exact = L.exact || n > kBandMaxNumel;  // band entries hold 32-bit indices
   if (P.exact || !(P.keep_sel || P.grow_sel)) return;
 
   const KeepKeys<W> keep_keys{wp, mp, P.flip};
@@ -256,7 +256,7 @@ void resolve_t(LayerView& L, Pending& P) {
   if (P.keep_sel) {
     const int64_t need = P.kk - P.k_above;
     if (P.exact || P.missed || need <= 0 || need > static_cast<int64_t>(P.kband.size())) {
-      keep.sel = select_top(n, P.kk, keep_low, keep_keys);
+      keep.sel = select_top(n, P.kk, keep_low, keep_keys, P.exact);
       grow_exact = true;
     } else {
       keep.sel = band_select(P.kband, need, keep_low, P.kb.lo, P.kb.hi);
@@ -283,7 +283,7 @@ void resolve_t(LayerView& L, Pending& P) {
       return;
     }
   }
-  L.grow = select_top(n, L.n_grow, true, grow_keys);
+  L.grow = select_top(n, L.n_grow, true, grow_keys, P.exact);
 }
 
 template <typename W, typename S>

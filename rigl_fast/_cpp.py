@@ -3,7 +3,9 @@
 Loading, first match wins:
 1. a prebuilt `rigl_fast._C` (``RIGL_FAST_BUILD_CPP=1 pip install .``, see docs/cpp.md);
 2. a JIT build of csrc/*.cpp with torch.utils.cpp_extension.load + ninja, cached by torch (default
-   ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); rebuilt only when the sources or flags change.
+   ~/.cache/torch_extensions/py<ver>_<cpu|cuXXX>, or $TORCH_EXTENSIONS_DIR); rebuilt only when the sources or
+   flags change. A build that runs (the first use, or after the sources changed) says so on stderr: one line
+   when it starts, one with the time taken when it ends.
 If neither works, `CppBackend()` raises `BackendUnavailable` with a one-line reason, so `auto` falls back
 and an explicit `backend='cpp'` raises.
 """
@@ -13,7 +15,10 @@ import glob
 import importlib
 import os
 import shutil
+import sys
 import threading
+import time
+from typing import Callable, Optional, Sequence, TextIO
 
 import torch
 
@@ -22,6 +27,11 @@ from .ops import Backend, BackendUnavailable
 _LOCK = threading.Lock()
 _STATE: dict = {}
 EXT_NAME = "rigl_fast_cpp"
+# The C++ standard the sources need (<bit>: std::bit_width, std::countr_zero, std::endian), set explicitly:
+# torch's own default was C++17 before torch 2.10. setup.py's prebuilt extension uses the same flags.
+# -std last, so it overrides whatever standard torch puts before it.
+CFLAGS = ("-O3", "-fopenmp", "-std=c++20")
+LDFLAGS = ("-fopenmp",)  # at::parallel_for is inline in the headers and runs serially without OpenMP
 
 
 def _sources():
@@ -38,6 +48,70 @@ def _registered() -> bool:
     return hasattr(torch.ops, "rigl_fast") and hasattr(torch.ops.rigl_fast, "update")
 
 
+def build_dir() -> str:
+    """The folder the JIT build is cached in: torch's rule, written out so it is the same on every torch
+    version and can be named in the build message ($TORCH_EXTENSIONS_DIR/<name>, else
+    <torch's default root>/py<major><minor>_<cpu|cuXXX|rocmXXX>/<name>)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        if torch.version.hip is not None:
+            accel = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            accel = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            accel = "cpu"
+        py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(cpp_extension.get_default_build_root(), f"{py}_{accel}")
+    return os.path.join(root, EXT_NAME)
+
+
+def cached_build_is_current(out_dir: str, inputs: Sequence[str], words: Sequence[str]) -> bool:
+    """Whether loading from `out_dir` will find a finished build it can use without compiling: the library
+    exists, is newer than every input (sources and headers), and the build file the last build wrote mentions
+    every one of `words` (our flags, the source paths, torch's include folder), so flags, sources and torch
+    are the same. A cheap guess that errs towards "not current"; a rebuild it misses is still reported, by
+    time (`build_with_messages`)."""
+    lib = os.path.join(out_dir, EXT_NAME + (".pyd" if sys.platform == "win32" else ".so"))
+    ninja = os.path.join(out_dir, "build.ninja")
+    try:
+        built = os.path.getmtime(lib)
+        if any(os.path.getmtime(p) > built for p in inputs):
+            return False
+        with open(ninja) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return all(w in text for w in words)
+
+
+def build_with_messages(build: Callable[[], object], out_dir: str, inputs: Sequence[str], words: Sequence[str],
+                        err: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
+                        slow_s: float = 10.0) -> None:
+    """Runs `build` (which loads from the cache when it can), saying on stderr when it compiles: a line
+    before, when the cache is not current, and one with the time taken after. Silent on a cache hit; a load
+    that was expected to hit but took `slow_s` or more (a rebuild the guess missed) is reported after."""
+    err = sys.stderr if err is None else err
+    expect_build = not cached_build_is_current(out_dir, inputs, words)
+    if expect_build:
+        print(f"rigl_fast: building the C++ ops (first use only, about a minute; cached in {out_dir})...",
+              file=err, flush=True)
+    t0 = clock()
+    try:
+        build()
+    except Exception:
+        if expect_build:
+            print(f"rigl_fast: building the C++ ops failed after {clock() - t0:.0f} s", file=err, flush=True)
+        raise
+    took = clock() - t0
+    if expect_build:
+        print(f"rigl_fast: C++ ops built in {took:.0f} s", file=err, flush=True)
+    elif took >= slow_s:
+        print(f"rigl_fast: C++ ops rebuilt in {took:.0f} s (the cached build in {out_dir} was out of date)",
+              file=err, flush=True)
+
+
 def _jit_build():
     from torch.utils import cpp_extension
 
@@ -48,10 +122,20 @@ def _jit_build():
     if not cpp_extension.is_ninja_available():
         raise BackendUnavailable("ninja is not installed (pip install ninja); it is needed to build the C++ ops")
     src_dir, srcs = _sources()
+    out_dir = build_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    inputs = srcs + sorted(glob.glob(os.path.join(src_dir, "*.h")))
+    # torch ends build.ninja's cflags line with our flags: the whole tail must match, since torch's own
+    # flags may contain some of ours
+    words = [" ".join(CFLAGS) + "\n", " ".join(LDFLAGS) + " ", *srcs, *cpp_extension.include_paths()[:1]]
+
+    def build():
+        # copies: torch appends its own flags to the lists it is given
+        cpp_extension.load(name=EXT_NAME, sources=srcs, extra_include_paths=[src_dir], extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), build_directory=out_dir, is_python_module=False,
+                           verbose=os.environ.get("RIGL_FAST_VERBOSE_BUILD") == "1")
     try:
-        cpp_extension.load(name=EXT_NAME, sources=srcs, extra_include_paths=[src_dir],
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=os.environ.get("RIGL_FAST_VERBOSE_BUILD") == "1")
+        build_with_messages(build, out_dir, inputs, words)
     except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError with long logs
         lines = str(e).strip().splitlines() or [e.__class__.__name__]
         first = next((ln.strip() for ln in lines if "error" in ln.lower() and ":" in ln), lines[0])
