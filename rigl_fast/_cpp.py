@@ -28,7 +28,7 @@ _LOCK = threading.Lock()
 _STATE: dict = {}
 EXT_NAME = "rigl_fast_cpp"
 # The C++ standard the sources need (<bit>: std::bit_width, std::countr_zero, std::endian), set explicitly:
-# torch's own default was C++17 before torch 2.10. setup.py's prebuilt extension uses the same flags.
+# older torch releases pass -std=c++17 themselves. setup.py's prebuilt extension uses the same flags.
 # -std last, so it overrides whatever standard torch puts before it.
 CFLAGS = ("-O3", "-fopenmp", "-std=c++20")
 LDFLAGS = ("-fopenmp",)  # at::parallel_for is inline in the headers and runs serially without OpenMP
