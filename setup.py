@@ -34,7 +34,8 @@ setup(
     install_requires=["torch>=2.2", "numpy", "ninja"],
     extras_require={
         "cli": ["scikit-learn", "tqdm", "matplotlib"],
-        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1"],
+        # transformers / accelerate: the real-model tests build tiny models from configs (never downloaded)
+        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1", "transformers>=5", "accelerate"],
     },
     entry_points={"console_scripts": ["rigl-fast=rigl_fast.app.cli:main"]},
     ext_modules=ext_modules,
