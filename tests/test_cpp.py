@@ -338,7 +338,7 @@ def test_opcheck(cpp, op):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize("opt_name,accum,after_step", [("sgd", 1, "auto"), ("adam", 2, "always")])
+@pytest.mark.parametrize("opt_name,accum,after_step", [("sgd", 1, "trusted"), ("adam", 2, "always")])
 def test_training_identical_to_reference(cpp, opt_name, accum, after_step):
     def run(backend):
         torch.manual_seed(0)
