@@ -6,12 +6,12 @@ every pass over weights goes through `self._ops`, a backend from `ops.py`.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional
+import weakref
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import config as _config
 from . import distributed as _dist
@@ -22,9 +22,19 @@ from . import summary as _summary
 from .config import AFTER_STEP_MODES, GROW_MODES, ZERO_PRESERVING_OPTIMIZERS  # noqa: F401  (their old home)
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: older code imports it from here)
 
-# Parameters registered to a live scheduler. Kept here, not as an attribute of the parameter, so that a
-# pickled model (torch.save(model)) does not carry its registration into the copy, which has no hooks.
-_REGISTERED = WeakIdKeyDictionary()
+# id(parameter) -> the scheduler it is registered to. Kept here, not as an attribute of the parameter, so that
+# a pickled model (torch.save(model)) does not carry its registration into the copy, which has no hooks; and
+# by id, with a weak reference to the scheduler rather than to the parameter, because torch.utils.swap_tensors
+# (module.to() under torch.__future__.set_swap_module_params_on_conversion) refuses tensors with weakrefs.
+_REGISTERED: Dict[int, "weakref.ref"] = {}
+
+
+def _registered_to(w) -> Optional["RigLScheduler"]:
+    ref = _REGISTERED.get(id(w))
+    s = None if ref is None else ref()
+    if s is None or not s._handles or not any(x is w for x in s.W):
+        return None  # a stale entry: its scheduler is gone or removed, or the id now names another tensor
+    return s
 
 
 class IndexMaskHook:
@@ -104,7 +114,8 @@ class RigLScheduler:
                              "weights of nn.Linear, nn.Conv1d/2d/3d, transformers' Conv1D and "
                              "nn.MultiheadAttention, and found none" + (f" ({why})" if why else ""))
         for name, w in zip(names, W):
-            if w in _REGISTERED or (getattr(w, "_has_rigl_backward_hook", False) and w._backward_hooks):
+            rigl_torch_hooked = getattr(w, "_has_rigl_backward_hook", False) and w._backward_hooks
+            if _registered_to(w) is not None or rigl_torch_hooked:
                 raise ValueError(f"model is already registered to a RigLScheduler (weight {name!r} has its "
                                  "hooks); call .remove() on the old scheduler first")
 
@@ -135,8 +146,7 @@ class RigLScheduler:
             for h in self._handles:
                 h.remove()
             self._handles = []
-            for w in W:
-                _REGISTERED.pop(w, None)
+            self._unregister()
             torch.random.set_rng_state(rng)
             raise
         _config.warn_if_idle(self, model, include, exclude)
@@ -172,8 +182,11 @@ class RigLScheduler:
             hook = IndexMaskHook(i, self)
             self.backward_hook_objects.append(hook)
             self._handles.append(w.register_hook(hook))
+        for key in [k for k, r in _REGISTERED.items() if r() is None]:  # schedulers garbage-collected
+            del _REGISTERED[key]
+        me = weakref.ref(self)
         for w in self.W:
-            _REGISTERED[w] = True
+            _REGISTERED[id(w)] = me
         if state_dict is not None:
             self._load_dense_grads(state_dict)
         self.apply_mask_to_weights()
@@ -264,8 +277,10 @@ class RigLScheduler:
             raise RuntimeError(f"model: the sparse weights were moved to several devices {sorted(map(str, devices))}; "
                                "rigl_fast needs them on one")
         device = next(iter(devices))
-        self._ops = _ops.get_backend(self._backend_request, device)
-        self.backend = self._ops.name
+        ops = _ops.get_backend(self._backend_request, device)
+        self._check_sizes(ops, self.names, self.W, self.S)
+        self._ops = ops
+        self.backend = ops.name
         for i in self._sparse_layers():
             self.backward_masks[i] = self.backward_masks[i].to(device)
             h = self.backward_hook_objects[i]
@@ -428,8 +443,13 @@ class RigLScheduler:
             h.remove()
         self._handles = []
         self._free_dense_grads()
+        self._unregister()
+
+    def _unregister(self):
         for w in self.W:
-            _REGISTERED.pop(w, None)
+            ref = _REGISTERED.get(id(w))
+            if ref is not None and ref() in (self, None):
+                del _REGISTERED[id(w)]
 
     @torch.no_grad()
     def summary(self) -> str:

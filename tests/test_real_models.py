@@ -388,6 +388,24 @@ def test_model_converted_inside_the_window_keeps_working():
     assert all(w.dtype == torch.float64 for w in pruner.W) and off_mask_zero(pruner, opt)
 
 
+def test_model_converted_with_swapped_parameters():
+    """`module.to()` under torch.__future__'s swap mode swaps each parameter's contents in place
+    (torch.utils.swap_tensors), which refuses tensors that have weak references."""
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        torch.manual_seed(0)
+        model = SmallResNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        pruner = RigLScheduler(model, opt, dense_allocation=0.3, T_end=16, delta=4)
+        model.double()
+        train(model, opt, pruner, [(x.double(), y) for x, y in batches(8)])
+        assert pruner.rigl_steps == 2 and off_mask_zero(pruner, opt)
+        with pytest.raises(ValueError, match="already registered"):
+            RigLScheduler(model, opt, dense_allocation=0.3, T_end=16, delta=4)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="moving a model between devices needs a CUDA device")
 def test_model_moved_to_another_device_after_construction():
     torch.manual_seed(0)
