@@ -114,7 +114,8 @@ def markdown(res: dict) -> str:
          "Times in ms: median (min-max) over interleaved repeats. `x floor` = time / (bytes that must move / copy "
          "bandwidth). The copy bandwidth credits torch's `copy_` with reading and writing each byte once, but its "
          "stores also read every destination line first (write-allocate): a kernel with streaming stores, such "
-         "as the C++ gradient op, moves less than it is credited with and can come in under 1x. `Nx` = speed-up "
+         "as the C++ gradient op, or an in-place pass that writes only lines it has just read, such as the "
+         "after-step masking, moves less than it is credited with and can come in under 1x. `Nx` = speed-up "
          "over rigl-torch. `rigl_fast[<backend>]` runs rigl_fast's default after_step='always' (weights and every "
          "same-shaped optimizer state masked after every optimizer step: exact whatever else touches them); "
          "`+trusted` is the opt-in fast path after_step='trusted', which skips that pass for optimizers proven "
@@ -126,7 +127,7 @@ def markdown(res: dict) -> str:
     L += _grid(res["step"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
                lambda r: f"{_ms(r['total'])} [{r['x_floor']:.2g}x floor{_speedup(res['step'], r, 'total')}]")
     cost = _grid(_safe_default_cost(res["step"]), _cfg, ["weights", "sparse", "sparsity", "dtype"],
-                 lambda r: f"{r['ratio']:.2f}x (+{r['extra_ms']:.3g} ms)")
+                 lambda r: f"{r['ratio']:.2f}x ({r['extra_ms']:+.3g} ms)")
     if len(cost) > 2:
         L += ["", "## Cost of the safe default: per-step time with after_step='always' / with 'trusted' "
               "(medians of the same run)", ""] + cost
