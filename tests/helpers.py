@@ -86,3 +86,15 @@ def assert_same_updates(updates, ref_updates, count=2):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
     assert any(not torch.equal(x, y) for x, y in zip(updates[0], updates[1]))
+
+
+def trained_model_and_adam(seed=0, data_seed=0):
+    """A model whose weights, grads and Adam states are all dense and non-trivial."""
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for x, y in batches(2, seed=data_seed):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt

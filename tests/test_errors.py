@@ -2,22 +2,9 @@
 import pytest
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from rigl_fast import RigLScheduler, ops
-from helpers import MLP, SmallResNet, batches
-
-
-def trained_model_and_adam():
-    """A model whose weights, grads and Adam states are all dense and non-trivial."""
-    torch.manual_seed(0)
-    model = SmallResNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for x, y in batches(2, seed=0):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, opt
+from helpers import MLP, SmallResNet, trained_model_and_adam
 
 
 def snapshot(model, opt):

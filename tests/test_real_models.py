@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import MLP, SmallResNet, batches, train
+from helpers import MLP, SmallResNet, batches, train, trained_model_and_adam
 from rigl_fast import RigLScheduler
 
 transformers = pytest.importorskip("transformers")  # in the test extra: missing only outside `.[test]`
@@ -287,14 +287,8 @@ def test_not_an_optimizer_says_what_to_pass():
 
 # ---------------------------------------------------------------- the invariant under outside changes
 
-def _dense_checkpoint(seed=1):
-    torch.manual_seed(seed)
-    donor = SmallResNet()
-    opt = torch.optim.Adam(donor.parameters(), lr=1e-2)
-    for x, y in batches(2, seed=5):
-        opt.zero_grad()
-        F.cross_entropy(donor(x), y).backward()
-        opt.step()
+def _dense_checkpoint():
+    donor, opt = trained_model_and_adam(seed=1, data_seed=5)
     return donor.state_dict(), opt.state_dict()
 
 
