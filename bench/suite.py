@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -104,12 +105,15 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     for c in cs:
         c.grad_op(), c.after_step()  # warm-up (and first-touch of the hooks' output pages)
     samples: Dict[str, Dict[str, list]] = {c.name: {"grad_op": [], "after_step": [], "total": []} for c in cs}
+    faults: Dict[str, list] = {c.name: [] for c in cs}
     bws = []
     for r in range(plan.step_repeats):
         bws.append(bw.sample())
         for c in _rotate(cs, r):
+            f0 = timing.minor_faults()
             g = clock.repeatable(c.grad_op)
             a = clock.repeatable(c.after_step)
+            faults[c.name].append(timing.minor_faults() - f0)
             s = samples[c.name]
             s["grad_op"].append(g), s["after_step"].append(a), s["total"].append(g + a)
     floors = timing.step_floor_bytes(n_sparse, b)
@@ -121,6 +125,7 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
         parts = dict(floors, after_step=0) if c.skips_after_step else floors
         step_rows.append(dict(base, contender=c.name, **{k: timing.stats(v) for k, v in s.items()},
                               skips_after_step=c.skips_after_step,
+                              minor_faults_per_step=statistics.median(faults[c.name]),
                               floor_bytes=parts["grad_op"] + parts["after_step"], floor_parts_bytes=parts))
     log(f"  step  {set_name} {sparsity} {dtype_name}: " + ", ".join(
         f"{r['contender']} {r['total']['median'] * 1e3:.2f} ms" for r in step_rows))
