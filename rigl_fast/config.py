@@ -92,11 +92,18 @@ def unwrap_optimizer(optimizer):
                     "neither: pass the torch.optim.Optimizer that steps the model's parameters")
 
 
-def warn_if_idle(pruner, model, include, exclude) -> None:
+def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None:
     """Configurations that would silently do nothing get a warning naming the argument to change."""
     for p in _layers.unmatched_patterns(model, include, exclude):
         warnings.warn(f"rigl_fast: {p} matches no module name of the model, so it changes nothing",
                       UserWarning, stacklevel=3)
+    if sparsify_tied and not n_tied:
+        warnings.warn("rigl_fast: sparsify_tied=True changes nothing: no candidate weight is tied to another "
+                      "module", UserWarning, stacklevel=3)
+    if pruner._after_step_mode == "trusted" and not pruner._skip_after_step:
+        warnings.warn(f"rigl_fast: after_step='trusted' changes nothing with {type(pruner._optimizer).__name__}: "
+                      "only SGD, Adam, AdamW, RMSprop and Adagrad are proven to keep zeros zero, so the after-step "
+                      "pass runs", UserWarning, stacklevel=3)
     if all(s <= 0 for s in pruner.S):
         n_lin = sum(pruner._linear_layers_mask)
         if pruner.ignore_linear_layers and n_lin:

@@ -48,6 +48,7 @@ class Candidates:
     weights: List[nn.Parameter] = field(default_factory=list)
     is_linear: List[bool] = field(default_factory=list)
     skipped: List[Skipped] = field(default_factory=list)
+    n_tied: int = 0                                         # weights also held by a non-candidate module
 
 
 def _check_patterns(arg: str, patterns) -> List[str]:
@@ -128,6 +129,7 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
             if id(w) in seen:
                 continue
             tied = [o for o, mod, a in owners.get(id(w), []) if (id(mod), a) not in slot_ids]
+            out.n_tied += bool(tied)
             if tied and not sparsify_tied:
                 out.skipped.append(Skipped(name, tuple(w.shape), f"tied to {tied[0]}"))
                 seen.add(id(w))

@@ -149,7 +149,7 @@ class RigLScheduler:
             self._unregister()
             torch.random.set_rng_state(rng)
             raise
-        _config.warn_if_idle(self, model, include, exclude)
+        _config.warn_if_idle(self, model, include, exclude, sparsify_tied, found.n_tied)
 
     def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict):
         self.model = model

@@ -51,6 +51,15 @@ def quiet(fn, *a, **k):
 
 # ---------------------------------------------------------------- GPT-2 and attention
 
+def test_gpt2_tied_head_made_sparse_on_request():
+    model = tiny_gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = RigLScheduler(model, opt, dense_allocation=0.2, T_end=16, delta=4, ignore_linear_layers=False,
+                           sparsify_tied=True)
+    assert pruner.names[-1] == "lm_head.weight" and pruner.backward_masks[-1] is not None
+    assert pruner.skipped_layers == []
+
+
 def test_gpt2_conv1d_weights_are_sparse_and_the_tied_embedding_is_untouched():
     model = tiny_gpt2()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -346,6 +355,13 @@ def test_warnings_for_configurations_that_do_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a working configuration warns about nothing
         RigLScheduler(model, opt, dense_allocation=0.1, T_end=100, delta=10, ignore_linear_layers=False).remove()
+    with pytest.warns(UserWarning, match=r"sparsify_tied=True changes nothing"):
+        RigLScheduler(model, opt, dense_allocation=0.1, T_end=100, delta=10, ignore_linear_layers=False,
+                      sparsify_tied=True).remove()
+    nadam = torch.optim.NAdam(model.parameters())
+    with pytest.warns(UserWarning, match=r"after_step='trusted' changes nothing with NAdam"):
+        RigLScheduler(model, nadam, dense_allocation=0.1, T_end=100, delta=10, ignore_linear_layers=False,
+                      after_step="trusted").remove()
     with pytest.raises(ValueError, match=r"^delta must be an integer >= 2"):
         RigLScheduler(model, opt, dense_allocation=0.1, T_end=100, delta=1, ignore_linear_layers=False)
 
