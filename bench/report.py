@@ -128,9 +128,12 @@ def markdown(res: dict) -> str:
                lambda r: f"{_ms(r['total'])} [{r['x_floor']:.2g}x floor{_speedup(res['step'], r, 'total')}]")
     faulty = [r for r in res["step"] if r.get("minor_faults_per_step", 0) >= 1000]
     if faulty:
-        L += ["", "Minor page faults per step (median) where over 1000 — fresh pages of a large gradient faulting "
-              "in on first touch, a cost of the allocator that lands in the masking op: " + "; ".join(
-                  f"{' '.join(_cfg(r))} {r['contender']} {r['minor_faults_per_step']:.0f}" for r in faulty) + "."]
+        by_cfg = {}
+        for r in faulty:
+            by_cfg.setdefault(_cfg(r), []).append(f"{r['contender']} {r['minor_faults_per_step'] / 1e3:.0f}k")
+        L += ["", "Minor page faults per step (median), where over 1000: fresh pages of a large gradient faulting "
+              "in on first touch, a cost of the allocator that lands in whichever op touches them first. "
+              + "; ".join(f"{k[0]} {k[2]} {k[3]}: " + ", ".join(v) for k, v in by_cfg.items()) + "."]
     cost = _grid(_safe_default_cost(res["step"]), _cfg, ["weights", "sparse", "sparsity", "dtype"],
                  lambda r: f"{r['ratio']:.2f}x ({r['extra_ms']:+.3g} ms)")
     if len(cost) > 2:
