@@ -176,7 +176,13 @@ void apply_masks(at::TensorList tensors, at::TensorList masks) {
     ms.push_back(reinterpret_cast<const uint8_t*>(masks[i].const_data_ptr<bool>()));
   }
   const auto ps = pieces(ws, ms);
-  at::parallel_for(0, static_cast<int64_t>(ps.size()), 1, [&](int64_t b, int64_t e) {
+  // Pieces are one per kGrain elements, but small tensors make pieces far smaller: work under one kGrain in
+  // all stays on this thread (waking the pool costs milliseconds when the other cores are busy).
+  int64_t total = 0;
+  for (const Piece& p : ps) total += p.end - p.begin;
+  const int64_t n_pieces = static_cast<int64_t>(ps.size());
+  const int64_t grain = total <= kGrain ? std::max<int64_t>(n_pieces, 1) : 1;
+  at::parallel_for(0, n_pieces, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const Piece& p = ps[i];
       select_inplace_any(p.data + p.begin * p.bytes, p.mask + p.begin, p.end - p.begin, p.bytes);
