@@ -110,6 +110,10 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
                 out.skipped.append(Skipped(name, _shape(module, attr), "excluded"))
                 continue
             if parametrize.is_parametrized(module, attr) or attr not in module._parameters:
+                computed = getattr(module, attr)
+                if isinstance(computed, torch.Tensor) and not computed.requires_grad:
+                    out.skipped.append(Skipped(name, tuple(computed.shape), "frozen"))
+                    continue
                 raise ValueError(f"layer {name!r}: its weight is computed (a parametrization such as weight norm), "
                                  "not a Parameter, so rigl_fast cannot mask it; remove the parametrization or "
                                  f"keep the layer dense with exclude=[{mname!r}]")

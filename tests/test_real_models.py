@@ -181,6 +181,12 @@ def test_parametrized_weight_is_refused_naming_the_layer_unless_excluded():
     p = RigLScheduler(model, opt, dense_allocation=0.3, T_end=16, delta=4, ignore_linear_layers=False,
                       exclude=["layers.1"])
     assert p.names == ["layers.0.weight", "layers.2.weight"]
+    p.remove()
+    for q in model.layers[1].parametrizations.weight.parameters():  # frozen: skipped like any frozen weight
+        q.requires_grad_(False)
+    p = RigLScheduler(model, opt, dense_allocation=0.3, T_end=16, delta=4, ignore_linear_layers=False)
+    assert p.names == ["layers.0.weight", "layers.2.weight"]
+    assert [(k.name, k.reason) for k in p.skipped_layers] == [("layers.1.weight", "frozen")]
 
 
 def test_lazy_and_meta_weights_are_refused_naming_the_layer():
