@@ -170,6 +170,7 @@ class RigLScheduler:
         self.rigl_steps = 0
         self.skipped_updates = 0
         self._generator = None
+        self._warned_swap = False
         self.backward_masks = self._random_masks() if masks is None else masks
         self._seed_generator()
         if state_dict is not None:
@@ -187,6 +188,7 @@ class RigLScheduler:
         me = weakref.ref(self)
         for w in self.W:
             _REGISTERED[id(w)] = me
+        self._impls = [w._cdata for w in self.W]
         if state_dict is not None:
             self._load_dense_grads(state_dict)
         self.apply_mask_to_weights()
@@ -265,6 +267,28 @@ class RigLScheduler:
         for hook, a in zip(self.backward_hook_objects, accs):
             hook.dense_grad = a
 
+    def _reattach_hooks(self) -> bool:
+        """torch.utils.swap_tensors (module.to() under torch.__future__'s swap mode, the path tensor
+        subclasses take) gives a parameter a new tensor underneath and autograd stops calling its hooks,
+        silently. Re-assigning the hook dict attaches it to the new tensor. Returns whether any was swapped."""
+        swapped = [i for i, w in enumerate(self.W) if w._cdata != self._impls[i]]
+        if not swapped:
+            return False
+        for i in swapped:
+            w = self.W[i]
+            w._backward_hooks = w._backward_hooks
+            self._impls[i] = w._cdata
+        if self._devices_moved():
+            self._follow_devices()
+        if not self._warned_swap:
+            self._warned_swap = True
+            warnings.warn(f"rigl_fast: {len(swapped)} sparse weights were swapped for new tensors after the "
+                          "scheduler was built (torch.utils.swap_tensors, e.g. module.to() with "
+                          "swap_module_params_on_conversion), which drops their gradient hooks; rigl_fast "
+                          f"re-attached them at step {self.step}. A backward pass run in between was masked late "
+                          "and not accumulated for the next update", RuntimeWarning, stacklevel=3)
+        return True
+
     def _devices_moved(self) -> bool:
         return any(m is not None and m.device != w.device for m, w in zip(self.backward_masks, self.W))
 
@@ -323,6 +347,7 @@ class RigLScheduler:
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer, args, kwargs):
+        self._reattach_hooks()
         if self._skip_after_step:
             return
         if self._devices_moved():
@@ -348,6 +373,8 @@ class RigLScheduler:
         return self.alpha / 2 * (1 + np.cos((self.step * np.pi) / self.T_end))
 
     def __call__(self):
+        if self._reattach_hooks():
+            self.apply_mask_to_gradients()  # the backward just run had no hook: mask its gradient now
         accumulated = self.check_if_backward_hook_should_accumulate_grad()  # what the last backward did
         self.step += 1
         if self.static_topo:

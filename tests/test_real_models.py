@@ -413,9 +413,21 @@ def test_model_converted_with_swapped_parameters():
         model = SmallResNet()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         pruner = RigLScheduler(model, opt, dense_allocation=0.3, T_end=16, delta=4)
-        model.double()
-        train(model, opt, pruner, [(x.double(), y) for x, y in batches(8)])
-        assert pruner.rigl_steps == 2 and off_mask_zero(pruner, opt)
+        data = [(x.double(), y) for x, y in batches(10)]
+        train(model, opt, pruner, [(x.float(), y) for x, y in data[:2]])
+        start = [m.clone() for m in pruner.backward_masks if m is not None]
+        model.double()  # every weight gets a new tensor underneath; torch drops their hooks
+        grads_masked = []
+
+        def check(when):
+            if when == "after_backward" and pruner.step >= 3:
+                grads_masked.append(all(bool((w.grad[~m] == 0).all())
+                                        for w, m in zip(pruner.W, pruner.backward_masks) if m is not None))
+        with pytest.warns(RuntimeWarning, match="re-attached them at step 2"):
+            train(model, opt, pruner, data[2:], on_step=check)
+        assert grads_masked and all(grads_masked), "a backward pass after the re-attachment went unmasked"
+        assert pruner.rigl_steps == 2 and pruner.skipped_updates == 0 and off_mask_zero(pruner, opt)
+        assert all(not torch.equal(a, b) for a, b in zip(start, (m for m in pruner.backward_masks if m is not None)))
         with pytest.raises(ValueError, match="already registered"):
             RigLScheduler(model, opt, dense_allocation=0.3, T_end=16, delta=4)
     finally:
