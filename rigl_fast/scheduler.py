@@ -84,13 +84,17 @@ class RigLScheduler:
     states are masked after every optimizer step, whatever touched them; 'trusted' skips that pass for the
     optimizers proven zero-preserving, which is exact only while nothing but rigl_fast's hooks changes the
     sparse weights, their gradients and their optimizer states: no model.load_state_dict() after
-    construction, no gradient noise or clipping hooks, no optimizer.load_state_dict()).
+    construction, no gradient noise or clipping hooks, no optimizer.load_state_dict()), `in_step` (for loops
+    that call optimizer.step() every iteration, as HF Trainer, Lightning and Accelerate do: every optimizer
+    step advances the schedule, and on an update step the topology update runs right after the optimizer has
+    applied that step, as Cerebras' sparsity does; rigl-torch's two-line mode instead replaces that step
+    with the update. pruner() is not called in this mode).
     """
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, backend="auto", erk_power_scale=1.0, grow_mode="gradient",
-                 after_step="always", include=None, exclude=None, sparsify_tied=False):
+                 after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False):
         # ---- validate everything before touching the model, the optimizer or the RNG ----
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +108,8 @@ class RigLScheduler:
         _config.check_after_step(after_step)
         if not isinstance(sparsify_tied, bool):
             raise TypeError(f"sparsify_tied must be a bool, got {sparsify_tied!r}")
+        if not isinstance(in_step, bool):
+            raise TypeError(f"in_step must be a bool, got {in_step!r}")
         _ops.check_name(backend)
 
         found = _layers.select(model, include=include, exclude=exclude, sparsify_tied=sparsify_tied)
@@ -141,7 +147,7 @@ class RigLScheduler:
         self._handles = []
         self.W: List[nn.Parameter] = W
         try:
-            self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict)
+            self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step)
         except BaseException:
             for h in self._handles:
                 h.remove()
@@ -151,7 +157,7 @@ class RigLScheduler:
             raise
         _config.warn_if_idle(self, model, include, exclude, sparsify_tied, found.n_tied)
 
-    def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict):
+    def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step):
         self.model = model
         self.optimizer = optimizer
         self._optimizer = inner
@@ -164,6 +170,8 @@ class RigLScheduler:
         self.N = [w.numel() for w in self.W]
         self.backend = ops.name
         self._after_step_mode = after_step
+        self.in_step = in_step
+        self._last_update = None  # (n_grow, n_active) per sparse layer of the last applied update
         self._set_hyperparams(hp)
         self.S = list(S)
         self.step = 0
@@ -348,8 +356,13 @@ class RigLScheduler:
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer, args, kwargs):
         self._reattach_hooks()
-        if self._skip_after_step:
-            return
+        if not self._skip_after_step:
+            self._mask_after_step()
+        if self.in_step:
+            self._advance()  # this step counts; on an update step the update follows the optimizer's step
+
+    @torch.no_grad()
+    def _mask_after_step(self):
         if self._devices_moved():
             self._follow_devices()
         tensors, masks = [], []
@@ -373,6 +386,14 @@ class RigLScheduler:
         return self.alpha / 2 * (1 + np.cos((self.step * np.pi) / self.T_end))
 
     def __call__(self):
+        if self.in_step:
+            raise RuntimeError("pruner() is not called with in_step=True: every optimizer.step() advances the "
+                               "schedule and runs the topology update when one is due; just call optimizer.step()")
+        return self._advance()
+
+    def _advance(self) -> bool:
+        """One training iteration: the step count, the topology update when one is due (returns False then),
+        the DDP window fold otherwise."""
         if self._reattach_hooks():
             self.apply_mask_to_gradients()  # the backward just run had no hook: mask its gradient now
         accumulated = self.check_if_backward_hook_should_accumulate_grad()  # what the last backward did
@@ -438,6 +459,28 @@ class RigLScheduler:
         if not self._ops.checked_update(weights, [self.backward_masks[i] for i in idx], scores, n_keep, n_grow,
                                         [self._states_like(w) for w in weights], [w.grad for w in weights]):
             self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
+        else:
+            self._last_update = [(i, g, self._n_active[i]) for i, g in zip(idx, n_grow)]
+
+    def stats(self) -> Dict[str, float]:
+        """Plain numbers for any logger: `density` (active / all candidate weights) and `density/<layer>`,
+        `updates` (applied) and `skipped_updates`, `step`, and `regrown_fraction` (and `regrown/<layer>`):
+        the fraction of active weights the last applied update dropped and regrew (0.0 before the first)."""
+        out: Dict[str, float] = {}
+        active = 0
+        for name, n, m, a in zip(self.names, self.N, self.backward_masks, self._n_active):
+            a = n if m is None else a
+            active += a
+            out[f"density/{name}"] = a / n
+        out["density"] = active / max(sum(self.N), 1)
+        out["updates"] = self.rigl_steps - self.skipped_updates
+        out["skipped_updates"] = self.skipped_updates
+        out["step"] = self.step
+        last = self._last_update or []
+        out["regrown_fraction"] = sum(g for _, g, _ in last) / max(sum(a for _, _, a in last), 1)
+        for i, g, a in last:
+            out[f"regrown/{self.names[i]}"] = g / max(a, 1)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
