@@ -28,7 +28,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["rigl_fast", "rigl_fast.app", "rigl_fast.kernels", "rigl_fast.csrc"],
+    packages=["rigl_fast", "rigl_fast.app", "rigl_fast.integrations", "rigl_fast.kernels", "rigl_fast.csrc"],
     package_dir={"rigl_fast": "rigl_fast", "rigl_fast.kernels": "kernels", "rigl_fast.csrc": "csrc"},
     package_data={"rigl_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=["torch>=2.2", "numpy", "ninja"],
