@@ -35,7 +35,7 @@ setup(
     extras_require={
         "cli": ["scikit-learn", "tqdm", "matplotlib"],
         # transformers / accelerate: the real-model tests build tiny models from configs (never downloaded)
-        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1", "transformers>=5", "accelerate"],
+        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1", "transformers>=5", "accelerate", "lightning"],
     },
     entry_points={"console_scripts": ["rigl-fast=rigl_fast.app.cli:main"]},
     ext_modules=ext_modules,
