@@ -86,7 +86,8 @@ def _build(rank, scenario, ckpt=None):
         opt.load_state_dict(ckpt["opt"])
     # a different global RNG on each rank: without rank 0's masks being adopted at init they would differ
     torch.manual_seed(MASK_SEED + rank)
-    pruner = RigLScheduler(model, opt, **CFG, state_dict=None if ckpt is None else ckpt["pruner"])
+    pruner = RigLScheduler(model, opt, **CFG, state_dict=None if ckpt is None else ckpt["pruner"],
+                           in_step=scenario == "in_step")
     if scenario == "wrap_after":
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model, opt, pruner
@@ -144,12 +145,17 @@ def _train(rank, scenario, out_dir):
             before = calls["all_reduce"]
             with warnings.catch_warnings(record=True) as rec:
                 warnings.simplefilter("always")
-                go = pruner()
+                if scenario == "in_step":  # the optimizer's step advances the schedule and updates
+                    done = pruner.rigl_steps
+                    opt.step()
+                    go = pruner.rigl_steps == done
+                else:
+                    go = pruner()
             log["warnings"] += [pruner.step for r in rec if issubclass(r.category, RuntimeWarning)]
             log["reduces"].append(calls["all_reduce"] - before)
-            if go:
+            if go and scenario != "in_step":
                 opt.step()
-            else:
+            if not go:
                 log["updates"].append(_masks_cpu(pruner))
             log["equal_after_call"].append(_gather_equal(pruner.backward_masks))
             if scenario == "resume" and pruner.step == RESUME_AT:
@@ -165,7 +171,7 @@ def _train(rank, scenario, out_dir):
     return log
 
 
-SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume")
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "in_step")
 
 
 def _worker(rank, port, out_dir):
@@ -181,19 +187,22 @@ def _worker(rank, port, out_dir):
 
 
 @functools.lru_cache(maxsize=None)
-def _single_process():
+def _single_process(in_step=False):
     torch.manual_seed(MODEL_SEED)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     torch.manual_seed(MASK_SEED)
-    pruner = RigLScheduler(model, opt, **CFG)
+    pruner = RigLScheduler(model, opt, **CFG, in_step=in_step)
     updates = []
     for x, y in batches(STEPS, seed=DATA_SEED, batch=GLOBAL_BATCH):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        if pruner():
+        done = pruner.rigl_steps
+        if in_step:
             opt.step()
-        else:
+        elif pruner():
+            opt.step()
+        if pruner.rigl_steps != done:
             updates.append(_masks_cpu(pruner))
     return updates, [w.detach().clone() for w in pruner.W]
 
@@ -238,9 +247,9 @@ def test_non_finite_on_one_rank_skips_the_update_on_all(ddp_logs):
     assert any(not torch.equal(a, b) for a, b in zip(logs[0]["updates"][0], clean["updates"][0]) if a is not None)
 
 
-@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync"])
+@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step"])
 def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
-    ref_updates, ref_weights = _single_process()
+    ref_updates, ref_weights = _single_process(in_step=scenario == "in_step")
     assert all(log[scenario]["skipped"] == 0 and log[scenario]["warnings"] == [] for log in ddp_logs)
     got = ddp_logs[0][scenario]["updates"]
     assert len(got) == len(ref_updates) == sum(_is_update(s) for s in range(1, STEPS + 1))
