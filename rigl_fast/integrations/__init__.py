@@ -1,0 +1,8 @@
+"""Framework integrations on top of RigLScheduler (in_step=True): each module imports its framework itself.
+
+- `rigl_fast.integrations.hf.RigLCallback`: a `transformers.TrainerCallback` for the HF Trainer.
+
+This package imports nothing: `import rigl_fast` (or this package) never imports transformers or any other
+framework; only importing an integration's own module does, and it says which package to install when the
+framework is missing.
+"""

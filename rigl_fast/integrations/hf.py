@@ -1,0 +1,209 @@
+"""RigL in the HF Trainer: `Trainer(..., callbacks=[RigLCallback(dense_allocation=0.1, ...)])`.
+
+The Trainer calls optimizer.step() once per optimizer step (once per gradient-accumulation window), so the
+callback builds the scheduler with `in_step=True`: every optimizer step advances the schedule and a due
+topology update runs right after that step. The callback only builds the scheduler, saves and restores its
+state with the Trainer's checkpoints, and puts `pruner.stats()` into the Trainer's logs.
+
+Importing this module imports transformers (the class subclasses TrainerCallback); `import rigl_fast` does not.
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import os
+import sys
+from typing import Any, Dict, Optional
+
+import torch
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError as e:  # missing, or installed but broken: say both
+    raise ImportError("rigl_fast.integrations.hf needs the transformers package (pip install transformers); "
+                      f"importing it failed: {e}") from e
+
+from .. import config as _config
+from .. import ops as _ops
+from ..scheduler import RigLScheduler
+
+STATE_FILE = "rigl_fast_state.pt"  # written into every checkpoint-<step> folder the Trainer saves
+T_END_FRACTION = 0.75              # T_end's default: this fraction of the run's optimizer steps (state.max_steps)
+LOG_PREFIX = "rigl/"
+
+_SIGNATURE = inspect.signature(RigLScheduler.__init__)
+# set by the callback itself: the Trainer's model and optimizer, its checkpoints, and the in-step mode
+_OWNED = {"self", "model", "optimizer", "state_dict", "in_step"}
+_ACCEPTED = [n for n in _SIGNATURE.parameters if n not in _OWNED]
+
+
+class RigLCallback(TrainerCallback):
+    """RigL for `transformers.Trainer`: pass RigLScheduler's keyword arguments (all but model, optimizer,
+    state_dict and in_step, which the callback supplies).
+
+    - When training begins, builds `RigLScheduler(model, optimizer, **scheduler_kwargs, in_step=True)` from the
+      Trainer's model and optimizer, exposed as `callback.pruner`. `T_end` defaults to 75% of the run's
+      optimizer steps (`state.max_steps`).
+    - Writes `pruner.state_dict()` into every checkpoint folder (`rigl_fast_state.pt`); on
+      `trainer.train(resume_from_checkpoint=...)` it rebuilds the scheduler from that folder's file after the
+      Trainer has loaded the model and optimizer, so the resumed run equals the uninterrupted one.
+    - Adds `pruner.stats()` to every log as `rigl/density`, `rigl/regrown_fraction`, `rigl/updates` and
+      `rigl/skipped_updates` (`log_layers=True` adds `rigl/density/<layer>` and `rigl/regrown/<layer>`).
+
+    Bad arguments raise here, before the Trainer is built.
+    """
+
+    def __init__(self, *, log_layers: bool = False, **scheduler_kwargs):
+        for name in scheduler_kwargs:
+            if name in _OWNED:
+                raise TypeError(f"RigLCallback sets {name!r} itself (the Trainer's model and optimizer, "
+                                "in_step=True, and the state saved in the Trainer's checkpoints: resume with "
+                                "trainer.train(resume_from_checkpoint=...)); do not pass it")
+            if name not in _SIGNATURE.parameters:
+                raise TypeError(f"RigLCallback got an unexpected argument {name!r}; it takes RigLScheduler's "
+                                f"arguments: {', '.join(_ACCEPTED)} (and log_layers)")
+        if not isinstance(log_layers, bool):
+            raise TypeError(f"log_layers must be a bool, got {log_layers!r}")
+        _validate(scheduler_kwargs)
+        self.scheduler_kwargs: Dict[str, Any] = dict(scheduler_kwargs)
+        self.log_layers = log_layers
+        self.pruner: Optional[RigLScheduler] = None
+        self.resumed_from: Optional[str] = None  # the checkpoint folder the last train() resumed from
+
+    # ------------------------------------------------------------------ building the scheduler
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # The Trainer calls this after it has created the optimizer, prepared both with Accelerate and, when
+        # resuming, loaded the checkpoint's weights and optimizer state (Trainer._prepare_for_training).
+        if model is None or optimizer is None:
+            raise RuntimeError("RigLCallback.on_train_begin needs the Trainer's model and optimizer in its "
+                               "keyword arguments (transformers' CallbackHandler passes them)")
+        if self.pruner is not None:  # a second trainer.train(): the old hooks must go first
+            self.pruner.remove()
+            self.pruner = None
+        _run_first(self)
+        self.resumed_from = _resume_folder(args, state)
+        sd = None if self.resumed_from is None else _load_state(self.resumed_from, state)
+        kw = dict(self.scheduler_kwargs)
+        if kw.get("T_end") is None:  # a resumed state dict's T_end wins over this anyway
+            kw["T_end"] = max(1, int(T_END_FRACTION * state.max_steps))
+        self.pruner = RigLScheduler(model, optimizer, **kw, state_dict=sd, in_step=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save(self, args, state, control, **kwargs):
+        if self.pruner is None or not args.should_save:  # under DDP rank 0's state is the one to save
+            return
+        folder = _checkpoint_folder(args, state)
+        if folder is None:
+            raise FileNotFoundError(f"rigl_fast: the Trainer reported a checkpoint at step {state.global_step} "
+                                    f"but no folder {PREFIX_CHECKPOINT_DIR}-{state.global_step} exists under "
+                                    f"{args.output_dir}; the RigL state could not be saved with it")
+        sd = self.pruner.state_dict()
+        if args.save_only_model:
+            # a model-only checkpoint cannot resume training (no optimizer state), so it keeps only what the
+            # weights do not say: the masks (a grown weight is 0 and active) and the counters, not the dense
+            # gradient accumulator, which is as large as the sparse layers
+            sd["rigl_fast_dense_grads"] = [None] * len(sd["rigl_fast_dense_grads"])
+        path = os.path.join(folder, STATE_FILE)
+        tmp = path + ".tmp"
+        torch.save({"global_step": state.global_step, "pruner": sd}, tmp)
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ logs
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.pruner is None or logs is None:
+            return
+        st = self.pruner.stats()
+        entries = {LOG_PREFIX + k: st[k] for k in ("density", "regrown_fraction", "updates", "skipped_updates")}
+        if self.log_layers:
+            entries.update({LOG_PREFIX + k: v for k, v in st.items() if k.startswith(("density/", "regrown/"))})
+        # Trainer.log appends a copy of `logs` (plus "step") to log_history before the callbacks see it
+        last = state.log_history[-1] if state.log_history else None
+        if (isinstance(last, dict) and last is not logs and last.get("step") == state.global_step
+                and all(k in last for k in logs)):
+            last.update(entries)
+        logs.update(entries)
+
+
+def _validate(kw):
+    """RigLScheduler's own checks on the values given (T_end may be left for on_train_begin to fill in)."""
+    defaults = {n: p.default for n, p in _SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
+    v = {**defaults, **kw}
+    hp = dict(dense_allocation=v["dense_allocation"], T_end=v["T_end"] if v["T_end"] is not None else 10 ** 9,
+              sparsity_distribution=v["sparsity_distribution"], ignore_linear_layers=v["ignore_linear_layers"],
+              delta_T=v["delta"], alpha=v["alpha"], static_topo=v["static_topo"],
+              grad_accumulation_n=v["grad_accumulation_n"], erk_power_scale=v["erk_power_scale"],
+              grow_mode=v["grow_mode"])
+    _config.validate(hp)
+    _config.check_after_step(v["after_step"])
+    _ops.check_name(v["backend"])
+    if not isinstance(v["sparsify_tied"], bool):
+        raise TypeError(f"sparsify_tied must be a bool, got {v['sparsify_tied']!r}")
+
+
+def _frames(limit=16):
+    f = sys._getframe(2)
+    for _ in range(limit):
+        if f is None:
+            return
+        yield f
+        f = f.f_back
+
+
+def _run_first(callback):
+    """Put the callback first in the Trainer's CallbackHandler, so that every reporter (TensorBoard, W&B,
+    the progress bar; the Trainer puts them before user callbacks) sees the rigl/ entries on_log adds, and a
+    callback that uploads a checkpoint folder in on_save finds the RigL state in it. Callbacks get no handle on
+    the handler, so it is found as `self` of the call_event frame that called us; rebinding the list leaves
+    that loop's iteration untouched. Without it the entries still reach log_history and later callbacks."""
+    for f in _frames():
+        handler = f.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            if callback in handler.callbacks and handler.callbacks[0] is not callback:
+                handler.callbacks = [callback] + [c for c in handler.callbacks if c is not callback]
+            return
+
+
+def _resume_folder(args, state) -> Optional[str]:
+    """The checkpoint folder this train() resumes from, or None for a fresh run.
+
+    The Trainer does not tell callbacks, so this reads `resume_from_checkpoint` from the Trainer's training
+    loop frame (the very folder it has just loaded the weights and optimizer from; `True` is already resolved
+    to the last checkpoint there). If that frame cannot be seen (a Trainer subclass with another loop), a
+    resumed TrainerState is recognised by global_step > 0 (a fresh one starts at 0) and the folder is taken
+    as `{output_dir}/checkpoint-{global_step}`. Either way _load_state checks the file's step."""
+    for f in _frames():
+        loc = f.f_locals
+        if "resume_from_checkpoint" in loc and isinstance(loc.get("self"), transformers.Trainer):
+            path = loc["resume_from_checkpoint"]
+            if path is None or isinstance(path, (str, os.PathLike)):
+                return None if path is None else os.fspath(path)
+    if state.global_step > 0:
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    return None
+
+
+def _load_state(folder, state):
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"rigl_fast: resuming from {folder}, which has no {STATE_FILE}: it was not saved with RigLCallback, "
+            "so the masks cannot be restored (a weight grown at 0 is active, so the weights do not tell). To "
+            "start RigL from a dense checkpoint, load its weights (from_pretrained) and call trainer.train() "
+            "without resume_from_checkpoint")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if blob.get("global_step") != state.global_step:
+        raise ValueError(f"rigl_fast: {path} was saved at step {blob.get('global_step')} but the Trainer resumes "
+                         f"at step {state.global_step}: the folder holds another run's RigL state")
+    return blob["pruner"]
+
+
+def _checkpoint_folder(args, state) -> Optional[str]:
+    """The folder Trainer._save_checkpoint has just written: `{output_dir}/checkpoint-{global_step}`, or
+    under a hyperparameter search `{output_dir}/<run name>/checkpoint-{global_step}` (the newest such)."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    found = [p for p in [os.path.join(args.output_dir, name)] + glob.glob(os.path.join(glob.escape(
+        args.output_dir), "*", name)) if os.path.isdir(p)]
+    return max(found, key=os.path.getmtime) if found else None
