@@ -1,6 +1,7 @@
 """Accelerate (real package, CPU): a model and optimizer from `accelerator.prepare` in a plain loop, in both
 modes: the two-line `if pruner(): optimizer.step()` and `in_step=True` with `optimizer.step()` every
-iteration, with and without `Accelerator(gradient_accumulation_steps=2)` + `accelerator.accumulate(model)`.
+iteration, with and without `Accelerator(gradient_accumulation_steps=2)` + `accelerator.accumulate(model)`;
+and a pruner registered for checkpointing resumes through save_state/load_state.
 Each run equals the same loop written without Accelerate, bit for bit, and takes one pruner step per real
 optimizer step."""
 import pytest
@@ -94,4 +95,38 @@ def test_prepared_model_and_optimizer_train_sparse_like_the_plain_loop(in_step, 
         assert m is None and r is None or torch.equal(m, r)
     unwrapped = getattr(model, "module", model)
     for (k, v), (_, v2) in zip(unwrapped.state_dict().items(), ref_model.state_dict().items()):
+        assert torch.equal(v, v2), k
+
+
+def test_save_state_and_load_state_resume_bit_for_bit_inside_a_window(tmp_path):
+    """`accelerator.register_for_checkpointing(pruner)`: the pruner's state goes with save_state/load_state.
+    Saved after real step 5, inside the dense-gradient window of the update at step 6."""
+    def run(data, ckpt_save=None, ckpt_load=None):
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model, opt = _model_and_opt()
+        model, opt = accelerator.prepare(model, opt)
+        pruner = RigLScheduler(model, opt, **CFG, in_step=True)
+        accelerator.register_for_checkpointing(pruner)
+        if ckpt_load is not None:
+            accelerator.load_state(ckpt_load)
+        for i, (x, y) in enumerate(data):
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                opt.step()
+                opt.zero_grad()
+            if ckpt_save is not None and i == 9:
+                assert pruner.step == 5 and any(h.dense_grad is not None for h in pruner.backward_hook_objects)
+                accelerator.save_state(ckpt_save)
+        return model, pruner
+
+    data = list(batches(2 * N_STEPS))
+    full_model, full = run(data, ckpt_save=tmp_path / "ckpt")
+    model, resumed = run(data[10:], ckpt_load=tmp_path / "ckpt")
+    assert resumed.step == full.step == N_STEPS and resumed.rigl_steps == full.rigl_steps == 2
+    for m, r in zip(resumed.backward_masks, full.backward_masks):
+        assert m is None and r is None or torch.equal(m, r)
+    for (k, v), (_, v2) in zip(model.state_dict().items(), full_model.state_dict().items()):
         assert torch.equal(v, v2), k
