@@ -202,6 +202,19 @@ def test_metrics_are_logged(tmp_path):
     assert len([r for r in rows if r.get("rigl/density")]) == 6
 
 
+def test_fit_called_again_continues_the_schedule_on_the_new_optimizer(tmp_path):
+    model, cb, _, trainer = _fit(tmp_path, 8, rigl_kwargs=dict(CFG, T_end=7), max_steps=4)
+    first = cb.pruner
+    assert first.step == 4 and first.rigl_steps == 1
+    masks = [None if m is None else m.clone() for m in first.backward_masks]
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit(model, _loader(8))  # configure_optimizers runs again: a new optimizer to hook
+    assert cb.pruner is not first and not first._handles and cb.pruner._optimizer is trainer.optimizers[0]
+    assert cb.pruner.step == trainer.global_step == 8 and cb.pruner.rigl_steps == 2 and cb.pruner.T_end == 7
+    assert any(m is not None and not torch.equal(m, r) for m, r in zip(masks, cb.pruner.backward_masks))
+    _assert_invariants(cb.pruner)
+
+
 def test_bad_arguments_fail_in_init_and_two_optimizers_at_fit(tmp_path):
     with pytest.raises(TypeError, match="dense_alocation"):
         RigLCallback(dense_alocation=0.1)
