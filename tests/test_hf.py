@@ -1,0 +1,213 @@
+"""rigl_fast.integrations.hf.RigLCallback with the real transformers Trainer on a tiny GPT-2 (built from a config,
+never downloaded): updates run and move masks, the invariants hold after training, the tied embedding stays
+dense, a resumed run equals the uninterrupted one bit for bit, one pruner step per optimizer step under the
+Trainer's gradient accumulation, the logs carry the rigl/ entries, bad arguments fail early, and transformers
+is imported only by the integration's own module."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from rigl_fast.integrations.hf import STATE_FILE, RigLCallback, _resume_folder  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CB = dict(dense_allocation=0.3, delta=3, alpha=0.3, ignore_linear_layers=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # a model this small runs 10-20x slower on 2 threads when the machine is shared (threads spin and wait)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n=48, seq=16):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (n, seq), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in ids]
+
+
+class _Recorder(TrainerCallback):
+    """What a reporter sees in on_log, and the masks the first optimizer step starts from."""
+
+    def __init__(self, rigl):
+        self.rigl, self.logs, self.first_masks = rigl, [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.first_masks is None:
+            self.first_masks = [None if m is None else m.clone() for m in self.rigl.pruner.backward_masks]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def _train(out, max_steps=12, save_steps=5, gas=1, resume=None, targs=None, **cb_kw):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                       bos_token_id=0, eos_token_id=0))
+    rigl = RigLCallback(**{**CB, **cb_kw})
+    rec = _Recorder(rigl)
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps,
+                             save_steps=save_steps, per_device_train_batch_size=4, logging_steps=2, seed=0,
+                             dataloader_num_workers=0, gradient_accumulation_steps=gas, learning_rate=1e-2,
+                             disable_tqdm=True, **(targs or {}))
+    # the recorder first, as the Trainer's own reporters are: RigLCallback must still reach it with its entries
+    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=[rec, rigl])
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return trainer, rigl, rec
+
+
+def _sparse(pruner):
+    return [(w, m) for w, m in zip(pruner.W, pruner.backward_masks) if m is not None]
+
+
+def test_trainer_runs_updates_keeps_invariants_and_the_tied_embedding(tmp_path):
+    trainer, rigl, rec = _train(tmp_path, grad_accumulation_n=2)
+    p = rigl.pruner
+    assert p.in_step and p.step == trainer.state.global_step == 12
+    assert p.T_end == int(0.75 * 12) and p.rigl_steps == 2  # updates at steps 3 and 6 (none at or after T_end)
+    assert any(not torch.equal(a, m) for a, (_, m) in zip([m for m in rec.first_masks if m is not None],
+                                                         _sparse(p))), "no mask changed"
+    opt = p._optimizer
+    assert len(_sparse(p)) == 7 and p.backward_masks[0] is None  # uniform keeps the first layer dense
+    for w, m in _sparse(p):
+        assert bool((w[~m] == 0).all())
+        states = [v for v in opt.state[w].values() if torch.is_tensor(v) and v.shape == w.shape]
+        assert len(states) == 2 and all(bool((v[~m] == 0).all()) for v in states)  # AdamW's exp_avg(_sq)
+        assert 0 < int((w[m] != 0).sum())
+    wte = trainer.model.transformer.wte.weight
+    assert trainer.model.lm_head.weight is wte and all(w is not wte for w in p.W)
+    assert [s.reason for s in p.skipped_layers if s.name == "lm_head.weight"][0].startswith("tied")
+    assert bool((wte != 0).all())
+    assert os.path.isfile(tmp_path / "checkpoint-5" / STATE_FILE)
+
+
+def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    # grad_accumulation_n=2, delta=3: the checkpoint at step 5 lies inside the window before the update at step
+    # 6, so the saved state carries a dense-gradient accumulator too
+    full, rigl_full, _ = _train(tmp_path / "full", grad_accumulation_n=2)
+    saved = torch.load(tmp_path / "full" / "checkpoint-5" / STATE_FILE, weights_only=True)
+    assert saved["global_step"] == 5 and saved["pruner"]["step"] == 5
+    assert any(a is not None for a in saved["pruner"]["rigl_fast_dense_grads"])
+    # resume from a copy elsewhere: the callback must read the folder the Trainer resumes, not guess it
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(tmp_path / "full" / "checkpoint-5", moved)
+    resumed, rigl_res, _ = _train(tmp_path / "resumed", resume=moved, grad_accumulation_n=2)
+    assert rigl_res.resumed_from == str(moved) and rigl_full.resumed_from is None
+    a, b = rigl_full.pruner, rigl_res.pruner
+    assert b.step == a.step == 12 and b.rigl_steps == a.rigl_steps == 2
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a.backward_masks, b.backward_masks))
+    sa, sb = full.model.state_dict(), resumed.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert oa.keys() == ob.keys()
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+
+
+def test_resume_without_rigl_state_is_refused(tmp_path):
+    _train(tmp_path / "run", max_steps=6)
+    bare = tmp_path / "bare"
+    shutil.copytree(tmp_path / "run" / "checkpoint-5", bare)
+    os.remove(bare / STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        _train(tmp_path / "again", max_steps=8, resume=bare)
+
+    class _State:  # no Trainer frame to read: a resumed TrainerState (step > 0) names output_dir/checkpoint-N
+        global_step = 7
+
+    class _Args:
+        output_dir = str(tmp_path)
+
+    assert _resume_folder(_Args, _State) == os.path.join(str(tmp_path), "checkpoint-7")
+    _State.global_step = 0
+    assert _resume_folder(_Args, _State) is None
+
+
+def test_save_only_model_keeps_the_masks_not_the_accumulator(tmp_path):
+    # a model-only checkpoint cannot resume training; it keeps what the weights do not tell (grown weights are 0)
+    _, rigl, _ = _train(tmp_path, max_steps=5, targs=dict(save_only_model=True), grad_accumulation_n=2,
+                        T_end=9)
+    assert not os.path.exists(tmp_path / "checkpoint-5" / "optimizer.pt")
+    saved = torch.load(tmp_path / "checkpoint-5" / STATE_FILE, weights_only=True)["pruner"]
+    assert saved["rigl_fast_dense_grads"] == [None] * len(rigl.pruner.W)
+    assert any(h.dense_grad is not None for h in rigl.pruner.backward_hook_objects)  # inside the window
+    assert all((a is None and b is None) or torch.equal(a, b)
+               for a, b in zip(saved["backward_masks"], rigl.pruner.backward_masks))
+
+
+def test_gradient_accumulation_one_pruner_step_per_optimizer_step(tmp_path):
+    trainer, rigl, _ = _train(tmp_path, max_steps=6, save_steps=100, gas=2, delta=2)
+    assert trainer.state.global_step == rigl.pruner.step == 6
+    assert rigl.pruner.T_end == 4 and rigl.pruner.rigl_steps == 1  # one update, at step 2
+
+
+def test_logs_carry_the_rigl_entries(tmp_path):
+    trainer, rigl, rec = _train(tmp_path, max_steps=6, save_steps=100, log_layers=True)
+    keys = {"rigl/density", "rigl/regrown_fraction", "rigl/updates", "rigl/skipped_updates"}
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == 3 and all(keys <= h.keys() for h in train_logs)
+    assert [h["rigl/updates"] for h in train_logs] == [0, 1, 1]  # logged at steps 2, 4, 6; the update at 3
+    assert train_logs[0]["rigl/regrown_fraction"] == 0.0 < train_logs[1]["rigl/regrown_fraction"] < 0.3
+    st = rigl.pruner.stats()
+    assert train_logs[-1]["rigl/density"] == st["density"] and 0.2 < st["density"] < 0.5
+    assert train_logs[-1]["rigl/density/transformer.h.0.mlp.c_fc.weight"] == st["density/transformer.h.0.mlp.c_fc.weight"]
+    # a callback listed before RigLCallback (as the Trainer's reporters are) sees the entries too
+    seen = [h for h in rec.logs if "loss" in h]
+    assert len(seen) == 3 and all(keys <= h.keys() for h in seen)
+    assert all(isinstance(v, (int, float)) for h in seen for k, v in h.items() if k.startswith("rigl/"))
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(TypeError, match="dense_alloc"):
+        RigLCallback(dense_alloc=0.1)
+    for owned in ("in_step", "state_dict", "optimizer"):
+        with pytest.raises(TypeError, match=owned):
+            RigLCallback(**{owned: None})
+    with pytest.raises(ValueError, match="delta"):
+        RigLCallback(dense_allocation=0.1, delta=1)
+    with pytest.raises(ValueError, match="dense_allocation"):
+        RigLCallback(dense_allocation=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        RigLCallback(backend="cuda")
+    with pytest.raises(ValueError, match="after_step"):
+        RigLCallback(after_step="never")
+    RigLCallback(dense_allocation=0.1, T_end=100, sparsity_distribution="erk")  # a good one builds
+
+
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def _python(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                          timeout=120)
+
+
+def test_import_rigl_fast_never_imports_transformers():
+    r = _python("import sys, rigl_fast, rigl_fast.integrations; "
+                "assert 'transformers' not in sys.modules, 'transformers imported'; print('ok')")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    # without transformers the integration's import says what to install
+    r = _python("import sys; sys.modules['transformers'] = None\n"
+                "try:\n    from rigl_fast.integrations.hf import RigLCallback\n"
+                "except ImportError as e:\n    print('ImportError:', e)\n")
+    assert "ImportError:" in r.stdout and "pip install transformers" in r.stdout, r.stdout + r.stderr
+
+
+def test_example_script_runs(tmp_path):
+    # 8 steps: T_end = 6, so with delta=3 one update (at step 3)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_causal_lm.py"), "--max-steps", "8",
+                        "--delta", "3", "--save-steps", "4", "--logging-steps", "4", "--cpu",
+                        "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       env=ENV, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "done: 8 optimizer steps, 1 topology updates (0 skipped), density 0.1000" in r.stdout, r.stdout[-3000:]
+    assert os.path.isfile(tmp_path / "checkpoint-4" / STATE_FILE)
