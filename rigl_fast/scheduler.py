@@ -267,6 +267,7 @@ class RigLScheduler:
 
     def _load_counters(self, sd):
         self.step, self.rigl_steps, self.skipped_updates, rng = _state.counters(sd)
+        self._last_update = _state.last_update(sd)
         if rng is not None and self._generator is not None:
             self._generator.set_state(rng)
 

@@ -33,6 +33,7 @@ def build(pruner) -> dict:
         "rigl_fast_dense_grads": [None if h.dense_grad is None else h.dense_grad.clone()
                                   for h in pruner.backward_hook_objects],
         "rigl_fast_rng": None if pruner._generator is None else pruner._generator.get_state(),
+        "rigl_fast_last_update": None if pruner._last_update is None else [list(t) for t in pruner._last_update],
     }
 
 
@@ -92,6 +93,12 @@ def counters(sd) -> Tuple[int, int, int, Optional[torch.Tensor]]:
     """(step, rigl_steps, skipped updates, SET generator state or None)."""
     return (int(sd["step"]), int(sd["rigl_steps"]), int(sd.get("rigl_fast_skipped_updates", 0)),
             sd.get("rigl_fast_rng"))
+
+
+def last_update(sd):
+    """[(layer, n_grow, n_active)] of the last applied update (for `stats()`), or None."""
+    got = sd.get("rigl_fast_last_update")
+    return None if got is None else [tuple(int(v) for v in t) for t in got]
 
 
 def dense_grads(sd, W: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:

@@ -60,6 +60,8 @@ def test_in_step_resumes_inside_a_window_bit_for_bit():
     pruner.remove()
     *_, resumed, log = _run(True, data[7:], 2, state=state)
     assert resumed.step == 16
+    *_, loaded, _ = _run(True, [], 2, state=state)  # stats() carry on across a checkpoint
+    assert loaded.stats() == pruner.stats() and loaded.stats()["regrown_fraction"] > 0
     for (masks, params), (ref_masks, ref_params) in zip(log, full_log[7:]):
         assert all(torch.equal(a, b) for a, b in zip(masks, ref_masks))
         assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
