@@ -5,8 +5,10 @@ Trainer's gradient accumulation, the logs carry the rigl/ entries, bad arguments
 is imported only by the integration's own module."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -200,6 +202,59 @@ def test_import_rigl_fast_never_imports_transformers():
                 "try:\n    from rigl_fast.integrations.hf import RigLCallback\n"
                 "except ImportError as e:\n    print('ImportError:', e)\n")
     assert "ImportError:" in r.stdout and "pip install transformers" in r.stdout, r.stdout + r.stderr
+
+
+DDP_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from rigl_fast.integrations.hf import RigLCallback
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": r, "labels": r.clone()} for r in torch.randint(0, 64, (64, 16), generator=g)]
+
+    def run(folder, resume=None):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                           bos_token_id=0, eos_token_id=0))
+        cb = RigLCallback(dense_allocation=0.3, delta=3, alpha=0.3, ignore_linear_layers=False, grad_accumulation_n=2)
+        args = TrainingArguments(output_dir=folder, use_cpu=True, report_to=[], max_steps=12, save_steps=5,
+                                 per_device_train_batch_size=4, logging_steps=4, seed=0, dataloader_num_workers=0,
+                                 learning_rate=1e-2, disable_tqdm=True, gradient_accumulation_steps=2)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        p = cb.pruner
+        return {"masks": p.backward_masks, "model": trainer.model.state_dict(), "step": p.step,
+                "rigl_steps": p.rigl_steps, "resumed_from": cb.resumed_from}
+
+    full = run(out + "/full")
+    resumed = run(out + "/resumed", resume=out + "/full/checkpoint-5")
+    torch.save({"full": full, "resumed": resumed, "world": dist.get_world_size()},
+               out + "/rank%d.pt" % dist.get_rank())
+""")
+
+
+def test_ddp_two_processes_agree_and_resume_exactly(tmp_path):
+    # the Trainer under torchrun on CPU (gloo): masks broadcast at the start, rank 0 writes the state, every
+    # rank resumes it (inside an accumulation window at step 5) and the ranks end equal to the uninterrupted run
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(tmp_path / "worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "GLOO_SOCKET_IFNAME": "lo"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    assert all(x["world"] == 2 for x in ranks)
+    runs = [x[k] for x in ranks for k in ("full", "resumed")]
+    assert runs[1]["resumed_from"] == str(tmp_path / "full" / "checkpoint-5")
+    for other in runs[1:]:
+        assert other["step"] == 12 and other["rigl_steps"] == runs[0]["rigl_steps"] == 2
+        assert all((a is None and b is None) or torch.equal(a, b)
+                   for a, b in zip(runs[0]["masks"], other["masks"]))
+        assert all(torch.equal(runs[0]["model"][k], other["model"][k]) for k in runs[0]["model"])
 
 
 def test_example_script_runs(tmp_path):
