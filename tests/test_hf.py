@@ -113,6 +113,10 @@ def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(tmp_path)
     oa, ob = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert oa.keys() == ob.keys()
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    # the logged rigl/ curve continues as if never stopped (the last update's regrown fraction included)
+    rigl_logs = [[{k: v for k, v in h.items() if k.startswith("rigl/") or k == "step"}
+                  for h in t.state.log_history if "loss" in h] for t in (full, resumed)]
+    assert rigl_logs[0] == rigl_logs[1] and len(rigl_logs[0]) == 6 and rigl_logs[0][-1]["rigl/regrown_fraction"] > 0
 
 
 def test_resume_without_rigl_state_is_refused(tmp_path):
@@ -153,7 +157,7 @@ def test_gradient_accumulation_one_pruner_step_per_optimizer_step(tmp_path):
 
 
 def test_logs_carry_the_rigl_entries(tmp_path):
-    trainer, rigl, rec = _train(tmp_path, max_steps=6, save_steps=100, log_layers=True)
+    trainer, rigl, rec = _train(tmp_path, max_steps=6, save_steps=100, log_per_layer=True)
     keys = {"rigl/density", "rigl/regrown_fraction", "rigl/updates", "rigl/skipped_updates"}
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(train_logs) == 3 and all(keys <= h.keys() for h in train_logs)

@@ -51,12 +51,12 @@ class RigLCallback(TrainerCallback):
       `trainer.train(resume_from_checkpoint=...)` it rebuilds the scheduler from that folder's file after the
       Trainer has loaded the model and optimizer, so the resumed run equals the uninterrupted one.
     - Adds `pruner.stats()` to every log as `rigl/density`, `rigl/regrown_fraction`, `rigl/updates` and
-      `rigl/skipped_updates` (`log_layers=True` adds `rigl/density/<layer>` and `rigl/regrown/<layer>`).
+      `rigl/skipped_updates` (`log_per_layer=True` adds `rigl/density/<layer>` and `rigl/regrown/<layer>`).
 
     Bad arguments raise here, before the Trainer is built.
     """
 
-    def __init__(self, *, log_layers: bool = False, **scheduler_kwargs):
+    def __init__(self, *, log_per_layer: bool = False, **scheduler_kwargs):
         for name in scheduler_kwargs:
             if name in _OWNED:
                 raise TypeError(f"RigLCallback sets {name!r} itself (the Trainer's model and optimizer, "
@@ -64,12 +64,12 @@ class RigLCallback(TrainerCallback):
                                 "trainer.train(resume_from_checkpoint=...)); do not pass it")
             if name not in _SIGNATURE.parameters:
                 raise TypeError(f"RigLCallback got an unexpected argument {name!r}; it takes RigLScheduler's "
-                                f"arguments: {', '.join(_ACCEPTED)} (and log_layers)")
-        if not isinstance(log_layers, bool):
-            raise TypeError(f"log_layers must be a bool, got {log_layers!r}")
+                                f"arguments: {', '.join(_ACCEPTED)} (and log_per_layer)")
+        if not isinstance(log_per_layer, bool):
+            raise TypeError(f"log_per_layer must be a bool, got {log_per_layer!r}")
         _validate(scheduler_kwargs)
         self.scheduler_kwargs: Dict[str, Any] = dict(scheduler_kwargs)
-        self.log_layers = log_layers
+        self.log_per_layer = log_per_layer
         self.pruner: Optional[RigLScheduler] = None
         self.resumed_from: Optional[str] = None  # the checkpoint folder the last train() resumed from
 
@@ -117,7 +117,7 @@ class RigLCallback(TrainerCallback):
             return
         st = self.pruner.stats()
         entries = {LOG_PREFIX + k: st[k] for k in ("density", "regrown_fraction", "updates", "skipped_updates")}
-        if self.log_layers:
+        if self.log_per_layer:
             entries.update({LOG_PREFIX + k: v for k, v in st.items() if k.startswith(("density/", "regrown/"))})
         # Trainer.log appends a copy of `logs` (plus "step") to log_history before the callbacks see it
         last = state.log_history[-1] if state.log_history else None
