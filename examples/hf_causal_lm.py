@@ -99,14 +99,13 @@ def main(argv=None):
         use_cpu=args.cpu or not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, callbacks=[rigl])
     resume = True if args.resume == "last" else args.resume
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     print(rigl.pruner)  # the schedule's state and one line per layer with its density
     st = rigl.pruner.stats()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"done: {trainer.state.global_step} optimizer steps, {st['updates']} topology updates "
           f"({st['skipped_updates']} skipped), density {st['density']:.4f}, "
-          f"last logged loss {losses[-1] if losses else float('nan'):.4f}"
+          f"mean training loss of this run {result.training_loss:.4f}"
           + (f", resumed from {rigl.resumed_from}" if rigl.resumed_from else ""))
     trainer.save_model(os.path.join(args.output_dir, "final"))
 
