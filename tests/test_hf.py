@@ -150,6 +150,16 @@ def test_save_only_model_keeps_the_masks_not_the_accumulator(tmp_path):
                for a, b in zip(saved["backward_masks"], rigl.pruner.backward_masks))
 
 
+def test_train_called_again_keeps_the_masks_and_continues_the_schedule(tmp_path):
+    trainer, rigl, rec = _train(tmp_path, max_steps=6, save_steps=100)
+    first, end = rigl.pruner, [None if m is None else m.clone() for m in rigl.pruner.backward_masks]
+    rec.first_masks = None
+    trainer.train()
+    assert rigl.pruner is not first and not first._handles  # rebuilt on the new optimizer, the old hooks gone
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(rec.first_masks, end))
+    assert rigl.pruner.step == 12 and rigl.pruner.T_end == 4 and rigl.pruner.optimizer is trainer.optimizer
+
+
 def test_gradient_accumulation_one_pruner_step_per_optimizer_step(tmp_path):
     trainer, rigl, _ = _train(tmp_path, max_steps=6, save_steps=100, gas=2, delta=2)
     assert trainer.state.global_step == rigl.pruner.step == 6

@@ -46,7 +46,8 @@ class RigLCallback(TrainerCallback):
 
     - When training begins, builds `RigLScheduler(model, optimizer, **scheduler_kwargs, in_step=True)` from the
       Trainer's model and optimizer, exposed as `callback.pruner`. `T_end` defaults to 75% of the run's
-      optimizer steps (`state.max_steps`).
+      optimizer steps (`state.max_steps`). A second `trainer.train()` keeps the masks and continues the
+      schedule.
     - Writes `pruner.state_dict()` into every checkpoint folder (`rigl_fast_state.pt`); on
       `trainer.train(resume_from_checkpoint=...)` it rebuilds the scheduler from that folder's file after the
       Trainer has loaded the model and optimizer, so the resumed run equals the uninterrupted one.
@@ -80,12 +81,16 @@ class RigLCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("RigLCallback.on_train_begin needs the Trainer's model and optimizer in its "
                                "keyword arguments (transformers' CallbackHandler passes them)")
-        if self.pruner is not None:  # a second trainer.train(): the old hooks must go first
+        previous = None
+        if self.pruner is not None:
+            # trainer.train() called again on the trained model: keep its masks and continue the schedule (new
+            # random masks would cut the trained weights), as the Lightning callback does on a second fit()
+            previous = self.pruner.state_dict()
             self.pruner.remove()
             self.pruner = None
         _run_first(self)
         self.resumed_from = _resume_folder(args, state)
-        sd = None if self.resumed_from is None else _load_state(self.resumed_from, state)
+        sd = previous if self.resumed_from is None else _load_state(self.resumed_from, state)
         kw = dict(self.scheduler_kwargs)
         if kw.get("T_end") is None:  # a resumed state dict's T_end wins over this anyway
             kw["T_end"] = max(1, int(T_END_FRACTION * state.max_steps))
