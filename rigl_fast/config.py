@@ -2,6 +2,7 @@
 the warnings for configurations that would do nothing (after a successful construction)."""
 from __future__ import annotations
 
+import inspect
 import numbers
 import warnings
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from . import layers as _layers
+from . import ops as _ops
 
 GROW_MODES = ("gradient", "random")
 AFTER_STEP_MODES = ("always", "trusted")
@@ -121,3 +123,31 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
                       "the training steps", UserWarning, stacklevel=3)
 
 
+
+
+def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:
+    """For wrappers that build the scheduler later (the framework callbacks): RigLScheduler's keyword names
+    and every value that can be checked before a model exists, so bad input fails where it is written.
+    `reserved` maps the arguments the wrapper supplies itself to why they cannot be passed."""
+    from .scheduler import RigLScheduler  # here, not at the top: scheduler imports this module
+
+    params = {k: p for k, p in inspect.signature(RigLScheduler.__init__).parameters.items() if k != "self"}
+    for k in kwargs:
+        if k in reserved:
+            raise TypeError(f"{who}: do not pass {k!r}: {reserved[k]}")
+        if k not in params:
+            accepted = [n for n in params if n not in reserved]
+            raise TypeError(f"{who} got an unexpected keyword argument {k!r}; it takes RigLScheduler's arguments: "
+                            f"{', '.join(accepted)}")
+    v = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    v.update(kwargs)
+    validate(dict(dense_allocation=v["dense_allocation"], T_end=1 if v["T_end"] is None else v["T_end"],
+                  sparsity_distribution=v["sparsity_distribution"], ignore_linear_layers=v["ignore_linear_layers"],
+                  delta_T=v["delta"], alpha=v["alpha"], static_topo=v["static_topo"],
+                  grad_accumulation_n=v["grad_accumulation_n"], erk_power_scale=v["erk_power_scale"],
+                  grow_mode=v["grow_mode"]))  # T_end: a stand-in when the wrapper fills it in from the run
+    check_after_step(v["after_step"])
+    _ops.check_name(v["backend"])
+    for k in ("sparsify_tied", "in_step"):
+        if not isinstance(v.get(k, False), bool):
+            raise TypeError(f"{k} must be a bool, got {v[k]!r}")

@@ -10,7 +10,6 @@ Importing this module imports transformers (the class subclasses TrainerCallback
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 import sys
 from typing import Any, Dict, Optional
@@ -27,17 +26,15 @@ except ImportError as e:  # missing, or installed but broken: say both
                       f"importing it failed: {e}") from e
 
 from .. import config as _config
-from .. import ops as _ops
 from ..scheduler import RigLScheduler
 
 STATE_FILE = "rigl_fast_state.pt"  # written into every checkpoint-<step> folder the Trainer saves
 T_END_FRACTION = 0.75              # T_end's default: this fraction of the run's optimizer steps (state.max_steps)
 LOG_PREFIX = "rigl/"
 
-_SIGNATURE = inspect.signature(RigLScheduler.__init__)
-# set by the callback itself: the Trainer's model and optimizer, its checkpoints, and the in-step mode
-_OWNED = {"self", "model", "optimizer", "state_dict", "in_step"}
-_ACCEPTED = [n for n in _SIGNATURE.parameters if n not in _OWNED]
+_WHY = ("the Trainer's model and optimizer, in_step=True, and the state saved in the Trainer's checkpoints "
+        "(resume with trainer.train(resume_from_checkpoint=...)) are the callback's to set")
+_RESERVED = {k: _WHY for k in ("model", "optimizer", "state_dict", "in_step")}
 
 
 class RigLCallback(TrainerCallback):
@@ -58,17 +55,9 @@ class RigLCallback(TrainerCallback):
     """
 
     def __init__(self, *, log_per_layer: bool = False, **scheduler_kwargs):
-        for name in scheduler_kwargs:
-            if name in _OWNED:
-                raise TypeError(f"RigLCallback sets {name!r} itself (the Trainer's model and optimizer, "
-                                "in_step=True, and the state saved in the Trainer's checkpoints: resume with "
-                                "trainer.train(resume_from_checkpoint=...)); do not pass it")
-            if name not in _SIGNATURE.parameters:
-                raise TypeError(f"RigLCallback got an unexpected argument {name!r}; it takes RigLScheduler's "
-                                f"arguments: {', '.join(_ACCEPTED)} (and log_per_layer)")
+        _config.check_scheduler_kwargs(scheduler_kwargs, _RESERVED, "RigLCallback")
         if not isinstance(log_per_layer, bool):
             raise TypeError(f"log_per_layer must be a bool, got {log_per_layer!r}")
-        _validate(scheduler_kwargs)
         self.scheduler_kwargs: Dict[str, Any] = dict(scheduler_kwargs)
         self.log_per_layer = log_per_layer
         self.pruner: Optional[RigLScheduler] = None
@@ -130,22 +119,6 @@ class RigLCallback(TrainerCallback):
                 and all(k in last for k in logs)):
             last.update(entries)
         logs.update(entries)
-
-
-def _validate(kw):
-    """RigLScheduler's own checks on the values given (T_end may be left for on_train_begin to fill in)."""
-    defaults = {n: p.default for n, p in _SIGNATURE.parameters.items() if p.default is not inspect.Parameter.empty}
-    v = {**defaults, **kw}
-    hp = dict(dense_allocation=v["dense_allocation"], T_end=v["T_end"] if v["T_end"] is not None else 10 ** 9,
-              sparsity_distribution=v["sparsity_distribution"], ignore_linear_layers=v["ignore_linear_layers"],
-              delta_T=v["delta"], alpha=v["alpha"], static_topo=v["static_topo"],
-              grad_accumulation_n=v["grad_accumulation_n"], erk_power_scale=v["erk_power_scale"],
-              grow_mode=v["grow_mode"])
-    _config.validate(hp)
-    _config.check_after_step(v["after_step"])
-    _ops.check_name(v["backend"])
-    if not isinstance(v["sparsify_tied"], bool):
-        raise TypeError(f"sparsify_tied must be a bool, got {v['sparsify_tied']!r}")
 
 
 def _frames(limit=16):

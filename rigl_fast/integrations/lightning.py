@@ -11,7 +11,6 @@ that arrives later, the built scheduler loads it), so a resumed fit continues th
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, Optional
 
 try:
@@ -23,41 +22,14 @@ except ImportError:  # the older standalone package, if that is what is installe
         raise ImportError("rigl_fast.integrations.lightning needs Lightning: pip install lightning") from e
 
 from .. import config as _config
-from .. import ops as _ops
 from ..scheduler import RigLScheduler
 
-_OWN = ("model", "optimizer", "state_dict", "in_step")  # what the callback passes itself
-_PARAMS = {k: p for k, p in inspect.signature(RigLScheduler.__init__).parameters.items()
-           if k != "self" and k not in _OWN}
+_RESERVED = {"model": "the callback takes the LightningModule from the Trainer",
+             "optimizer": "the callback takes the optimizer from the Trainer",
+             "state_dict": "the callback saves and restores its state through Lightning checkpoints "
+                           "(trainer.fit(model, ckpt_path=...))",
+             "in_step": "the callback always runs the scheduler with in_step=True"}
 _T_END_FRACTION = 0.75
-
-
-def _check_kwargs(kwargs: Dict[str, Any]) -> None:
-    """Everything about the scheduler's arguments that can be known before a model exists: names and values."""
-    for k in kwargs:
-        if k in _OWN:
-            why = {"state_dict": "the callback saves and restores its state through Lightning checkpoints "
-                                 "(trainer.fit(model, ckpt_path=...))",
-                   "in_step": "the callback always runs the scheduler with in_step=True"}.get(
-                       k, "the callback takes them from the Trainer")
-            raise TypeError(f"RigLCallback: {k!r} is not a scheduler argument here: {why}")
-        if k not in _PARAMS:
-            raise TypeError(f"RigLCallback got an unexpected keyword argument {k!r}; RigLScheduler takes "
-                            f"{', '.join(_PARAMS)}")
-    full = {k: p.default for k, p in _PARAMS.items()}
-    full.update(kwargs)
-    hp = dict(dense_allocation=full["dense_allocation"], T_end=full["T_end"],
-              sparsity_distribution=full["sparsity_distribution"], ignore_linear_layers=full["ignore_linear_layers"],
-              delta_T=full["delta"], alpha=full["alpha"], static_topo=full["static_topo"],
-              grad_accumulation_n=full["grad_accumulation_n"], erk_power_scale=full["erk_power_scale"],
-              grow_mode=full["grow_mode"])
-    if hp["T_end"] is None:
-        hp["T_end"] = 1  # a stand-in: on_train_start sets it from the Trainer's run length
-    _config.validate(hp)
-    _config.check_after_step(full["after_step"])
-    _ops.check_name(full["backend"])
-    if not isinstance(full["sparsify_tied"], bool):
-        raise TypeError(f"sparsify_tied must be a bool, got {full['sparsify_tied']!r}")
 
 
 class RigLCallback(pl.Callback):
@@ -74,7 +46,7 @@ class RigLCallback(pl.Callback):
 
     def __init__(self, *, log_per_layer: bool = False, **scheduler_kwargs):
         super().__init__()
-        _check_kwargs(scheduler_kwargs)
+        _config.check_scheduler_kwargs(scheduler_kwargs, _RESERVED, "RigLCallback")
         self.scheduler_kwargs = dict(scheduler_kwargs)
         self.log_per_layer = bool(log_per_layer)
         self.pruner: Optional[RigLScheduler] = None
