@@ -147,13 +147,19 @@ def test_first_build_says_so_and_a_cache_hit_is_silent(tmp_path):
     assert calls == [1] and lines(err) == []
 
 
-def test_changed_sources_or_flags_announce_a_rebuild(tmp_path):
+def _built_once(tmp_path, seconds):
+    """Fake sources and one fake build of them that took `seconds`: (inputs, build folder, clock)."""
     inputs = fake_inputs(tmp_path)
     out = str(tmp_path / "build")
     os.makedirs(out)
     clock = Clock()
-    _cpp.build_with_messages(fake_builder(out, clock, 70)[0], out, inputs, WORDS, err=io.StringIO(),
+    _cpp.build_with_messages(fake_builder(out, clock, seconds)[0], out, inputs, WORDS, err=io.StringIO(),
                              clock=clock)
+    return inputs, out, clock
+
+
+def test_changed_sources_or_flags_announce_a_rebuild(tmp_path):
+    inputs, out, clock = _built_once(tmp_path, 70)
     assert _cpp.cached_build_is_current(out, inputs, WORDS)
     os.utime(inputs[1], (3000, 3000))  # a header edited after the build
     assert not _cpp.cached_build_is_current(out, inputs, WORDS)
@@ -169,12 +175,7 @@ def test_changed_sources_or_flags_announce_a_rebuild(tmp_path):
 
 def test_unforeseen_rebuild_is_reported_after(tmp_path):
     """The cache looked current, but the load took long (torch's headers changed, say): one line after."""
-    inputs = fake_inputs(tmp_path)
-    out = str(tmp_path / "build")
-    os.makedirs(out)
-    clock = Clock()
-    _cpp.build_with_messages(fake_builder(out, clock, 60)[0], out, inputs, WORDS, err=io.StringIO(),
-                             clock=clock)
+    inputs, out, clock = _built_once(tmp_path, 60)
     err = io.StringIO()
     _cpp.build_with_messages(fake_builder(out, clock, 30)[0], out, inputs, WORDS, err=err, clock=clock)
     assert lines(err) == [f"rigl_fast: C++ ops rebuilt in 30 s (the cached build in {out} was out of date)"]
