@@ -20,14 +20,34 @@ def rank(group=None) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
+def check_group(group) -> None:
+    """`process_group` must be None (the world) or a ProcessGroup this rank belongs to."""
+    if group is None:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised: call "
+                         "init_process_group first, or leave process_group=None")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. from dist.new_group), "
+                        f"got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("process_group: this rank is not a member of the group it was given")
+
+
+def _src(group) -> int:
+    """The global rank of the group's first member (collectives name their source by global rank)."""
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
 def broadcast_masks(masks: Sequence[Optional[torch.Tensor]], group=None) -> None:
-    """Every rank ends with rank 0's masks (initial masks only: later masks agree without being sent)."""
+    """Every rank ends with the group's first rank's masks (initial masks only: later masks agree without
+    being sent)."""
     if not active(group):
         return
     for m in masks:
         if m is not None:
             buf = m.to(torch.uint8)
-            dist.broadcast(buf, 0, group=group)
+            dist.broadcast(buf, _src(group), group=group)
             m.copy_(buf.bool())
 
 
@@ -36,7 +56,7 @@ def broadcast_seed(seed: int, device: torch.device, group=None) -> int:
     if not active(group):
         return seed
     t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dist.broadcast(t, 0, group=group)
+    dist.broadcast(t, _src(group), group=group)
     return int(t.item())
 
 

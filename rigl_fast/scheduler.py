@@ -88,13 +88,15 @@ class RigLScheduler:
     that call optimizer.step() every iteration, as HF Trainer, Lightning and Accelerate do: every optimizer
     step advances the schedule, and on an update step the topology update runs right after the optimizer has
     applied that step, as Cerebras' sparsity does; rigl-torch's two-line mode instead replaces that step
-    with the update. pruner() is not called in this mode).
+    with the update. pruner() is not called in this mode), `process_group` (DDP: the group over which grow
+    scores are summed and initial masks agreed, e.g. the data-parallel group of a larger mesh; default the
+    whole world).
     """
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, backend="auto", erk_power_scale=1.0, grow_mode="gradient",
-                 after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False):
+                 after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False, process_group=None):
         # ---- validate everything before touching the model, the optimizer or the RNG ----
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -110,6 +112,7 @@ class RigLScheduler:
             raise TypeError(f"sparsify_tied must be a bool, got {sparsify_tied!r}")
         if not isinstance(in_step, bool):
             raise TypeError(f"in_step must be a bool, got {in_step!r}")
+        _dist.check_group(process_group)
         _ops.check_name(backend)
 
         found = _layers.select(model, include=include, exclude=exclude, sparsify_tied=sparsify_tied)
@@ -147,7 +150,8 @@ class RigLScheduler:
         self._handles = []
         self.W: List[nn.Parameter] = W
         try:
-            self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step)
+            self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
+                        process_group)
         except BaseException:
             for h in self._handles:
                 h.remove()
@@ -157,7 +161,8 @@ class RigLScheduler:
             raise
         _config.warn_if_idle(self, model, include, exclude, sparsify_tied, found.n_tied)
 
-    def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step):
+    def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
+               process_group):
         self.model = model
         self.optimizer = optimizer
         self._optimizer = inner
@@ -171,6 +176,7 @@ class RigLScheduler:
         self.backend = ops.name
         self._after_step_mode = after_step
         self.in_step = in_step
+        self.process_group = process_group
         self._last_update = None  # (n_grow, n_active) per sparse layer of the last applied update
         self._set_hyperparams(hp)
         self.S = list(S)
@@ -253,7 +259,7 @@ class RigLScheduler:
             flat = torch.ones(n, dtype=torch.bool)
             flat[torch.randperm(n)[:int(s * n)]] = False
             masks.append(flat.view(w.shape).to(w.device))
-        _dist.broadcast_masks(masks)
+        _dist.broadcast_masks(masks, self.process_group)
         return masks
 
     def _seed_generator(self):
@@ -262,7 +268,7 @@ class RigLScheduler:
         if self.grow_mode != "random":
             return
         seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
-        seed = _dist.broadcast_seed(seed, self.W[0].device)
+        seed = _dist.broadcast_seed(seed, self.W[0].device, self.process_group)
         self._generator = torch.Generator().manual_seed(seed)
 
     def _load_counters(self, sd):
@@ -272,7 +278,7 @@ class RigLScheduler:
             self._generator.set_state(rng)
 
     def _load_dense_grads(self, sd):
-        accs = _dist.zero_unless_rank0(_state.dense_grads(sd, self.W))
+        accs = _dist.zero_unless_rank0(_state.dense_grads(sd, self.W), self.process_group)
         for hook, a in zip(self.backward_hook_objects, accs):
             hook.dense_grad = a
 
@@ -405,7 +411,7 @@ class RigLScheduler:
             self._rigl_step()
             self.rigl_steps += 1
             return False
-        if accumulated and _dist.active():
+        if accumulated and _dist.active(self.process_group):
             self._fold_dense_grads()
         return True
 
@@ -416,7 +422,8 @@ class RigLScheduler:
         if not idx:
             return
         hooks = [self.backward_hook_objects[i] for i in idx]
-        folded = _dist.fold_partial_sums([h.dense_grad for h in hooks], [self.W[i] for i in idx])
+        folded = _dist.fold_partial_sums([h.dense_grad for h in hooks], [self.W[i] for i in idx],
+                                          self.process_group)
         for h, a in zip(hooks, folded):
             h.dense_grad = a
 
@@ -444,11 +451,11 @@ class RigLScheduler:
             accs = [self.backward_hook_objects[i].dense_grad for i in idx]
             self._free_dense_grads()
             have_grad = any(a is not None for a in accs)
-            distributed = _dist.active()
+            distributed = _dist.active(self.process_group)
             if have_grad or distributed:
                 scores = [torch.zeros_like(w) if a is None else a for w, a in zip(weights, accs)]
             if distributed:  # every rank must reach the all-reduce, so the skip decision is taken after it
-                have_grad = _dist.sum_scores(scores, have_grad)
+                have_grad = _dist.sum_scores(scores, have_grad, self.process_group)
             if not have_grad:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return

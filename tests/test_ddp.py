@@ -304,3 +304,67 @@ def test_resume_inside_an_accumulation_window_is_exact(ddp_logs):
             assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
         for a, b in zip(resumed["weights"], plain["weights"]):
             assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- process_group: the data-parallel group of a larger world
+
+def _group_worker(rank, port, out_dir):
+    """4 ranks, two data-parallel groups {0, 1} and {2, 3}, each training on its own data stream."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        group = groups[rank // 2]
+        torch.manual_seed(MODEL_SEED)
+        model = torch.nn.parallel.DistributedDataParallel(MLP(), process_group=group)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        torch.manual_seed(MASK_SEED + rank)  # each group's first rank's masks must win within the group
+        pruner = RigLScheduler(model, opt, **CFG, process_group=group)
+        init = _masks_cpu(pruner)
+        per, local = GLOBAL_BATCH // 2, rank % 2
+        updates = []
+        for x, y in batches(STEPS, seed=DATA_SEED + rank // 2, batch=GLOBAL_BATCH):
+            opt.zero_grad()
+            F.cross_entropy(model(x[local * per:(local + 1) * per]), y[local * per:(local + 1) * per]).backward()
+            if pruner():
+                opt.step()
+            else:
+                updates.append(_masks_cpu(pruner))
+        torch.save({"init": init, "updates": updates, "weights": [w.detach().clone() for w in pruner.W]},
+                   os.path.join(out_dir, f"group-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def group_logs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_groups")
+    mp.spawn(_group_worker, args=(_free_port(), str(out)), nprocs=4, join=True)
+    return [torch.load(out / f"group-rank{r}.pt") for r in range(4)]
+
+
+def _same(a, b):
+    return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_process_group_agrees_within_each_group_only(group_logs):
+    for a, b in ((0, 1), (2, 3)):
+        assert _same(group_logs[a]["init"], group_logs[b]["init"])
+        assert len(group_logs[a]["updates"]) == len(group_logs[b]["updates"]) >= 4
+        assert all(_same(x, y) for x, y in zip(group_logs[a]["updates"], group_logs[b]["updates"]))
+        assert all(torch.equal(x, y) for x, y in zip(group_logs[a]["weights"], group_logs[b]["weights"]))
+    # the groups started from different masks and saw different data: nothing was summed across them
+    assert not _same(group_logs[0]["init"], group_logs[2]["init"])
+    assert not _same(group_logs[0]["updates"][-1], group_logs[2]["updates"][-1])
+    # group {0, 1} is the single process on its global batch (same model, mask and data seeds)
+    ref_updates, _ = _single_process()
+    assert all(_same(x, y) for x, y in zip(group_logs[0]["updates"], ref_updates))
+
+
+def test_process_group_is_checked():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
+        RigLScheduler(model, opt, **CFG, process_group=object())
