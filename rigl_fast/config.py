@@ -77,6 +77,13 @@ def check_after_step(after_step) -> None:
         raise ValueError(f"after_step must be one of {AFTER_STEP_MODES}, got {after_step!r}")
 
 
+def check_flags(**flags) -> None:
+    """Keyword-only switches of the scheduler that must be real bools (sparsify_tied, in_step)."""
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"{k} must be a bool, got {v!r}")
+
+
 def unwrap_optimizer(optimizer):
     """The torch.optim.Optimizer that really steps. Wrappers that forward step() to an optimizer held as
     `.optimizer` (Accelerate's AcceleratedOptimizer, which the HF Trainer uses; Lightning's
@@ -123,8 +130,6 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
                       "the training steps", UserWarning, stacklevel=3)
 
 
-
-
 def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:
     """For wrappers that build the scheduler later (the framework callbacks): RigLScheduler's keyword names
     and every value that can be checked before a model exists, so bad input fails where it is written.
@@ -148,6 +153,4 @@ def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:
                   grow_mode=v["grow_mode"]))  # T_end: a stand-in when the wrapper fills it in from the run
     check_after_step(v["after_step"])
     _ops.check_name(v["backend"])
-    for k in ("sparsify_tied", "in_step"):
-        if not isinstance(v.get(k, False), bool):
-            raise TypeError(f"{k} must be a bool, got {v[k]!r}")
+    check_flags(sparsify_tied=v["sparsify_tied"], in_step=v["in_step"])

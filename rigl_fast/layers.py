@@ -44,7 +44,6 @@ class Skipped:
 @dataclass
 class Candidates:
     names: List[str] = field(default_factory=list)          # parameter names, e.g. "h.0.attn.c_attn.weight"
-    modules: List[str] = field(default_factory=list)        # their modules' names in named_modules()
     weights: List[nn.Parameter] = field(default_factory=list)
     is_linear: List[bool] = field(default_factory=list)
     skipped: List[Skipped] = field(default_factory=list)
@@ -140,7 +139,6 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
                 continue
             seen.add(id(w))
             out.names.append(name)
-            out.modules.append(mname)
             out.weights.append(w)
             out.is_linear.append(linear)
     return out

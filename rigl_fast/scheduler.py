@@ -108,10 +108,7 @@ class RigLScheduler:
             hp.update(_state.hyperparams(state_dict))  # the state dict's values win
         _config.validate(hp)
         _config.check_after_step(after_step)
-        if not isinstance(sparsify_tied, bool):
-            raise TypeError(f"sparsify_tied must be a bool, got {sparsify_tied!r}")
-        if not isinstance(in_step, bool):
-            raise TypeError(f"in_step must be a bool, got {in_step!r}")
+        _config.check_flags(sparsify_tied=sparsify_tied, in_step=in_step)
         _dist.check_group(process_group)
         _ops.check_name(backend)
 
@@ -169,7 +166,6 @@ class RigLScheduler:
         self._ops = ops
         self._backend_request = backend
         self.names = found.names
-        self.module_names = found.modules
         self.skipped_layers = found.skipped
         self._linear_layers_mask = [int(x) for x in found.is_linear]
         self.N = [w.numel() for w in self.W]
@@ -177,7 +173,7 @@ class RigLScheduler:
         self._after_step_mode = after_step
         self.in_step = in_step
         self.process_group = process_group
-        self._last_update = None  # (n_grow, n_active) per sparse layer of the last applied update
+        self._last_update = None  # [(layer, n_grow, n_active)] of the last applied update, for stats()
         self._set_hyperparams(hp)
         self.S = list(S)
         self.step = 0
@@ -396,13 +392,13 @@ class RigLScheduler:
         if self.in_step:
             raise RuntimeError("pruner() is not called with in_step=True: every optimizer.step() advances the "
                                "schedule and runs the topology update when one is due; just call optimizer.step()")
+        if self._reattach_hooks():
+            self.apply_mask_to_gradients()  # the backward just run had no hook: mask its gradient now
         return self._advance()
 
     def _advance(self) -> bool:
         """One training iteration: the step count, the topology update when one is due (returns False then),
-        the DDP window fold otherwise."""
-        if self._reattach_hooks():
-            self.apply_mask_to_gradients()  # the backward just run had no hook: mask its gradient now
+        the DDP window fold otherwise. Hooks are re-attached by the caller (pruner() or the step hook)."""
         accumulated = self.check_if_backward_hook_should_accumulate_grad()  # what the last backward did
         self.step += 1
         if self.static_topo:
