@@ -19,13 +19,13 @@ import sys
 import time
 import warnings
 
-from ..layers import DISTRIBUTIONS as _DISTRIBUTIONS  # the library's list, so the CLI accepts what it accepts
+from ..layers import DISTRIBUTIONS as _DISTRIBUTIONS  # the library's lists, so the CLI accepts what it accepts
+from ..ops import BACKENDS as _BACKENDS
 
 EXTRA_HINT = "pip install 'rigl_fast[cli]'"
 _METHODS = ("dense", "static", "set", "rigl")
 _MODELS = ("cnn", "mlp")
 _DATASETS = ("digits", "mnist", "cifar10")
-_BACKENDS = ("auto", "reference", "triton", "cpp")
 
 
 # ----------------------------------------------------------------------------- argument types
