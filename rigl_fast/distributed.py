@@ -101,3 +101,89 @@ def zero_unless_rank0(accs: List[Optional[torch.Tensor]], group=None) -> List[Op
     if not active(group) or rank(group) == 0:
         return accs
     return [None if a is None else torch.zeros_like(a) for a in accs]
+
+
+# ---------------------------------------------------------------- FSDP2: sharded weights (see sharding.py)
+# The digit widths of the radix select over 31-bit keys: 3 passes, 2048 + 1024 + 1024 bins per layer. The
+# bytes sent per update depend on the number of layers, never on their size.
+RADIX_PASSES = ((20, 11), (10, 10), (0, 10))
+NO_KEY = 1 << 31  # a threshold above every key: selects nothing
+
+
+def broadcast_rng_state(device: torch.device, group=None) -> torch.Tensor:
+    """The group's first rank's global CPU RNG state, on every rank (the initial draws of a sharded model)."""
+    state = torch.get_rng_state()
+    if not active(group):
+        return state
+    buf = state.to(device)
+    dist.broadcast(buf, _src(group), group=group)
+    return buf.cpu()
+
+
+def sum_counts(counts: Sequence[int], device: torch.device, group=None) -> List[int]:
+    """Integers summed over the ranks (e.g. the active positions of each layer, counted per shard)."""
+    t = torch.tensor(list(counts), dtype=torch.int64, device=device)
+    if active(group) and t.numel():
+        dist.all_reduce(t, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def any_rank(flags: Sequence[bool], device: torch.device, group=None) -> List[bool]:
+    """For each flag, whether it is set on any rank: one all-reduce for all of them."""
+    return [v > 0 for v in sum_counts([int(bool(f)) for f in flags], device, group)]
+
+
+def _pick_bins(hist: torch.Tensor, remaining: torch.Tensor, bits: int):
+    """Per row, the highest bin b at which the count of bins >= b reaches `remaining` (> 0), and the count
+    of the bins above b. Rows with remaining <= 0 are not used by the caller."""
+    above_or_at = hist.flip(1).cumsum(1)  # column j: count in bins >= 2**bits - 1 - j
+    j = (above_or_at < remaining[:, None]).sum(1).clamp(max=(1 << bits) - 1)
+    above = torch.where(j > 0, above_or_at.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], 0)
+    return (1 << bits) - 1 - j, above
+
+
+def sharded_top_k(ops, values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor], flag_value: bool,
+                  ks: Sequence[int], offsets: Sequence[int], group=None) -> List[torch.Tensor]:
+    """The exact global selection of an update under FSDP2, for every layer at once: flat bool flags over
+    this rank's shards marking, per layer, the ks[i] largest keys (|values|) among eligible positions (flags
+    == flag_value) of the whole layer, ties to the lower global flat index. offsets[i] is where this rank's
+    shard of layer i starts in the layer's flat indices.
+
+    A radix select over the 31-bit keys: each pass the ranks' digit histograms (ops.key_histograms) are
+    summed with one all-reduce and every rank picks the same bin; after the last pass the threshold key is
+    known exactly, and so is how many of the keys equal to it are taken. Those ties go in global index
+    order: one all-gather of each rank's (shard offset, tie count) per layer gives each rank how many lie
+    before its shard. Volume: sum of 2**bits * 8 bytes per layer and pass, plus 16 bytes per layer and rank."""
+    L = len(values)
+    device = values[0].device
+    remaining = torch.tensor(list(ks), dtype=torch.int64)
+    prefix = torch.where(remaining > 0, 0, -1)
+    local_hist = None
+    for shift, bits in RADIX_PASSES:
+        local_hist = ops.key_histograms(values, flags, flag_value, prefix.tolist(), shift, bits)
+        hist = local_hist.clone()
+        if active(group):
+            dist.all_reduce(hist, group=group)
+        b, above = _pick_bins(hist.cpu(), remaining, bits)
+        live = prefix >= 0
+        remaining = torch.where(live, remaining - above, remaining)
+        prefix = torch.where(live, (prefix << bits) | b, prefix)
+    live = prefix >= 0
+    last_bits = RADIX_PASSES[-1][1]
+    my_ties = local_hist.cpu().gather(1, (prefix & ((1 << last_bits) - 1)).clamp(min=0)[:, None])[:, 0]
+    my_ties = torch.where(live, my_ties, 0)
+    mine = torch.stack([torch.tensor(list(offsets), dtype=torch.int64), my_ties])  # (2, L)
+    if active(group):
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(mine, device=device) for _ in range(world)]
+        dist.all_gather(out, mine.to(device), group=group)
+        every = torch.stack([o.cpu() for o in out])  # (world, 2, L)
+        me = dist.get_rank(group)
+        before = ((every[:, 0, :] < mine[0]) | ((every[:, 0, :] == mine[0]) & (torch.arange(world)[:, None] < me)))
+        ties_before = (every[:, 1, :] * before).sum(0)
+    else:
+        ties_before = torch.zeros(L, dtype=torch.int64)
+    n_ties = (remaining - ties_before).clamp(min=0)
+    n_ties = torch.minimum(n_ties, my_ties)
+    thresholds = torch.where(live, prefix, NO_KEY)
+    return ops.take_top(values, flags, flag_value, thresholds.tolist(), torch.where(live, n_ties, 0).tolist())

@@ -16,9 +16,10 @@ MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weigh
 
 def is_conv1d_like(module: nn.Module) -> bool:
     """transformers' `Conv1D` (GPT-2 and kin): a linear layer whose weight is stored (in, out), recognised by
-    its class name and `nf` attribute so that transformers is never imported."""
+    its class name (in its MRO: FSDP2 subclasses it as FSDPConv1D) and `nf` attribute so that transformers is
+    never imported."""
     w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor)
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf") and isinstance(w, torch.Tensor)
             and w.dim() == 2)
 
 

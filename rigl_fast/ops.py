@@ -103,6 +103,55 @@ class Backend:
         return True
 
 
+    # ------------------------------------------------------------------ the sharded (FSDP2) update
+    # Under FSDP2 each rank holds a shard of every weight, mask, gradient and accumulator, and the update's
+    # selection is global: `distributed.sharded_top_k` runs a radix select whose passes are these per-shard ops,
+    # with an all-reduce of the histograms between passes and a scan of tie counts before `take_top`. All
+    # tensors are local shards (flat ranges of their layer: FSDP2 shards dim 0). A key is the 31-bit pattern
+    # of |x| as fp32 (`reference.selection_keys`); position p of a layer is eligible iff flags[p] == flag_value.
+    # The defaults run the reference's implementation; a backend overrides them with kernels of its own.
+
+    def key_histograms(self, values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor], flag_value: bool,
+                       prefixes: Sequence[int], shift: int, bits: int) -> torch.Tensor:
+        """int64 counts of shape (len(values), 2**bits) on the values' device: row i counts the digit
+        (key >> shift) & (2**bits - 1) of layer i's eligible positions whose key >> (shift + bits) equals
+        prefixes[i]; a negative prefix gives a row of zeros."""
+        from .reference import key_histogram
+        device = values[0].device if len(values) else torch.device("cpu")
+        if not len(values):
+            return torch.zeros((0, 1 << bits), dtype=torch.int64, device=device)
+        return torch.stack([key_histogram(v, f, flag_value, p, shift, bits)
+                            for v, f, p in zip(values, flags, prefixes)])
+
+    def take_top(self, values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor], flag_value: bool,
+                 thresholds: Sequence[int], n_ties: Sequence[int]) -> List[torch.Tensor]:
+        """Per layer, flat bool flags of the eligible positions whose key is > thresholds[i], plus the first
+        n_ties[i] eligible positions (in index order) whose key equals it."""
+        from .reference import take_top
+        return [take_top(v, f, flag_value, t, k) for v, f, t, k in zip(values, flags, thresholds, n_ties)]
+
+    def commit(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+               keep: Sequence[torch.Tensor], grow: Sequence[torch.Tensor],
+               states: Sequence[Sequence[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """The end of `update` given its selections (flat bool keep and grow flags, disjoint): new = keep |
+        grow; weights and states = where(new & old, x, 0); grads = where(new, g, 0); masks[i] = new."""
+        from .reference import commit
+        for w, m, k, g, st, gr in zip(weights, masks, keep, grow, states, grads):
+            commit(w, m, k, g, st, gr)
+
+    def split_grad(self, grad: torch.Tensor, mask: torch.Tensor, off: torch.Tensor) -> None:
+        """A gradient hook's op under FSDP2 inside the accumulation window, in place: off += where(mask, 0,
+        grad), then grad = where(mask, grad, 0). (FSDP2 sums the gradients of several backward passes into the
+        one sharded gradient, so the dense gradient is rebuilt from the masked sum and `off` at step end.)"""
+        from .reference import split_grad
+        split_grad(grad, mask, off)
+
+    def fold_grad(self, acc: torch.Tensor, grad: torch.Tensor, off: torch.Tensor, n: int) -> None:
+        """acc += (grad + off) / n in place, rounded as `mask_grad` rounds its accumulation."""
+        from .reference import fold_grad
+        fold_grad(acc, grad, off, n)
+
+
 def _load_reference() -> Backend:
     from .reference import ReferenceBackend
     return ReferenceBackend()

@@ -140,3 +140,72 @@ class ReferenceBackend(Backend):
             if gr is not None:
                 _mask_(gr, new)
             m.copy_(new)
+
+
+# ---------------------------------------------------------------- the per-shard ops of the sharded update
+# (see ops.Backend.key_histograms / take_top / commit / split_grad / fold_grad; distributed.py runs the
+# collectives between them). A selection key is the 31-bit pattern of |x| as fp32: for non-negative floats
+# integer order is float order, and -0.0 and +0.0 share the key 0.
+
+def selection_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys of a flat tensor: the bits of |x| (upcast to fp32), order-preserving and >= 0."""
+    return values.reshape(-1).float().abs().view(torch.int32)
+
+
+def _eligible(flags: torch.Tensor, flag_value: bool) -> torch.Tensor:
+    flags = flags.reshape(-1)
+    return flags if flag_value else ~flags
+
+
+def key_histogram(values: torch.Tensor, flags: torch.Tensor, flag_value: bool, prefix: int, shift: int,
+                  bits: int) -> torch.Tensor:
+    """Counts (int64, 2**bits bins) of the digit (key >> shift) & (2**bits - 1) over the eligible positions
+    (flags == flag_value) whose key >> (shift + bits) equals `prefix`. A negative prefix counts nothing."""
+    out = torch.zeros(1 << bits, dtype=torch.int64, device=values.device)
+    if prefix < 0 or values.numel() == 0:
+        return out
+    keys = selection_keys(values)
+    hit = _eligible(flags, flag_value) & ((keys >> (shift + bits)) == prefix)
+    digits = (keys[hit] >> shift) & ((1 << bits) - 1)
+    return out.index_add_(0, digits.long(), torch.ones_like(digits, dtype=torch.int64))
+
+
+def take_top(values: torch.Tensor, flags: torch.Tensor, flag_value: bool, threshold: int,
+             n_ties: int) -> torch.Tensor:
+    """Flat bool flags: eligible positions with key > threshold, and the first `n_ties` (in index order)
+    eligible positions with key == threshold. A threshold above every key (>= 2**31) takes nothing."""
+    if threshold >= 1 << 31:
+        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    keys = selection_keys(values)
+    ok = _eligible(flags, flag_value)
+    eq = ok & (keys == threshold)
+    take = ok & (keys > threshold)
+    if n_ties > 0:
+        take |= eq & (torch.cumsum(eq, 0, dtype=tie_rank_dtype(values.numel())) <= n_ties)
+    return take
+
+
+def commit(weight, mask, keep, grow, states, grad) -> None:
+    """new = keep | grow; weight and states keep their values where new & old (dropped and grown -> 0), the
+    gradient where new; the mask becomes new."""
+    new = (keep | grow).view(mask.shape)
+    both = new & mask
+    _mask_(weight, both)
+    for t in states:
+        _mask_(t, both)
+    if grad is not None:
+        _mask_(grad, new)
+    mask.copy_(new)
+
+
+def split_grad(grad, mask, off) -> None:
+    """In place: off += where(mask, 0, grad) (the off-mask part of the gradient, kept for the grow scores),
+    then grad = where(mask, grad, 0)."""
+    off += torch.where(mask, torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
+    _mask_(grad, mask)
+
+
+def fold_grad(acc, grad, off, n) -> None:
+    """acc += (grad + off) / n, with the rounding of `Backend.mask_grad`'s accumulation: grad and off have
+    disjoint supports, so grad + off is the dense gradient exactly."""
+    acc += (grad + off) / n

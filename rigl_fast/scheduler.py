@@ -17,6 +17,7 @@ from . import config as _config
 from . import distributed as _dist
 from . import layers as _layers
 from . import ops as _ops
+from . import sharding as _sharding
 from . import state as _state
 from . import summary as _summary
 from .config import AFTER_STEP_MODES, GROW_MODES, ZERO_PRESERVING_OPTIMIZERS  # noqa: F401  (their old home)
@@ -71,6 +72,35 @@ class IndexMaskHook:
         return s._ops.mask_grad(grad, mask, acc, s.grad_accumulation_n)
 
 
+class ShardedMaskHook(IndexMaskHook):
+    """The hook of one FSDP2-sharded weight. FSDP2 computes gradients on an unsharded copy and writes the
+    reduce-scattered (global) gradient into the sharded parameter's .grad, so a gradient hook on the sharded
+    parameter never runs: this one is a post-accumulate-grad hook, which FSDP2 calls after that write. It
+    masks the local shard of .grad in place; inside the accumulation window it also keeps the off-mask part
+    (`off`), from which the scheduler rebuilds the dense gradient at step end (`RigLScheduler._fold_sharded`):
+    FSDP2 sums the gradients of several backward passes in one step into .grad, so only the step's total is
+    known exactly. `dense_grad` is a DTensor sharded like the weight."""
+
+    def __init__(self, layer: int, scheduler: "RigLScheduler"):
+        super().__init__(layer, scheduler)
+        self.off: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def __call__(self, param):
+        s = self.scheduler
+        mask = s.backward_masks[self.layer]
+        if mask is None or param.grad is None:
+            return
+        grad, mask = _sharding.local(param.grad), _sharding.local(mask)
+        if s.check_if_backward_hook_should_accumulate_grad():
+            if self.off is None:
+                self.off = torch.zeros_like(grad)
+            s._ops.split_grad(grad, mask, self.off)
+        else:
+            self.off = None
+            s._ops.apply_masks([grad], [mask])
+
+
 class RigLScheduler:
     """Drop-in replacement for `rigl_torch.RigL.RigLScheduler`.
 
@@ -90,13 +120,20 @@ class RigLScheduler:
     applied that step, as Cerebras' sparsity does; rigl-torch's two-line mode instead replaces that step
     with the update. pruner() is not called in this mode), `process_group` (DDP: the group over which grow
     scores are summed and initial masks agreed, e.g. the data-parallel group of a larger mesh; default the
-    whole world).
+    whole world), `sharded_init` (FSDP2: 'global', the default, draws each layer's initial mask as one process
+    would, one layer at a time on the CPU, and keeps this rank's shard; 'local' draws each shard on its own, for
+    layers too large for that: same counts, a different draw).
+
+    FSDP2: create the scheduler after `fully_shard` (1-D mesh, FSDP2's dim-0 sharding), on every rank. Masks
+    and accumulators are then DTensors sharded like their weights, and the update is the exact global one,
+    computed shard by shard (distributed.sharded_top_k) without gathering any layer.
     """
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, backend="auto", erk_power_scale=1.0, grow_mode="gradient",
-                 after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False, process_group=None):
+                 after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False, process_group=None,
+                 sharded_init="global"):
         # ---- validate everything before touching the model, the optimizer or the RNG ----
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -110,6 +147,8 @@ class RigLScheduler:
         _config.check_after_step(after_step)
         _config.check_flags(sparsify_tied=sparsify_tied, in_step=in_step)
         _dist.check_group(process_group)
+        if sharded_init not in _sharding.INIT_DRAWS:
+            raise ValueError(f"sharded_init must be one of {_sharding.INIT_DRAWS}, got {sharded_init!r}")
         _ops.check_name(backend)
 
         found = _layers.select(model, include=include, exclude=exclude, sparsify_tied=sparsify_tied)
@@ -136,6 +175,12 @@ class RigLScheduler:
         if missing:
             raise ValueError(f"optimizer does not hold the sparse weights {missing}: pass the model's parameters "
                              "to the optimizer before creating the RigLScheduler")
+        sharded = _sharding.check_layout(names, W, [s > 0 for s in S])
+        if sharded and process_group is not None:
+            raise ValueError("process_group is for DDP; under FSDP2 the weights' device mesh is the group")
+        if sharded_init != "global" and not sharded:
+            warnings.warn("rigl_fast: sharded_init applies to FSDP2-sharded weights only; this model has none, so "
+                          "it does nothing", UserWarning, stacklevel=2)
         sparse_devices = {w.device for w, s in zip(W, S) if s > 0} or {W[0].device}
         if len(sparse_devices) > 1:
             raise ValueError(f"model: sparse weights must be on one device, found {sorted(map(str, sparse_devices))}")
@@ -148,7 +193,7 @@ class RigLScheduler:
         self.W: List[nn.Parameter] = W
         try:
             self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
-                        process_group)
+                        process_group, sharded, sharded_init)
         except BaseException:
             for h in self._handles:
                 h.remove()
@@ -159,7 +204,7 @@ class RigLScheduler:
         _config.warn_if_idle(self, model, include, exclude, sparsify_tied, found.n_tied)
 
     def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
-               process_group):
+               process_group, sharded, sharded_init):
         self.model = model
         self.optimizer = optimizer
         self._optimizer = inner
@@ -172,7 +217,10 @@ class RigLScheduler:
         self.backend = ops.name
         self._after_step_mode = after_step
         self.in_step = in_step
-        self.process_group = process_group
+        self._sharded = sharded
+        self.sharded_init = sharded_init
+        sparse_w = [w for w, s_ in zip(self.W, S) if s_ > 0]
+        self.process_group = _sharding.group(sparse_w) if sharded else process_group
         self._last_update = None  # [(layer, n_grow, n_active)] of the last applied update, for stats()
         self._set_hyperparams(hp)
         self.S = list(S)
@@ -185,14 +233,18 @@ class RigLScheduler:
         self._seed_generator()
         if state_dict is not None:
             self._load_counters(state_dict)
-        self._n_active = [None if m is None else int(m.sum()) for m in self.backward_masks]
+        self._count_active()
         # the optimizer's hook first: it is the registration most likely to be refused
         self._handles.append(inner.register_step_post_hook(self._after_optimizer_step))
         self.backward_hook_objects: List[IndexMaskHook] = []
         for i, w in enumerate(self.W):
-            hook = IndexMaskHook(i, self)
+            if sharded:
+                hook = ShardedMaskHook(i, self)
+                self._handles.append(w.register_post_accumulate_grad_hook(hook))
+            else:
+                hook = IndexMaskHook(i, self)
+                self._handles.append(w.register_hook(hook))
             self.backward_hook_objects.append(hook)
-            self._handles.append(w.register_hook(hook))
         for key in [k for k, r in _REGISTERED.items() if r() is None]:  # schedulers garbage-collected
             del _REGISTERED[key]
         me = weakref.ref(self)
@@ -205,13 +257,20 @@ class RigLScheduler:
         self.reset_momentum()
         self.apply_mask_to_gradients()
 
+    def _count_active(self):
+        """The active positions of each sparse layer (under FSDP2 counted per shard and summed)."""
+        local = [0 if m is None else int(_sharding.local(m).sum()) for m in self.backward_masks]
+        if self._sharded:
+            local = _dist.sum_counts(local, _sharding.local(self.W[0]).device, self.process_group)
+        self._n_active = [None if m is None else c for m, c in zip(self.backward_masks, local)]
+
     @staticmethod
     def _check_sizes(ops, names, W, S):
         limit = ops.max_numel() if hasattr(ops, "max_numel") else None
         if limit is None:
             return
         for name, w, s in zip(names, W, S):
-            if s > 0 and w.numel() > limit:
+            if s > 0 and _sharding.local(w).numel() > limit:
                 raise ValueError(f"layer {name!r} has {w.numel()} weights, more than the {ops.name} backend handles "
                                  f"({limit}); choose another backend or keep the layer dense with exclude=")
 
@@ -247,6 +306,8 @@ class RigLScheduler:
     def _random_masks(self):
         """rigl-torch's draws: for each sparse layer in order, zeros at randperm(n)[:int(S*n)] (global CPU RNG).
         Under torch.distributed every rank then takes rank 0's masks."""
+        if self._sharded:
+            return self._random_sharded_masks()
         masks = []
         for w, s, n in zip(self.W, self.S, self.N):
             if s <= 0:
@@ -258,13 +319,37 @@ class RigLScheduler:
         _dist.broadcast_masks(masks, self.process_group)
         return masks
 
+    def _random_sharded_masks(self):
+        """FSDP2: every rank draws from rank 0's RNG state and keeps its shards, so the global masks are rank 0's
+        draws, as under DDP, with no mask sent. A rank whose RNG state was rank 0's advances it as one process
+        would; the others' RNG is left as it was. sharded_init='local': see sharding.local_draw."""
+        device = _sharding.local(self.W[self._sparse_w_index()]).device
+        state = _dist.broadcast_rng_state(device, self.process_group)
+        g = torch.Generator()
+        g.set_state(state)
+        seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=g)) if self.sharded_init == "local" else 0
+        local = []
+        for i, (w, s) in enumerate(zip(self.W, self.S)):
+            if s <= 0:
+                local.append(None)
+            elif self.sharded_init == "local":
+                local.append(_sharding.local_draw(w, s, seed, i))
+            else:
+                local.append(_sharding.global_draw(w, s, g))
+        if torch.equal(state, torch.get_rng_state()):
+            torch.set_rng_state(g.get_state())
+        return _sharding.masks_like(self.W, local)
+
+    def _sparse_w_index(self):
+        return next(i for i, s in enumerate(self.S) if s > 0)
+
     def _seed_generator(self):
         """SET's random growth draws from a generator of its own, seeded once from the global RNG (rank 0's
         seed under torch.distributed) and saved in the state dict, so resuming reproduces the draws."""
         if self.grow_mode != "random":
             return
         seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
-        seed = _dist.broadcast_seed(seed, self.W[0].device, self.process_group)
+        seed = _dist.broadcast_seed(seed, _sharding.local(self.W[0]).device, self.process_group)
         self._generator = torch.Generator().manual_seed(seed)
 
     def _load_counters(self, sd):
@@ -274,7 +359,9 @@ class RigLScheduler:
             self._generator.set_state(rng)
 
     def _load_dense_grads(self, sd):
-        accs = _dist.zero_unless_rank0(_state.dense_grads(sd, self.W), self.process_group)
+        accs = _state.dense_grads(sd, self.W)
+        if not self._sharded:  # a sharded accumulator is the global gradient already: nothing to fold
+            accs = _dist.zero_unless_rank0(accs, self.process_group)
         for hook, a in zip(self.backward_hook_objects, accs):
             hook.dense_grad = a
 
@@ -327,15 +414,23 @@ class RigLScheduler:
         return [i for i, m in enumerate(self.backward_masks) if m is not None]
 
     def _states_like(self, w):
+        """The optimizer states shaped like `w` (local shards under FSDP2)."""
         state = self._optimizer.state.get(w)
         if not state:
             return []
-        return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == w.shape and v is not w]
+        return [_sharding.local(v) for v in state.values()
+                if isinstance(v, torch.Tensor) and v.shape == w.shape and v is not w]
+
+    def _local_mask(self, i):
+        return _sharding.local(self.backward_masks[i])
+
+    def _local_weight(self, i):
+        return _sharding.local(self.W[i])
 
     @torch.no_grad()
     def apply_mask_to_weights(self):
         idx = self._sparse_layers()
-        self._ops.apply_masks([self.W[i] for i in idx], [self.backward_masks[i] for i in idx])
+        self._ops.apply_masks([self._local_weight(i) for i in idx], [self._local_mask(i) for i in idx])
 
     @torch.no_grad()
     def reset_momentum(self):
@@ -344,7 +439,7 @@ class RigLScheduler:
         for i in self._sparse_layers():
             for t in self._states_like(self.W[i]):
                 tensors.append(t)
-                masks.append(self.backward_masks[i])
+                masks.append(self._local_mask(i))
         self._ops.apply_masks(tensors, masks)
 
     @torch.no_grad()
@@ -352,8 +447,8 @@ class RigLScheduler:
         tensors, masks = [], []
         for i in self._sparse_layers():
             if self.W[i].grad is not None:
-                tensors.append(self.W[i].grad)
-                masks.append(self.backward_masks[i])
+                tensors.append(_sharding.local(self.W[i].grad))
+                masks.append(self._local_mask(i))
         self._ops.apply_masks(tensors, masks)
 
     @torch.no_grad()
@@ -370,8 +465,8 @@ class RigLScheduler:
             self._follow_devices()
         tensors, masks = [], []
         for i in self._sparse_layers():
-            m = self.backward_masks[i]
-            tensors.append(self.W[i])
+            m = self._local_mask(i)
+            tensors.append(self._local_weight(i))
             masks.append(m)
             for t in self._states_like(self.W[i]):
                 tensors.append(t)
@@ -403,13 +498,29 @@ class RigLScheduler:
         self.step += 1
         if self.static_topo:
             return True
+        if accumulated and self._sharded:
+            self._fold_sharded()  # before an update, which reads the accumulators
         if self.step % self.delta_T == 0 and self.step < self.T_end:
             self._rigl_step()
             self.rigl_steps += 1
             return False
-        if accumulated and _dist.active(self.process_group):
+        if accumulated and not self._sharded and _dist.active(self.process_group):
             self._fold_dense_grads()
         return True
+
+    def _fold_sharded(self):
+        """FSDP2, at the end of a step inside the accumulation window: the step's dense gradient (the masked
+        .grad plus the off-mask part its hook kept) is accumulated, acc += dense / n."""
+        for i in self._sparse_layers():
+            h = self.backward_hook_objects[i]
+            grad = self.W[i].grad
+            if h.off is None or grad is None:  # no backward pass reached this layer in this step
+                h.off = None
+                continue
+            if h.dense_grad is None:
+                h.dense_grad = _sharding.like(self.W[i], torch.zeros_like(h.off))
+            self._ops.fold_grad(_sharding.local(h.dense_grad), _sharding.local(grad), h.off, self.grad_accumulation_n)
+            h.off = None
 
     def _fold_dense_grads(self):
         """DDP, inside an accumulation window: rank 0 takes the sum of the ranks' partial accumulators, so a
@@ -438,6 +549,8 @@ class RigLScheduler:
         idx = self._sparse_layers()
         if not idx:
             return
+        if self._sharded:
+            return self._sharded_rigl_step(idx, drop_fraction)
         if self._devices_moved():
             self._follow_devices()
         weights = [self.W[i] for i in idx]
@@ -455,16 +568,51 @@ class RigLScheduler:
             if not have_grad:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return
-        n_keep, n_grow = [], []
-        for i in idx:
-            n_drop = int(self._n_active[i] * drop_fraction)
-            n_keep.append(self._n_active[i] - n_drop)
-            n_grow.append(n_drop)
+        n_keep, n_grow = self._drop_counts(idx, drop_fraction)
         if not self._ops.checked_update(weights, [self.backward_masks[i] for i in idx], scores, n_keep, n_grow,
                                         [self._states_like(w) for w in weights], [w.grad for w in weights]):
             self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
         else:
             self._last_update = [(i, g, self._n_active[i]) for i, g in zip(idx, n_grow)]
+
+    def _drop_counts(self, idx, drop_fraction):
+        n_keep, n_grow = [], []
+        for i in idx:
+            n_drop = int(self._n_active[i] * drop_fraction)
+            n_keep.append(self._n_active[i] - n_drop)
+            n_grow.append(n_drop)
+        return n_keep, n_grow
+
+    def _sharded_rigl_step(self, idx, drop_fraction):
+        """The update under FSDP2: the same selection as `_rigl_step`, over the whole of each layer, computed on
+        the shards (distributed.sharded_top_k). The accumulators hold the global gradient already: no
+        all-reduce of scores. Every rank takes every decision from all-reduced flags, so all skip together."""
+        weights = [self._local_weight(i) for i in idx]
+        masks = [self._local_mask(i) for i in idx]
+        if self.grow_mode == "random":
+            seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=self._generator))
+            scores = [_sharding.local_rand(self.W[i], seed, i) for i in idx]
+            have_grad = True
+        else:
+            accs = [self.backward_hook_objects[i].dense_grad for i in idx]
+            self._free_dense_grads()
+            have_grad = any(a is not None for a in accs)
+            scores = [torch.zeros_like(w) if a is None else _sharding.local(a) for w, a in zip(weights, accs)]
+        bad = self._ops.any_nonfinite(weights + scores)
+        have_grad, bad = _dist.any_rank([have_grad, bad], weights[0].device, self.process_group)
+        if not have_grad:
+            self._skip("no gradient was accumulated: call loss.backward() before pruner()")
+            return
+        if bad:
+            self._skip("non-finite weights or gradients on some rank, e.g. an fp16 overflow")
+            return
+        n_keep, n_grow = self._drop_counts(idx, drop_fraction)
+        offsets = [_sharding.flat_range(self.W[i])[0] for i in idx]
+        keep = _dist.sharded_top_k(self._ops, weights, masks, True, n_keep, offsets, self.process_group)
+        grow = _dist.sharded_top_k(self._ops, scores, keep, False, n_grow, offsets, self.process_group)
+        self._ops.commit(weights, masks, keep, grow, [self._states_like(self.W[i]) for i in idx],
+                         [None if self.W[i].grad is None else _sharding.local(self.W[i].grad) for i in idx])
+        self._last_update = [(i, g, self._n_active[i]) for i, g in zip(idx, n_grow)]
 
     def stats(self) -> Dict[str, float]:
         """Plain numbers for any logger: `density` (active / all candidate weights) and `density/<layer>`,
@@ -502,7 +650,7 @@ class RigLScheduler:
         self._set_hyperparams(hp)
         self.S = S
         self.backward_masks = masks
-        self._n_active = [None if m is None else int(m.sum()) for m in masks]
+        self._count_active()
         if self.grow_mode == "random" and self._generator is None:
             self._seed_generator()
         self._load_counters(state_dict)

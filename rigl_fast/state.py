@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import sharding as _sharding
+
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("dense_allocation", "S", "N", "hyperparams", "step", "rigl_steps", "backward_masks")
 HYPERPARAM_KEYS = ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo", "sparsity_distribution",
@@ -17,8 +19,18 @@ HYPERPARAM_KEYS = ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_
 
 
 def build(pruner) -> dict:
-    """A state dict of copies (never the live masks or accumulators)."""
+    """A state dict of copies (never the live masks or accumulators).
+
+    Under FSDP2 masks and accumulators are DTensors sharded like their weights, for
+    torch.distributed.checkpoint, which loads in place into a state dict of the same structure: so every
+    sparse layer has an accumulator (zeros when none is live) and `rigl_fast_dense_grads_live` says which are."""
     hp = pruner._hyperparams()
+    accs = [None if h.dense_grad is None else h.dense_grad.clone() for h in pruner.backward_hook_objects]
+    extra = {}
+    if pruner._sharded:
+        extra["rigl_fast_dense_grads_live"] = [a is not None for a in accs]
+        accs = [a if a is not None or m is None else _sharding.like(w, torch.zeros_like(_sharding.local(w)))
+                for a, m, w in zip(accs, pruner.backward_masks, pruner.W)]
     return {
         "dense_allocation": pruner.dense_allocation,
         "S": list(pruner.S),
@@ -30,10 +42,10 @@ def build(pruner) -> dict:
         "_linear_layers_mask": list(pruner._linear_layers_mask),
         "rigl_fast_format": FORMAT_VERSION,
         "rigl_fast_skipped_updates": pruner.skipped_updates,
-        "rigl_fast_dense_grads": [None if h.dense_grad is None else h.dense_grad.clone()
-                                  for h in pruner.backward_hook_objects],
+        "rigl_fast_dense_grads": accs,
         "rigl_fast_rng": None if pruner._generator is None else pruner._generator.get_state(),
         "rigl_fast_last_update": None if pruner._last_update is None else [list(t) for t in pruner._last_update],
+        **extra,
     }
 
 
@@ -77,7 +89,10 @@ def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float
             got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
             raise ValueError(f"state_dict does not fit the model: mask of layer {i} ({name}) has shape {got}, "
                              f"the weight has shape {tuple(w.shape)}")
-        out.append(m.detach().to(device=w.device, dtype=torch.bool).clone().contiguous())
+        if _sharding.is_sharded(w):
+            out.append(_sharding.fit(w, m, torch.bool))
+        else:
+            out.append(m.detach().to(device=w.device, dtype=torch.bool).clone().contiguous())
     accs = sd.get("rigl_fast_dense_grads")
     if accs is not None:
         if len(accs) != len(W):
@@ -106,4 +121,13 @@ def dense_grads(sd, W: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     accs = sd.get("rigl_fast_dense_grads")
     if accs is None:
         return [None] * len(W)
-    return [None if a is None else a.detach().to(w.device).clone().contiguous() for a, w in zip(accs, W)]
+    live = sd.get("rigl_fast_dense_grads_live") or [True] * len(W)
+    out = []
+    for a, w, on in zip(accs, W, live):
+        if a is None or not on:
+            out.append(None)
+        elif _sharding.is_sharded(w):
+            out.append(_sharding.fit(w, a, a.dtype))
+        else:
+            out.append(a.detach().to(w.device).clone().contiguous())
+    return out

@@ -34,8 +34,14 @@ def render(pruner) -> str:
     """rigl-torch's fields (its `__str__`, verbatim), then `layer_table`."""
     N_str, S_str = [], []
     total, total_nz, conv, conv_nz = 0, 0, 0, 0
-    for N, mask, W, is_linear in zip(pruner.N, pruner.backward_masks, pruner.W, pruner._linear_layers_mask):
-        zeros_off_mask = 0 if mask is None else int((W[~mask.to(W.device)] == 0).sum())
+    for N, mask, W, is_linear, active in zip(pruner.N, pruner.backward_masks, pruner.W, pruner._linear_layers_mask,
+                                             pruner._n_active):
+        if mask is None:
+            zeros_off_mask = 0
+        elif pruner._sharded:  # counting the zeros would take a collective, and printing must not: off-mask is 0
+            zeros_off_mask = N - active
+        else:
+            zeros_off_mask = int((W[~mask.to(W.device)] == 0).sum())
         nz = N - zeros_off_mask
         N_str.append("%i/%i" % (nz, N))
         S_str.append("%.2f%%" % (float(nz) / float(N) * 100))

@@ -1,0 +1,138 @@
+"""FSDP2 layouts: which weights are sharded, where each rank's shard sits in its layer, and the sharded
+initial masks. No collectives here (they are in distributed.py); no tensor math on whole layers except the
+one-layer-at-a-time CPU draw of `global_draw`, at construction.
+
+FSDP2 (`fully_shard`) makes every parameter a DTensor sharded along dim 0 over a 1-D device mesh: rank r
+holds rows [r * ceil(d0 / world), ...) of it, so its shard is a contiguous range of the layer's flat
+(row-major) indices, and shards lie in rank order. Masks and gradient accumulators are DTensors with their
+weight's mesh and placements; the ops only ever see the local shards.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+try:  # torch.distributed may be built out (some macOS / Windows wheels)
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor = Shard = None
+
+INIT_DRAWS = ("global", "local")
+
+
+def is_sharded(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """The local shard of a DTensor (a view: writes reach the DTensor), or the tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def check_layout(names: Sequence[str], weights: Sequence[torch.Tensor], sparse: Sequence[bool]) -> bool:
+    """True if the sparse weights are sharded (FSDP2), False if none is; raises, naming the layer, for the
+    layouts rigl_fast does not handle: a mix of sharded and plain sparse weights, a mesh of more than one
+    dimension, a placement other than Shard(0) (FSDP2's default), or sparse weights on different meshes."""
+    flags = [is_sharded(w) for w, s in zip(weights, sparse) if s]
+    if not any(flags):
+        return False
+    if not all(flags):
+        plain = [n for n, w, s in zip(names, weights, sparse) if s and not is_sharded(w)]
+        raise ValueError(f"model: some sparse weights are FSDP2 DTensors and some are not ({plain[0]!r} is a plain "
+                         "tensor); apply fully_shard to the whole model (the root module) before creating the "
+                         "RigLScheduler, or exclude= the unsharded layers")
+    mesh = None
+    for n, w, s in zip(names, weights, sparse):
+        if not s:
+            continue
+        if w.device_mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
+            raise ValueError(f"layer {n!r}: rigl_fast handles FSDP2 weights sharded along dim 0 over a 1-D device "
+                             f"mesh (fully_shard's default); this one has placements {tuple(w.placements)} over "
+                             f"a {w.device_mesh.ndim}-D mesh (HSDP and other placements are not supported)")
+        if mesh is None:
+            mesh = w.device_mesh
+        elif w.device_mesh != mesh:
+            raise ValueError(f"layer {n!r}: every sparse weight must be sharded over the same device mesh")
+    return True
+
+
+def group(weights: Sequence[torch.Tensor]):
+    """The process group the sparse weights are sharded over."""
+    return weights[0].device_mesh.get_group(0)
+
+
+def flat_range(w) -> Tuple[int, int]:
+    """(offset, length): this rank's shard of DTensor `w` as a range of the layer's flat indices."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+    row = 1
+    for d in w.shape[1:]:
+        row *= d
+    length = 1
+    for d in shape:
+        length *= d
+    return (offset[0] * row if length else 0), length
+
+
+def like(w, local_tensor: torch.Tensor):
+    """A DTensor with `w`'s mesh, placements and global shape around this rank's `local_tensor`."""
+    return DTensor.from_local(local_tensor, w.device_mesh, w.placements, run_check=False, shape=w.shape,
+                              stride=w.stride())
+
+
+def shard_of(w, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full`, a tensor of the whole layer (a checkpoint written by one process), as a
+    contiguous tensor shaped like the local shard of `w`."""
+    start, length = flat_range(w)
+    return full.reshape(-1)[start:start + length].reshape(local(w).shape).clone()
+
+
+def global_draw(w, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+    """rigl-torch's draw for one layer (zeros at randperm(n)[:int(S * n)]), done whole on the CPU and freed:
+    returns only this rank's part of the mask, on the shard's device."""
+    n = w.numel()
+    flat = torch.ones(n, dtype=torch.bool)
+    flat[torch.randperm(n, generator=generator)[:int(sparsity * n)]] = False
+    start, length = flat_range(w)
+    return flat[start:start + length].reshape(local(w).shape).to(local(w).device)
+
+
+def local_draw(w, sparsity: float, seed: int, layer: int) -> torch.Tensor:
+    """A shard-local draw for layers too large for `global_draw`: the layer still has exactly int(S * n)
+    inactive positions, spread over the shards in proportion to their size, each shard drawing its own from a
+    generator seeded by (seed, layer, shard offset). Reproducible, but not the draw one process would make."""
+    n = w.numel()
+    zeros = int(sparsity * n)
+    start, length = flat_range(w)
+    mine = zeros * (start + length) // n - zeros * start // n
+    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
+    flat = torch.ones(length, dtype=torch.bool)
+    flat[torch.randperm(length, generator=g)[:mine]] = False
+    return flat.reshape(local(w).shape).to(local(w).device)
+
+
+def masks_like(weights: Sequence[torch.Tensor], locals_: Sequence[Optional[torch.Tensor]]) -> List:
+    return [None if m is None else like(w, m) for w, m in zip(weights, locals_)]
+
+
+def local_rand(w, seed: int, layer: int) -> torch.Tensor:
+    """SET's random grow scores for this rank's shard, from a generator seeded by (seed, layer, shard
+    offset): reproducible, shard-local, not the draw one process would make."""
+    start, _ = flat_range(w)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
+    return torch.rand(local(w).shape, generator=g).to(local(w).device)
+
+
+def fit(w, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor from a state dict (a DTensor laid out like `w`, e.g. loaded by torch.distributed.checkpoint,
+    or a whole-layer tensor written by one process) as a fresh DTensor laid out like `w`."""
+    if is_sharded(t):
+        if t.device_mesh != w.device_mesh or tuple(t.placements) != tuple(w.placements):
+            raise ValueError(f"state_dict: a sharded tensor has placements {tuple(t.placements)} on another mesh "
+                             f"than its weight ({tuple(w.placements)}); load it with torch.distributed.checkpoint "
+                             "into pruner.state_dict() of this model, which reshards it")
+        mine = t.to_local()
+    else:
+        mine = shard_of(w, t)
+    return like(w, mine.detach().to(device=local(w).device, dtype=dtype).clone().contiguous())
