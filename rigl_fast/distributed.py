@@ -147,43 +147,53 @@ def sharded_top_k(ops, values: Sequence[torch.Tensor], flags: Sequence[torch.Ten
     """The exact global selection of an update under FSDP2, for every layer at once: flat bool flags over
     this rank's shards marking, per layer, the ks[i] largest keys (|values|) among eligible positions (flags
     == flag_value) of the whole layer, ties to the lower global flat index. offsets[i] is where this rank's
-    shard of layer i starts in the layer's flat indices.
+    shard of layer i starts in the layer's flat indices. `radix_top_k` is the algorithm; this supplies its
+    two collectives. Volume: 2**bits * 8 bytes per layer and pass, plus 16 bytes per layer and rank."""
+    device = values[0].device
+
+    def all_sum(hist):
+        hist = hist.clone()
+        if active(group):
+            dist.all_reduce(hist, group=group)
+        return hist
+
+    def ties_before(my_ties):
+        if not active(group):
+            return torch.zeros_like(my_ties)
+        mine = torch.stack([torch.tensor(list(offsets), dtype=torch.int64), my_ties]).to(device)  # (2, L)
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(out, mine, group=group)
+        every = torch.stack([o.cpu() for o in out])  # (world, 2, L)
+        me = dist.get_rank(group)
+        start = every[me, 0]
+        before = (every[:, 0, :] < start) | ((every[:, 0, :] == start) & (torch.arange(world)[:, None] < me))
+        return (every[:, 1, :] * before).sum(0)
+
+    return radix_top_k(ops, values, flags, flag_value, ks, all_sum, ties_before)
+
+
+def radix_top_k(ops, values, flags, flag_value: bool, ks: Sequence[int], all_sum, ties_before) -> List[torch.Tensor]:
+    """`sharded_top_k`'s algorithm, on one rank, with its two collectives as functions: all_sum(t) is the
+    elementwise sum of t over the ranks; ties_before(counts) is, per layer, the sum of `counts` over the
+    ranks whose shards come before this rank's.
 
     A radix select over the 31-bit keys: each pass the ranks' digit histograms (ops.key_histograms) are
-    summed with one all-reduce and every rank picks the same bin; after the last pass the threshold key is
-    known exactly, and so is how many of the keys equal to it are taken. Those ties go in global index
-    order: one all-gather of each rank's (shard offset, tie count) per layer gives each rank how many lie
-    before its shard. Volume: sum of 2**bits * 8 bytes per layer and pass, plus 16 bytes per layer and rank."""
-    L = len(values)
-    device = values[0].device
+    summed and every rank picks the same bin; after the last pass the threshold key is known exactly, and so
+    is how many of the keys equal to it are taken. Those ties go in global index order: ties_before says how
+    many lie in earlier shards, and ops.take_top takes the rest of the quota from this shard's first ties."""
     remaining = torch.tensor(list(ks), dtype=torch.int64)
     prefix = torch.where(remaining > 0, 0, -1)
     local_hist = None
     for shift, bits in RADIX_PASSES:
         local_hist = ops.key_histograms(values, flags, flag_value, prefix.tolist(), shift, bits)
-        hist = local_hist.clone()
-        if active(group):
-            dist.all_reduce(hist, group=group)
-        b, above = _pick_bins(hist.cpu(), remaining, bits)
+        b, above = _pick_bins(all_sum(local_hist).cpu(), remaining, bits)
         live = prefix >= 0
         remaining = torch.where(live, remaining - above, remaining)
         prefix = torch.where(live, (prefix << bits) | b, prefix)
     live = prefix >= 0
-    last_bits = RADIX_PASSES[-1][1]
-    my_ties = local_hist.cpu().gather(1, (prefix & ((1 << last_bits) - 1)).clamp(min=0)[:, None])[:, 0]
-    my_ties = torch.where(live, my_ties, 0)
-    mine = torch.stack([torch.tensor(list(offsets), dtype=torch.int64), my_ties])  # (2, L)
-    if active(group):
-        world = dist.get_world_size(group)
-        out = [torch.empty_like(mine, device=device) for _ in range(world)]
-        dist.all_gather(out, mine.to(device), group=group)
-        every = torch.stack([o.cpu() for o in out])  # (world, 2, L)
-        me = dist.get_rank(group)
-        before = ((every[:, 0, :] < mine[0]) | ((every[:, 0, :] == mine[0]) & (torch.arange(world)[:, None] < me)))
-        ties_before = (every[:, 1, :] * before).sum(0)
-    else:
-        ties_before = torch.zeros(L, dtype=torch.int64)
-    n_ties = (remaining - ties_before).clamp(min=0)
-    n_ties = torch.minimum(n_ties, my_ties)
-    thresholds = torch.where(live, prefix, NO_KEY)
-    return ops.take_top(values, flags, flag_value, thresholds.tolist(), torch.where(live, n_ties, 0).tolist())
+    low = (prefix & ((1 << RADIX_PASSES[-1][1]) - 1)).clamp(min=0)[:, None]
+    my_ties = torch.where(live, local_hist.cpu().gather(1, low)[:, 0], 0)
+    n_ties = torch.minimum((remaining - ties_before(my_ties)).clamp(min=0), my_ties)
+    return ops.take_top(values, flags, flag_value, torch.where(live, prefix, NO_KEY).tolist(),
+                        torch.where(live, n_ties, 0).tolist())
