@@ -124,7 +124,8 @@ class RigLScheduler:
     would, one layer at a time on the CPU, and keeps this rank's shard; 'local' draws each shard on its own, for
     layers too large for that: same counts, a different draw).
 
-    FSDP2: create the scheduler after `fully_shard` (1-D mesh, FSDP2's dim-0 sharding), on every rank. Masks
+    FSDP2: create the scheduler after `fully_shard` (a 1-D mesh, or HSDP's 2-D one; FSDP2's dim-0 sharding), on
+    every rank. Masks
     and accumulators are then DTensors sharded like their weights, and the update is the exact global one,
     computed shard by shard (distributed.sharded_top_k) without gathering any layer.
     """
@@ -324,7 +325,7 @@ class RigLScheduler:
         draws, as under DDP, with no mask sent. A rank whose RNG state was rank 0's advances it as one process
         would; the others' RNG is left as it was. sharded_init='local': see sharding.local_draw."""
         device = _sharding.local(self.W[self._sparse_w_index()]).device
-        state = _dist.broadcast_rng_state(device, self.process_group)
+        state = _dist.broadcast_rng_state(device)  # the world's rank 0: HSDP's replica groups draw alike
         g = torch.Generator()
         g.set_state(state)
         seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=g)) if self.sharded_init == "local" else 0
@@ -349,7 +350,8 @@ class RigLScheduler:
         if self.grow_mode != "random":
             return
         seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
-        seed = _dist.broadcast_seed(seed, _sharding.local(self.W[0]).device, self.process_group)
+        group = None if self._sharded else self.process_group  # sharded: the world, so HSDP replicas agree
+        seed = _dist.broadcast_seed(seed, _sharding.local(self.W[0]).device, group)
         self._generator = torch.Generator().manual_seed(seed)
 
     def _load_counters(self, sd):

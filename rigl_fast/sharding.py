@@ -2,8 +2,9 @@
 initial masks. No collectives here (they are in distributed.py); no tensor math on whole layers except the
 one-layer-at-a-time CPU draw of `global_draw`, at construction.
 
-FSDP2 (`fully_shard`) makes every parameter a DTensor sharded along dim 0 over a 1-D device mesh: rank r
-holds rows [r * ceil(d0 / world), ...) of it, so its shard is a contiguous range of the layer's flat
+FSDP2 (`fully_shard`) makes every parameter a DTensor sharded along dim 0 over a 1-D device mesh (HSDP: over
+one dimension of a 2-D mesh, replicated over the other): rank r of the shard group holds rows
+[r * ceil(d0 / world), ...) of it, so its shard is a contiguous range of the layer's flat
 (row-major) indices, and shards lie in rank order. Masks and gradient accumulators are DTensors with their
 weight's mesh and placements; the ops only ever see the local shards.
 """
@@ -42,24 +43,29 @@ def check_layout(names: Sequence[str], weights: Sequence[torch.Tensor], sparse: 
         raise ValueError(f"model: some sparse weights are FSDP2 DTensors and some are not ({plain[0]!r} is a plain "
                          "tensor); apply fully_shard to the whole model (the root module) before creating the "
                          "RigLScheduler, or exclude= the unsharded layers")
-    mesh = None
+    mesh = placements = None
     for n, w, s in zip(names, weights, sparse):
         if not s:
             continue
-        if w.device_mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
-            raise ValueError(f"layer {n!r}: rigl_fast handles FSDP2 weights sharded along dim 0 over a 1-D device "
-                             f"mesh (fully_shard's default); this one has placements {tuple(w.placements)} over "
-                             f"a {w.device_mesh.ndim}-D mesh (HSDP and other placements are not supported)")
+        shards = [p for p in w.placements if not p.is_replicate()]
+        if shards != [Shard(0)]:
+            raise ValueError(f"layer {n!r}: rigl_fast handles FSDP2 weights sharded along dim 0 over one mesh "
+                             "dimension (fully_shard's default; HSDP's replicated dimension too); this one has "
+                             f"placements {tuple(w.placements)}")
         if mesh is None:
-            mesh = w.device_mesh
-        elif w.device_mesh != mesh:
-            raise ValueError(f"layer {n!r}: every sparse weight must be sharded over the same device mesh")
+            mesh, placements = w.device_mesh, tuple(w.placements)
+        elif w.device_mesh != mesh or tuple(w.placements) != placements:
+            raise ValueError(f"layer {n!r}: every sparse weight must be sharded alike, over the same device mesh")
     return True
 
 
 def group(weights: Sequence[torch.Tensor]):
-    """The process group the sparse weights are sharded over."""
-    return weights[0].device_mesh.get_group(0)
+    """The process group the sparse weights are sharded over: the mesh dimension holding Shard(0). Under HSDP
+    the replicas (the other dimension) hold equal shards and equal gradients, so each replica group selects
+    the same masks on its own."""
+    w = weights[0]
+    dim = next(i for i, p in enumerate(w.placements) if not p.is_replicate())
+    return w.device_mesh.get_group(dim)
 
 
 def flat_range(w) -> Tuple[int, int]:
