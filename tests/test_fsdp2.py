@@ -159,8 +159,29 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
+class _WatchedOps:
+    """The scheduler's backend with every op call run under `_Allocations`: what rigl_fast computes per step
+    (gradient hooks, the fold of the accumulation window, after-step masking) goes through these ops."""
+
+    def __init__(self, ops, seen):
+        self._ops, self._seen = ops, seen
+
+    def __getattr__(self, name):
+        fn = getattr(self._ops, name)
+        if not callable(fn):
+            return fn
+
+        def watched(*a, **k):
+            with _Allocations() as rec:
+                out = fn(*a, **k)
+            self._seen.extend(rec.shapes)
+            return out
+        return watched
+
+
 def _allocations(rank, mesh, backend):
-    """The largest tensor any op returns during the updates of a short run, against the layers' sizes."""
+    """The shape of every tensor returned by an op during a short run's updates (the whole of `_rigl_step`,
+    collectives and scheduler code included) and by every backend op of every step, against the layers'."""
     model, opt, pruner = _build(mesh, "reference", backend=backend)
     real = pruner._rigl_step
     seen = []
@@ -171,6 +192,7 @@ def _allocations(rank, mesh, backend):
         seen.extend(a.shapes)
 
     pruner._rigl_step = watched
+    pruner._ops = _WatchedOps(pruner._ops, seen)
     for x, y in _data()[:7]:
         _step(model, opt, pruner, *_local_batch(x, y, rank), False, False)
     sparse = [i for i, m in enumerate(pruner.backward_masks) if m is not None]
@@ -283,6 +305,23 @@ def _set_run(rank, mesh):
             "masks": [_full(m) for m in pruner.backward_masks]}
 
 
+def _from_single(mesh):
+    """A state dict saved by one process (whole-layer masks) loads into a sharded scheduler: each rank keeps its
+    part, through the constructor's state_dict= and through load_state_dict."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(MASK_SEED + 1)  # not the draw the sharded scheduler below makes
+    sd = RigLScheduler(model, opt, backend="reference", **CFG).state_dict()
+    out = {"want": sd["backward_masks"]}
+    model, opt, pruner = _build(mesh, "reference")
+    pruner.load_state_dict(sd)
+    out["loaded"] = [_full(m) for m in pruner.backward_masks]
+    model = _shard(_model(), mesh, "per_module")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out["constructed"] = [_full(m) for m in RigLScheduler(model, opt, state_dict=sd).backward_masks]
+    return out
+
+
 def _worker(rank, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -298,6 +337,7 @@ def _worker(rank, port, out_dir):
         logs["errors"] = _errors(mesh)
         logs["local_init"] = _local_init(mesh)
         logs["set"] = _set_run(rank, mesh)
+        logs["from_single"] = _from_single(mesh)
         torch.save(logs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -479,3 +519,13 @@ def test_hsdp_masks_equal_one_process(tmp_path):
         for step, (g, r) in enumerate(zip(got["masks"], want)):
             for a, b in zip(g, r):
                 assert (a is None and b is None) or torch.equal(a, b), f"rank {rank} step {step + 1}"
+
+
+def test_a_single_process_state_dict_loads_sharded(fsdp_logs):
+    logs, _ = fsdp_logs
+    for rank in range(WORLD):
+        f = logs[rank]["from_single"]
+        assert any(a is not None and not torch.equal(a, b)
+                   for a, b in zip(f["want"], logs[rank]["reference"]["masks"][0])), "a distinct draw"
+        for key in ("loaded", "constructed"):
+            assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(f["want"], f[key])), key
