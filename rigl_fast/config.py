@@ -11,6 +11,7 @@ import torch
 
 from . import layers as _layers
 from . import ops as _ops
+from . import structure as _structure
 
 GROW_MODES = ("gradient", "random")
 AFTER_STEP_MODES = ("always", "trusted")
@@ -60,6 +61,7 @@ def validate(hp) -> None:
     eps = hp["erk_power_scale"]
     if not is_real(eps) or not np.isfinite(eps):
         raise ValueError(f"erk_power_scale must be a finite number, got {eps!r}")
+    _structure.check(hp.get("structure", "unstructured"), hp)
     if hp["grow_mode"] not in GROW_MODES:
         raise ValueError(f"grow_mode must be one of {GROW_MODES}, got {hp['grow_mode']!r}")
     if not isinstance(hp["static_topo"], (bool, int)):
@@ -113,6 +115,10 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
         warnings.warn(f"rigl_fast: after_step='trusted' changes nothing with {type(pruner._optimizer).__name__}: "
                       "only SGD, Adam, AdamW, RMSprop and Adagrad are proven to keep zeros zero, so the after-step "
                       "pass runs", UserWarning, stacklevel=3)
+    kept_dense = [f"{n} ({why})" for n, why in zip(pruner.names, pruner._dense_why) if why]
+    if kept_dense:
+        warnings.warn(f"rigl_fast: structure={pruner.structure!r} keeps {len(kept_dense)} layer(s) dense that would "
+                      f"otherwise be sparse: {', '.join(kept_dense[:4])}", UserWarning, stacklevel=3)
     if all(s <= 0 for s in pruner.S):
         n_lin = sum(pruner._linear_layers_mask)
         if pruner.ignore_linear_layers and n_lin:

@@ -47,6 +47,7 @@ class Candidates:
     names: List[str] = field(default_factory=list)          # parameter names, e.g. "h.0.attn.c_attn.weight"
     weights: List[nn.Parameter] = field(default_factory=list)
     is_linear: List[bool] = field(default_factory=list)
+    transposed: List[bool] = field(default_factory=list)    # stored (in, out): transformers' Conv1D
     skipped: List[Skipped] = field(default_factory=list)
     n_tied: int = 0                                         # weights also held by a non-candidate module
 
@@ -142,6 +143,7 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
             out.names.append(name)
             out.weights.append(w)
             out.is_linear.append(linear)
+            out.transposed.append(is_conv1d_like(module))
     return out
 
 

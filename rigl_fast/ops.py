@@ -18,12 +18,43 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 ENV_VAR = "RIGL_FAST_BACKEND"
+
+
+class Units(NamedTuple):
+    """The units of a structured layer (structure.py builds them). The weight is viewed as W2 of shape (out,
+    fan_in): W2[o, f] is flat[o * fan_in + f], or flat[f * out + o] when `transposed` (transformers' Conv1D
+    stores (in, out)). Each row is cut into fan_in // group units of `group` consecutive positions (fan_in:
+    group = fan_in, one unit per row; N:M: group = M), and every unit holds exactly `target` active positions
+    (fan_in: c; N:M: N). Unit r = o * (fan_in // group) + b covers W2[o, b * group:(b + 1) * group]."""
+    out: int
+    fan_in: int
+    transposed: bool
+    group: int
+    target: int
+
+    @property
+    def n_units(self) -> int:
+        return self.out * (self.fan_in // self.group)
+
+
+def units_of(t: torch.Tensor, u: Units) -> torch.Tensor:
+    """The (n_units, group) view of a layer-shaped tensor, unit by unit (a copy when transposed)."""
+    if u.transposed:
+        return t.reshape(u.fan_in, u.out).t().reshape(u.n_units, u.group)
+    return t.reshape(u.n_units, u.group)
+
+
+def from_units(x: torch.Tensor, u: Units) -> torch.Tensor:
+    """The inverse of `units_of`: flat, in the layer's own order."""
+    if u.transposed:
+        return x.reshape(u.out, u.fan_in).t().reshape(-1)
+    return x.reshape(-1)
 
 
 class BackendUnavailable(RuntimeError):
@@ -102,6 +133,33 @@ class Backend:
         self.update(weights, masks, scores, n_keep, n_grow, states, grads)
         return True
 
+
+    # ------------------------------------------------------------------ structured layers (structure.py)
+    def structured_update(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                          scores: Sequence[torch.Tensor], n_keep: Sequence[int], units: Sequence[Units],
+                          states: Sequence[Sequence[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """`update` for structured layers (SPEC section 8, fan_in and N:M). keep is `update`'s: the n_keep[i]
+        largest |w| among old-active positions of the whole layer, ties to the lower flat index. Then every unit
+        of units[i] grows units[i].target minus its kept count: the largest |score| among its positions not
+        kept (a dropped position may be regrown), ties to the lower index within the unit. new = keep | grow
+        (every unit holds exactly `target`); weights, states and grads as in `update`."""
+        from .reference import structured_update
+        structured_update(weights, masks, scores, n_keep, units, states, grads)
+
+    def checked_structured_update(self, weights, masks, scores, n_keep, units, states, grads) -> bool:
+        """`structured_update` unless any weight or score is non-finite (then nothing changes; returns False)."""
+        if self.any_nonfinite(list(weights) + list(scores)):
+            return False
+        self.structured_update(weights, masks, scores, n_keep, units, states, grads)
+        return True
+
+    def unit_grow(self, scores: Sequence[torch.Tensor], keep: Sequence[torch.Tensor],
+                  units: Sequence[Units]) -> List[torch.Tensor]:
+        """The grow half of `structured_update` given keep (flat bool): per layer, flat bool grow flags. Under
+        FSDP2 keep comes from the sharded select and this runs on each rank's shard (its rows are whole
+        units: `units` then describes the shard)."""
+        from .reference import unit_grow
+        return [unit_grow(s, k, u) for s, k, u in zip(scores, keep, units)]
 
     # ------------------------------------------------------------------ the sharded (FSDP2) update
     # Under FSDP2 each rank holds a shard of every weight, mask, gradient and accumulator, and the update's

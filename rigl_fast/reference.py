@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops import Backend
+from .ops import Backend, Units, from_units, units_of
 
 LARGE_LAYER = 2 ** 31  # from this many elements on, selection avoids ops with 32-bit limits (module doc)
 
@@ -89,6 +89,15 @@ def top_k_flags_prefiltered(x: torch.Tensor, k: int) -> torch.Tensor:
 def select_layer(weight: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, n_keep: int,
                  n_grow: int) -> torch.Tensor:
     """The new flat bool mask of one layer (see `Backend.update`)."""
+    keep = keep_flags(weight, mask, n_keep)
+    # grow: every position not kept competes; kept ones get -1, below any |score|
+    grow_score = score.reshape(-1).abs().float()
+    grow_score.masked_fill_(keep, -1.0)
+    return keep | top_k_flags_prefiltered(grow_score, n_grow)
+
+
+def keep_flags(weight: torch.Tensor, mask: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Flat flags of the n_keep largest |w| among the active positions, ties to the lower index."""
     active = mask.reshape(-1)
     if active.numel() >= LARGE_LAYER:
         # no compression (boolean indexing): inactive positions get -1, below any |w|; n_keep <= active count
@@ -98,10 +107,25 @@ def select_layer(weight: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, 
         kept_vals = weight.reshape(-1)[active].abs().float()
         keep = torch.zeros_like(active)
         keep.masked_scatter_(active, top_k_flags(kept_vals, n_keep))
-    # grow: every position not kept competes; kept ones get -1, below any |score|
-    grow_score = score.reshape(-1).abs().float()
-    grow_score.masked_fill_(keep, -1.0)
-    return keep | top_k_flags_prefiltered(grow_score, n_grow)
+    return keep
+
+
+def unit_grow(score: torch.Tensor, keep: torch.Tensor, u: Units) -> torch.Tensor:
+    """Flat grow flags of one structured layer: in each unit, the target - kept largest |score| among its
+    positions not kept, ties to the lower index (a stable sort keeps equal values in index order)."""
+    s = units_of(score.reshape(-1).abs().float(), u).clone()
+    k = units_of(keep.reshape(-1), u)
+    s.masked_fill_(k, -1.0)  # below any |score|: never chosen while enough unkept positions remain
+    need = u.target - k.sum(1)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(u.group, device=s.device).expand_as(order))
+    return from_units(rank < need[:, None], u)
+
+
+def structured_update(weights, masks, scores, n_keep, units, states, grads) -> None:
+    for w, m, s, k, u, st, gr in zip(weights, masks, scores, n_keep, units, states, grads):
+        keep = keep_flags(w, m, k)
+        commit(w, m, keep, unit_grow(s, keep, u), st, gr)
 
 
 def _mask_(t: torch.Tensor, mask: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from . import layers as _layers
 from . import ops as _ops
 from . import sharding as _sharding
 from . import state as _state
+from . import structure as _structure
 from . import summary as _summary
 from .config import AFTER_STEP_MODES, GROW_MODES, ZERO_PRESERVING_OPTIMIZERS  # noqa: F401  (their old home)
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: older code imports it from here)
@@ -122,7 +123,10 @@ class RigLScheduler:
     scores are summed and initial masks agreed, e.g. the data-parallel group of a larger mesh; default the
     whole world), `sharded_init` (FSDP2: 'global', the default, draws each layer's initial mask as one process
     would, one layer at a time on the CPU, and keeps this rank's shard; 'local' draws each shard on its own, for
-    layers too large for that: same counts, a different draw).
+    layers too large for that: same counts, a different draw), `structure` ('unstructured', the default;
+    'fan_in': every output unit keeps the same number of active weights, as SRigL; or an 'N:M' string such as
+    '2:4': N active in every M consecutive weights along the fan-in, every sparse layer N/M dense, which
+    dense_allocation must equal; see structure.py).
 
     FSDP2: create the scheduler after `fully_shard` (a 1-D mesh, or HSDP's 2-D one; FSDP2's dim-0 sharding), on
     every rank. Masks
@@ -134,14 +138,16 @@ class RigLScheduler:
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, backend="auto", erk_power_scale=1.0, grow_mode="gradient",
                  after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False, process_group=None,
-                 sharded_init="global"):
+                 sharded_init="global", structure="unstructured"):
         # ---- validate everything before touching the model, the optimizer or the RNG ----
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inner = _config.unwrap_optimizer(optimizer)
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta_T=delta, alpha=alpha, static_topo=static_topo,
-                  grad_accumulation_n=grad_accumulation_n, erk_power_scale=erk_power_scale, grow_mode=grow_mode)
+                  grad_accumulation_n=grad_accumulation_n, erk_power_scale=erk_power_scale, grow_mode=grow_mode,
+                  structure=structure)
+        _structure.parse(structure)  # before the state dict's hyperparameters: the argument itself is named
         if state_dict is not None:
             hp.update(_state.hyperparams(state_dict))  # the state dict's values win
         _config.validate(hp)
@@ -171,12 +177,17 @@ class RigLScheduler:
             S = _layers.sparsities(hp["sparsity_distribution"], [tuple(w.shape) for w in W], is_linear,
                                    hp["dense_allocation"], hp["ignore_linear_layers"], hp["erk_power_scale"])
             masks = None
+        S, units, dense_why = _structure.layer_plan(hp["structure"], [tuple(w.shape) for w in W], found.transposed, S)
+        if masks is not None:
+            _state.check_units(names, masks, units)
         held = {id(p) for group in inner.param_groups for p in group["params"]}
         missing = [n for n, w, s in zip(names, W, S) if s > 0 and id(w) not in held]
         if missing:
             raise ValueError(f"optimizer does not hold the sparse weights {missing}: pass the model's parameters "
                              "to the optimizer before creating the RigLScheduler")
         sharded = _sharding.check_layout(names, W, [s > 0 for s in S])
+        if sharded:
+            _sharding.check_units(names, units)
         if sharded and process_group is not None:
             raise ValueError("process_group is for DDP; under FSDP2 the weights' device mesh is the group")
         if sharded_init != "global" and not sharded:
@@ -194,7 +205,7 @@ class RigLScheduler:
         self.W: List[nn.Parameter] = W
         try:
             self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
-                        process_group, sharded, sharded_init)
+                        process_group, sharded, sharded_init, units, dense_why)
         except BaseException:
             for h in self._handles:
                 h.remove()
@@ -205,13 +216,14 @@ class RigLScheduler:
         _config.warn_if_idle(self, model, include, exclude, sparsify_tied, found.n_tied)
 
     def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
-               process_group, sharded, sharded_init):
+               process_group, sharded, sharded_init, units, dense_why):
         self.model = model
         self.optimizer = optimizer
         self._optimizer = inner
         self._ops = ops
         self._backend_request = backend
         self.names = found.names
+        self._transposed = found.transposed
         self.skipped_layers = found.skipped
         self._linear_layers_mask = [int(x) for x in found.is_linear]
         self.N = [w.numel() for w in self.W]
@@ -225,6 +237,8 @@ class RigLScheduler:
         self._last_update = None  # [(layer, n_grow, n_active)] of the last applied update, for stats()
         self._set_hyperparams(hp)
         self.S = list(S)
+        self._units = units
+        self._dense_why = dense_why
         self.step = 0
         self.rigl_steps = 0
         self.skipped_updates = 0
@@ -292,6 +306,7 @@ class RigLScheduler:
         self.grad_accumulation_n = hp["grad_accumulation_n"]
         self.erk_power_scale = hp["erk_power_scale"]
         self.grow_mode = hp["grow_mode"]
+        self.structure = hp["structure"]
         self._skip_after_step = (self._after_step_mode == "trusted"
                                  and type(self._optimizer) in _config.ZERO_PRESERVING_OPTIMIZERS)
 
@@ -300,7 +315,7 @@ class RigLScheduler:
                     sparsity_distribution=self.sparsity_distribution, ignore_linear_layers=self.ignore_linear_layers,
                     delta_T=self.delta_T, alpha=self.alpha, static_topo=self.static_topo,
                     grad_accumulation_n=self.grad_accumulation_n, erk_power_scale=self.erk_power_scale,
-                    grow_mode=self.grow_mode)
+                    grow_mode=self.grow_mode, structure=self.structure)
 
     # ------------------------------------------------------------------ masks, RNG and devices
     @torch.no_grad()
@@ -310,15 +325,22 @@ class RigLScheduler:
         if self._sharded:
             return self._random_sharded_masks()
         masks = []
-        for w, s, n in zip(self.W, self.S, self.N):
+        for w, s, n, u in zip(self.W, self.S, self.N, self._units):
             if s <= 0:
                 masks.append(None)
                 continue
-            flat = torch.ones(n, dtype=torch.bool)
-            flat[torch.randperm(n)[:int(s * n)]] = False
-            masks.append(flat.view(w.shape).to(w.device))
+            masks.append(self._draw(n, s, u).view(w.shape).to(w.device))
         _dist.broadcast_masks(masks, self.process_group)
         return masks
+
+    @staticmethod
+    def _draw(n, s, units, generator=None):
+        """One layer's whole flat mask on the CPU: rigl-torch's randperm draw, or the structure's."""
+        if units is not None:
+            return _structure.draw(units, generator)
+        flat = torch.ones(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=generator)[:int(s * n)]] = False
+        return flat
 
     def _random_sharded_masks(self):
         """FSDP2: every rank draws from rank 0's RNG state and keeps its shards, so the global masks are rank 0's
@@ -334,12 +356,18 @@ class RigLScheduler:
             if s <= 0:
                 local.append(None)
             elif self.sharded_init == "local":
-                local.append(_sharding.local_draw(w, s, seed, i))
+                local.append(_sharding.local_draw(w, s, seed, i, self._local_units(i)))
             else:
-                local.append(_sharding.global_draw(w, s, g))
+                local.append(_sharding.shard_of(w, self._draw(w.numel(), s, self._units[i], g)).to(
+                    _sharding.local(w).device))
         if torch.equal(state, torch.get_rng_state()):
             torch.set_rng_state(g.get_state())
         return _sharding.masks_like(self.W, local)
+
+    def _local_units(self, i):
+        """Layer i's units as its local shard sees them (FSDP2 shards whole rows), or None if unstructured."""
+        u = self._units[i]
+        return None if u is None else _structure.local_units(u, _sharding.local(self.W[i]).shape)
 
     def _sparse_w_index(self):
         return next(i for i, s in enumerate(self.S) if s > 0)
@@ -571,8 +599,14 @@ class RigLScheduler:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return
         n_keep, n_grow = self._drop_counts(idx, drop_fraction)
-        if not self._ops.checked_update(weights, [self.backward_masks[i] for i in idx], scores, n_keep, n_grow,
-                                        [self._states_like(w) for w in weights], [w.grad for w in weights]):
+        masks, states, grads = [self.backward_masks[i] for i in idx], [self._states_like(w) for w in weights], \
+            [w.grad for w in weights]
+        if self._units[idx[0]] is not None:
+            done = self._ops.checked_structured_update(weights, masks, scores, n_keep,
+                                                       [self._units[i] for i in idx], states, grads)
+        else:
+            done = self._ops.checked_update(weights, masks, scores, n_keep, n_grow, states, grads)
+        if not done:
             self._skip("non-finite weights or gradients, e.g. an fp16 overflow")
         else:
             self._last_update = [(i, g, self._n_active[i]) for i, g in zip(idx, n_grow)]
@@ -611,7 +645,10 @@ class RigLScheduler:
         n_keep, n_grow = self._drop_counts(idx, drop_fraction)
         offsets = [_sharding.flat_range(self.W[i])[0] for i in idx]
         keep = _dist.sharded_top_k(self._ops, weights, masks, True, n_keep, offsets, self.process_group)
-        grow = _dist.sharded_top_k(self._ops, scores, keep, False, n_grow, offsets, self.process_group)
+        if self._units[idx[0]] is not None:  # structured: each shard's rows are whole units, so growth is local
+            grow = self._ops.unit_grow(scores, keep, [self._local_units(i) for i in idx])
+        else:
+            grow = _dist.sharded_top_k(self._ops, scores, keep, False, n_grow, offsets, self.process_group)
         self._ops.commit(weights, masks, keep, grow, [self._states_like(self.W[i]) for i in idx],
                          [None if self.W[i].grad is None else _sharding.local(self.W[i].grad) for i in idx])
         self._last_update = [(i, g, self._n_active[i]) for i, g in zip(idx, n_grow)]
@@ -649,8 +686,15 @@ class RigLScheduler:
         hp.update(_state.hyperparams(state_dict))
         _config.validate(hp)
         S, masks = _state.fit(state_dict, self.names, self.W)
+        S, units, dense_why = _structure.layer_plan(hp["structure"], [tuple(w.shape) for w in self.W],
+                                                    self._transposed, S)
+        _state.check_units(self.names, masks, units)
+        if self._sharded:
+            _sharding.check_units(self.names, units)
         self._set_hyperparams(hp)
         self.S = S
+        self._units = units
+        self._dense_why = dense_why
         self.backward_masks = masks
         self._count_active()
         if self.grow_mode == "random" and self._generator is None:

@@ -59,6 +59,16 @@ def check_layout(names: Sequence[str], weights: Sequence[torch.Tensor], sparse: 
     return True
 
 
+def check_units(names: Sequence[str], units) -> None:
+    """Structured layers under FSDP2 select per unit on each shard, so a unit must lie in one shard: rows do
+    (dim-0 sharding), transformers' Conv1D columns do not."""
+    for n, u in zip(names, units):
+        if u is not None and u.transposed:
+            raise ValueError(f"layer {n!r}: structure= with FSDP2 needs each unit (a row of the weight) inside one "
+                             "shard, but transformers' Conv1D stores (in, out) and its units are columns, split "
+                             "across shards; keep it dense with exclude=, or use structure='unstructured'")
+
+
 def group(weights: Sequence[torch.Tensor]):
     """The process group the sparse weights are sharded over: the mesh dimension holding Shard(0). Under HSDP
     the replicas (the other dimension) hold equal shards and equal gradients, so each replica group selects
@@ -104,15 +114,19 @@ def global_draw(w, sparsity: float, generator: torch.Generator) -> torch.Tensor:
     return flat[start:start + length].reshape(local(w).shape).to(local(w).device)
 
 
-def local_draw(w, sparsity: float, seed: int, layer: int) -> torch.Tensor:
-    """A shard-local draw for layers too large for `global_draw`: the layer still has exactly int(S * n)
-    inactive positions, spread over the shards in proportion to their size, each shard drawing its own from a
-    generator seeded by (seed, layer, shard offset). Reproducible, but not the draw one process would make."""
+def local_draw(w, sparsity: float, seed: int, layer: int, units=None) -> torch.Tensor:
+    """A shard-local draw for layers too large for a whole-layer draw: the layer still has exactly int(S * n)
+    inactive positions, spread over the shards in proportion to their size (structured: `units` of the shard,
+    each unit exactly its count), each shard drawing its own from a generator seeded by (seed, layer, shard
+    offset). Reproducible, but not the draw one process would make."""
     n = w.numel()
     zeros = int(sparsity * n)
     start, length = flat_range(w)
-    mine = zeros * (start + length) // n - zeros * start // n
     g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
+    if units is not None:
+        from .structure import draw
+        return draw(units, g).reshape(local(w).shape).to(local(w).device)
+    mine = zeros * (start + length) // n - zeros * start // n
     flat = torch.ones(length, dtype=torch.bool)
     flat[torch.randperm(length, generator=g)[:mine]] = False
     return flat.reshape(local(w).shape).to(local(w).device)

@@ -15,7 +15,7 @@ from . import sharding as _sharding
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("dense_allocation", "S", "N", "hyperparams", "step", "rigl_steps", "backward_masks")
 HYPERPARAM_KEYS = ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo", "sparsity_distribution",
-                   "grad_accumulation_n", "erk_power_scale", "grow_mode")
+                   "grad_accumulation_n", "erk_power_scale", "grow_mode", "structure")
 
 
 def build(pruner) -> dict:
@@ -63,6 +63,7 @@ def hyperparams(sd) -> dict:
     for key in HYPERPARAM_KEYS:
         if key in hp:
             out[key] = hp[key]
+    out.setdefault("structure", "unstructured")  # rigl-torch's and older rigl_fast state dicts
     return out
 
 
@@ -102,6 +103,22 @@ def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float
                 raise ValueError(f"state_dict does not fit the model: dense gradient of layer {i} ({name}) has "
                                  f"shape {tuple(a.shape)}, the weight has shape {tuple(w.shape)}")
     return list(S), out
+
+
+def check_units(names, masks, units) -> None:
+    """Masks from a state dict must hold their structure (each unit exactly its count): raises naming the layer.
+    A sharded mask is checked on this rank's shard (whole rows: whole units)."""
+    from .ops import units_of
+    from .structure import local_units
+    for name, m, u in zip(names, masks, units):
+        if u is None or m is None:
+            continue
+        m = _sharding.local(m)
+        lu = local_units(u, m.shape) if not u.transposed else u
+        counts = units_of(m.reshape(-1), lu).sum(1)
+        if counts.numel() and not bool((counts == u.target).all()):
+            raise ValueError(f"state_dict: the mask of layer {name!r} does not have the structure: every unit "
+                             f"(group of {u.group}) must hold exactly {u.target} active weights")
 
 
 def counters(sd) -> Tuple[int, int, int, Optional[torch.Tensor]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 def dense_reason(pruner, i) -> str:
     if pruner.S[i] > 0:
         return ""
+    if pruner._dense_why[i]:
+        return f"structure={pruner.structure!r}: {pruner._dense_why[i]}"
     if pruner.sparsity_distribution == "uniform" and i == 0 and len(pruner.W) > 1:
         return "first layer"
     if pruner._linear_layers_mask[i] and pruner.ignore_linear_layers:

@@ -46,6 +46,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# scenarios with a structure (structure.py): their keyword arguments over CFG
+STRUCTURED = {"fan_in": dict(structure="fan_in"), "two_four": dict(structure="2:4", dense_allocation=0.5)}
 RESUME_AT = 7  # after the fold of the window's first backward pass, before its second one
 
 
@@ -86,8 +88,8 @@ def _build(rank, scenario, ckpt=None):
         opt.load_state_dict(ckpt["opt"])
     # a different global RNG on each rank: without rank 0's masks being adopted at init they would differ
     torch.manual_seed(MASK_SEED + rank)
-    pruner = RigLScheduler(model, opt, **CFG, state_dict=None if ckpt is None else ckpt["pruner"],
-                           in_step=scenario == "in_step")
+    pruner = RigLScheduler(model, opt, **{**CFG, **STRUCTURED.get(scenario, {})},
+                           state_dict=None if ckpt is None else ckpt["pruner"], in_step=scenario == "in_step")
     if scenario == "wrap_after":
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model, opt, pruner
@@ -171,7 +173,7 @@ def _train(rank, scenario, out_dir):
     return log
 
 
-SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "in_step")
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "in_step", *STRUCTURED)
 
 
 def _worker(rank, port, out_dir):
@@ -187,12 +189,12 @@ def _worker(rank, port, out_dir):
 
 
 @functools.lru_cache(maxsize=None)
-def _single_process(in_step=False):
+def _single_process(in_step=False, scenario=None):
     torch.manual_seed(MODEL_SEED)
     model = MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     torch.manual_seed(MASK_SEED)
-    pruner = RigLScheduler(model, opt, **CFG, in_step=in_step)
+    pruner = RigLScheduler(model, opt, **{**CFG, **STRUCTURED.get(scenario, {})}, in_step=in_step)
     updates = []
     for x, y in batches(STEPS, seed=DATA_SEED, batch=GLOBAL_BATCH):
         opt.zero_grad()
@@ -247,9 +249,9 @@ def test_non_finite_on_one_rank_skips_the_update_on_all(ddp_logs):
     assert any(not torch.equal(a, b) for a, b in zip(logs[0]["updates"][0], clean["updates"][0]) if a is not None)
 
 
-@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step"])
+@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step", *STRUCTURED])
 def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
-    ref_updates, ref_weights = _single_process(in_step=scenario == "in_step")
+    ref_updates, ref_weights = _single_process(in_step=scenario == "in_step", scenario=scenario)
     assert all(log[scenario]["skipped"] == 0 and log[scenario]["warnings"] == [] for log in ddp_logs)
     got = ddp_logs[0][scenario]["updates"]
     assert len(got) == len(ref_updates) == sum(_is_update(s) for s in range(1, STEPS + 1))
