@@ -599,9 +599,10 @@ class RigLScheduler:
                 self._skip("no gradient was accumulated: call loss.backward() before pruner()")
                 return
         n_keep, n_grow = self._drop_counts(idx, drop_fraction)
-        masks, states, grads = [self.backward_masks[i] for i in idx], [self._states_like(w) for w in weights], \
-            [w.grad for w in weights]
-        if self._units[idx[0]] is not None:
+        masks = [self.backward_masks[i] for i in idx]
+        states = [self._states_like(w) for w in weights]
+        grads = [w.grad for w in weights]
+        if self._units[idx[0]] is not None:  # a structure applies to every sparse layer
             done = self._ops.checked_structured_update(weights, masks, scores, n_keep,
                                                        [self._units[i] for i in idx], states, grads)
         else:
