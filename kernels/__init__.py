@@ -15,6 +15,7 @@ import triton  # noqa: F401  (fail here, at import, when triton is missing)
 from rigl_fast.ops import Backend
 
 from . import elementwise as _ew
+from . import shard as _sh
 from . import update as _up
 from ._common import FLOAT_CODES
 
@@ -66,7 +67,7 @@ class TritonBackend(Backend):
         return f"Triton kernels need CUDA tensors, got device type {device.type!r}"
 
     def mask_grad(self, grad, mask, acc, n):
-        if grad.dtype not in FLOAT_CODES:
+        if not _floats([grad]):
             return self._reference().mask_grad(grad, mask, acc, n)
         return _ew.mask_grad(grad, mask, acc, n, self.block)
 
@@ -77,10 +78,45 @@ class TritonBackend(Backend):
         return _ew.any_nonfinite(list(tensors), self.block, self.iters)
 
     def update(self, weights, masks, scores, n_keep, n_grow, states, grads):
-        if any(t.dtype not in FLOAT_CODES for t in list(weights) + list(scores)):
+        if not _floats(list(weights) + list(scores)):
             return self._reference().update(weights, masks, scores, n_keep, n_grow, states, grads)
         _up.update(list(weights), list(masks), list(scores), list(n_keep), list(n_grow),
                    [list(s) for s in states], list(grads), self.block, self.iters, self.radix_bits)
+
+    # the sharded (FSDP2) update: kernels in shard.py; empty calls and other dtypes go to the reference
+    def key_histograms(self, values, flags, flag_value, prefixes, shift, bits):
+        if not values or not _floats(values) or not _sh.kernel_digit(shift, bits):
+            return self._reference().key_histograms(values, flags, flag_value, prefixes, shift, bits)
+        return _sh.key_histograms(list(values), list(flags), flag_value, list(prefixes), shift, bits,
+                                  self.block, self.iters)
+
+    def take_top(self, values, flags, flag_value, thresholds, n_ties):
+        if not values or not _floats(values):
+            return self._reference().take_top(values, flags, flag_value, thresholds, n_ties)
+        return _sh.take_top(list(values), list(flags), flag_value, list(thresholds), list(n_ties), self.block,
+                            self.iters)
+
+    def commit(self, weights, masks, keep, grow, states, grads):
+        # masking stores zeros by element size, so any dtype of 1, 2, 4 or 8 bytes takes the kernel
+        tensors = list(weights) + [t for st in states for t in st] + [g for g in grads if g is not None]
+        if any(t.element_size() not in (1, 2, 4, 8) for t in tensors):
+            return self._reference().commit(weights, masks, keep, grow, states, grads)
+        _sh.commit(list(weights), list(masks), list(keep), list(grow), [list(s) for s in states], list(grads),
+                   self.block, self.iters)
+
+    def split_grad(self, grad, mask, off):
+        if not _floats([grad]) or off.dtype != grad.dtype:
+            return self._reference().split_grad(grad, mask, off)
+        _sh.split_grad(grad, mask, off, self.block)
+
+    def fold_grad(self, acc, grad, off, n):
+        if not _floats([grad]) or acc.dtype != grad.dtype or off.dtype != grad.dtype:
+            return self._reference().fold_grad(acc, grad, off, n)
+        _sh.fold_grad(acc, grad, off, n, self.block)
+
+
+def _floats(tensors) -> bool:
+    return all(t.dtype in FLOAT_CODES for t in tensors)
 
 
 __all__ = ["TritonBackend"]

@@ -20,14 +20,55 @@ def float_code(t: torch.Tensor) -> int:
     return FLOAT_CODES[t.dtype]
 
 
+MAX_DIMS = 5  # Conv3d weights are 5-D; more dims after collapsing fall back to a contiguous copy
+
+
+def collapse(shape, strides):
+    """Merge adjacent dims that are contiguous with each other and drop size-1 dims."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    out = []
+    for n, s in dims:
+        if out and out[-1][1] == s * n:
+            out[-1] = (out[-1][0] * n, s)
+        else:
+            out.append((n, s))
+    return out or [(1, 1)]
+
+
+def strided_layout(t: torch.Tensor) -> Optional[List[int]]:
+    """What a kernel needs to find the element of flat row-major index i in `t`'s storage
+    (`elementwise._storage_offsets`): the sizes of dims 1..4 and the strides of dims 0..4, after merging dims
+    that are contiguous with each other and padding to MAX_DIMS dims. None if more than MAX_DIMS dims remain."""
+    dims = collapse(t.shape, t.stride())
+    if len(dims) > MAX_DIMS:
+        return None
+    dims = [(1, 0)] * (MAX_DIMS - len(dims)) + dims
+    return [n for n, _ in dims[1:]] + [s for _, s in dims]
+
+
+def addressable(t: torch.Tensor, contig: Optional["Contig"] = None) -> Tuple[torch.Tensor, List[int]]:
+    """`t` and its `strided_layout`, or, for a layout of more than MAX_DIMS dims, a contiguous stand-in: from
+    `contig` (copied back by its write_back) for a tensor the kernel writes, a plain copy for one it only reads."""
+    layout = strided_layout(t)
+    if layout is None:
+        t = t.contiguous() if contig is None else contig.get(t)
+        layout = strided_layout(t)
+    return t, layout
+
+
 _LAUNCH = threading.local()
+# Triton's interpreter swaps parts of triton.language and its own grid position in and out around every
+# launch, process-wide, so two threads running kernels at once break each other (ranks simulated by threads
+# in the tests do). CPU launches (interpreter only) take turns; CUDA launches need no lock.
+_INTERPRETER = threading.RLock()
 
 
 class on_device:
     """`with on_device(device):` around every kernel launch. Triton launches on the *current* CUDA device and
     its current stream, wherever the pointers it is given live; a model on cuda:1 while the current device is
-    0 would get its kernels launched on device 0. This makes `device` current (a no-op for CPU tensors under
-    the interpreter) and records it, so tests can check that each launch ran under the right guard."""
+    0 would get its kernels launched on device 0. This makes `device` current (for CPU tensors under the
+    interpreter: holds the interpreter's lock instead) and records it, so tests can check that each launch
+    ran under the right guard."""
 
     __slots__ = ("device", "_cuda", "_prev")
 
@@ -35,17 +76,18 @@ class on_device:
         self.device = device
         self._cuda = torch.cuda.device(device) if device.type == "cuda" else None
 
+    def _switch(self):
+        return _INTERPRETER if self._cuda is None else self._cuda
+
     def __enter__(self):
+        self._switch().__enter__()
         self._prev = getattr(_LAUNCH, "device", None)
         _LAUNCH.device = self.device
-        if self._cuda is not None:
-            self._cuda.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._cuda is not None:
-            self._cuda.__exit__(*exc)
         _LAUNCH.device = self._prev
+        self._switch().__exit__(*exc)
         return False
 
 

@@ -70,6 +70,20 @@ def main(arch: int = 90) -> int:
         b.any_nonfinite([w, w.double()])
         b.update([w.clone()], [m.clone()], [torch.randn(33, 31, generator=g).to(dtype)], [100], [50],
                  [[w.clone()]], [w.clone()])
+        for x, xm in ((w, m), (w.t(), m.t().contiguous())):  # contiguous and strided gradients
+            b.split_grad(x.clone(), xm, x.clone())
+            b.fold_grad(x.clone(), x.clone(), x.clone(), 3)
+    # the sharded update's selection ops (value dtypes are runtime codes there): contiguous and strided
+    # values; a first digit (no prefix), a later one, one narrower than 32 bins; the other flag value once
+    m_flat = m.reshape(-1)
+    for v in (w, w.t()):
+        for shift, bits in ((20, 11), (10, 10), (0, 3)):
+            b.key_histograms([v, v], [m, m], True, [0, 1], shift, bits)
+        b.take_top([v, v], [m_flat, m_flat], True, [5, 7], [0, 3])
+    b.key_histograms([w], [m], False, [1], 0, 10)
+    b.take_top([w], [m_flat], False, [5], [3])
+    for x, xm in ((w, m), (w.t(), m.t().contiguous())):
+        b.commit([x.clone()], [xm.clone()], [m_flat], [~m_flat], [[x.clone()]], [x.clone()])
     # the update's histogram passes for both radix widths used by the tests
     TritonBackend(radix_bits=11).update([w.clone()], [m.clone()], [w.clone()], [100], [50], [[]], [None])
     # a gradient of 2**31+ elements: its size and strides arrive as i64 (the other kernels read sizes from
@@ -77,8 +91,8 @@ def main(arch: int = 90) -> int:
     from rigl_fast.kernels.elementwise import _mask_grad_kernel
     big = 2 ** 31 + 1
     g32, m8 = torch.zeros(4), torch.zeros(4, dtype=torch.uint8)
-    for contig in (True, False):
-        _mask_grad_kernel[(4,)](g32, m8, g32, g32, 1.0, big, 1, 1, 2, big, 0, 0, 0, big, 1, CONTIG=contig,
+    for strided in (False, True):
+        _mask_grad_kernel[(4,)](g32, m8, g32, g32, 1.0, big, 1, 1, 2, big, 0, 0, 0, big, 1, STRIDED=strided,
                                 HAS_ACC=True, DT=0, RECIP=False, BLOCK=1024)
     print(f"aot_check: {len(compiled)} kernel variants compiled for sm_{arch}")
     return 0

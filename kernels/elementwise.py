@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DT_BF16, DT_F16, DT_F32, float_code, on_device, one_device, program_table, to_device
-
-MAX_DIMS = 5  # Conv3d weights are 5-D; more dims after collapsing fall back to a contiguous copy
+from ._common import (DT_BF16, DT_F16, DT_F32, addressable, float_code, on_device, one_device, program_table,
+                      to_device)
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -34,6 +33,67 @@ def _f32_to_bf16_bits(x):
     r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
     r = tl.where(x != x, 0x7FC0, r)
     return r.to(tl.int16)
+
+
+@triton.jit
+def _to_f32(x, DT: tl.constexpr):
+    """A loaded fp32 / fp16 / bf16-as-int16-bits vector as fp32 (exact)."""
+    if DT == 2:
+        return _bf16_bits_to_f32(x)
+    elif DT == 1:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _from_f32(x, DT: tl.constexpr):
+    """fp32 rounded to the stored type as torch rounds it (`_to_f32`'s inverse on representable values)."""
+    if DT == 2:
+        return _f32_to_bf16_bits(x)
+    elif DT == 1:
+        return x.to(tl.float16)
+    else:
+        return x
+
+
+@triton.jit
+def _rounded(x, DT: tl.constexpr):
+    """fp32 rounded to the precision of DT, kept in fp32: an intermediate result torch stores in the tensor's
+    dtype before the next operation reads it."""
+    return _to_f32(_from_f32(x, DT), DT)
+
+
+@triton.jit
+def _storage_offsets(offs, d1, d2, d3, d4, s0, s1, s2, s3, s4, STRIDED: tl.constexpr):
+    """Flat row-major indices -> storage offsets of a tensor of `strided_layout` (d1..d4, s0..s4): gradients
+    may be transposed, expanded or sliced, and reading them in place saves a copy. Without STRIDED (every
+    tensor of the launch contiguous) the indices themselves."""
+    if STRIDED:
+        r = offs
+        i4 = r % d4
+        r = r // d4
+        i3 = r % d3
+        r = r // d3
+        i2 = r % d2
+        r = r // d2
+        i1 = r % d1
+        i0 = r // d1
+        return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4
+    else:
+        return offs
+
+
+@triton.jit
+def _layout_offsets(lay, offs, STRIDED: tl.constexpr):
+    """`_storage_offsets` with the layout read from an int64 table (9 columns from `lay`); the flat indices
+    themselves when no tensor of the launch is STRIDED."""
+    if STRIDED:
+        return _storage_offsets(offs, tl.load(lay + 0), tl.load(lay + 1), tl.load(lay + 2), tl.load(lay + 3),
+                                tl.load(lay + 4), tl.load(lay + 5), tl.load(lay + 6), tl.load(lay + 7),
+                                tl.load(lay + 8), True)
+    else:
+        return offs
 
 
 @triton.jit
@@ -60,56 +120,31 @@ def _quotient(x, d, RECIP: tl.constexpr):
 
 
 @triton.jit
+def _accumulated(a, x, n_div, DT: tl.constexpr, RECIP: tl.constexpr):
+    """`a += x / n` as torch computes it in dtype DT (a as stored, x in fp32 holding a DT value): the quotient
+    in fp32 rounded to DT, then the sum in fp32 rounded to DT. Returns the new `a`, as stored.
+
+    The quotient is formed as torch forms it on this device: torch on CPU divides (IEEE; div_rn, since
+    Triton's plain `/` may be approximate on GPU); torch on CUDA multiplies by the fp32 reciprocal of a
+    CPU-scalar divisor (RECIP; kernels are launched with fp fusion off so a + x * inv is not turned into an
+    FMA)."""
+    return _from_f32(_to_f32(a, DT) + _rounded(_quotient(x, n_div, RECIP), DT), DT)
+
+
+@triton.jit
 def _mask_grad_kernel(g_ptr, m_ptr, out_ptr, acc_ptr, n_div, numel,
-                      d1, d2, d3, d4, s0, s1, s2, s3, s4, CONTIG: tl.constexpr, HAS_ACC: tl.constexpr,
+                      d1, d2, d3, d4, s0, s1, s2, s3, s4, STRIDED: tl.constexpr, HAS_ACC: tl.constexpr,
                       DT: tl.constexpr, RECIP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inr = offs < numel
-    if CONTIG:
-        g_offs = offs
-    else:
-        # logical row-major index -> strided storage offset (the grad may be transposed, expanded, sliced)
-        r = offs
-        i4 = r % d4
-        r = r // d4
-        i3 = r % d3
-        r = r // d3
-        i2 = r % d2
-        r = r // d2
-        i1 = r % d1
-        i0 = r // d1
-        g_offs = i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3 + i4 * s4
+    g_offs = _storage_offsets(offs, d1, d2, d3, d4, s0, s1, s2, s3, s4, STRIDED)
     g = tl.load(g_ptr + g_offs, mask=inr, other=0)
     m = tl.load(m_ptr + offs, mask=inr, other=0)
     tl.store(out_ptr + offs, tl.where(m != 0, g, tl.zeros_like(g)), mask=inr)
     if HAS_ACC:
-        # acc += grad / n, rounded as torch rounds it on this device: the quotient in fp32, rounded to the grad
-        # dtype, then added in fp32 and rounded again. torch on CPU divides (IEEE; div_rn, since Triton's plain
-        # `/` may be approximate on GPU); torch on CUDA multiplies by the fp32 reciprocal of a CPU-scalar
-        # divisor (RECIP; the kernel is launched with fp fusion off so a + g * inv is not turned into an FMA).
         a = tl.load(acc_ptr + offs, mask=inr, other=0)
-        if DT == 2:
-            q = _bf16_bits_to_f32(_f32_to_bf16_bits(_quotient(_bf16_bits_to_f32(g), n_div, RECIP)))
-            a_new = _f32_to_bf16_bits(_bf16_bits_to_f32(a) + q)
-        elif DT == 1:
-            q = _quotient(g.to(tl.float32), n_div, RECIP).to(tl.float16).to(tl.float32)
-            a_new = (a.to(tl.float32) + q).to(tl.float16)
-        else:
-            a_new = a + _quotient(g, n_div, RECIP)
-        tl.store(acc_ptr + offs, a_new, mask=inr)
-
-
-def _collapse(shape, strides):
-    """Merge adjacent dims that are contiguous with each other and drop size-1 dims."""
-    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
-    out = []
-    for n, s in dims:
-        if out and out[-1][1] == s * n:
-            out[-1] = (out[-1][0] * n, s)
-        else:
-            out.append((n, s))
-    return out or [(1, 1)]
+        tl.store(acc_ptr + offs, _accumulated(a, _to_f32(g, DT), n_div, DT, RECIP), mask=inr)
 
 
 def _as_kernel_view(t: torch.Tensor) -> torch.Tensor:
@@ -129,30 +164,31 @@ def mask_grad(grad: torch.Tensor, mask: torch.Tensor, acc: Optional[torch.Tensor
     numel = grad.numel()
     if numel == 0:
         return out
-    dims = _collapse(grad.shape, grad.stride())
-    src = grad
-    if len(dims) > MAX_DIMS:
-        src = grad.contiguous()
-        dims = [(numel, 1)]
-    contig = len(dims) == 1 and dims[0][1] == 1
-    dims = [(1, 0)] * (MAX_DIMS - len(dims)) + dims
-    sizes = [d[0] for d in dims]
-    strides = [d[1] for d in dims]
+    src, layout = addressable(grad)
     if acc is not None:
         assert acc.is_contiguous() and acc.dtype == grad.dtype, "accumulator must be contiguous, grad's dtype"
-    if recip is None:
-        recip = torch_divides_by_reciprocal(grad.device)
-    # n goes in as a float: an int argument equal to 1 would be specialised into a constexpr on GPU
-    n_div = float(np.float32(1.0) / np.float32(n)) if recip else float(n)
-    extra = {"enable_fp_fusion": False} if grad.device.type == "cuda" else {}
+    n_div, recip, extra = division(n, device, recip)
     grid = (triton.cdiv(numel, block),)
     with on_device(device):
         _mask_grad_kernel[grid](
             _as_kernel_view(src), mask.view(torch.uint8), _as_kernel_view(out),
             _as_kernel_view(acc if acc is not None else out),
-            n_div, numel, sizes[1], sizes[2], sizes[3], sizes[4], *strides,
-            CONTIG=contig, HAS_ACC=acc is not None, DT=float_code(grad), RECIP=bool(recip), BLOCK=block, **extra)
+            n_div, numel, *layout,
+            STRIDED=not src.is_contiguous(), HAS_ACC=acc is not None, DT=float_code(grad), RECIP=recip, BLOCK=block,
+            **extra)
     return out
+
+
+def division(n: int, device: torch.device, recip: Optional[bool] = None):
+    """How a kernel divides by n as torch does on `device` (see `torch_divides_by_reciprocal`): the fp32
+    divisor or reciprocal to pass, the RECIP flag, and the launch options (no FMA contraction on GPU: torch
+    does not contract `a + x * inv`)."""
+    if recip is None:
+        recip = torch_divides_by_reciprocal(device)
+    # n goes in as a float: an int argument equal to 1 would be specialised into a constexpr on GPU
+    n_div = float(np.float32(1.0) / np.float32(n)) if recip else float(n)
+    extra = {"enable_fp_fusion": False} if torch.device(device).type == "cuda" else {}
+    return n_div, bool(recip), extra
 
 
 # ---------------------------------------------------------------------------------------------- after-step op

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import Contig, float_code, on_device, one_device, program_table, to_device
-from .elementwise import _zero_store
+from .elementwise import _layout_offsets, _zero_store
 
 KEY_BITS = 31
 # "k remaining" meaning: every key equal to the threshold is selected (above any count a layer can have)
@@ -82,6 +82,24 @@ def _candidates(tab, l, offs, inr, mb, PHASE: tl.constexpr):
 
 
 @triton.jit
+def _digit_histogram(valid, key, prefix, SHIFT: tl.constexpr, NBITS: tl.constexpr, HSTRIDE: tl.constexpr):
+    """int32 counts (HSTRIDE bins) of the digit (key >> SHIFT) & (2**NBITS - 1) of the valid keys whose higher
+    bits (key >> (SHIFT + NBITS)) equal `prefix` (int32; ignored by the first digit, which has no higher bits)."""
+    if SHIFT + NBITS < 31:
+        valid = valid & ((key >> (SHIFT + NBITS)) == prefix)
+    digit = (key >> SHIFT) & ((1 << NBITS) - 1)
+    return tl.histogram(digit, HSTRIDE, mask=valid)
+
+
+@triton.jit
+def _add_histogram(dst, counts, HSTRIDE: tl.constexpr):
+    """dst[b] += counts[b] (int64) for the non-empty bins: one atomic per bin per program, which is why
+    programs cover ITERS blocks. int64: one bin of a 2**31+ element layer can hold more than int32 counts."""
+    bins = tl.arange(0, HSTRIDE)
+    tl.atomic_add(dst + bins, counts.to(tl.int64), mask=counts > 0)
+
+
+@triton.jit
 def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHIFT: tl.constexpr,
                  NBITS: tl.constexpr, HSTRIDE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
@@ -99,14 +117,8 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
         inr = offs < numel
         mb = tl.load(m_ptr + offs, mask=inr, other=0)
         valid, key = _candidates(tab, l, offs, inr, mb, PHASE)
-        if SHIFT + NBITS < 31:
-            valid = valid & ((key >> (SHIFT + NBITS)) == prefix)
-        digit = (key >> SHIFT) & ((1 << NBITS) - 1)
-        counts += tl.histogram(digit, HSTRIDE, mask=valid)
-    # one atomic per non-empty bin per program (programs cover ITERS blocks to keep atomics rare); the layer's
-    # histogram is int64: one bin of a 2**31+ element layer can hold more than int32 counts
-    bins = tl.arange(0, HSTRIDE)
-    tl.atomic_add(hist + l * HSTRIDE + bins, counts.to(tl.int64), mask=counts > 0)
+        counts += _digit_histogram(valid, key, prefix, SHIFT, NBITS, HSTRIDE)
+    _add_histogram(hist + l * HSTRIDE, counts, HSTRIDE)
 
 
 @triton.jit
@@ -214,9 +226,29 @@ def _final_kernel(prog_layer, prog_start, tab, rows, st, tie_off, BLOCK: tl.cons
         new = grow | ((mb & 2) != 0)
         both = new & ((mb & 1) != 0)
         tl.store(m_ptr + offs, new.to(tl.uint8), mask=inr)
-        for r in range(r0, r1):
-            cond = tl.where(tl.load(rows + r * 3 + 2) == 0, both, new)
-            _zero_store(tl.load(rows + r * 3 + 0), offs, inr & (cond == 0), tl.load(rows + r * 3 + 1))
+        _zero_rows(rows, r0, r1, offs, inr, new, both, 3, False)
+
+
+@triton.jit
+def _zero_rows(rows, r0, r1, offs, inr, new, both, ROW: tl.constexpr, STRIDED: tl.constexpr):
+    """Zeros written (never read) into the tensors of rows [r0, r1) of a `zeroing_rows` table of ROW columns
+    at flat indices `offs`: kind 0 (weight, states) where not `both` (new & old), kind 1 (gradient) where
+    not `new`. With STRIDED, each row's layout follows in columns 3..11."""
+    for r in range(r0, r1):
+        row = rows + r * ROW
+        cond = tl.where(tl.load(row + 2) == 0, both, new)
+        _zero_store(tl.load(row + 0), _layout_offsets(row + 3, offs, STRIDED), inr & (cond == 0), tl.load(row + 1))
+
+
+def zeroing_rows(weight, states, grad, place):
+    """Rows [address, element size, kind, *extra] of the tensors the end of an update zeroes in one layer (see
+    `_zero_rows`): the weight and its states (kind 0), then the gradient if any (kind 1). `place(t)` gives
+    the tensor the kernel addresses (t or a stand-in) and the row's extra columns."""
+    rows = []
+    for t, kind in [(weight, 0)] + [(x, 0) for x in states] + ([] if grad is None else [(grad, 1)]):
+        t, extra = place(t)
+        rows.append([t.data_ptr(), t.element_size(), kind] + extra)
+    return rows
 
 
 def _scan_offsets(cnt: torch.Tensor, prog_layer_long: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -251,13 +283,7 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
         assert m.dtype == torch.bool and m.is_contiguous() and m.shape == w.shape, "masks: contiguous bool"
         wc, sc = contig.get(w), contig.get(s)
         r0 = len(t_rows)
-        t_rows.append([wc.data_ptr(), wc.element_size(), 0])
-        for t in st_list:
-            tc = contig.get(t)
-            t_rows.append([tc.data_ptr(), tc.element_size(), 0])
-        if g is not None:
-            gc = contig.get(g)
-            t_rows.append([gc.data_ptr(), gc.element_size(), 1])
+        t_rows += zeroing_rows(wc, st_list, g, lambda t: (contig.get(t), []))
         tab_rows.append([wc.data_ptr(), m.data_ptr(), sc.data_ptr(), w.numel(), float_code(wc), float_code(sc),
                          r0, len(t_rows)])
     chunk = block * iters

@@ -4,6 +4,7 @@ Without CUDA these run the real kernels under Triton's CPU interpreter (conftest
 so sizes are small; a backend with a tiny BLOCK/ITERS makes small tensors span many programs, which is
 where the cross-program tie scan and the histogram atomics can go wrong.
 """
+import contextlib
 import os
 import re
 import subprocess
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from rigl_fast import RigLScheduler
+from rigl_fast import distributed as D
+from rigl_fast import reference as R
 from rigl_fast.ops import get_backend
 from rigl_fast.reference import ReferenceBackend
 
@@ -313,28 +316,245 @@ def test_update_zero_keep_and_full_layer(dev):
     check_update([a, b])
 
 
-def test_update_never_reads_back_to_the_host(dev, monkeypatch):
-    """No per-layer (or any) host synchronisation in an update: every tensor-to-Python conversion raises while
-    it runs (on CUDA, torch's sync debug mode also turns any synchronising call into an error)."""
+@contextlib.contextmanager
+def no_host_reads(dev):
+    """Every tensor-to-Python conversion raises inside the block (on CUDA, torch's sync debug mode also turns
+    any synchronising call into an error): an op run inside has no host synchronisation, per layer or other."""
+    mp = pytest.MonkeyPatch()
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        def refuse(self, *a, _name=name, **k):
+            raise AssertionError(f"an op read a tensor back to the host (Tensor.{_name})")
+        mp.setattr(torch.Tensor, name, refuse)
+    if dev.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        mp.undo()
+
+
+def test_update_never_reads_back_to_the_host(dev):
     gen = torch.Generator().manual_seed(9)
     layers = [make_layer(n, torch.float32, torch.float32, "random", 0.4, "some", gen, dev) for n in (500, 231)]
     expect = run_update(REF, layers)
     c = [dict(w=L["w"].clone(), m=L["m"].clone(), s=L["s"].clone()) for L in layers]
-    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
-        def refuse(self, *a, _name=name, **k):
-            raise AssertionError(f"update read a tensor back to the host (Tensor.{_name})")
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    if dev.type == "cuda":
-        torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_reads(dev):
         SMALL.update([x["w"] for x in c], [x["m"] for x in c], [x["s"] for x in c], [L["keep"] for L in layers],
                      [L["grow"] for L in layers], [[], []], [None, None])
-    finally:
-        if dev.type == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
-        monkeypatch.undo()
     for x, e in zip(c, expect):
         assert torch.equal(x["m"], e["m"])
+
+
+# ------------------------------------------------------------------------------------------------ sharded update ops
+# The per-shard ops of the FSDP2 update (kernels/shard.py) against the reference functions, with SMALL's
+# 128-element programs: the histogram atomics of many programs add into one row, and ties at a threshold
+# are ranked across programs by the tie scan. tests/test_shard_ops.py runs them at the default sizes.
+SHARDS = [  # (shape, dtype, layout): odd sizes, an empty shard, every dtype, non-contiguous values
+    ((1,), torch.float32, "contiguous"),
+    ((7,), torch.bfloat16, "strided"),
+    ((0,), torch.float16, "contiguous"),
+    ((23, 29), torch.float16, "reversed"),
+    ((1023,), torch.bfloat16, "contiguous"),
+    ((2, 3, 2, 5, 3, 7), torch.float32, "reversed"),  # 6 dims: past the kernels' strided layouts, read from a copy
+    ((701,), torch.float32, "strided"),
+]
+
+
+def laid_out(shape, dtype, kind, gen, dev, layout):
+    """`values` of `shape` stored contiguously, every other element of a wider tensor ("strided"), or with
+    the dims in reverse order ("reversed": a transpose in 2-D)."""
+    if layout == "strided":
+        return values(shape[:-1] + (2 * shape[-1],), dtype, kind, gen, dev)[..., ::2]
+    if layout == "reversed":
+        return values(shape[::-1], dtype, kind, gen, dev).permute(*reversed(range(len(shape))))
+    return values(shape, dtype, kind, gen, dev)
+
+
+def shard_inputs(kind, seed, dev):
+    """Values per SHARDS and flags (bool, contiguous; shaped like the values or flat, as keep flags are)."""
+    gen = torch.Generator().manual_seed(seed)
+    vals = [laid_out(shape, dtype, kind, gen, dev, layout) for shape, dtype, layout in SHARDS]
+    flags = [(torch.rand(v.shape, generator=gen) < 0.6).to(dev) for v in vals]
+    flags = [f.reshape(-1) if i % 2 else f for i, f in enumerate(flags)]
+    assert sum(not v.is_contiguous() for v in vals) == 4
+    return vals, flags
+
+
+def eligible_keys(v, f, flag_value):
+    return R.selection_keys(v)[f.reshape(-1) == flag_value]
+
+
+@pytest.mark.parametrize("kind", ["random", "levels"])
+@pytest.mark.parametrize("flag_value", [True, False])
+def test_key_histograms_match_reference(dev, kind, flag_value):
+    """Every radix pass, a 5-bit and a 3-bit digit (fewer bins than the kernel's 32); per layer a prefix some
+    eligible key has, except one layer off (-1) and one with a prefix no 31-bit key can have."""
+    vals, flags = shard_inputs(kind, 70 + flag_value, dev)
+    for shift, nbits in D.RADIX_PASSES + ((3, 5), (0, 3)):
+        prefixes = []
+        for i, (v, f) in enumerate(zip(vals, flags)):
+            k = eligible_keys(v, f, flag_value)
+            prefixes.append(-1 if i == 3 or not len(k) else int(k[len(k) // 2]) >> (shift + nbits))
+        prefixes[5] = 1 << (31 - shift - nbits)
+        got = SMALL.key_histograms(vals, flags, flag_value, prefixes, shift, nbits)
+        want = REF.key_histograms(vals, flags, flag_value, prefixes, shift, nbits)
+        assert got.dtype == torch.int64 and got.shape == (len(vals), 1 << nbits)
+        assert torch.equal(got, want), (shift, nbits)
+        assert want[4].sum() > 0 and want[6].sum() > 0 and not want[3].any() and not want[5].any()
+
+
+@pytest.mark.parametrize("kind", ["random", "levels"])
+def test_take_top_matches_reference(dev, kind):
+    """Per layer a threshold some eligible key equals, with none, one, half, or more than all of its ties to
+    take (the layers of one call take different counts); the first layers also get thresholds that take
+    nothing (NO_KEY), everything eligible (negative), or only nothing above every key."""
+    vals, flags = shard_inputs(kind, 80 + len(kind), dev)
+    partial = 0  # layers where the quota cut the ties and they spanned programs: the scan decided
+    for flag_value in (True, False):
+        eq_counts, thresholds = [], []
+        for v, f in zip(vals, flags):
+            k = eligible_keys(v, f, flag_value)
+            t = int(k[len(k) // 3]) if len(k) else 0
+            thresholds.append(t)
+            eq_counts.append(int((k == t).sum()))
+        for variant in range(4):
+            if variant == 3:
+                ties = [0] * len(vals)  # no layer ranks ties: the count pass is skipped
+            else:
+                ties = [[1, n // 2, n + 3][(i + variant) % 3] for i, n in enumerate(eq_counts)]
+            thr = list(thresholds)
+            thr[0] = [D.NO_KEY, -7, 0x7F800001, 2 ** 40][variant]
+            got = SMALL.take_top(vals, flags, flag_value, thr, ties)
+            for i, (v, f, t, n, g) in enumerate(zip(vals, flags, thr, ties, got)):
+                assert g.dtype == torch.bool and g.shape == (v.numel(),)
+                assert torch.equal(g, R.take_top(v, f, flag_value, t, n)), (flag_value, variant, i)
+                partial += 0 < n < eq_counts[i] and eq_counts[i] > 128
+    if kind == "levels":
+        assert partial >= 4
+
+
+@pytest.mark.parametrize("kind", ["random", "levels"])
+def test_radix_select_over_shards_with_small_programs(dev, kind):
+    """distributed.radix_top_k on three simulated ranks whose shards each span several programs: the joined
+    flags are the whole layer's top k (ties to the lower index across programs and shards)."""
+    from test_shard_ops import _threaded_top_k
+    gen = torch.Generator().manual_seed(90)
+    rows, cols = 9, 61
+    vals = [values((rows * cols,), dtype, kind, gen, dev) for dtype in DTYPES]
+    flags = [(torch.rand(rows * cols, generator=gen) < 0.7).to(dev) for _ in DTYPES]
+    bounds = [(0, 4 * cols), (4 * cols, 8 * cols), (8 * cols, rows * cols)]
+    ks = [150, 0, 300]
+    got = _threaded_top_k(SMALL, vals, flags, True, ks, bounds)
+    for v, f, k, g in zip(vals, flags, ks, got):
+        x = torch.where(f, v.float().abs(), torch.tensor(-1.0, device=dev))
+        assert torch.equal(g, R.top_k_flags(x, k))
+
+
+def test_commit_matches_reference(dev):
+    """Weights contiguous, transposed, channels_last, 6-D permuted (written through a copy) and empty; states of
+    other dtypes (fp64 included) and layouts; gradients absent, contiguous or transposed."""
+    gen = torch.Generator().manual_seed(91)
+    specs = [((33, 31), torch.float32, "contiguous", "reversed"), ((7,), torch.bfloat16, "strided", None),
+             ((17, 241), torch.float16, "reversed", "contiguous"), ((0,), torch.float32, "contiguous", None),
+             ((2, 3, 2, 5, 3, 7), torch.float32, "reversed", "reversed")]
+    weights = [laid_out(shape, dt, "random", gen, dev, lay) for shape, dt, lay, _ in specs]
+    cl = values((8, 6, 3, 3), torch.bfloat16, "random", gen, dev).contiguous(memory_format=torch.channels_last)
+    weights.append(cl)
+    grads = [None if g is None else laid_out(shape, dt, "random", gen, dev, g) for shape, dt, _, g in specs]
+    grads.append(values(cl.shape, torch.bfloat16, "random", gen, dev))
+    states = [[values(w.shape, torch.float64, "random", gen, dev),
+               laid_out(w.shape, torch.float32, "random", gen, dev, "reversed")][:i % 3] for i, w in enumerate(weights)]
+    masks = [(torch.rand(w.shape, generator=gen) < 0.5).to(dev) for w in weights]
+    keep = [m.reshape(-1) & (torch.rand(m.numel(), generator=gen) < 0.7).to(dev) for m in masks]
+    grow = [~k & (torch.rand(k.numel(), generator=gen) < 0.3).to(dev) for k in keep]
+
+    def run(ops):
+        c = dict(w=[w.clone() for w in weights], m=[m.clone() for m in masks],
+                 st=[[t.clone() for t in st] for st in states], g=[None if g is None else g.clone() for g in grads])
+        ops.commit(c["w"], c["m"], keep, grow, c["st"], c["g"])
+        return c
+
+    got, want = run(SMALL), run(REF)
+    for i in range(len(weights)):
+        assert torch.equal(got["m"][i], want["m"][i]), i
+        assert_same(got["w"][i], want["w"][i], f"weight {i}")
+        for a, b in zip(got["st"][i], want["st"][i]):
+            assert_same(a, b, f"state of {i}")
+        if grads[i] is not None:
+            assert_same(got["g"][i], want["g"][i], f"grad {i}")
+    assert not torch.equal(want["m"][0], masks[0]) and not torch.equal(want["w"][4], weights[4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "reversed", "mixed", "6d"])
+def test_split_and_fold_grad_match_reference(dev, dtype, layout):
+    """Two backward passes split into (masked grad, off) and folded into the accumulator with n = 3 and 1, bit
+    for bit, with NaN, inf and -0.0 in the gradient and -0.0 in `off` on the mask (which `off += 0` turns
+    into +0.0). "mixed": a transposed gradient with a contiguous `off` and a strided accumulator."""
+    gen = torch.Generator().manual_seed(92 + DTYPES.index(dtype))
+    shape = (2, 3, 2, 5, 3, 7) if layout == "6d" else (17, 241)
+    lay = {"contiguous": ("contiguous",) * 3, "reversed": ("reversed",) * 3,
+           "mixed": ("reversed", "contiguous", "strided"), "6d": ("reversed",) * 3}[layout]
+    mask = (torch.rand(shape, generator=gen) < 0.4).to(dev)
+    g1, g2 = (laid_out(shape, dtype, "random", gen, dev, lay[0]) for _ in range(2))
+    d = len(shape)
+    for idx, val in (((0,) * d, float("nan")), ((1,) * d, float("inf")), ((0, 1) + (0,) * (d - 2), -0.0)):
+        g1[idx] = val
+    off = laid_out(shape, dtype, "zeros", gen, dev, lay[1])
+    off[mask] = -0.0
+    acc = laid_out(shape, dtype, "random", gen, dev, lay[2])
+    assert layout == "contiguous" or not g1.is_contiguous()
+    got, want = [g1.clone(), off.clone(), acc.clone()], [g1.clone(), off.clone(), acc.clone()]
+    for ops, (g, o, a) in ((SMALL, got), (REF, want)):
+        ops.split_grad(g, mask, o)
+        g += g2
+        ops.split_grad(g, mask, o)
+        ops.fold_grad(a, g, o, 3)
+        ops.fold_grad(a, g, o, 1)
+    for what, x, y in zip(("grad", "off", "acc"), got, want):
+        assert_same(x, y, what)
+    assert bits(want[1])[mask].eq(0).all() and not torch.isfinite(want[2]).all()
+
+
+def test_sharded_ops_never_read_back_to_the_host(dev):
+    vals, flags = shard_inputs("levels", 93, dev)
+    hist_want = REF.key_histograms(vals, flags, True, [0] * len(vals), 20, 11)
+    take_want = REF.take_top(vals, flags, True, [0x3F800000] * len(vals), [40] * len(vals))
+    w, m = vals[4].float(), flags[4].view(vals[4].shape).clone()
+    with no_host_reads(dev):
+        with pytest.raises(AssertionError, match="back to the host"):
+            torch.ones(1, device=dev).item()
+        hist = SMALL.key_histograms(vals, flags, True, [0] * len(vals), 20, 11)
+        take = SMALL.take_top(vals, flags, True, [0x3F800000] * len(vals), [40] * len(vals))
+        SMALL.commit([w], [m], [take[4]], [~take[4]], [[]], [None])
+    assert torch.equal(hist, hist_want)
+    for a, b in zip(take, take_want):
+        assert torch.equal(a, b)
+    assert m.all()
+
+
+def test_sharded_ops_hand_other_cases_to_the_reference(dev):
+    """fp64 values and digits wider than MAX_BITS go to the reference: same results, no kernel needed."""
+    gen = torch.Generator().manual_seed(94)
+    vals = [values((300,), torch.float64, "levels", gen, dev), values((301,), torch.float32, "random", gen, dev)]
+    flags = [(torch.rand(v.numel(), generator=gen) < 0.5).to(dev) for v in vals]
+    assert torch.equal(SMALL.key_histograms(vals, flags, False, [0, 0], 20, 11),
+                       REF.key_histograms(vals, flags, False, [0, 0], 20, 11))
+    assert torch.equal(SMALL.key_histograms(vals[1:], flags[1:], False, [0], 19, 12),
+                       REF.key_histograms(vals[1:], flags[1:], False, [0], 19, 12))
+    for a, b in zip(SMALL.take_top(vals, flags, False, [0x3F000000] * 2, [3, 3]),
+                    REF.take_top(vals, flags, False, [0x3F000000] * 2, [3, 3])):
+        assert torch.equal(a, b)
+    g, o, a = (values((300,), torch.float64, "random", gen, dev) for _ in range(3))
+    mask = flags[0]
+    got, want = [g.clone(), o.clone(), a.clone()], [g.clone(), o.clone(), a.clone()]
+    for ops, (x, y, z) in ((SMALL, got), (REF, want)):
+        ops.split_grad(x, mask, y)
+        ops.fold_grad(z, x, y, 3)
+    for x, y in zip(got, want):
+        assert_same(x, y)
 
 
 # ------------------------------------------------------------------------------------------------ backend selection
