@@ -10,6 +10,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +33,8 @@
 namespace rigl_fast {
 
 constexpr int64_t kKeyMax = 0x7fffffff;
+// Elements per parallel task: below this a layer runs on one thread (the fork costs more than it saves).
+constexpr int64_t kGrain = 1 << 15;
 
 // Position i with key `key` is chosen iff key > T, or key == T and i is on the chosen side of `cutoff`
 // (i <= cutoff when ties go to lower indices, i >= cutoff otherwise).
@@ -156,13 +159,60 @@ struct LayerView {
   Sel grow = sel_none();
 };
 
+// ------------------------------------------------------------------------------------------ multi-tensor loops
+// Positions [b, e) of tensor `layer`. A multi-tensor op cuts every tensor into spans of at most kGrain positions
+// and runs one parallel loop over all of them, so many small layers share out as well as one large one.
+struct Span {
+  int64_t layer, b, e;
+};
+
+// The spans of tensors of numel[0], numel[1], ... positions, in tensor and position order (a tensor of 0
+// positions has none).
+inline std::vector<Span> spans(const std::vector<int64_t>& numel) {
+  std::vector<Span> out;
+  for (size_t l = 0; l < numel.size(); ++l)
+    for (int64_t b = 0; b < numel[l]; b += kGrain)
+      out.push_back({static_cast<int64_t>(l), b, std::min(numel[l], b + kGrain)});
+  return out;
+}
+
+// fn(first, last) over ranges of `sp`'s indices, in parallel. Work under one kGrain in all stays on this thread
+// (waking the pool costs milliseconds when the other cores are busy).
+template <typename Fn>
+inline void parallel_spans(const std::vector<Span>& sp, const Fn& fn) {
+  int64_t total = 0;
+  for (const Span& s : sp) total += s.e - s.b;
+  const int64_t n = static_cast<int64_t>(sp.size());
+  at::parallel_for(0, n, total <= kGrain ? std::max<int64_t>(n, 1) : 1, fn);
+}
+
+// One shard's values and eligibility flags for the ops of the sharded update. Values are read in flat
+// (row-major) order: from `data` directly when contiguous (`strides` empty), else through sizes and strides
+// (in elements), a block at a time, so a strided shard needs no contiguous copy.
+struct ShardValues {
+  const void* data;
+  FloatType type;
+  int64_t n;
+  std::vector<int64_t> sizes, strides;
+  const uint8_t* flags;
+};
+
 // The update kernels of one instruction set: select_layers decides both selections of every layer (and,
 // if asked, checks that weights and scores are finite: false if not, with nothing decided); write_layer
-// applies a layer's.
-#define RIGL_FAST_DECLARE_KERNELS(ISA)                                          \
-  namespace ISA {                                                               \
-  bool select_layers(std::vector<LayerView>& layers, bool check_finite);        \
-  void write_layer(LayerView& L);                                               \
+// applies a layer's. The kernels of the sharded update (ops.Backend.key_histograms, take_top, commit; the
+// flag value is the one of eligible positions): key_histograms adds to out, (layers, 2^bits) int64 row-major;
+// take_top writes one bool byte per position to outs[l]; commit_layers writes every layer given its keep and
+// grow flags (LayerView's score and counts are unused).
+#define RIGL_FAST_DECLARE_KERNELS(ISA)                                                                       \
+  namespace ISA {                                                                                            \
+  bool select_layers(std::vector<LayerView>& layers, bool check_finite);                                     \
+  void write_layer(LayerView& L);                                                                            \
+  void key_histograms(const std::vector<ShardValues>& values, bool flag_value, const int64_t* prefixes,       \
+                      int shift, int bits, int64_t* out);                                                    \
+  void take_top(const std::vector<ShardValues>& values, bool flag_value, const int64_t* thresholds,          \
+                const int64_t* n_ties, const std::vector<uint8_t*>& outs);                                   \
+  void commit_layers(const std::vector<LayerView>& layers, const std::vector<const uint8_t*>& keep,          \
+                     const std::vector<const uint8_t*>& grow);                                               \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

@@ -31,8 +31,6 @@
 namespace rigl_fast {
 namespace {
 
-// Elements per parallel task: below this a layer runs on one thread (the fork costs more than it saves).
-constexpr int64_t kGrain = 1 << 15;
 // Inner block: the fused passes finish one block (a few KiB of every operand) before the next, so operands
 // read twice stay in L1.
 constexpr int64_t kBlock = 2048;
@@ -56,15 +54,19 @@ struct Work {
 };
 
 // ------------------------------------------------------------------------------------------ mask_grad
+// a + b as torch adds two tensors of T: in T's op math type (fp32 for fp16/bf16), rounded to T.
+template <typename T>
+inline T add_rounded(T a, T b) {
+  using op_t = at::opmath_type<T>;
+  return static_cast<T>(static_cast<op_t>(a) + static_cast<op_t>(b));
+}
+
 // acc += grad / n with torch's rounding: the quotient is rounded to grad's dtype before the add.
 template <typename T>
 void accumulate(T* __restrict acc, const T* __restrict g, int64_t n, int64_t div) {
   using op_t = at::opmath_type<T>;
   const op_t d = static_cast<op_t>(div);
-  for (int64_t i = 0; i < n; ++i) {
-    const T q = static_cast<T>(static_cast<op_t>(g[i]) / d);
-    acc[i] = static_cast<T>(static_cast<op_t>(acc[i]) + static_cast<op_t>(q));
-  }
+  for (int64_t i = 0; i < n; ++i) acc[i] = add_rounded(acc[i], static_cast<T>(static_cast<op_t>(g[i]) / d));
 }
 
 // out[i] = keep[i] ? in[i] : +0 written with streaming (non-temporal) stores, for outputs too large to
@@ -146,46 +148,25 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, const std::
 }
 
 // ------------------------------------------------------------------------------------------ apply_masks
-struct Piece {
-  char* data;
-  const uint8_t* mask;
-  int64_t begin, end, bytes;
-};
-
-// Cuts every (tensor, mask) pair into pieces of about kGrain elements so one parallel_for covers all.
-std::vector<Piece> pieces(const std::vector<Work>& ts, const std::vector<const uint8_t*>& ms) {
-  std::vector<Piece> out;
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i].work;
-    const int64_t n = t.numel();
-    for (int64_t b = 0; b < n; b += kGrain)
-      out.push_back({static_cast<char*>(t.data_ptr()), ms.empty() ? nullptr : ms[i], b,
-                     std::min(n, b + kGrain), static_cast<int64_t>(t.element_size())});
-  }
-  return out;
-}
-
 void apply_masks(at::TensorList tensors, at::TensorList masks) {
   TORCH_CHECK(tensors.size() == masks.size(), "rigl_fast: apply_masks got ", tensors.size(), " tensors and ",
               masks.size(), " masks");
   std::vector<Work> ws;
-  std::vector<const uint8_t*> ms;
+  std::vector<int64_t> numel;
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_mask(tensors[i], masks[i], "tensors");
     ws.emplace_back(tensors[i]);
-    ms.push_back(reinterpret_cast<const uint8_t*>(masks[i].const_data_ptr<bool>()));
+    numel.push_back(tensors[i].numel());
   }
-  const auto ps = pieces(ws, ms);
-  // Pieces are one per kGrain elements, but small tensors make pieces far smaller: work under one kGrain in
-  // all stays on this thread (waking the pool costs milliseconds when the other cores are busy).
-  int64_t total = 0;
-  for (const Piece& p : ps) total += p.end - p.begin;
-  const int64_t n_pieces = static_cast<int64_t>(ps.size());
-  const int64_t grain = total <= kGrain ? std::max<int64_t>(n_pieces, 1) : 1;
-  at::parallel_for(0, n_pieces, grain, [&](int64_t b, int64_t e) {
+  const auto sp = spans(numel);
+  parallel_spans(sp, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const Piece& p = ps[i];
-      select_inplace_any(p.data + p.begin * p.bytes, p.mask + p.begin, p.end - p.begin, p.bytes);
+      const Span& p = sp[i];
+      const at::Tensor& t = ws[p.layer].work;
+      const int64_t bytes = t.element_size();
+      select_inplace_any(static_cast<char*>(t.data_ptr()) + p.b * bytes,
+                         reinterpret_cast<const uint8_t*>(masks[p.layer].const_data_ptr<bool>()) + p.b, p.e - p.b,
+                         bytes);
     }
   });
   for (auto& w : ws) w.finish();
@@ -213,21 +194,21 @@ bool piece_nonfinite(const char* base, at::ScalarType st, int64_t b, int64_t e) 
 
 at::Tensor any_nonfinite(at::TensorList tensors) {
   std::vector<at::Tensor> cs;
-  struct P { const char* base; at::ScalarType st; int64_t b, e; };
-  std::vector<P> ps;
+  std::vector<int64_t> numel;
   for (const auto& t : tensors) {
     TORCH_CHECK(t.device().is_cpu(), "rigl_fast (cpp): any_nonfinite needs CPU tensors");
     TORCH_CHECK(!t.is_complex(), "rigl_fast: any_nonfinite does not support complex tensors");
     cs.push_back(t.contiguous());
-    const int64_t n = t.numel();
-    for (int64_t b = 0; b < n; b += kGrain)
-      ps.push_back({static_cast<const char*>(cs.back().const_data_ptr()), t.scalar_type(), b,
-                    std::min(n, b + kGrain)});
+    numel.push_back(t.numel());
   }
+  const auto sp = spans(numel);
   std::atomic<bool> found{false};
-  at::parallel_for(0, static_cast<int64_t>(ps.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e && !found.load(std::memory_order_relaxed); ++i)
-      if (piece_nonfinite(ps[i].base, ps[i].st, ps[i].b, ps[i].e)) found.store(true);
+  parallel_spans(sp, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e && !found.load(std::memory_order_relaxed); ++i) {
+      const at::Tensor& t = cs[sp[i].layer];
+      if (piece_nonfinite(static_cast<const char*>(t.const_data_ptr()), t.scalar_type(), sp[i].b, sp[i].e))
+        found.store(true);
+    }
   });
   return at::scalar_tensor(found.load(), at::TensorOptions().dtype(at::kBool));
 }
@@ -239,7 +220,9 @@ FloatType float_type(const at::Tensor& t) {
     case at::kDouble: return FloatType::f64;
     case at::kHalf: return FloatType::f16;
     case at::kBFloat16: return FloatType::bf16;
-    default: TORCH_CHECK(false, "rigl_fast: update supports float32/float64/float16/bfloat16, got ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, "rigl_fast (cpp): weights, scores and values must be float32/float64/float16/bfloat16, got ",
+                  t.scalar_type());
   }
 }
 
@@ -258,6 +241,13 @@ const char* kernel_isa() {
 
 std::string cpu_isa() { return kernel_isa(); }
 
+// The kernel `fn` of the instruction set kernel_isa() picks, as a function pointer.
+#if RIGL_FAST_HAVE_AVX2
+#define RIGL_FAST_KERNEL(fn) (std::strcmp(kernel_isa(), "avx2") == 0 ? &avx2::fn : &base::fn)
+#else
+#define RIGL_FAST_KERNEL(fn) (&base::fn)
+#endif
+
 // Layers above this many positions skip the band method (kBandMaxNumel). RIGL_FAST_CPU_BAND_MAX_NUMEL can
 // only lower it: the tests run the path of 2^32+ position layers on small ones (read on every call).
 int64_t band_max_numel() {
@@ -273,40 +263,26 @@ std::vector<int64_t> select_paths_op() {
   return {select_paths().band.load(), select_paths().exact.load()};
 }
 
-at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef n_keep,
-                  at::IntArrayRef n_grow, at::TensorList states, at::IntArrayRef state_layer, at::TensorList grads,
-                  at::IntArrayRef grad_layer, bool check_finite) {
+// The layers of an update or commit: weights, masks, and each layer's states and grad (flat lists with the layer
+// index of each), with contiguous working copies of non-contiguous ones in `ws` (written back by finish).
+std::vector<LayerView> layer_views(at::TensorList weights, at::TensorList masks, at::TensorList states,
+                                   at::IntArrayRef state_layer, at::TensorList grads, at::IntArrayRef grad_layer,
+                                   std::vector<Work>& ws) {
   const size_t L = weights.size();
-  TORCH_CHECK(masks.size() == L && scores.size() == L && n_keep.size() == L && n_grow.size() == L,
-              "rigl_fast: update needs one mask, score, n_keep and n_grow per weight");
+  TORCH_CHECK(masks.size() == L, "rigl_fast: one mask per weight is needed, got ", L, " weights and ", masks.size(),
+              " masks");
   TORCH_CHECK(states.size() == state_layer.size() && grads.size() == grad_layer.size(),
-              "rigl_fast: update needs one layer index per state and per grad");
-  std::vector<Work> ws;  // weights, states, grads: contiguous working copies where needed
-  ws.reserve(L + states.size() + grads.size());
-  std::vector<at::Tensor> sc;
-  sc.reserve(L);
+              "rigl_fast: one layer index per state and per grad is needed");
+  ws.reserve(L + states.size() + grads.size());  // no reallocation: the views point into ws
   std::vector<LayerView> layers(L);
-  const int64_t band_max = band_max_numel();
   for (size_t i = 0; i < L; ++i) {
     check_mask(weights[i], masks[i], "weights");
-    TORCH_CHECK(scores[i].sizes() == weights[i].sizes(), "rigl_fast: score ", i, " has shape ", scores[i].sizes(),
-                ", its weight ", weights[i].sizes());
-    const int64_t n = weights[i].numel();
-    TORCH_CHECK(n_keep[i] >= 0 && n_grow[i] >= 0 && n_keep[i] + n_grow[i] <= n,
-                "rigl_fast: layer ", i, " needs 0 <= n_keep, n_grow and n_keep + n_grow <= numel (", n,
-                "), got n_keep=", n_keep[i], " n_grow=", n_grow[i]);
     LayerView& v = layers[i];
     v.w_type = float_type(weights[i]);
-    v.s_type = float_type(scores[i]);
     ws.emplace_back(weights[i]);
     v.w = ws.back().work.data_ptr();
-    sc.push_back(scores[i].contiguous());
-    v.score = sc.back().const_data_ptr();
     v.mask = reinterpret_cast<uint8_t*>(masks[i].mutable_data_ptr<bool>());
-    v.n = n;
-    v.n_keep = n_keep[i];
-    v.n_grow = n_grow[i];
-    v.exact = n > band_max;
+    v.n = weights[i].numel();
   }
   for (size_t j = 0; j < states.size(); ++j) {
     const int64_t l = state_layer[j];
@@ -324,25 +300,164 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
     layers[l].grad = static_cast<char*>(ws.back().work.data_ptr());
     layers[l].grad_bytes = grads[j].element_size();
   }
-  const bool avx2 = std::strcmp(kernel_isa(), "avx2") == 0;
-  auto select = [&]() {
-#if RIGL_FAST_HAVE_AVX2
-    if (avx2) return avx2::select_layers(layers, check_finite);
-#endif
-    return base::select_layers(layers, check_finite);
-  };
-  auto write = [&](LayerView& v) {
-#if RIGL_FAST_HAVE_AVX2
-    if (avx2) return avx2::write_layer(v);
-#endif
-    base::write_layer(v);
-  };
+  return layers;
+}
+
+at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef n_keep,
+                  at::IntArrayRef n_grow, at::TensorList states, at::IntArrayRef state_layer, at::TensorList grads,
+                  at::IntArrayRef grad_layer, bool check_finite) {
+  const size_t L = weights.size();
+  TORCH_CHECK(scores.size() == L && n_keep.size() == L && n_grow.size() == L,
+              "rigl_fast: update needs one score, n_keep and n_grow per weight");
+  std::vector<Work> ws;  // weights, states, grads: contiguous working copies where needed
+  std::vector<LayerView> layers = layer_views(weights, masks, states, state_layer, grads, grad_layer, ws);
+  std::vector<at::Tensor> sc;
+  sc.reserve(L);
+  const int64_t band_max = band_max_numel();
+  for (size_t i = 0; i < L; ++i) {
+    TORCH_CHECK(scores[i].sizes() == weights[i].sizes(), "rigl_fast: score ", i, " has shape ", scores[i].sizes(),
+                ", its weight ", weights[i].sizes());
+    const int64_t n = weights[i].numel();
+    TORCH_CHECK(n_keep[i] >= 0 && n_grow[i] >= 0 && n_keep[i] + n_grow[i] <= n,
+                "rigl_fast: layer ", i, " needs 0 <= n_keep, n_grow and n_keep + n_grow <= numel (", n,
+                "), got n_keep=", n_keep[i], " n_grow=", n_grow[i]);
+    LayerView& v = layers[i];
+    v.s_type = float_type(scores[i]);
+    sc.push_back(scores[i].contiguous());
+    v.score = sc.back().const_data_ptr();
+    v.n_keep = n_keep[i];
+    v.n_grow = n_grow[i];
+    v.exact = n > band_max;
+  }
   // Every selection, and the finiteness check riding on it, comes before any write: a non-finite input
   // leaves everything as it was. Layers are written one after another, each parallel inside.
-  if (!select()) return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
+  if (!RIGL_FAST_KERNEL(select_layers)(layers, check_finite))
+    return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
+  const auto write = RIGL_FAST_KERNEL(write_layer);
   for (auto& v : layers) write(v);
   for (auto& w : ws) w.finish();
   return at::scalar_tensor(true, at::TensorOptions().dtype(at::kBool));
+}
+
+// ------------------------------------------------------------------------------------------ the sharded update
+// Flags (or keep/grow selections) of a shard: contiguous bool on the CPU, one per position of `t`.
+const uint8_t* flag_bytes(const at::Tensor& flags, const at::Tensor& t, const char* what) {
+  TORCH_CHECK(flags.scalar_type() == at::kBool && flags.is_contiguous() && flags.device().is_cpu(),
+              "rigl_fast (cpp): ", what, " must be contiguous torch.bool CPU tensors");
+  TORCH_CHECK(flags.numel() == t.numel(), "rigl_fast: ", what, " with ", flags.numel(), " elements for a shard of ",
+              t.numel());
+  return reinterpret_cast<const uint8_t*>(flags.const_data_ptr<bool>());
+}
+
+std::vector<ShardValues> shard_values(at::TensorList values, at::TensorList flags) {
+  TORCH_CHECK(flags.size() == values.size(), "rigl_fast: one flags tensor per values tensor is needed, got ",
+              values.size(), " and ", flags.size());
+  std::vector<ShardValues> out(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    const at::Tensor& v = values[i];
+    TORCH_CHECK(v.device().is_cpu(), "rigl_fast (cpp): values must be on CPU");
+    out[i] = {v.const_data_ptr(), float_type(v), v.numel(), {}, {}, flag_bytes(flags[i], v, "flags")};
+    if (!v.is_contiguous()) {
+      out[i].sizes = v.sizes().vec();
+      out[i].strides = v.strides().vec();
+    }
+  }
+  return out;
+}
+
+at::Tensor key_histograms(at::TensorList values, at::TensorList flags, bool flag_value, at::IntArrayRef prefixes,
+                          int64_t shift, int64_t bits) {
+  TORCH_CHECK(shift >= 0 && bits >= 1 && shift + bits <= 31, "rigl_fast: key_histograms needs shift >= 0, "
+              "bits >= 1 and shift + bits <= 31 (keys have 31 bits), got shift=", shift, " bits=", bits);
+  TORCH_CHECK(prefixes.size() == values.size(), "rigl_fast: key_histograms needs one prefix per values tensor");
+  const auto vs = shard_values(values, flags);
+  at::Tensor out = at::zeros({static_cast<int64_t>(vs.size()), int64_t{1} << bits}, at::kLong);
+  RIGL_FAST_KERNEL(key_histograms)(vs, flag_value, prefixes.data(), static_cast<int>(shift), static_cast<int>(bits),
+                                   out.mutable_data_ptr<int64_t>());
+  return out;
+}
+
+std::vector<at::Tensor> take_top(at::TensorList values, at::TensorList flags, bool flag_value,
+                                 at::IntArrayRef thresholds, at::IntArrayRef n_ties) {
+  TORCH_CHECK(thresholds.size() == values.size() && n_ties.size() == values.size(),
+              "rigl_fast: take_top needs one threshold and one n_ties per values tensor");
+  const auto vs = shard_values(values, flags);
+  std::vector<at::Tensor> out;
+  std::vector<uint8_t*> outs;
+  for (const auto& v : vs) {
+    out.push_back(at::empty({v.n}, at::kBool));
+    outs.push_back(reinterpret_cast<uint8_t*>(out.back().mutable_data_ptr<bool>()));
+  }
+  RIGL_FAST_KERNEL(take_top)(vs, flag_value, thresholds.data(), n_ties.data(), outs);
+  return out;
+}
+
+void commit(at::TensorList weights, at::TensorList masks, at::TensorList keep, at::TensorList grow,
+            at::TensorList states, at::IntArrayRef state_layer, at::TensorList grads, at::IntArrayRef grad_layer) {
+  TORCH_CHECK(keep.size() == weights.size() && grow.size() == weights.size(),
+              "rigl_fast: commit needs one keep and one grow per weight");
+  std::vector<Work> ws;
+  const std::vector<LayerView> layers = layer_views(weights, masks, states, state_layer, grads, grad_layer, ws);
+  std::vector<const uint8_t*> k, g;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    k.push_back(flag_bytes(keep[i], weights[i], "keep"));
+    g.push_back(flag_bytes(grow[i], weights[i], "grow"));
+  }
+  RIGL_FAST_KERNEL(commit_layers)(layers, k, g);
+  for (auto& w : ws) w.finish();
+}
+
+// off += where(mask, 0, grad), then grad = where(mask, grad, 0). The add runs at every position, as torch's does
+// (off + 0 turns an off of -0.0 into +0.0).
+void split_grad(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor& off) {
+  check_mask(grad, mask, "grad");
+  TORCH_CHECK(off.scalar_type() == grad.scalar_type() && off.sizes() == grad.sizes(),
+              "rigl_fast: split_grad needs `off` with grad's dtype and shape");
+  Work g(grad), o(off);
+  const auto* mp = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "rigl_fast_split_grad", [&] {
+    auto* gp = g.work.mutable_data_ptr<scalar_t>();
+    auto* op = o.work.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), kGrain, [&](int64_t b, int64_t e) {
+      alignas(64) uint8_t unmasked[kBlock];
+      alignas(64) scalar_t part[kBlock];
+      for (int64_t s = b; s < e; s += kBlock) {
+        const int64_t len = std::min(kBlock, e - s);
+        for (int64_t j = 0; j < len; ++j) unmasked[j] = mp[s + j] ^ 1;
+        select_bits<sizeof(scalar_t)>(part, gp + s, unmasked, len);
+        for (int64_t j = 0; j < len; ++j) op[s + j] = add_rounded(op[s + j], part[j]);
+        select_bits_inplace<sizeof(scalar_t)>(gp + s, mp + s, len);
+      }
+    });
+  });
+  g.finish();
+  o.finish();
+}
+
+// acc += (grad + off) / n: the sum rounded to the dtype, then mask_grad's accumulation.
+void fold_grad(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& off, int64_t n) {
+  TORCH_CHECK(n >= 1, "rigl_fast: fold_grad needs n >= 1, got ", n);
+  TORCH_CHECK(acc.device().is_cpu() && grad.device().is_cpu() && off.device().is_cpu(),
+              "rigl_fast (cpp): fold_grad needs CPU tensors");
+  TORCH_CHECK(grad.scalar_type() == acc.scalar_type() && off.scalar_type() == acc.scalar_type() &&
+              grad.sizes() == acc.sizes() && off.sizes() == acc.sizes(),
+              "rigl_fast: fold_grad needs acc, grad and off of one dtype and shape");
+  Work a(acc);
+  const at::Tensor g = grad.contiguous(), o = off.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "rigl_fast_fold_grad", [&] {
+    auto* ap = a.work.mutable_data_ptr<scalar_t>();
+    const auto* gp = g.const_data_ptr<scalar_t>();
+    const auto* op = o.const_data_ptr<scalar_t>();
+    at::parallel_for(0, acc.numel(), kGrain, [&](int64_t b, int64_t e) {
+      alignas(64) scalar_t dense[kBlock];
+      for (int64_t s = b; s < e; s += kBlock) {
+        const int64_t len = std::min(kBlock, e - s);
+        for (int64_t j = 0; j < len; ++j) dense[j] = add_rounded(gp[s + j], op[s + j]);
+        accumulate<scalar_t>(ap + s, dense, len, n);
+      }
+    });
+  });
+  a.finish();
 }
 
 }  // namespace
@@ -357,6 +472,14 @@ TORCH_LIBRARY(rigl_fast, m) {
   m.def("update(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] scores, int[] n_keep, int[] n_grow, "
         "Tensor(c!)[] states, int[] state_layer, Tensor(d!)[] grads, int[] grad_layer, "
         "bool check_finite=False) -> Tensor");
+  // the sharded (FSDP2) update's per-shard ops (ops.Backend)
+  m.def("key_histograms(Tensor[] values, Tensor[] flags, bool flag_value, int[] prefixes, int shift, int bits) "
+        "-> Tensor");
+  m.def("take_top(Tensor[] values, Tensor[] flags, bool flag_value, int[] thresholds, int[] n_ties) -> Tensor[]");
+  m.def("commit(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] keep, Tensor[] grow, Tensor(c!)[] states, "
+        "int[] state_layer, Tensor(d!)[] grads, int[] grad_layer) -> ()");
+  m.def("split_grad(Tensor(a!) grad, Tensor mask, Tensor(b!) off) -> ()");
+  m.def("fold_grad(Tensor(a!) acc, Tensor grad, Tensor off, int n) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
@@ -364,6 +487,11 @@ TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("apply_masks", &apply_masks);
   m.impl("any_nonfinite", &any_nonfinite);
   m.impl("update", &update);
+  m.impl("key_histograms", &key_histograms);
+  m.impl("take_top", &take_top);
+  m.impl("commit", &commit);
+  m.impl("split_grad", &split_grad);
+  m.impl("fold_grad", &fold_grad);
 }
 
 }  // namespace rigl_fast

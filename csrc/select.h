@@ -28,8 +28,63 @@ inline uint32_t abs_key(T x) {
 
 namespace detail {
 
-constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kKeyBlock = 1024;
+
+// The radix select's histogram: adds 1 to h[(key >> lo) & (nb - 1)] for every key in positions [b, e) that is
+// >= 0 and has key >> hi == prefix (hi <= 31, prefix <= kKeyMax >> hi). h has nb + kSpareBins entries: each key
+// that does not count adds 1 to a spare one, which the caller ignores. So no branch on the key (whether it
+// counts is as good as random in the first pass), and the spares take turns so that their increments do not
+// wait on each other.
+constexpr int64_t kSpareBins = 8;
+template <typename BlockKeys>
+void digit_histogram(const BlockKeys& block_keys, int64_t b, int64_t e, uint32_t prefix, int hi, int lo,
+                     int64_t nb, int64_t* h) {
+  alignas(64) int32_t keys[kKeyBlock];
+  alignas(64) uint32_t bin[kKeyBlock];
+  for (int64_t s = b; s < e; s += kKeyBlock) {
+    const int64_t len = std::min(kKeyBlock, e - s);
+    block_keys(s, len, keys);
+    for (int64_t j = 0; j < len; ++j) {  // vectorised; a key of -1 never has a valid prefix
+      const uint32_t key = static_cast<uint32_t>(keys[j]);
+      const uint32_t hit = 0u - static_cast<uint32_t>((key >> hi) == prefix);
+      bin[j] = (((key >> lo) & static_cast<uint32_t>(nb - 1)) & hit) |
+               ((static_cast<uint32_t>(nb) + (static_cast<uint32_t>(j) & (kSpareBins - 1))) & ~hit);
+    }
+    for (int64_t j = 0; j < len; ++j) ++h[bin[j]];
+  }
+}
+
+// How many keys in positions [b, e) equal T: the per-chunk tie counts of a threshold selection.
+template <typename BlockKeys>
+int64_t count_key(const BlockKeys& block_keys, int64_t b, int64_t e, int64_t T) {
+  int64_t cnt = 0;
+  alignas(64) int32_t keys[kKeyBlock];
+  for (int64_t s = b; s < e; s += kKeyBlock) {
+    const int64_t len = std::min(kKeyBlock, e - s);
+    block_keys(s, len, keys);
+    int32_t c = 0;  // vectorised: a block's count fits in 32 bits
+    for (int64_t j = 0; j < len; ++j) c += keys[j] == T;
+    cnt += c;
+  }
+  return cnt;
+}
+
+// The position of the need-th key equal to T in [lo, hi), counted from lo (from_low) or from hi - 1; -1 if
+// fewer than `need` keys there equal T. Finds the tie cutoff inside the one chunk that holds it.
+template <typename BlockKeys>
+int64_t nth_key(const BlockKeys& block_keys, int64_t lo, int64_t hi, int64_t T, int64_t need, bool from_low) {
+  alignas(64) int32_t keys[kKeyBlock];
+  for (int64_t done = 0; done < hi - lo; done += kKeyBlock) {
+    const int64_t len = std::min(kKeyBlock, hi - lo - done);
+    const int64_t s = from_low ? lo + done : hi - done - len;
+    block_keys(s, len, keys);
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t j = from_low ? t : len - 1 - t;
+      if (keys[j] == T && --need == 0) return s + j;
+    }
+  }
+  return -1;
+}
 
 // The exact path: radix select on the keys, then the needed tie by a chunked count.
 template <typename BlockKeys>
@@ -46,17 +101,8 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
     std::vector<int64_t> hist(nb, 0);
     std::mutex mu;
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      std::vector<int64_t> h(nb, 0);  // a thread's range can exceed 2^32 positions of one key
-      alignas(64) int32_t keys[kKeyBlock];
-      for (int64_t s = b; s < e; s += kKeyBlock) {
-        const int64_t len = std::min(kKeyBlock, e - s);
-        block_keys(s, len, keys);
-        for (int64_t j = 0; j < len; ++j) {
-          const int32_t key = keys[j];
-          if (key >= 0 && (static_cast<uint32_t>(key) >> shift) == prefix)
-            ++h[(static_cast<uint32_t>(key) >> next) & (nb - 1)];
-        }
-      }
+      std::vector<int64_t> h(nb + kSpareBins, 0);  // a thread's range can exceed 2^32 positions of one key
+      digit_histogram(block_keys, b, e, prefix, shift, next, nb, h.data());
       std::lock_guard<std::mutex> lock(mu);
       for (int j = 0; j < nb; ++j) hist[j] += h[j];
     });
@@ -78,16 +124,7 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
   const int64_t nchunks = (n + chunk - 1) / chunk;
   std::vector<int64_t> ties(nchunks, 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      int64_t cnt = 0;
-      alignas(64) int32_t keys[kKeyBlock];
-      for (int64_t s = c * chunk, end = std::min(n, (c + 1) * chunk); s < end; s += kKeyBlock) {
-        const int64_t len = std::min(kKeyBlock, end - s);
-        block_keys(s, len, keys);
-        for (int64_t j = 0; j < len; ++j) cnt += keys[j] == T;
-      }
-      ties[c] = cnt;
-    }
+    for (int64_t c = b; c < e; ++c) ties[c] = count_key(block_keys, c * chunk, std::min(n, (c + 1) * chunk), T);
   });
   for (int64_t step = 0; step < nchunks; ++step) {
     const int64_t c = tie_low ? step : nchunks - 1 - step;
@@ -95,13 +132,9 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
       need -= ties[c];
       continue;
     }
-    const int64_t lo = c * chunk, hi = std::min(n, (c + 1) * chunk);
-    for (int64_t j = 0; j < hi - lo; ++j) {
-      const int64_t i = tie_low ? lo + j : hi - 1 - j;
-      int32_t key;
-      block_keys(i, 1, &key);
-      if (key == T && --need == 0) return Sel{T, i, tie_low};
-    }
+    const int64_t i = nth_key(block_keys, c * chunk, std::min(n, (c + 1) * chunk), T, need, tie_low);
+    TORCH_CHECK(i >= 0, "rigl_fast: internal error in radix_select (tie count)");
+    return Sel{T, i, tie_low};
   }
   TORCH_CHECK(false, "rigl_fast: internal error in radix_select (tie count)");
 }

@@ -2,10 +2,12 @@
 #include "common.h"
 
 #if RIGL_FAST_HAVE_AVX2
-// Headers above stay baseline; only what update_kernels.h defines (in namespace rigl_fast::avx2) is AVX2.
+// Headers above stay baseline; only what update_kernels.h and shard_kernels.h define (in namespace
+// rigl_fast::avx2) is AVX2.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,lzcnt")
 #define RIGL_ISA avx2
 #include "update_kernels.h"
+#include "shard_kernels.h"
 #pragma GCC pop_options
 #endif

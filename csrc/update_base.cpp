@@ -3,3 +3,4 @@
 
 #define RIGL_ISA base
 #include "update_kernels.h"
+#include "shard_kernels.h"

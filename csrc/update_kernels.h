@@ -10,7 +10,6 @@ namespace rigl_fast {
 namespace RIGL_ISA {
 namespace {
 
-using detail::kGrain;  // elements per parallel task: smaller layers run on one thread
 // Inner block of the write pass: it finishes one block (a few KiB of every operand) before the next.
 constexpr int64_t kBlock = 2048;
 
@@ -27,16 +26,19 @@ template <> inline uint32_t nonfinite_bit(at::BFloat16 x) { return (x.x & 0x7f80
 
 // Keep's keys: |w| bits xor `flip` for active positions, -1 for inactive ones. Written branch-free (bit ops,
 // no ternaries) because GCC will not if-convert the key loops otherwise, and they are the bulk of the update.
+// The sharded update's keys are the same with flip 0, and with skip 1 where its eligible positions are the
+// unflagged ones (mask bytes are 0 or 1).
 template <typename W>
 struct KeepKeys {
   const W* wp;
   const uint8_t* mp;
   uint32_t flip;
+  uint8_t skip = 0;
   void operator()(int64_t b, int64_t len, int32_t* __restrict out) const {
     const W* __restrict w = wp + b;
     const uint8_t* __restrict m = mp + b;
     for (int64_t j = 0; j < len; ++j) {
-      const uint32_t active = 0u - static_cast<uint32_t>(m[j]);
+      const uint32_t active = 0u - static_cast<uint32_t>(m[j] ^ skip);
       out[j] = static_cast<int32_t>(((abs_key(w[j]) ^ flip) & active) | ~active);
     }
   }
@@ -286,13 +288,21 @@ void resolve_t(LayerView& L, Pending& P) {
   L.grow = select_top(n, L.n_grow, true, grow_keys, P.exact);
 }
 
+// Writes positions [s, s + len) of a layer given the new mask there (nw) and new & old (both): weight and states
+// keep their values where both, the grad where new.
+template <typename W>
+inline void write_block(const LayerView& L, int64_t s, int64_t len, const uint8_t* nw, const uint8_t* both) {
+  select_bits_inplace<sizeof(W)>(static_cast<W*>(L.w) + s, both, len);
+  for (const auto& d : L.states) select_inplace_any(d.first + s * d.second, both, len, d.second);
+  if (L.grad) select_inplace_any(L.grad + s * L.grad_bytes, nw, len, L.grad_bytes);
+  std::memcpy(L.mask + s, nw, len);
+}
+
 template <typename W, typename S>
 void write_layer_t(LayerView& L) {
   const auto [n, wp, sp, mp] = Typed<W, S>(L);
   const Keep& keep = L.keep;
   const Sel& grow = L.grow;
-  char* gp = L.grad;
-  const int64_t gbytes = L.grad_bytes;
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     alignas(64) uint8_t both[kBlock], nw[kBlock];
     for (int64_t s = b; s < e; s += kBlock) {
@@ -318,10 +328,7 @@ void write_layer_t(LayerView& L) {
           both[j] = nw[j] & old;
         }
       }
-      select_bits_inplace<sizeof(W)>(wp + s, both, len);
-      for (const auto& d : L.states) select_inplace_any(d.first + s * d.second, both, len, d.second);
-      if (gp) select_inplace_any(gp + s * gbytes, nw, len, gbytes);
-      std::memcpy(mp + s, nw, len);
+      write_block<W>(L, s, len, nw, both);
     }
   });
 }

@@ -189,6 +189,26 @@ def _register_fakes():
     def _update(weights, masks, scores, n_keep, n_grow, states, state_layer, grads, grad_layer, check_finite=False):
         return torch.empty((), dtype=torch.bool, device=weights[0].device if weights else "cpu")
 
+    @torch.library.register_fake("rigl_fast::key_histograms")
+    def _key_histograms(values, flags, flag_value, prefixes, shift, bits):
+        return torch.empty((len(values), 1 << bits), dtype=torch.int64, device=values[0].device if values else "cpu")
+
+    @torch.library.register_fake("rigl_fast::take_top")
+    def _take_top(values, flags, flag_value, thresholds, n_ties):
+        return [v.new_empty((v.numel(),), dtype=torch.bool) for v in values]
+
+    @torch.library.register_fake("rigl_fast::commit")
+    def _commit(weights, masks, keep, grow, states, state_layer, grads, grad_layer):
+        return None
+
+    @torch.library.register_fake("rigl_fast::split_grad")
+    def _split_grad(grad, mask, off):
+        return None
+
+    @torch.library.register_fake("rigl_fast::fold_grad")
+    def _fold_grad(acc, grad, off, n):
+        return None
+
 
 class CppBackend(Backend):
     name = "cpp"
@@ -201,6 +221,11 @@ class CppBackend(Backend):
         self._apply_masks = ops.apply_masks.default
         self._any_nonfinite = ops.any_nonfinite.default
         self._update = ops.update.default
+        self._key_histograms = ops.key_histograms.default
+        self._take_top = ops.take_top.default
+        self._commit = ops.commit.default
+        self._split_grad = ops.split_grad.default
+        self._fold_grad = ops.fold_grad.default
 
     def supports(self, device):
         device = torch.device(device)
@@ -228,16 +253,45 @@ class CppBackend(Backend):
         return self._run_update(weights, masks, scores, n_keep, n_grow, states, grads, True)
 
     def _run_update(self, weights, masks, scores, n_keep, n_grow, states, grads, check_finite):
-        flat_states, state_layer, flat_grads, grad_layer = [], [], [], []
-        for i, st in enumerate(states):
-            flat_states.extend(st)
-            state_layer.extend([i] * len(st))
-        for i, g in enumerate(grads):
-            if g is not None:
-                flat_grads.append(g)
-                grad_layer.append(i)
         if not len(weights):
             return True
         return bool(self._update(list(weights), list(masks), list(scores), [int(k) for k in n_keep],
-                                 [int(k) for k in n_grow], flat_states, state_layer, flat_grads, grad_layer,
-                                 check_finite))
+                                 [int(k) for k in n_grow], *_flat_layers(states, grads), check_finite))
+
+    # the sharded (FSDP2) update: every dtype the kernels take (fp32/fp64/fp16/bf16) runs in C++
+    # (an op with no tensor argument cannot be dispatched: empty lists are answered here)
+    def key_histograms(self, values, flags, flag_value, prefixes, shift, bits):
+        if not len(values):
+            return torch.zeros((0, 1 << bits), dtype=torch.int64)
+        return self._key_histograms(list(values), list(flags), bool(flag_value), [int(p) for p in prefixes],
+                                    int(shift), int(bits))
+
+    def take_top(self, values, flags, flag_value, thresholds, n_ties):
+        if not len(values):
+            return []
+        return list(self._take_top(list(values), list(flags), bool(flag_value), [int(t) for t in thresholds],
+                                   [int(k) for k in n_ties]))
+
+    def commit(self, weights, masks, keep, grow, states, grads):
+        if len(weights):
+            self._commit(list(weights), list(masks), list(keep), list(grow), *_flat_layers(states, grads))
+
+    def split_grad(self, grad, mask, off):
+        self._split_grad(grad, mask, off)
+
+    def fold_grad(self, acc, grad, off, n):
+        self._fold_grad(acc, grad, off, int(n))
+
+
+def _flat_layers(states, grads):
+    """Per-layer states and optional grads as the ops take them: (states, the layer of each, grads, the layer of
+    each), flat lists, layers without a grad left out."""
+    flat_states, state_layer, flat_grads, grad_layer = [], [], [], []
+    for i, st in enumerate(states):
+        flat_states.extend(st)
+        state_layer.extend([i] * len(st))
+    for i, g in enumerate(grads):
+        if g is not None:
+            flat_grads.append(g)
+            grad_layer.append(i)
+    return flat_states, state_layer, flat_grads, grad_layer

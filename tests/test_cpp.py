@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from rigl_fast import RigLScheduler
+from rigl_fast import distributed as D
 from rigl_fast import ops as rops
-from rigl_fast.reference import ReferenceBackend
+from rigl_fast import reference
+from rigl_fast.reference import ReferenceBackend, top_k_flags
 
 from helpers import MLP, SmallResNet, batches, train
-from test_reference_ops import make_layer
+from test_reference_ops import make_layer, random_values
 
 REF = ReferenceBackend()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -316,11 +318,222 @@ def test_update_rejects_bad_counts(cpp):
         cpp.update([w], [m], [torch.ones(4)], [3], [2], [[]], [None])
 
 
+# ------------------------------------------------------------------------------------------------ sharded update ops
+# The per-shard ops of the FSDP2 update (tests/test_shard_ops.py pins their contract on small shards on every
+# backend): here on shards of many parallel spans (csrc/common.h cuts every tensor into spans of kGrain = 2**15
+# positions and runs one parallel loop over the spans of all layers), so the tie counts and their scan cross
+# span boundaries; against reference.py's functions, exactly. fp64 runs in C++ too.
+SPAN = 1 << 15
+SHARD_DTYPES = DTYPES + [torch.float64]
+# (shape, value kind, share of eligible positions): ~9 spans, one, 2 spans + 3, a 3-D one, an empty shard (an
+# uneven FSDP2 split leaves one)
+SHARDS = [((1031, 293), "levels", 0.5), ((7, 3), "generic", 0.6), ((2 * SPAN + 3,), "levels", 0.3),
+          ((131, 17, 29), "generic", 0.7), ((0, 5), "levels", 0.5)]
+
+
+def bits_of(t):
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def laid_out(x, layout):
+    """x (contiguous) as the same values in flat order, stored `layout`: contiguous, transposed (every dimension
+    reversed in memory; 1-D tensors sliced instead) or sliced (every other element of a buffer twice the size)."""
+    if layout == "contiguous":
+        return x
+    if layout == "transposed" and x.dim() > 1:
+        y = torch.empty(x.shape[::-1], dtype=x.dtype).permute(*reversed(range(x.dim())))
+    else:
+        y = torch.empty(2 * x.numel(), dtype=x.dtype)[::2].view(x.shape)
+    y.copy_(x)
+    assert x.numel() <= 1 or not y.is_contiguous()
+    return y
+
+
+def shard_inputs(dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    vals, flags = [], []
+    for shape, kind, p in SHARDS:
+        n = math.prod(shape)
+        x = random_values(n, kind, torch.float32, g)
+        x[torch.rand(n, generator=g) < 0.1] *= -0.0  # -0.0 and +0.0 share a key; so do -x and x
+        vals.append(laid_out(x.to(dtype).view(shape), layout))
+        flags.append(torch.rand(n, generator=g) < p)
+    return vals, flags
+
+
+def sel_keys(v):
+    return reference.selection_keys(v).long()
+
+
+@pytest.fixture(params=["native", "base"])
+def isa(request, monkeypatch):
+    """Both builds of the kernels (csrc/update_avx2.cpp where the CPU has AVX2, and the baseline)."""
+    if request.param == "base":
+        monkeypatch.setenv("RIGL_FAST_CPU_ISA", "base")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", SHARD_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_key_histograms_across_spans(cpp, isa, dtype, layout):
+    vals, flags = shard_inputs(dtype, layout, seed_of("hist", dtype, layout))
+    for flag_value in (True, False):
+        for shift, bits in D.RADIX_PASSES:
+            hi = shift + bits
+            prefixes = []
+            for i, (v, f) in enumerate(zip(vals, flags)):
+                k = sel_keys(v)[f.reshape(-1) == flag_value]
+                # a prefix that real keys have (the radix select's case), none, and one above every key
+                prefixes.append(int(k[len(k) // 2] >> hi) if len(k) and i != 1 else (-1, 1 << (31 - hi))[i % 2])
+            got = cpp.key_histograms(vals, flags, flag_value, prefixes, shift, bits)
+            want = torch.stack([reference.key_histogram(v, f, flag_value, p, shift, bits)
+                                for v, f, p in zip(vals, flags, prefixes)])
+            assert torch.equal(got, want), (flag_value, shift)
+            assert int(got[0].sum()) > SPAN  # the prefixed keys of the big shard lie in many spans
+
+
+def tie_counts(v, f, flag_value, t):
+    """Per position, how many eligible keys equal to t lie at or before it."""
+    return torch.cumsum((f.reshape(-1) == flag_value) & (sel_keys(v) == t), 0)
+
+
+@pytest.mark.parametrize("dtype", SHARD_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_take_top_across_spans(cpp, isa, dtype, layout):
+    """The tie cutoff at every kind of place: in the first span, on the last tie of a span (the scan's count
+    reaches n_ties exactly at a span's end), on the first tie of the next, in the last span, at the very last
+    tie, past it (every tie), no tie; thresholds above every key and below every key."""
+    vals, flags = shard_inputs(dtype, layout, seed_of("take", dtype, layout))
+    for flag_value in (True, False):
+        thresholds, choices = [], []
+        for v, f in zip(vals, flags):
+            k = sel_keys(v)[f.reshape(-1) == flag_value]
+            if not len(k):
+                thresholds.append(D.NO_KEY)
+                choices.append([0, 3])
+                continue
+            t = int(torch.mode(k).values)  # the most common key: ties in every span
+            c = tie_counts(v, f, flag_value, t)
+            n = v.numel()
+            at = [int(c[min(n, b) - 1]) for b in range(SPAN, n + SPAN, SPAN)]  # ties up to each span's end
+            thresholds.append(t)
+            choices.append(sorted({0, 1, at[0], at[0] + 1, at[-1] - 1, at[-1], at[-1] + 7} | set(at[:3])))
+        rounds = max(len(c) for c in choices)
+        for r in range(rounds):
+            n_ties = [c[r % len(c)] for c in choices]
+            for ts in (thresholds, [D.NO_KEY, -1] + thresholds[2:]):
+                got = cpp.take_top(vals, flags, flag_value, ts, n_ties)
+                assert len(got) == len(vals)
+                for v, f, t, k, gg in zip(vals, flags, ts, n_ties, got):
+                    assert gg.dtype == torch.bool and gg.shape == (v.numel(),)
+                    assert torch.equal(gg, reference.take_top(v, f, flag_value, t, k)), (flag_value, t, k)
+        # the cutoff cases did come up: a span ending exactly on the n_ties-th tie, in a later span than the first
+        assert len(choices[0]) >= 8
+
+
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_radix_select_on_large_shards(cpp, kind):
+    """distributed.radix_top_k on one rank (the collectives are the identity) over shards of many spans, with k
+    cutting through a run of equal keys: the whole-layer selection of the reference."""
+    g = torch.Generator().manual_seed(seed_of("radix", kind))
+    n = 300007
+    vals = [random_values(n, kind, torch.float32, g).to(dt) for dt in (torch.float32, torch.bfloat16)]
+    flags = [torch.rand(n, generator=g) < 0.4 for _ in vals]
+    for flag_value in (True, False):
+        eligible = [int((f == flag_value).sum()) for f in flags]
+        for frac in (0.0, 0.013, 0.5, 0.9, 1.0):
+            ks = [int(e * frac) for e in eligible]
+            got = D.radix_top_k(cpp, vals, flags, flag_value, ks, all_sum=lambda t: t,
+                                ties_before=lambda c: torch.zeros_like(c))
+            for v, f, k, gg in zip(vals, flags, ks, got):
+                x = torch.where(f == flag_value, v.float().abs(), torch.tensor(-1.0))
+                assert torch.equal(gg, top_k_flags(x, k)), (flag_value, k)
+                assert int(gg.sum()) == k
+
+
+@pytest.mark.parametrize("dtype", SHARD_DTYPES)
+def test_commit_across_spans(cpp, isa, dtype):
+    g = torch.Generator().manual_seed(seed_of("commit", dtype))
+    shapes = [(1031, 293), (7, 3), (0, 5), (2 * SPAN + 3,)]
+    ws = [laid_out(torch.randn(s, generator=g).to(dtype), "transposed" if i == 0 else "contiguous")
+          for i, s in enumerate(shapes)]
+    masks = [torch.rand(s, generator=g) < 0.3 for s in shapes]
+    keep = [m.reshape(-1) & (torch.rand(m.numel(), generator=g) < 0.8) for m in masks]
+    grow = [~k & (torch.rand(k.numel(), generator=g) < 0.05) for k in keep]
+    states = [[laid_out(torch.randn(s, generator=g).to(dtype), "sliced"), torch.rand(s, generator=g).half()][:i % 3]
+              for i, s in enumerate(shapes)]
+    grads = [None if i == 3 else laid_out(torch.randn(s, generator=g).to(dtype), "transposed")
+             for i, s in enumerate(shapes)]
+    args_r = ([w.clone() for w in ws], [m.clone() for m in masks], keep, grow,
+              [[t.clone() for t in st] for st in states], [None if x is None else x.clone() for x in grads])
+    cpp.commit(ws, masks, keep, grow, states, grads)
+    for a in zip(*args_r):
+        reference.commit(*a)
+    for w, m, st, gr, wr, mr, str_, grr in zip(ws, masks, states, grads, args_r[0], args_r[1], args_r[4],
+                                                args_r[5]):
+        assert torch.equal(m, mr) and torch.equal(bits_of(w), bits_of(wr))
+        for t, u in zip(st, str_):
+            assert torch.equal(bits_of(t), bits_of(u))
+        assert gr is None or torch.equal(bits_of(gr), bits_of(grr))
+    assert not ws[0].is_contiguous()  # written back through the strided view
+    assert int(masks[0].sum()) == int((keep[0] | grow[0]).sum()) > SPAN
+
+
+@pytest.mark.parametrize("dtype", SHARD_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_split_and_fold_grad_match_reference(cpp, dtype, layout):
+    """Two backward passes split, then folded, the reference's bit for bit but for NaN payloads (torch's
+    vectorised bf16 rounding writes NaN as 0xffff, c10's scalar one as 0x7fc0): NaN and inf in the gradient, -0.0
+    in `off` (where the mask is on, off + 0 turns it into +0.0), many parallel tasks."""
+    g = torch.Generator().manual_seed(seed_of("split", dtype, layout))
+    shape = (577, 521)
+    mask = torch.rand(shape, generator=g) < 0.4
+    passes = []
+    for _ in range(2):
+        x = (torch.randn(shape, generator=g) * 10).to(dtype)
+        x[torch.rand(shape, generator=g) < 0.01] = float("nan")
+        x[torch.rand(shape, generator=g) < 0.01] = float("-inf")
+        x[torch.rand(shape, generator=g) < 0.05] = -0.0
+        passes.append(x)
+    off0 = torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 0.0).to(dtype)
+    acc0 = torch.randn(shape, generator=g).to(dtype)
+    grad_c, off_c = laid_out(passes[0].clone(), layout), laid_out(off0.clone(), layout)
+    grad_r, off_r = passes[0].clone(), off0.clone()
+    for i, x in enumerate(passes):
+        if i:
+            grad_c += x
+            grad_r += x
+        cpp.split_grad(grad_c, mask, off_c)
+        reference.split_grad(grad_r, mask, off_r)
+        assert equal_nan(grad_c, grad_r) and equal_nan(off_c, off_r)
+    assert torch.signbit(off0[mask]).any() and not torch.signbit(off_c[mask]).any()
+    assert off_c.isnan().any() and not grad_c[~mask].isnan().any()
+    for n in (1, 3):
+        acc_c, acc_r = laid_out(acc0.clone(), layout), acc0.clone()
+        cpp.fold_grad(acc_c, grad_c, off_c, n)
+        reference.fold_grad(acc_r, grad_r, off_r, n)
+        assert equal_nan(acc_c, acc_r), n
+
+
+def test_shard_ops_edge_cases(cpp):
+    """No layers (a model without sparse layers on this rank); a digit range past the 31 key bits, and a flags
+    tensor of another size, refused with the reason."""
+    assert cpp.key_histograms([], [], True, [], 20, 11).shape == (0, 2048)
+    assert cpp.take_top([], [], False, [], []) == []
+    v, f = torch.ones(3), torch.ones(3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="shift \\+ bits <= 31"):
+        cpp.key_histograms([v], [f], True, [0], 25, 10)
+    with pytest.raises(RuntimeError, match="flags with 4 elements for a shard of 3"):
+        cpp.take_top([v], [torch.ones(4, dtype=torch.bool)], True, [0], [1])
+
+
 # ------------------------------------------------------------------------------------------------ opcheck
 def _opcheck_cases():
     g = torch.Generator().manual_seed(0)
     w, m, s = make_layer((37, 5), 0.4, "generic", torch.float32, g)
     a = int(m.sum())
+    keep = m.reshape(-1) & (torch.rand(m.numel(), generator=g) < 0.7)
+    grow = ~keep & (torch.rand(m.numel(), generator=g) < 0.2)
     return {
         "mask_grad": [(torch.randn(37, 5), m, None, 1), (torch.randn(37, 5), m, torch.zeros(37, 5), 2)],
         "apply_masks": [([torch.randn(37, 5), torch.randn(37, 5)], [m, m])],
@@ -328,10 +541,20 @@ def _opcheck_cases():
         "update": [([w.clone()], [m.clone()], [s], [a - 10], [10], [torch.randn(37, 5)], [0], [torch.randn(37, 5)],
                     [0]),
                    ([w.clone()], [m.clone()], [s], [a - 10], [10], [], [], [], [], True)],
+        "key_histograms": [([w, s.half().t()], [m, m.t().contiguous()], True, [0, -1], 20, 11),
+                           ([s], [keep], False, [int(s.abs().view(torch.int32)[0, 0]) >> 10], 0, 10)],
+        "take_top": [([w, s.bfloat16().t()], [m, m.t().contiguous()], False, [1 << 29, D.NO_KEY], [3, 0])],
+        "commit": [([w.clone()], [m.clone()], [keep], [grow], [torch.randn(37, 5)], [0], [torch.randn(37, 5)], [0]),
+                   ([w.clone()], [m.clone()], [keep], [grow], [], [], [], [])],
+        "split_grad": [(torch.randn(37, 5), m, torch.zeros(37, 5))],
+        "fold_grad": [(torch.zeros(37, 5), torch.randn(37, 5), torch.randn(37, 5), 3)],
     }
 
 
-@pytest.mark.parametrize("op", ["mask_grad", "apply_masks", "any_nonfinite", "update"])
+SHARD_OPS = ["key_histograms", "take_top", "commit", "split_grad", "fold_grad"]
+
+
+@pytest.mark.parametrize("op", ["mask_grad", "apply_masks", "any_nonfinite", "update"] + SHARD_OPS)
 def test_opcheck(cpp, op):
     for args in _opcheck_cases()[op]:
         torch.library.opcheck(getattr(torch.ops.rigl_fast, op).default, args)
