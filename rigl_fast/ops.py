@@ -184,7 +184,8 @@ class Backend:
     def take_top(self, values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor], flag_value: bool,
                  thresholds: Sequence[int], n_ties: Sequence[int]) -> List[torch.Tensor]:
         """Per layer, flat bool flags of the eligible positions whose key is > thresholds[i], plus the first
-        n_ties[i] eligible positions (in index order) whose key equals it."""
+        n_ties[i] eligible positions (in index order) whose key equals it (all of them if there are fewer). A
+        threshold >= 2**31 takes nothing."""
         from .reference import take_top
         return [take_top(v, f, flag_value, t, k) for v, f, t, k in zip(values, flags, thresholds, n_ties)]
 
@@ -205,7 +206,8 @@ class Backend:
         split_grad(grad, mask, off)
 
     def fold_grad(self, acc: torch.Tensor, grad: torch.Tensor, off: torch.Tensor, n: int) -> None:
-        """acc += (grad + off) / n in place, rounded as `mask_grad` rounds its accumulation."""
+        """acc += (grad + off) / n in place: grad + off rounded to grad's dtype (exact: disjoint supports, except
+        that -0.0 + 0.0 gives +0.0), then divided and added with `mask_grad`'s rounding."""
         from .reference import fold_grad
         fold_grad(acc, grad, off, n)
 
