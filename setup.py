@@ -33,9 +33,9 @@ setup(
     package_data={"rigl_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=["torch>=2.2", "numpy", "ninja"],
     extras_require={
-        "cli": ["scikit-learn", "tqdm", "matplotlib"],
+        "cli": ["scikit-learn", "tqdm", "matplotlib", "mnist1d"],  # mnist1d: generated locally (make_dataset), never downloaded
         # transformers / accelerate: the real-model tests build tiny models from configs (never downloaded)
-        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "triton==3.7.1", "transformers>=5", "accelerate", "lightning"],
+        "test": ["pytest", "scikit-learn", "tqdm", "matplotlib", "mnist1d", "triton==3.7.1", "transformers>=5", "accelerate", "lightning"],
     },
     entry_points={"console_scripts": ["rigl-fast=rigl_fast.app.cli:main"]},
     ext_modules=ext_modules,

@@ -4,9 +4,11 @@
     rigl-fast train --model mlp --method static --density 0.02 --distribution erk
     rigl-fast train --compare            # dense/static/SET/RigL, 2% MLP, 10 seeds: table + plot in ./rigl_fast_compare
     rigl-fast train --compare --density 0.2,0.05,0.02 --distribution uniform,erk --seeds 3
+    rigl-fast train --data mnist1d --structure fan_in   # the MNIST-1D paper's CNN, every unit at the same fan-in
+    rigl-fast train --data mnist1d --model mlp --structure 2:4 --density 0.5
     rigl-fast train --data mnist --data-dir ~/data --download
 
-Needs the 'cli' extra (scikit-learn, tqdm, matplotlib); they are imported only when a command runs, so
+Needs the 'cli' extra (scikit-learn, tqdm, matplotlib, mnist1d); they are imported only when a command runs, so
 `import rigl_fast` never pays for them.
 """
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ..ops import BACKENDS as _BACKENDS
 
 EXTRA_HINT = "pip install 'rigl_fast[cli]'"
 _METHODS = ("dense", "static", "set", "rigl")
-_MODELS = ("cnn", "mlp")
-_DATASETS = ("digits", "mnist", "cifar10")
+_MODELS = ("cnn", "cnn1d", "mlp")
+_DATASETS = ("digits", "mnist1d", "mnist", "cifar10")
+_SMALL_DATA = ("digits", "mnist1d")  # held in memory, a few thousand samples: small-data defaults below
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -79,18 +82,29 @@ def _alpha(text):
     return v
 
 
+def _structure(text):
+    from ..structure import parse
+    try:
+        parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rigl-fast", description="rigl_fast: fast RigL dynamic sparse training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     t = sub.add_parser(
         "train", help="train a small model with dense/static/SET/RigL and report accuracy",
-        description="Train a small CNN or MLP on scikit-learn's digits (bundled, no download) or, with "
-                    "torchvision, MNIST/CIFAR-10; print progress, a per-layer density table and the test "
-                    "accuracy. With --compare, run several methods/densities/seeds and write a table and a plot.",
+        description="Train a small CNN or MLP on scikit-learn's digits (bundled, no download), MNIST-1D "
+                    "(generated locally by the mnist1d package) or, with torchvision, MNIST/CIFAR-10; print "
+                    "progress, a per-layer density table and the test accuracy. With --compare, run several "
+                    "methods/densities/seeds and write a table and a plot.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--model", choices=_MODELS, default=None,
-                   help="cnn = 3 conv layers with BatchNorm + linear; mlp = in-300-100-10. "
-                        "Default: cnn, or mlp with --compare")
+                   help="cnn = 3 conv layers with BatchNorm + linear (images); cnn1d = the MNIST-1D paper's "
+                        "CNN (3 stride-2 Conv1d, BatchNorm, linear; reads the input as one sequence); mlp = "
+                        "in-300-100-10. Default: cnn (cnn1d on mnist1d), or mlp with --compare")
     t.add_argument("--method", type=_list_of(str, "method", choices=_METHODS), default=None,
                    help="dense (no scheduler), static (fixed random mask), set (random regrowth), rigl "
                         "(gradient regrowth); a comma list with --compare. Default: rigl, or all four with --compare")
@@ -100,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distribution", type=_list_of(str, "distribution", choices=_DISTRIBUTIONS), default=None,
                    help="uniform (rigl-torch's rule: first layer dense), erk (Erdos-Renyi-Kernel) or er "
                         "(Erdos-Renyi); a comma list with --compare. Default: uniform")
+    t.add_argument("--structure", type=_structure, default="unstructured",
+                   help="unstructured; fan_in (every output unit keeps the same number of active weights, "
+                        "SRigL); or N:M such as 2:4 (N active in every M consecutive weights along the "
+                        "fan-in: needs --density N/M and --distribution uniform). Applies to every sparse method")
     t.add_argument("--epochs", type=_positive("epochs", int), default=None,
-                   help="Default: 40 on digits, 5 on mnist/cifar10")
+                   help="Default: 40 on digits, 60 on mnist1d, 5 on mnist/cifar10")
     t.add_argument("--seed", type=int, default=0, help="seed of the model, the masks and the batch order; with "
                                                        "--compare the first of --seeds consecutive seeds")
     t.add_argument("--seeds", type=_positive("seeds", int), default=10, help="number of seeds with --compare")
@@ -109,17 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive("lr", float), default=0.1, help="SGD (momentum 0.9) learning rate, "
                                                                          "cosine-annealed to 0 over training")
     t.add_argument("--delta", type=_positive("delta", int), default=None,
-                   help="steps between topology updates. Default: 10 on digits (12 steps an epoch), 100 otherwise")
+                   help="steps between topology updates. Default: 10 on digits and mnist1d (12 and 32 steps an "
+                        "epoch), 100 otherwise")
     t.add_argument("--alpha", type=_alpha, default=0.3, help="initial drop fraction (cosine-decayed)")
     t.add_argument("--backend", choices=_BACKENDS, default="auto", help="rigl_fast backend for the mask ops")
     t.add_argument("--data", choices=_DATASETS, default="digits",
-                   help="digits needs no download; mnist/cifar10 need torchvision and the data under --data-dir")
+                   help="digits needs no download; mnist1d is generated locally (4000 train / 1000 test) and "
+                        "needs the mnist1d package; mnist/cifar10 need torchvision and the data under --data-dir")
     t.add_argument("--data-dir", default="data", help="where torchvision data sets are (or are downloaded to)")
     t.add_argument("--download", action="store_true", help="download mnist/cifar10 if missing (needs a network)")
     t.add_argument("--device", default=None, help="torch device. Default: cuda if available, else cpu")
     t.add_argument("--threads", type=_positive("threads", int), default=None,
-                   help="torch CPU threads. Default: 1 on digits (the models are too small to gain from more), "
-                        "torch's default otherwise")
+                   help="torch CPU threads. Default: 1 on digits and mnist1d (the models are too small to gain "
+                        "from more), torch's default otherwise")
     t.add_argument("--compare", action="store_true",
                    help="run every --method x --density x --distribution over --seeds seeds and write "
                         "results.md, results.json and compare.png to --out")
@@ -147,7 +167,7 @@ def main(argv=None) -> int:
 def _require(modules):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        pkg = {"sklearn": "scikit-learn"}
+        pkg = {"sklearn": "scikit-learn"}  # import name -> pip name
         names = ", ".join(pkg.get(m, m) for m in missing)
         print(f"rigl-fast: this command needs {names}, which is not installed: {EXTRA_HINT}", file=sys.stderr)
         return False
@@ -163,13 +183,15 @@ def _resolve(args, parser):
                 parser.error(f"argument --{name}: a list of values ({','.join(map(str, v))}) needs --compare")
         if args.seeds != 10:
             parser.error("argument --seeds: only used with --compare (use --seed for a single run)")
-    args.model = args.model or ("mlp" if args.compare else "cnn")
+    args.model = args.model or ("mlp" if args.compare else "cnn1d" if args.data == "mnist1d" else "cnn")
+    if args.model == "cnn" and args.data == "mnist1d":
+        parser.error("argument --model: cnn is a 2-D CNN for images; mnist1d is a sequence: use cnn1d or mlp")
     args.method = args.method or (list(_METHODS) if args.compare else ["rigl"])
     args.density = args.density or ([0.02] if args.compare else [0.1])
     args.distribution = args.distribution or ["uniform"]
-    args.epochs = args.epochs or (40 if args.data == "digits" else 5)
-    args.delta = args.delta or (10 if args.data == "digits" else 100)
-    if args.threads is None and args.data == "digits":
+    args.epochs = args.epochs or {"digits": 40, "mnist1d": 60}.get(args.data, 5)
+    args.delta = args.delta or (10 if args.data in _SMALL_DATA else 100)
+    if args.threads is None and args.data in _SMALL_DATA:
         args.threads = 1
 
 
@@ -177,6 +199,7 @@ def _configs(args):
     from .demo import RunConfig
     base = dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, delta=args.delta,
                 alpha=args.alpha, backend=args.backend, device=args.device)
+    sparse = dict(base, structure=args.structure)
     seeds = range(args.seed, args.seed + args.seeds) if args.compare else [args.seed]
     out = []
     for seed in seeds:
@@ -186,20 +209,31 @@ def _configs(args):
                 continue
             for dist in args.distribution:
                 for density in args.density:
-                    out.append(RunConfig(method=method, density=density, distribution=dist, seed=seed, **base))
+                    out.append(RunConfig(method=method, density=density, distribution=dist, seed=seed, **sparse))
     return out
 
 
-def _layer_table(result) -> str:
-    rows = [("layer", "shape", "weights", "active", "density")]
+def _layer_table(result, structure="unstructured") -> str:
+    """Per layer: weights, active, density, and active weights per output unit (one number when every unit
+    has the same: the tell of structure='fan_in'); with N:M also per run of M weights."""
+    from ..structure import parse
+    m = parse(structure)[2]
+
+    def span(lo_hi):
+        return str(lo_hi[0]) if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"
+
+    rows = [("layer", "shape", "weights", "active", "density", "active per unit")
+            + ((f"per {m} (N:M)",) if m else ())]
     tot_n = tot_a = 0
     for layer in result.layers:
         rows.append((layer["name"], "x".join(map(str, layer["shape"])), str(layer["numel"]), str(layer["active"]),
-                     f"{100 * layer['active'] / layer['numel']:.2f}%"))
+                     f"{100 * layer['active'] / layer['numel']:.2f}%", span(layer["unit_active"]))
+                    + ((span(layer["group_active"]) if "group_active" in layer else "-",) if m else ()))
         tot_n += layer["numel"]
         tot_a += layer["active"]
-    rows.append(("total (Linear/Conv weights)", "", str(tot_n), str(tot_a), f"{100 * tot_a / tot_n:.2f}%"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    rows.append(("total (Linear/Conv weights)", "", str(tot_n), str(tot_a), f"{100 * tot_a / tot_n:.2f}%", "")
+                + (("",) if m else ()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -210,7 +244,8 @@ def _layer_table(result) -> str:
 
 def _cmd_train(args, parser) -> int:
     _resolve(args, parser)
-    if not _require((["sklearn"] if args.data == "digits" else []) + ["tqdm"]
+    if not _require((["sklearn"] if args.data == "digits" else []) + (["mnist1d"] if args.data == "mnist1d" else [])
+                    + ["tqdm"]
                     + (["matplotlib"] if args.compare else [])):
         return 1
     import torch
@@ -232,14 +267,17 @@ def _cmd_train(args, parser) -> int:
             get_backend(args.backend, torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"argument --backend: {e}")
+    configs = _configs(args)
+    for c in configs:
+        try:
+            c.validate()
+        except ValueError as e:  # only the structure/density/distribution combination gets this far
+            parser.error(f"argument --structure: {e}")
     try:
         data = data_mod.load(args.data, args.data_dir, args.download)
     except (RuntimeError, ImportError) as e:
         print(f"rigl-fast: {e}", file=sys.stderr)
         return 1
-    configs = _configs(args)
-    for c in configs:
-        c.validate()
     print(f"data: {args.data} ({len(data.train_x)} train / {len(data.test_x)} test, {data.n_classes} classes, "
           f"input {'x'.join(map(str, data.in_shape))}); model: {args.model}; {args.epochs} epochs; "
           f"device {args.device}, {torch.get_num_threads()} thread(s)")
@@ -250,7 +288,8 @@ def _cmd_train(args, parser) -> int:
 
 def _single(args, cfg, data, demo, tqdm) -> int:
     print(f"method: {cfg.method}" + ("" if cfg.method == "dense" else
-                                     f", density {cfg.density:g} ({cfg.distribution}), delta {cfg.delta}, "
+                                     f", density {cfg.density:g} ({cfg.distribution}), structure {cfg.structure}, "
+                                     f"delta {cfg.delta}, "
                                      f"alpha {cfg.alpha}, backend {cfg.backend}"))
     bar = tqdm(total=1, desc=f"{cfg.method} d={cfg.density:g}", unit="step", disable=args.no_progress,
                dynamic_ncols=True)
@@ -265,7 +304,7 @@ def _single(args, cfg, data, demo, tqdm) -> int:
     result = demo.run(cfg, data, progress=progress)
     bar.close()
     print()
-    print(_layer_table(result))
+    print(_layer_table(result, cfg.structure))
     print()
     if result.churn:
         print(f"topology updates: {len(result.churn)}; weights regrown per update: "
@@ -290,7 +329,8 @@ def _compare(args, configs, data, demo, tqdm) -> int:
                 results.append(demo.run(cfg, data).to_dict())
     seconds = time.perf_counter() - t0
     title = (f"{args.model} on {args.data}, {args.epochs} epochs, {args.seeds} seeds "
-             f"(delta={args.delta}, alpha={args.alpha})")
+             f"(delta={args.delta}, alpha={args.alpha}"
+             + ("" if args.structure == "unstructured" else f", structure {args.structure}") + ")")
     table = report.markdown(results)
     md = os.path.join(args.out, "results.md")
     with open(md, "w") as f:

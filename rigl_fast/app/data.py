@@ -1,7 +1,9 @@
 """Data sets for the `rigl-fast train` demo and the quality study.
 
-`digits` (scikit-learn's bundled 8x8 digits, 1797 images) needs no download and is the default; `mnist` and
-`cifar10` come from torchvision when it imports and the files are under `data_dir` (or `download=True`).
+`digits` (scikit-learn's bundled 8x8 digits, 1797 images) needs no download and is the default; `mnist1d`
+(Greydanus 2020: 40-sample 1-D sequences, 10 classes) is generated locally from the `mnist1d` package's
+templates, never downloaded; `mnist` and `cifar10` come from torchvision when it imports and the files are
+under `data_dir` (or `download=True`).
 Everything is held in memory as tensors: the demo's data sets are small, and a DataLoader's worker start-up
 would cost more than the training itself on a 2-core machine.
 """
@@ -11,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("digits", "mnist1d", "mnist", "cifar10")
 CLI_EXTRA = "pip install 'rigl_fast[cli]'"
 
 
 @dataclass
 class Data:
     name: str
-    train_x: torch.Tensor   # float32, normalised, shape (n, C, H, W)
+    train_x: torch.Tensor   # float32, normalised, shape (n, C, H, W); (n, 1, 40) for mnist1d
     train_y: torch.Tensor   # int64
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -33,9 +35,14 @@ class Data:
         return tuple(self.train_x.shape[1:])
 
 
-def load(name: str = "digits", data_dir: str = "data", download: bool = False, split_seed: int = 0) -> Data:
+def load(name: str = "digits", data_dir: str = "data", download: bool = False, split_seed: int = 0,
+         mnist1d_samples: int = 5000) -> Data:
+    """`mnist1d_samples`: how many MNIST-1D sequences to generate, 80% for training (the default gives the
+    paper's 4000 / 1000)."""
     if name == "digits":
         return _digits(split_seed)
+    if name == "mnist1d":
+        return _mnist1d(mnist1d_samples)
     if name in ("mnist", "cifar10"):
         return _torchvision(name, data_dir, download)
     raise ValueError(f"data: unknown data set {name!r}; choose one of {DATASETS}")
@@ -56,6 +63,32 @@ def _digits(split_seed: int) -> Data:
     # Per-pixel statistics would divide by zero on the always-blank border pixels; one global scale is enough.
     mean, std = Xtr.mean(), Xtr.std()
     return Data("digits", (Xtr - mean) / std, torch.tensor(ytr), (Xte - mean) / std, torch.tensor(yte), 10)
+
+
+def _mnist1d(num_samples: int) -> Data:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:
+        raise ImportError(f"--data mnist1d needs the mnist1d package (it generates the data set locally): "
+                          f"pip install mnist1d, or {CLI_EXTRA}") from e
+    import random
+    import numpy as np
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    # make_dataset reseeds Python's and NumPy's global RNGs (its fixed seed 42 makes the data set the same
+    # everywhere); put the caller's RNG states back so loading data does not change their later draws.
+    states = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(args)  # never mnist1d's get_dataset, which downloads a pickle
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+    def x(a):  # make_dataset already centres and scales the whole set to unit variance
+        return torch.tensor(a, dtype=torch.float32).unsqueeze(1)
+
+    return Data("mnist1d", x(d["x"]), torch.tensor(d["y"], dtype=torch.int64), x(d["x_test"]),
+                torch.tensor(d["y_test"], dtype=torch.int64), 10)
 
 
 def _torchvision(name: str, data_dir: str, download: bool) -> Data:
