@@ -20,6 +20,7 @@ import torch
 import rigl_fast.kernels as kernels_pkg
 from rigl_fast.kernels import TritonBackend
 from rigl_fast.kernels import elementwise as ew
+from rigl_fast.kernels import shard as sh
 from rigl_fast.kernels import update as up
 from rigl_fast.kernels._common import launch_device, on_device
 from rigl_fast.reference import ReferenceBackend
@@ -38,7 +39,7 @@ def dev(device):
 def jit_kernels():
     """Every @triton.jit function of the kernel modules that is launched with a grid (name ends in _kernel)."""
     out = {}
-    for mod in (ew, up):
+    for mod in (ew, up, sh):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel") and hasattr(obj, "add_pre_run_hook"):
                 out[name] = obj
@@ -82,6 +83,16 @@ def run_every_op(backend, dev):
     u = dict(w=w.clone(), m=m.clone(), st=st.clone(), g=g.clone())
     backend.update([u["w"]], [u["m"]], [s], [n_active - 7], [7], [[u["st"]]], [u["g"]])
     out["update"] = u
+    # the per-shard ops of the FSDP2 update (ties at the threshold 1.0, so the tie-count pass runs)
+    out["hist"] = backend.key_histograms([w, s], [m, m], True, [0, 0], 20, 11)
+    keep = backend.take_top([w, s], [m, m], False, [0x3F800000] * 2, [5, 5])
+    c = dict(w=w.clone(), m=m.clone(), st=st.clone(), g=g.clone())
+    backend.commit([c["w"]], [c["m"]], [keep[0]], [keep[1] & ~keep[0]], [[c["st"]]], [c["g"]])
+    out["commit"] = c
+    grad, off, acc2 = g.clone(), torch.zeros_like(g), torch.zeros_like(g)
+    backend.split_grad(grad, m, off)
+    backend.fold_grad(acc2, grad, off, 3)
+    out["fold"] = acc2
     return out
 
 
@@ -98,6 +109,8 @@ def test_every_launch_runs_under_its_tensors_device(dev):
         assert guard == dev
     assert launch_device() is None, "a guard leaked past its with-block"
     assert torch.equal(got["update"]["m"], want["update"]["m"])
+    assert torch.equal(got["hist"].cpu(), want["hist"].cpu())
+    assert torch.equal(got["commit"]["m"], want["commit"]["m"]) and torch.equal(got["fold"], want["fold"])
     assert got["nonfinite"] is False and want["nonfinite"] is False
 
 

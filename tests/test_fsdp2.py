@@ -341,7 +341,7 @@ def _worker(rank, port, out_dir):
     mesh = init_device_mesh("cpu", (WORLD,))
     try:
         logs = {name: _train_log(rank, mesh, name) for name in SCENARIOS}
-        logs["alloc"] = {b: _allocations(rank, mesh, b) for b in ("reference", "cpp")}
+        logs["alloc"] = {b: _allocations(rank, mesh, b) for b in ("reference", "cpp", "triton")}
         logs["poison"] = _poison(rank, mesh)
         logs["resume"] = _resume(rank, mesh, out_dir)
         logs["errors"] = _errors(mesh)
@@ -399,7 +399,7 @@ def test_invariants_on_gathered_tensors(fsdp_logs, name):
         assert all(logs[rank][name]["invariants"]), f"{name}: rank {rank}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_no_rank_allocates_a_whole_layer_during_an_update(fsdp_logs, backend):
     logs, _ = fsdp_logs
     for rank in range(WORLD):
