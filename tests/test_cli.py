@@ -1,6 +1,6 @@
 """`rigl-fast train` end to end: a short run learns, --compare writes its files, bad input exits 2 naming the
-argument, missing extras name `pip install 'rigl_fast[cli]'`. Also: the examples compile, and the demo's runs
-are reproducible from a seed."""
+argument, missing extras name `pip install 'rigl_fast[cli]'`. Also: the examples compile, the demo's runs
+are reproducible from a seed, MNIST-1D is generated locally, and --structure's masks keep their units."""
 import importlib.util
 import json
 import os
@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
@@ -116,6 +117,11 @@ def test_train_with_er_distribution(capsys):
     (["--device", "nope"], "--device"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--epochs", "1", "extra"], "unrecognized arguments: extra"),
+    (["--structure", "2:4"], "--structure"),  # density 0.1, not 2/4
+    (["--structure", "2:4", "--density", "0.5", "--distribution", "erk"], "--structure"),
+    (["--structure", "4:4"], "--structure"),
+    (["--structure", "rows"], "--structure"),
+    (["--data", "mnist1d", "--model", "cnn"], "--model"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -205,3 +211,168 @@ def test_study_smoke_run_matches_rigl_torch(tmp_path):
         assert r["test_acc"] == fast[r["config"]["method"]]["test_acc"]
     assert "2/2 runs end with bit-identical masks" in (tmp_path / "sweep.md").read_text()
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- MNIST-1D and --structure
+def _mnist1d():
+    pytest.importorskip("mnist1d")
+    from rigl_fast.app import data
+    return data
+
+
+def test_mnist1d_is_generated_locally_and_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    data = _mnist1d()
+    import random
+    import numpy as np
+    import requests
+
+    def no_network(*a, **k):
+        raise AssertionError("mnist1d tried to download")
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.chdir(tmp_path)  # mnist1d's get_dataset would write its pickle here
+    np.random.seed(123)
+    random.seed(123)
+    expected = np.random.rand(), random.random()
+    np.random.seed(123)
+    random.seed(123)
+    d = data.load("mnist1d")
+    assert (np.random.rand(), random.random()) == expected  # make_dataset reseeds both globals to 42
+    assert list(tmp_path.iterdir()) == []
+    assert d.train_x.shape == (4000, 1, 40) and d.test_x.shape == (1000, 1, 40) and d.n_classes == 10
+    assert d.train_x.dtype == torch.float32 and d.train_y.dtype == torch.int64
+    assert torch.bincount(d.train_y).min() > 350  # 10 balanced classes (500 per class before the split)
+    # The same data set every time: make_dataset's fixed seed, not the caller's.
+    small = data.load("mnist1d", mnist1d_samples=500)
+    assert small.train_x.shape == (400, 1, 40) and small.test_x.shape == (100, 1, 40)
+    assert torch.equal(data.load("mnist1d", mnist1d_samples=500).test_x, small.test_x)
+
+
+def test_mnist1d_missing_names_the_package(monkeypatch, capsys):
+    data = _mnist1d()
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # import mnist1d.data raises ImportError
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(ImportError, match="pip install mnist1d"):
+        data.load("mnist1d")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "mnist1d" else real(name, *a))
+    assert cli.main(["train", "--data", "mnist1d", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "mnist1d" in err and "pip install 'rigl_fast[cli]'" in err
+
+
+def test_cnn1d_reads_any_input_as_a_sequence_and_its_fan_ins_divide_by_4():
+    from rigl_fast.app import demo
+    for in_shape, head_in in (((1, 40), 160), ((1, 8, 8), 256)):  # MNIST-1D; digits' 64 pixels in row order
+        model = demo.make_model("cnn1d", in_shape, 10)
+        assert model.fc.in_features == head_in
+        assert model(torch.zeros(3, *in_shape)).shape == (3, 10)
+        # Every layer but the first (dense under the uniform rule) must take 2:4, or it would stay dense.
+        fan_ins = [m.weight[0].numel() for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear))]
+        assert fan_ins[0] == 5 and all(f % 4 == 0 for f in fan_ins[1:]), fan_ins
+    with pytest.raises(ValueError, match="cnn1d"):
+        demo.make_model("cnn", (1, 40), 10)
+
+
+def test_unit_counts_of_a_known_mask():
+    from rigl_fast.app.demo import _unit_counts
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0, 1, 0],
+                         [1, 1, 1, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert _unit_counts(mask) == dict(unit_active=[4, 4])
+    assert _unit_counts(mask, 4) == dict(unit_active=[4, 4], group_active=[1, 3])
+    assert _unit_counts(mask.view(2, 2, 4), 4) == dict(unit_active=[4, 4], group_active=[1, 3])  # a conv weight
+    assert _unit_counts(mask, 3) == dict(unit_active=[4, 4])  # 8 weights do not split into runs of 3
+
+
+def test_mnist1d_trains_and_reports(capsys):
+    _mnist1d()
+    rc = cli.main(["train", "--data", "mnist1d", "--epochs", "3", "--no-progress", "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "data: mnist1d (4000 train / 1000 test, 10 classes, input 1x40); model: cnn1d; 3 epochs" in out
+    # Seed 0 reaches 51%; chance is 10%, where a broken mask or a data set read wrongly would leave it.
+    assert _accuracy(out) > 35.0
+    # Unstructured: 10% of each sparse layer, spread unevenly over the output units.
+    assert re.search(r"features\.3\.weight\s+32x32x3\s+3072\s+308\s+10\.03%\s+\d+-\d+\n", out), out
+    assert re.search(r"fc\.weight\s+10x160\s+1600\s+160\s+10\.00%\s+\d+-\d+\n", out), out
+
+
+def test_structure_fan_in_keeps_every_units_count(capsys):
+    # fan_in: every output unit of a sparse layer keeps round(0.1 * fan_in) weights, after topology updates.
+    _mnist1d()
+    rc = cli.main(["train", "--data", "mnist1d", "--structure", "fan_in", "--epochs", "2", "--no-progress",
+                   "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "structure fan_in" in out and "topology updates: 4" in out
+    assert re.search(r"features\.0\.weight\s+32x1x5\s+160\s+160\s+100\.00%\s+5\n", out), out  # first: dense
+    for name, shape, c in (("features\\.3", "32x32x3", 10), ("features\\.6", "32x32x3", 10), ("fc", "10x160", 16)):
+        n_units = int(shape.split("x")[0])
+        assert re.search(rf"{name}\.weight\s+{shape}\s+\d+\s+{n_units * c}\s+[0-9.]+%\s+{c}\n", out), (name, out)
+    assert _accuracy(out) > 25.0
+
+
+def _compare_runs(tmp_path, argv):
+    out = tmp_path / "cmp"
+    assert cli.main(["train", "--compare", "--seeds", "1", "--epochs", "2", "--no-progress", "--backend",
+                     "reference", "--out", str(out)] + argv) == 0
+    return json.loads((out / "results.json").read_text())["runs"], (out / "results.md").read_text()
+
+
+def test_structure_fan_in_for_static_set_and_rigl_in_saved_results(tmp_path):
+    _mnist1d()
+    runs, md = _compare_runs(tmp_path, ["--data", "mnist1d", "--model", "cnn1d", "--method", "static,set,rigl",
+                                        "--structure", "fan_in", "--density", "0.2"])
+    assert sorted(r["config"]["method"] for r in runs) == ["rigl", "set", "static"]
+    for r in runs:
+        assert r["config"]["structure"] == "fan_in"
+        units = {layer["name"]: layer["unit_active"] for layer in r["layers"]}
+        # round(0.2 * 96) = 19 (96 = 32 channels x kernel 3), round(0.2 * 160) = 32
+        assert units == {"features.0.weight": [5, 5], "features.3.weight": [19, 19],
+                         "features.6.weight": [19, 19], "fc.weight": [32, 32]}, (r["config"]["method"], units)
+        # SET and RigL moved weights (the counts held through updates); static never does.
+        assert (sum(c for _, c in r["churn"]) > 0) == (r["config"]["method"] != "static")
+    assert "| SET fan_in |" in md and "| RigL fan_in |" in md
+
+
+def test_structure_2_4_keeps_two_in_every_four(tmp_path, capsys):
+    _mnist1d()
+    runs, md = _compare_runs(tmp_path, ["--data", "mnist1d", "--model", "mlp", "--method", "set,rigl",
+                                        "--structure", "2:4", "--density", "0.5"])
+    for r in runs:
+        layers = {layer["name"]: layer for layer in r["layers"]}
+        assert layers["layers.0.weight"]["group_active"] == [4, 4]  # the first layer stays dense (uniform)
+        for name, fan_in in (("layers.1.weight", 300), ("layers.2.weight", 100)):
+            assert layers[name]["group_active"] == [2, 2], (r["config"]["method"], layers[name])
+            assert layers[name]["unit_active"] == [fan_in // 2, fan_in // 2]
+        assert sum(c for _, c in r["churn"]) > 0
+    assert "| RigL 2:4 |" in md and "| SET 2:4 |" in md
+    # The single-run table shows the runs of M too.
+    assert cli.main(["train", "--data", "mnist1d", "--model", "mlp", "--structure", "2:4", "--density", "0.5",
+                     "--epochs", "1", "--no-progress", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"layers\.1\.weight\s+100x300\s+30000\s+15000\s+50\.00%\s+150\s+2\n", out), out
+
+
+def test_study_mnist1d_part_smoke_run(tmp_path):
+    # The new sweep, tiny: every (data, model) panel, every variant, 2:4 only at density 1/2, and its files.
+    _mnist1d()
+    sys.path.insert(0, ROOT)
+    try:
+        from study import sweep
+    finally:
+        sys.path.pop(0)
+    assert sweep.main(["--part", "mnist1d", "--seeds", "1", "--epochs", "1", "--densities", "0.5,0.1",
+                       "--backend", "reference", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "mnist1d.json").read_text())["runs"]
+    from rigl_fast.app.report import variant
+    seen = {(r["data"], r["config"]["model"], variant(r), r["config"]["density"]) for r in runs}
+    per_panel = {("dense", 1.0), ("rigl 2:4", 0.5)} | {(v, d) for v in ("static", "set", "rigl", "rigl fan_in")
+                                                      for d in (0.5, 0.1)}
+    assert seen == {(data, model, v, d) for data in ("digits", "mnist1d") for model in ("cnn1d", "mlp")
+                    for v, d in per_panel}
+    assert len(runs) == len(seen)
+    for r in runs:
+        if r["config"]["structure"] == "2:4":
+            assert all(layer["group_active"] == [2, 2] for layer in r["layers"][1:])
+    md = (tmp_path / "mnist1d.md").read_text()
+    assert "| data, model (epochs) | method | 1 | 0.5 | 0.1 |" in md and "## MNIST-1D, 1-D CNN (1 epochs)" in md
+    assert (tmp_path / "mnist1d.png").stat().st_size > 10_000

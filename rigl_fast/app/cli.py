@@ -193,6 +193,14 @@ def _resolve(args, parser):
     args.delta = args.delta or (10 if args.data in _SMALL_DATA else 100)
     if args.threads is None and args.data in _SMALL_DATA:
         args.threads = 1
+    if any(m != "dense" for m in args.method):
+        from ..structure import check
+        for dist in args.distribution:
+            for density in args.density:
+                try:
+                    check(args.structure, dict(sparsity_distribution=dist, dense_allocation=density))
+                except ValueError as e:
+                    parser.error(f"argument --structure: {e}")
 
 
 def _configs(args):
@@ -267,17 +275,14 @@ def _cmd_train(args, parser) -> int:
             get_backend(args.backend, torch.device(args.device))
     except RuntimeError as e:
         parser.error(f"argument --backend: {e}")
-    configs = _configs(args)
-    for c in configs:
-        try:
-            c.validate()
-        except ValueError as e:  # only the structure/density/distribution combination gets this far
-            parser.error(f"argument --structure: {e}")
     try:
         data = data_mod.load(args.data, args.data_dir, args.download)
     except (RuntimeError, ImportError) as e:
         print(f"rigl-fast: {e}", file=sys.stderr)
         return 1
+    configs = _configs(args)
+    for c in configs:
+        c.validate()
     print(f"data: {args.data} ({len(data.train_x)} train / {len(data.test_x)} test, {data.n_classes} classes, "
           f"input {'x'.join(map(str, data.in_shape))}); model: {args.model}; {args.epochs} epochs; "
           f"device {args.device}, {torch.get_num_threads()} thread(s)")
