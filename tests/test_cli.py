@@ -376,3 +376,7 @@ def test_study_mnist1d_part_smoke_run(tmp_path):
     md = (tmp_path / "mnist1d.md").read_text()
     assert "| data, model (epochs) | method | 1 | 0.5 | 0.1 |" in md and "## MNIST-1D, 1-D CNN (1 epochs)" in md
     assert (tmp_path / "mnist1d.png").stat().st_size > 10_000
+    # --report-only rebuilds the same tables from the JSON, with the saved run's options (not the defaults).
+    (tmp_path / "mnist1d.md").unlink()
+    assert sweep.main(["--part", "mnist1d", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "mnist1d.md").read_text() == md
