@@ -155,7 +155,9 @@ def _train_log(rank, mesh, name):
 
 
 class _Allocations(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
+    """Records the shape of every tensor an aten op returns, except in-place ops' (they return their input:
+    nothing is allocated; Triton's CPU interpreter also re-points tensors at storages with set_ and copies
+    through them in place)."""
 
     def __init__(self):
         super().__init__()
@@ -163,6 +165,8 @@ class _Allocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__.endswith("_"):
+            return out
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
