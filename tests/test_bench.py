@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -88,18 +89,24 @@ def test_contenders_do_the_same_update():
         c.close()
 
 
-def test_quick_writes_json_and_markdown(tmp_path):
+def _run_quick(module, tmp_path, *args):
+    """`python -m <module> --quick --out tmp_path ...` from the repository root; the one JSON it wrote."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", *args, "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jsons = list(tmp_path.glob("*.json"))
     assert len(jsons) == 1
-    res = json.loads(jsons[0].read_text())
-    md = jsons[0].with_suffix(".md").read_text()
-    assert (tmp_path / (jsons[0].stem + "_scaling.png")).stat().st_size > 0
-    assert (tmp_path / (jsons[0].stem + "_bars.png")).stat().st_size > 0
+    return jsons[0]
+
+
+def test_quick_writes_json_and_markdown(tmp_path):
+    path = _run_quick("bench", tmp_path, "--device", "cpu")
+    res = json.loads(path.read_text())
+    md = path.with_suffix(".md").read_text()
+    assert (tmp_path / (path.stem + "_scaling.png")).stat().st_size > 0
+    assert (tmp_path / (path.stem + "_bars.png")).stat().st_size > 0
 
     meta = res["meta"]
     for key in ("device_name", "torch", "python", "date", "rigl_torch", "git_commit"):
@@ -132,4 +139,41 @@ def test_quick_writes_json_and_markdown(tmp_path):
         assert name in md
     for section in ("Per-step overhead", "Cost of the safe default", "Update latency", "Peak extra memory",
                     "End-to-end", "Scaling"):
+        assert section in md
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not built into this torch")
+def test_fsdp2_quick_counts_what_each_update_sends(tmp_path):
+    """bench.fsdp2 --quick (2 gloo ranks): files written, every contender ends at rigl_fast's masks, and the
+    byte counts have the shape the design promises, which a regression in either update would break."""
+    path = _run_quick("bench.fsdp2", tmp_path)
+    res = json.loads(path.read_text())
+    md = path.with_suffix(".md").read_text()
+    assert path.name.endswith("-fsdp2.json")
+    for key in ("device_name", "torch", "python", "date", "git_commit"):
+        assert res["meta"][key], key
+    assert res["world"] == 2
+    rows = res["rows"]
+    fast = [r for r in rows if r["contender"].startswith("rigl_fast[")]
+    base = [r for r in rows if r["contender"].startswith("gather[")]
+    assert fast and base and len(fast) + len(base) == len(rows)
+    for r in rows:
+        _check_stats(r["latency"])
+        assert r["same_result"], r["contender"]
+        assert r["contender"] in md
+    for r in base:
+        # per layer: rank 1's weight, score (fp32) and mask byte go to rank 0, the new mask byte comes back
+        assert r["sent_bytes"] == 5 * r["n_sparse"]
+        assert r["calls_per_rank"] == [4 * r["n_layers"]] * 2
+    # rigl_fast sends histograms, whose size does not depend on the layer's: a 512x512 layer costs what a
+    # 64x64 one does, and far less than gathering it; all layers share each collective, so as many calls
+    # for 8 layers as for 1
+    gathered = next(r for r in base if r["set"] == "linear-512x512")["sent_bytes"]
+    for name in {r["contender"] for r in fast}:
+        mine = {r["set"]: r for r in fast if r["contender"] == name}
+        assert mine["linear-64x64"]["sent_bytes"] == mine["linear-512x512"]["sent_bytes"] > 0
+        assert 5 * mine["linear-512x512"]["sent_bytes"] < gathered
+        assert len({tuple(r["calls_per_rank"]) for r in mine.values()}) == 1
+    for section in ("Update latency", "Bytes sent", "Ratios", "Peak extra memory"):
         assert section in md
