@@ -22,7 +22,7 @@ A layer's tie count reads nothing when all keys at its threshold are taken (the 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -122,18 +122,15 @@ def _hist_kernel(prog_layer, prog_start, tab, st, hist, PHASE: tl.constexpr, SHI
 
 
 @triton.jit
-def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr, LAST: tl.constexpr):
-    """Per layer: the bin b holding the k-th largest key among candidates matching the prefix, i.e. the
-    largest b whose suffix count (keys in bins >= b) reaches k. k = 0 picks the top bin every pass, so the
-    threshold ends above every key and nothing is selected.
+def _pick_bin(h, k, NBITS: tl.constexpr, HSTRIDE: tl.constexpr, LAST: tl.constexpr):
+    """(b, k remaining) for histogram h (HSTRIDE bins of one digit) and k: the bin b holding the k-th largest
+    key, i.e. the largest b whose suffix count (keys in bins >= b) reaches k, and k minus the keys above it.
+    k <= 0 picks the top bin, so a threshold built from such picks ends above every key and takes nothing.
 
-    After the last digit, bin b holds exactly the keys equal to the threshold. If all of them are taken (the
-    usual case for real-valued data: one key at the threshold), k remaining becomes ALL_TIES, which makes
-    the tie-count pass skip its reads and every tie count as selected."""
-    l = tl.program_id(0)
+    After the last digit (LAST), bin b holds exactly the keys equal to the threshold. If all of them are taken
+    (the usual case for real-valued data: one key at the threshold), k remaining becomes ALL_TIES, which
+    makes the tie-count pass skip its reads and every tie count as selected."""
     bins = tl.arange(0, HSTRIDE)
-    h = tl.load(hist + l * HSTRIDE + bins)
-    k = tl.load(st + l * 2 + 1)
     suffix = tl.cumsum(h, 0, reverse=True)
     # k = 0 would pick the last (possibly unused) bin: clamp to the digit's own top bin
     b = tl.minimum(tl.maximum(tl.sum((suffix >= k).to(tl.int32), axis=0) - 1, 0), (1 << NBITS) - 1)
@@ -142,6 +139,16 @@ def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr, LAST: tl.
     if LAST:
         at_thr = tl.sum(tl.where(bins == b, h, 0), axis=0)
         k_rem = tl.where((k_rem > 0) & (k_rem == at_thr), ALL_TIES, k_rem)
+    return b, k_rem
+
+
+@triton.jit
+def _pick_kernel(st, hist, NBITS: tl.constexpr, HSTRIDE: tl.constexpr, LAST: tl.constexpr):
+    """Per layer (one program each): `_pick_bin` on the layer's histogram, its prefix extended by the bin."""
+    l = tl.program_id(0)
+    bins = tl.arange(0, HSTRIDE)
+    h = tl.load(hist + l * HSTRIDE + bins)
+    b, k_rem = _pick_bin(h, tl.load(st + l * 2 + 1), NBITS, HSTRIDE, LAST)
     tl.store(st + l * 2 + 1, k_rem)
     prefix = tl.load(st + l * 2 + 0)
     tl.store(st + l * 2 + 0, (prefix << NBITS) | b)
@@ -269,6 +276,43 @@ def _select(phase, grid, launch, st, hist, cnt, prog_layer_long, first, block, i
     return _scan_offsets(cnt, prog_layer_long, first)
 
 
+class Plan(NamedTuple):
+    """The device tables and scratch of one update's passes over its layers (see `plan_layers`)."""
+    grid: tuple
+    launch: tuple  # (per-program layer, per-program start, layer table)
+    p_layer_long: torch.Tensor
+    first: torch.Tensor
+    hist: torch.Tensor
+    cnt: torch.Tensor
+    passes: tuple
+    block: int
+    iters: int
+
+
+def plan_layers(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
+                rows: Sequence[Sequence[int]], block: int, iters: int, radix_bits: int, device: torch.device) -> Plan:
+    """The layer table (weights and scores contiguous: the kernels address them by flat index; rows[i] = layer
+    i's rows [r0, r1) in its zeroing table), the program tables and the selection's scratch."""
+    tab_rows = []
+    for w, m, s, (r0, r1) in zip(weights, masks, scores, rows):
+        assert m.dtype == torch.bool and m.is_contiguous() and m.shape == w.shape, "masks: contiguous bool"
+        tab_rows.append([w.data_ptr(), m.data_ptr(), s.data_ptr(), w.numel(), float_code(w), float_code(s), r0, r1])
+    owner, start, first = program_table([w.numel() for w in weights], block * iters)
+    p_layer = to_device(owner, torch.int32, device)
+    launch = (p_layer, to_device(start, torch.int64, device), to_device(tab_rows, torch.int64, device))
+    hist = torch.zeros(len(weights), 1 << radix_bits, dtype=torch.int64, device=device)
+    cnt = torch.empty(len(owner), dtype=torch.int32, device=device)
+    return Plan((len(owner),), launch, p_layer.long(), to_device(first, torch.int64, device), hist, cnt,
+                radix_passes(radix_bits), block, iters)
+
+
+def mark_kept(p: Plan, st_keep: torch.Tensor) -> None:
+    """The keep half (phase K): selection, then the mark pass (mask bytes become old | kept << 1). `st_keep`
+    holds each layer's (0, n_keep), int64."""
+    off = _select(0, p.grid, p.launch, st_keep, p.hist, p.cnt, p.p_layer_long, p.first, p.block, p.iters, p.passes)
+    _mark_kernel[p.grid](*p.launch, st_keep, off, BLOCK=p.block, ITERS=p.iters)
+
+
 def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
            n_keep: Sequence[int], n_grow: Sequence[int], states: Sequence[Sequence[torch.Tensor]],
            grads: Sequence[Optional[torch.Tensor]], block: int, iters: int, radix_bits: int) -> None:
@@ -278,32 +322,21 @@ def update(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], score
     device = one_device([t for group in (weights, masks, scores, grads) for t in group] +
                         [t for st_list in states for t in st_list], "the update's tensors")
     contig = Contig()  # also keeps the contiguous stand-ins alive until the kernels have run
-    tab_rows, t_rows = [], []
-    for w, m, s, st_list, g in zip(weights, masks, scores, states, grads):
-        assert m.dtype == torch.bool and m.is_contiguous() and m.shape == w.shape, "masks: contiguous bool"
-        wc, sc = contig.get(w), contig.get(s)
+    wc, sc = [contig.get(w) for w in weights], [contig.get(s) for s in scores]
+    t_rows, spans = [], []
+    for w, st_list, g in zip(wc, states, grads):
         r0 = len(t_rows)
-        t_rows += zeroing_rows(wc, st_list, g, lambda t: (contig.get(t), []))
-        tab_rows.append([wc.data_ptr(), m.data_ptr(), sc.data_ptr(), w.numel(), float_code(wc), float_code(sc),
-                         r0, len(t_rows)])
-    chunk = block * iters
-    owner, start, first = program_table([w.numel() for w in weights], chunk)
-    p_layer = to_device(owner, torch.int32, device)
-    launch = (p_layer, to_device(start, torch.int64, device), to_device(tab_rows, torch.int64, device))
+        t_rows += zeroing_rows(w, st_list, g, lambda t: (contig.get(t), []))
+        spans.append((r0, len(t_rows)))
+    p = plan_layers(wc, masks, sc, spans, block, iters, radix_bits, device)
     rows = to_device(t_rows, torch.int64, device)
-    p_layer_long = p_layer.long()
-    first_t = to_device(first, torch.int64, device)
     # per layer (prefix, k remaining), int64: k and n_keep of a 2**31+ element layer pass int32
     ks = to_device([[0, int(k)] for k in n_keep] + [[0, int(k)] for k in n_grow], torch.int64, device)
     st_keep, st_grow = ks[:L], ks[L:]
-    passes = radix_passes(radix_bits)
-    hist = torch.zeros(L, 1 << radix_bits, dtype=torch.int64, device=device)
-    cnt = torch.empty(len(owner), dtype=torch.int32, device=device)
-    grid = (len(owner),)
 
     with on_device(device):
-        keep_off = _select(0, grid, launch, st_keep, hist, cnt, p_layer_long, first_t, block, iters, passes)
-        _mark_kernel[grid](*launch, st_keep, keep_off, BLOCK=block, ITERS=iters)
-        grow_off = _select(1, grid, launch, st_grow, hist, cnt, p_layer_long, first_t, block, iters, passes)
-        _final_kernel[grid](*launch, rows, st_grow, grow_off, BLOCK=block, ITERS=iters)
+        mark_kept(p, st_keep)
+        grow_off = _select(1, p.grid, p.launch, st_grow, p.hist, p.cnt, p.p_layer_long, p.first, block, iters,
+                           p.passes)
+        _final_kernel[p.grid](*p.launch, rows, st_grow, grow_off, BLOCK=block, ITERS=iters)
     contig.write_back()
