@@ -16,6 +16,7 @@ from rigl_fast.ops import Backend
 
 from . import elementwise as _ew
 from . import shard as _sh
+from . import structured as _st
 from . import update as _up
 from ._common import FLOAT_CODES
 
@@ -25,18 +26,20 @@ DEFAULT_ITERS = 16  # elements per program = BLOCK * ITERS: fewer programs, fewe
 # per thread, so 256 bins (4 passes) should stay bandwidth-bound where 2048 bins (3 passes) would not.
 # Not measured: no GPU was available when this was written; bench it before changing.
 DEFAULT_RADIX_BITS = 8
+DEFAULT_PAIRWISE_GROUP = _st.PAIRWISE_GROUP
 
 
 class TritonBackend(Backend):
     """The op contract in Triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 
     fp32/fp16/bf16 weights, gradients and scores (upcast to fp32 inside the kernels). Other float dtypes
-    (fp64) are passed to the reference backend, op by op, so results stay identical."""
+    (fp64) are passed to the reference backend, op by op, so results stay identical. `block`, `iters`,
+    `radix_bits` and `pairwise_group` are tuning knobs (docs/triton.md): results never depend on them."""
 
     name = "triton"
 
     def __init__(self, block: int = DEFAULT_BLOCK, iters: int = DEFAULT_ITERS,
-                 radix_bits: int = DEFAULT_RADIX_BITS):
+                 radix_bits: int = DEFAULT_RADIX_BITS, pairwise_group: int = DEFAULT_PAIRWISE_GROUP):
         if block & (block - 1) or block < 16:
             raise ValueError(f"block must be a power of two >= 16, got {block}")
         if iters < 1:
@@ -45,9 +48,12 @@ class TritonBackend(Backend):
             raise ValueError(f"block * iters must be < 2**31, got {block} * {iters}")
         if not 5 <= radix_bits <= 11:  # >= 32 histogram bins (one per warp lane), <= 2048 (cost grows with bins)
             raise ValueError(f"radix_bits must be in [5, 11], got {radix_bits}")
+        if pairwise_group < 0:
+            raise ValueError(f"pairwise_group must be >= 0, got {pairwise_group}")
         self.block = block
         self.iters = iters
         self.radix_bits = radix_bits
+        self.pairwise_group = pairwise_group  # structured growth: units up to this size are ranked pairwise
         self._ref = None
 
     def _reference(self):
@@ -83,6 +89,20 @@ class TritonBackend(Backend):
         _up.update(list(weights), list(masks), list(scores), list(n_keep), list(n_grow),
                    [list(s) for s in states], list(grads), self.block, self.iters, self.radix_bits)
 
+    # structured layers: kernels in structured.py (keep is the update's; growth selects within each unit)
+    def structured_update(self, weights, masks, scores, n_keep, units, states, grads):
+        if not _floats(list(weights) + list(scores)) or not _zeroable(weights, states, grads):
+            return self._reference().structured_update(weights, masks, scores, n_keep, units, states, grads)
+        _st.structured_update(list(weights), list(masks), list(scores), list(n_keep), list(units),
+                              [list(s) for s in states], list(grads), self.block, self.iters, self.radix_bits,
+                              self.pairwise_group)
+
+    def unit_grow(self, scores, keep, units):
+        if not scores or not _floats(scores):
+            return self._reference().unit_grow(scores, keep, units)
+        return _st.unit_grow(list(scores), list(keep), list(units), self.block, self.iters, self.radix_bits,
+                             self.pairwise_group)
+
     # the sharded (FSDP2) update: kernels in shard.py; empty calls and other dtypes go to the reference
     def key_histograms(self, values, flags, flag_value, prefixes, shift, bits):
         if not values or not _floats(values) or not _sh.kernel_digit(shift, bits):
@@ -97,9 +117,7 @@ class TritonBackend(Backend):
                             self.iters)
 
     def commit(self, weights, masks, keep, grow, states, grads):
-        # masking stores zeros by element size, so any dtype of 1, 2, 4 or 8 bytes takes the kernel
-        tensors = list(weights) + [t for st in states for t in st] + [g for g in grads if g is not None]
-        if any(t.element_size() not in (1, 2, 4, 8) for t in tensors):
+        if not _zeroable(weights, states, grads):
             return self._reference().commit(weights, masks, keep, grow, states, grads)
         _sh.commit(list(weights), list(masks), list(keep), list(grow), [list(s) for s in states], list(grads),
                    self.block, self.iters)
@@ -117,6 +135,13 @@ class TritonBackend(Backend):
 
 def _floats(tensors) -> bool:
     return all(t.dtype in FLOAT_CODES for t in tensors)
+
+
+def _zeroable(weights, states, grads) -> bool:
+    """Whether commit's kernel can zero these tensors: it stores zeros by element size, so any dtype of 1, 2, 4 or
+    8 bytes."""
+    tensors = list(weights) + [t for st in states for t in st] + [g for g in grads if g is not None]
+    return all(t.element_size() in (1, 2, 4, 8) for t in tensors)
 
 
 __all__ = ["TritonBackend"]

@@ -84,6 +84,18 @@ def main(arch: int = 90) -> int:
     b.take_top([w], [m_flat], False, [5], [3])
     for x, xm in ((w, m), (w.t(), m.t().contiguous())):
         b.commit([x.clone()], [xm.clone()], [m_flat], [~m_flat], [[x.clone()]], [x.clone()])
+    # structured growth: pairwise (N:M) and per-unit (fan_in) units, transposed or not, in one call; unit_grow
+    from rigl_fast.ops import Units
+    from rigl_fast.structure import draw
+    units = [Units(33, 31, False, 31, 5), Units(31, 33, True, 33, 7), Units(33, 32, False, 4, 2)]
+    ws = [torch.randn(33, 31, generator=g), torch.randn(33, 31, generator=g), torch.randn(33, 32, generator=g)]
+    ms = [draw(u, g).view(w.shape) for u, w in zip(units, ws)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for pairwise in (0, 32):
+            sb = TritonBackend(pairwise_group=pairwise)
+            sb.structured_update([w.to(dtype) for w in ws], [m.clone() for m in ms], [w.to(dtype) for w in ws],
+                                 [int(m.sum()) // 2 for m in ms], units, [[w.clone()] for w in ws], [None] * 3)
+            sb.unit_grow([w.to(dtype) for w in ws], [m.reshape(-1) for m in ms], units)
     # the update's histogram passes for both radix widths used by the tests
     TritonBackend(radix_bits=11).update([w.clone()], [m.clone()], [w.clone()], [100], [50], [[]], [None])
     # a gradient of 2**31+ elements: its size and strides arrive as i64 (the other kernels read sizes from

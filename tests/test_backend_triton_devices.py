@@ -21,9 +21,12 @@ import rigl_fast.kernels as kernels_pkg
 from rigl_fast.kernels import TritonBackend
 from rigl_fast.kernels import elementwise as ew
 from rigl_fast.kernels import shard as sh
+from rigl_fast.kernels import structured as su
 from rigl_fast.kernels import update as up
 from rigl_fast.kernels._common import launch_device, on_device
+from rigl_fast.ops import Units
 from rigl_fast.reference import ReferenceBackend
+from rigl_fast.structure import draw
 
 KERNEL_DIR = pathlib.Path(kernels_pkg.__file__).parent
 SOURCES = sorted(KERNEL_DIR.glob("*.py"))
@@ -39,7 +42,7 @@ def dev(device):
 def jit_kernels():
     """Every @triton.jit function of the kernel modules that is launched with a grid (name ends in _kernel)."""
     out = {}
-    for mod in (ew, up, sh):
+    for mod in (ew, up, sh, su):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel") and hasattr(obj, "add_pre_run_hook"):
                 out[name] = obj
@@ -93,6 +96,15 @@ def run_every_op(backend, dev):
     backend.split_grad(grad, m, off)
     backend.fold_grad(acc2, grad, off, 3)
     out["fold"] = acc2
+    # structured layers on w's 300 values: fan_in rows of 50 (one program per unit; its gradient the strided g)
+    # and 2:4 over a transposed (20, 15) weight (pairwise ranks), in one call
+    units = [Units(6, 50, False, 50, 9), Units(15, 20, True, 4, 2)]
+    sm = [draw(u, torch.Generator().manual_seed(42 + i)).to(dev) for i, u in enumerate(units)]
+    z = dict(w=[w * sm[0], (w * sm[1]).view(20, 15)], m=[sm[0], sm[1].view(20, 15)],
+             st=[st.clone(), st.clone().view(20, 15)], g=[g, g.clone().view(20, 15)])
+    backend.structured_update(z["w"], z["m"], [s, s.view(20, 15)], [30, 60], units, [[t] for t in z["st"]], z["g"])
+    out["structured"] = z
+    out["unit_grow"] = backend.unit_grow([s, s], [m, m], [units[0], units[1]])
     return out
 
 
@@ -111,6 +123,11 @@ def test_every_launch_runs_under_its_tensors_device(dev):
     assert torch.equal(got["update"]["m"], want["update"]["m"])
     assert torch.equal(got["hist"].cpu(), want["hist"].cpu())
     assert torch.equal(got["commit"]["m"], want["commit"]["m"]) and torch.equal(got["fold"], want["fold"])
+    for k in ("w", "m", "st", "g"):
+        for a, b in zip(got["structured"][k], want["structured"][k]):
+            assert torch.equal(a, b), k
+    for a, b in zip(got["unit_grow"], want["unit_grow"]):
+        assert torch.equal(a, b)
     assert got["nonfinite"] is False and want["nonfinite"] is False
 
 
@@ -249,3 +266,5 @@ def test_ops_on_a_second_gpu_match_the_reference():
         assert torch.equal(a, b)
     for k in ("w", "m", "st", "g"):
         assert torch.equal(got["update"][k], want["update"][k]), k
+        for a, b in zip(got["structured"][k], want["structured"][k]):
+            assert torch.equal(a, b), k

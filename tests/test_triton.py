@@ -16,8 +16,9 @@ import torch
 from rigl_fast import RigLScheduler
 from rigl_fast import distributed as D
 from rigl_fast import reference as R
-from rigl_fast.ops import get_backend
+from rigl_fast.ops import Units, get_backend, units_of
 from rigl_fast.reference import ReferenceBackend
+from rigl_fast.structure import draw
 
 from helpers import MLP, SmallResNet, batches, train
 
@@ -232,10 +233,15 @@ def make_layer(numel, dtype, score_dtype, kind, density, drop, gen, dev, n_state
 
 
 def run_update(backend, layers):
+    """`update` on copies of the layers, or `structured_update` for layers with units."""
     c = [dict(w=L["w"].clone(), m=L["m"].clone(), s=L["s"].clone(), states=[t.clone() for t in L["states"]],
               grad=None if L["grad"] is None else L["grad"].clone()) for L in layers]
-    backend.update([x["w"] for x in c], [x["m"] for x in c], [x["s"] for x in c], [L["keep"] for L in layers],
-                   [L["grow"] for L in layers], [x["states"] for x in c], [x["grad"] for x in c])
+    args = [x["w"] for x in c], [x["m"] for x in c], [x["s"] for x in c], [L["keep"] for L in layers]
+    rest = [x["states"] for x in c], [x["grad"] for x in c]
+    if "units" in layers[0]:
+        backend.structured_update(*args, [L["units"] for L in layers], *rest)
+    else:
+        backend.update(*args, [L["grow"] for L in layers], *rest)
     return c
 
 
@@ -246,6 +252,8 @@ def check_update(layers, backends=(SMALL, WIDE)):
         for i, (g, r, L) in enumerate(zip(got, ref, layers)):
             assert torch.equal(g["m"], r["m"]), f"layer {i}: masks differ"
             assert int(g["m"].sum()) == L["keep"] + L["grow"]
+            if "units" in L:
+                assert bool((units_of(g["m"].reshape(-1), L["units"]).sum(1) == L["units"].target).all())
             assert_same(g["w"], r["w"], f"layer {i} weight")
             assert_same(g["s"], r["s"], f"layer {i} score (must be untouched)")
             for j, (a, e) in enumerate(zip(g["states"], r["states"])):
@@ -556,6 +564,113 @@ def test_sharded_ops_hand_other_cases_to_the_reference(dev):
         ops.fold_grad(z, x, y, 3)
     for x, y in zip(got, want):
         assert_same(x, y)
+
+
+# ------------------------------------------------------------------------------------------------ structured layers
+# structure='fan_in' and 'N:M' (Backend.structured_update and unit_grow, kernels/structured.py). With SMALL's
+# 64-wide chunks a fan-in row of 130 or 300 spans several chunks of its unit's program and an N:M layer several
+# programs; SMALL splits growth at groups of 32 (pairwise ranks below, one program per unit above), PER_UNIT and
+# PAIRWISE send every unit down one path.
+PER_UNIT = TritonBackend(block=64, iters=2, radix_bits=11, pairwise_group=0)
+PAIRWISE = TritonBackend(block=64, iters=2, radix_bits=11, pairwise_group=1 << 20)
+STRUCTURED = [  # rows of 300 and 27 (a 3x3x3 conv), (in, out) columns of 130, 2:4, transposed 3:8, 1:3, a 1x1
+    Units(3, 300, False, 300, 40), Units(5, 130, True, 130, 13), Units(5, 27, False, 27, 5), Units(6, 24, False, 4, 2),
+    Units(7, 24, True, 8, 3), Units(9, 12, False, 3, 1), Units(1, 1, False, 1, 1)]
+KINDS = ("random", "levels", "zeros")
+
+
+def structured_layer(u, dtype, kind, drop, gen, dev, score_dtype=None, grad="dense"):
+    """A layer of `units` with a mask drawn as structure.draw does; weights and scores of `kind` (off-mask weights
+    too: grown positions must be zeroed), one state, and n_keep for drop 'none', 'some' (40%) or 'all'."""
+    shape = (u.fan_in, u.out) if u.transposed else (u.out, u.fan_in)
+    n_active = u.n_units * u.target
+    keep = {"none": n_active, "some": n_active - int(n_active * 0.4), "all": 0}[drop]
+    g = values(shape, dtype, "random", gen, dev)
+    if grad == "strided":
+        g = values(shape[:-1] + (2 * shape[-1],), dtype, "random", gen, dev)[..., ::2]
+    return dict(w=values(shape, dtype, kind, gen, dev), m=draw(u, gen).view(shape).to(dev),
+                s=values(shape, score_dtype or dtype, kind, gen, dev), units=u, keep=keep, grow=n_active - keep,
+                states=[values(shape, torch.float32, "random", gen, dev)], grad=None if grad is None else g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_structured_update_matches_reference(dev, dtype):
+    """Every STRUCTURED layer in one call; over the three dtypes each layer sees every value kind (tie-heavy levels
+    and all zeros included) and every drop count (nothing, some, everything)."""
+    d = DTYPES.index(dtype)
+    gen = torch.Generator().manual_seed(120 + d)
+    layers = [structured_layer(u, dtype, KINDS[(i + d) % 3], ("some", "none", "all")[(i + 2 * d) % 3], gen, dev)
+              for i, u in enumerate(STRUCTURED)]
+    ref = check_update(layers, backends=(SMALL,))
+    assert sum(not torch.equal(r["m"], L["m"]) for r, L in zip(ref, layers)) >= 3
+
+
+@pytest.mark.parametrize("backend", [PER_UNIT, PAIRWISE], ids=["per_unit", "pairwise"])
+def test_structured_growth_paths_each_match_reference(dev, backend):
+    """Either growth path alone on every shape up to 64 wide (pairwise work grows with the group, so the rows of
+    130 and 300 stay with the split tests), tie-heavy, with some and all dropped."""
+    gen = torch.Generator().manual_seed(130)
+    units = [Units(4, 37, False, 37, 6), Units(3, 64, True, 64, 9)] + STRUCTURED[2:]
+    layers = [structured_layer(u, torch.float32, ("levels", "random")[i % 2], ("some", "all")[i // 2 % 2], gen, dev)
+              for i, u in enumerate(units)]
+    check_update(layers, backends=(backend,))
+
+
+def test_structured_update_layouts_and_mixed_dtypes(dev):
+    """A channels_last conv weight with channels_last state and gradient, bf16 weights with fp32 scores and a
+    strided gradient, an fp16 (in, out) weight whose scores are a transposed view; fp64 goes to the reference."""
+    gen = torch.Generator().manual_seed(140)
+    conv = structured_layer(Units(8, 54, False, 54, 11), torch.float32, "levels", "some", gen, dev)
+    shape = (8, 6, 3, 3)
+    for k in ("w", "grad"):
+        conv[k] = conv[k].view(shape).contiguous(memory_format=torch.channels_last)
+    conv["m"], conv["s"] = conv["m"].view(shape), conv["s"].view(shape)
+    conv["states"] = [t.view(shape).contiguous(memory_format=torch.channels_last) for t in conv["states"]]
+    mixed = structured_layer(Units(5, 24, False, 4, 2), torch.bfloat16, "random", "some", gen, dev,
+                             score_dtype=torch.float32, grad="strided")
+    col = structured_layer(Units(7, 24, True, 24, 6), torch.float16, "levels", "some", gen, dev, grad=None)
+    col["s"] = values((7, 24), torch.float16, "levels", gen, dev).t()
+    assert not (conv["w"].is_contiguous() or mixed["grad"].is_contiguous() or col["s"].is_contiguous())
+    check_update([conv, mixed, col], backends=(SMALL,))
+    check_update([structured_layer(Units(3, 8, True, 4, 1), torch.float64, "levels", "some", gen, dev)],
+                 backends=(SMALL,))
+
+
+@pytest.mark.parametrize("backend", [SMALL, PER_UNIT], ids=["split", "per_unit"])
+def test_unit_grow_matches_reference(dev, backend):
+    """The grow half alone, from keep flags that need not fit the units (a unit may keep more than its target:
+    it grows nothing), everything kept, nothing kept, an empty shard (no rows); fp32/fp16/bf16 scores, one of
+    them a transposed view."""
+    gen = torch.Generator().manual_seed(150)
+    units = [STRUCTURED[0], STRUCTURED[1], Units(0, 40, False, 40, 5), STRUCTURED[3], STRUCTURED[4], STRUCTURED[5]]
+    scores, keep = [], []
+    for i, u in enumerate(units):
+        shape = (u.fan_in, u.out) if u.transposed else (u.out, u.fan_in)
+        scores.append(values(shape, DTYPES[i % 3], ("levels", "random")[i % 2], gen, dev))
+        keep.append((torch.rand(u.out * u.fan_in, generator=gen) < 0.3).to(dev))
+    scores[3] = values((24, 6), torch.float32, "levels", gen, dev).t()
+    keep[4][:] = True
+    keep[5][:] = False
+    got = backend.unit_grow(scores, keep, units)
+    for i, (g, s, k, u) in enumerate(zip(got, scores, keep, units)):
+        want = R.unit_grow(s, k, u)
+        assert g.dtype == torch.bool and g.shape == want.shape and torch.equal(g, want), i
+    assert not got[4].any() and bool((units_of(got[5], units[5]).sum(1) == 1).all()) and got[2].numel() == 0
+
+
+def test_structured_ops_never_read_back_to_the_host(dev):
+    gen = torch.Generator().manual_seed(160)
+    layers = [structured_layer(u, torch.float32, "levels", "some", gen, dev) for u in (STRUCTURED[1], STRUCTURED[3])]
+    expect = run_update(REF, layers)
+    keep = [L["m"].reshape(-1) for L in layers]
+    grow_want = [R.unit_grow(L["s"], k, L["units"]) for L, k in zip(layers, keep)]
+    with no_host_reads(dev):
+        got = run_update(SMALL, layers)
+        grow = SMALL.unit_grow([L["s"] for L in layers], keep, [L["units"] for L in layers])
+    for x, e in zip(got, expect):
+        assert torch.equal(x["m"], e["m"]) and torch.equal(x["w"], e["w"])
+    for a, b in zip(grow, grow_want):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------ backend selection
