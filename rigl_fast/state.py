@@ -3,6 +3,10 @@
 rigl-torch's keys (`dense_allocation`, `S`, `N`, `hyperparams`, `step`, `rigl_steps`, `backward_masks`,
 `_linear_layers_mask`) plus rigl_fast's, all prefixed `rigl_fast_` (rigl-torch's loader sets every key as an
 attribute, so no extra key may shadow one of its names). Everything is validated before anything changes.
+
+`backward_masks` are bit-packed, 1 bit per weight (`pack`: uint8, little-endian bit order, shapes in
+`rigl_fast_mask_shapes`; `masks(sd)` unpacks them), except under FSDP2, where they stay bool DTensors so that
+torch.distributed.checkpoint can reshard them. Bool masks (format 1, rigl-torch's) load as before.
 """
 from __future__ import annotations
 
@@ -12,10 +16,30 @@ import torch
 
 from . import sharding as _sharding
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: masks bit-packed (1 bit per weight); 1 and rigl-torch's bool masks still load
 REQUIRED_KEYS = ("dense_allocation", "S", "N", "hyperparams", "step", "rigl_steps", "backward_masks")
 HYPERPARAM_KEYS = ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo", "sparsity_distribution",
                    "grad_accumulation_n", "erk_power_scale", "grow_mode", "structure")
+
+
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes, 8 positions each (position j -> bit j % 8 of byte j // 8)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, shape) -> torch.Tensor:
+    n = torch.Size(shape).numel()
+    bits = (packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.reshape(-1)[:n].bool().view(shape)
+
+
+def masks(sd) -> List[Optional[torch.Tensor]]:
+    """The masks of a state dict as bool tensors (bit-packed ones unpacked)."""
+    shapes = sd.get("rigl_fast_mask_shapes")
+    return [m if m is None or shapes is None or shapes[i] is None or m.dtype == torch.bool else unpack(m, shapes[i])
+            for i, m in enumerate(sd["backward_masks"])]
 
 
 def build(pruner) -> dict:
@@ -38,7 +62,10 @@ def build(pruner) -> dict:
         "hyperparams": {k: hp[k] for k in HYPERPARAM_KEYS},
         "step": pruner.step,
         "rigl_steps": pruner.rigl_steps,
-        "backward_masks": [None if m is None else m.clone() for m in pruner.backward_masks],
+        "backward_masks": [None if m is None else m.clone() if pruner._sharded else pack(m)
+                           for m in pruner.backward_masks],
+        "rigl_fast_mask_shapes": [None if m is None or pruner._sharded else list(m.shape)
+                                  for m in pruner.backward_masks],
         "_linear_layers_mask": list(pruner._linear_layers_mask),
         "rigl_fast_format": FORMAT_VERSION,
         "rigl_fast_skipped_updates": pruner.skipped_updates,
@@ -69,10 +96,14 @@ def hyperparams(sd) -> dict:
 
 def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float], List[Optional[torch.Tensor]]]:
     """Validated (S, masks) from a state dict for this model's candidates; raises naming the mismatch."""
-    S, N, masks = sd["S"], sd["N"], sd["backward_masks"]
-    if not (isinstance(S, (list, tuple)) and isinstance(N, (list, tuple)) and isinstance(masks, (list, tuple))):
+    S, N, masks_ = sd["S"], sd["N"], sd["backward_masks"]
+    if not (isinstance(S, (list, tuple)) and isinstance(N, (list, tuple)) and isinstance(masks_, (list, tuple))):
         raise ValueError("state_dict: 'S', 'N' and 'backward_masks' must be lists")
-    if not (len(S) == len(N) == len(masks) == len(W)):
+    shapes = sd.get("rigl_fast_mask_shapes")
+    if shapes is not None and len(shapes) != len(masks_):
+        raise ValueError("state_dict: 'rigl_fast_mask_shapes' and 'backward_masks' differ in length")
+    masks_ = _checked_unpack(masks_, shapes)
+    if not (len(S) == len(N) == len(masks_) == len(W)):
         raise ValueError(f"state_dict does not fit the model: it has {len(S)} layers, the model has {len(W)} "
                          f"candidate weights ({list(names)})")
     out = []
@@ -80,7 +111,7 @@ def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float
         if int(N[i]) != w.numel():
             raise ValueError(f"state_dict does not fit the model: layer {i} ({name}) has {N[i]} weights in the "
                              f"state dict but {w.numel()} (shape {tuple(w.shape)}) in the model")
-        m = masks[i]
+        m = masks_[i]
         if S[i] <= 0:
             if m is not None:
                 raise ValueError(f"state_dict: layer {i} ({name}) is dense (S=0) but has a mask")
@@ -119,6 +150,23 @@ def check_units(names, masks, units) -> None:
         if counts.numel() and not bool((counts == u.target).all()):
             raise ValueError(f"state_dict: the mask of layer {name!r} does not have the structure: every unit "
                              f"(group of {u.group}) must hold exactly {u.target} active weights")
+
+
+def _checked_unpack(packed, shapes):
+    """Bit-packed masks unpacked, after checking each one's byte count against its recorded shape."""
+    if shapes is None:
+        return packed
+    out = []
+    for i, (m, shape) in enumerate(zip(packed, shapes)):
+        if m is None or shape is None or not isinstance(m, torch.Tensor) or m.dtype == torch.bool:
+            out.append(m)
+            continue
+        n = torch.Size(shape).numel()
+        if m.dtype != torch.uint8 or m.numel() != (n + 7) // 8:
+            raise ValueError(f"state_dict: packed mask of layer {i} has {m.numel()} {m.dtype} entries, its shape "
+                             f"{tuple(shape)} needs {(n + 7) // 8} uint8 bytes")
+        out.append(unpack(m, shape))
+    return out
 
 
 def counters(sd) -> Tuple[int, int, int, Optional[torch.Tensor]]:

@@ -17,6 +17,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from helpers import SmallResNet, batches  # noqa: E402
 from rigl_fast import RigLScheduler  # noqa: E402
 from rigl_fast.integrations.lightning import RigLCallback  # noqa: E402
+from rigl_fast.state import masks as sd_masks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(dense_allocation=0.3, delta=3, alpha=0.4, grad_accumulation_n=2)
@@ -134,7 +135,7 @@ def test_training_runs_updates_and_equals_the_plain_in_step_loop(tmp_path, accum
     assert pruner.in_step and pruner.T_end == int(0.75 * n_steps) == 9  # the default: 75% of the run
     assert pruner.step == trainer.global_step == n_steps  # one pruner step per optimizer step
     assert pruner.rigl_steps == 2 and pruner.skipped_updates == 0  # updates at steps 3 and 6
-    masks0 = rec.pruner0["backward_masks"]
+    masks0 = sd_masks(rec.pruner0)
     changed = [not torch.equal(a, b) for a, b in zip(masks0, pruner.backward_masks) if b is not None]
     assert changed and all(changed), "an update moved no weight"
     _assert_invariants(pruner)
@@ -184,7 +185,7 @@ def test_resume_from_a_model_checkpoint_equals_the_uninterrupted_fit(tmp_path):
     full_cb.load_state_dict({"pruner": saved})
     assert full_cb.pruner.step == 5 and full_cb.state_dict()["pruner"]["step"] == 5
     assert all(a is None and b is None or torch.equal(a, b)
-               for a, b in zip(full_cb.pruner.backward_masks, saved["backward_masks"]))
+               for a, b in zip(full_cb.pruner.backward_masks, sd_masks(saved)))
 
 
 def test_metrics_are_logged(tmp_path):

@@ -254,7 +254,7 @@ def test_checkpoint_round_trip_is_exact_and_keeps_the_structure(structure, densi
         assert torch.equal(a, b)
     # masks that break the structure are refused, naming the layer
     bad = copy.deepcopy(sd)
-    bad["backward_masks"][1].view(-1)[:] = True
+    bad["backward_masks"][1] = torch.ones(bad["rigl_fast_mask_shapes"][1], dtype=torch.bool)
     fresh = _mlp()
     with pytest.raises(ValueError, match="does not have the structure"):
         RigLScheduler(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), **kw, state_dict=bad)
