@@ -720,6 +720,13 @@ class RigLScheduler:
             if ref is not None and ref() in (self, None):
                 del _REGISTERED[id(w)]
 
+    def export(self, format: str = "auto") -> nn.Module:
+        """A new inference module computing what the model computes, its sparse Linear and Conv1D layers
+        replaced by sparse ones ('csr', 'fan_in', 'semi_structured' or 'auto'; see export.py). The model and
+        the scheduler are not modified."""
+        from . import export as _export  # defines custom ops: imported only when a model is exported
+        return _export.export(self, format)
+
     @torch.no_grad()
     def summary(self) -> str:
         """One line per weight of a candidate type: name, shape, density, and why a dense one is dense."""

@@ -109,3 +109,36 @@ def test_rigl_torch_state_dict_loads_and_training_continues():
     for w, m, c in zip(ours.W, ours.backward_masks, counts):
         if m is not None:
             assert int(m.sum()) == c and torch.all(w[~m] == 0)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 3), (64, 33)])
+def test_masks_are_bit_packed_and_unpack_exactly(shape):
+    from rigl_fast.state import pack, unpack
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    m = torch.rand(shape, generator=g) < 0.4
+    p = pack(m)
+    assert p.dtype == torch.uint8 and p.numel() == (m.numel() + 7) // 8
+    assert torch.equal(unpack(p, shape), m)
+
+
+def test_state_dict_masks_take_one_bit_per_weight_and_older_formats_load():
+    from rigl_fast.state import masks as sd_masks
+    model, opt, pruner = make()
+    sd = pruner.state_dict()
+    live = [m for m in pruner.backward_masks if m is not None]
+    packed = [m for m in sd["backward_masks"] if m is not None]
+    assert sum(p.numel() * p.element_size() for p in packed) * 8 < sum(m.numel() for m in live) + 8 * len(live)
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(sd_masks(sd), pruner.backward_masks))
+    # format 1 (bool masks, no shapes) loads into a fresh scheduler with the same masks
+    old = dict(sd, backward_masks=sd_masks(sd), rigl_fast_format=1)
+    del old["rigl_fast_mask_shapes"]
+    pruner.remove()
+    again = RigLScheduler(model, opt, state_dict=old)
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(again.backward_masks, sd_masks(sd)))
+    # a packed mask of the wrong length is refused, naming the layer
+    bad = dict(sd, backward_masks=list(sd["backward_masks"]))
+    i = next(k for k, m in enumerate(bad["backward_masks"]) if m is not None)
+    bad["backward_masks"][i] = bad["backward_masks"][i][:-1]
+    again.remove()
+    with pytest.raises(ValueError, match=f"packed mask of layer {i}"):
+        RigLScheduler(model, opt, state_dict=bad)

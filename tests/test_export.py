@@ -1,0 +1,135 @@
+"""pruner.export() (issue 15): outputs equal the masked dense model for each format, batch sizes 1/7/64, fp32
+and bf16, odd shapes, Linear and transformers' Conv1D; the training model and scheduler untouched; save/load
+round trips (whole module, and a weights_only state dict); torch.compile; clear errors.
+
+Bound: each output is accumulated in fp32 and rounded once to the input's dtype, so it differs from the
+dense layer's (also fp32-accumulated) result by the fp32 summation-order error plus at most one rounding of
+the output dtype: |diff| <= 2 ulp(|y|) in the output dtype + 1e-6 * sum|w x| (checked below).
+"""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rigl_fast import RigLScheduler
+from rigl_fast.export import CSRLinear, FanInLinear
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(37, 64)
+        self.b = nn.Linear(64, 101)
+        self.c = nn.Linear(101, 11, bias=False)
+        self.conv = nn.Conv1d(1, 3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b(F.relu(self.a(x))))
+        return self.c(h) + self.conv(x[:, None, :11]).sum((1, 2))[:, None]
+
+
+def _trained(structure="unstructured", dtype=torch.float32, density=0.1):
+    torch.manual_seed(0)
+    model = Odd()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = RigLScheduler(model, opt, dense_allocation=density, T_end=20, delta=4, ignore_linear_layers=False,
+                           structure=structure, sparsity_distribution="uniform")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        x, y = torch.randn(16, 37, generator=g), torch.randint(0, 11, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pruner():
+            opt.step()
+    return model.to(dtype), pruner
+
+
+def _close(got, want, x_scale):
+    eps = torch.finfo(want.dtype).eps
+    tol = 2 * eps * want.float().abs() + 1e-6 * x_scale
+    assert bool(((got.float() - want.float()).abs() <= tol).all()), (got.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("fmt,structure", [("csr", "unstructured"), ("csr", "fan_in"), ("fan_in", "fan_in"),
+                                           ("auto", "fan_in"), ("auto", "unstructured")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_equal_the_masked_model(fmt, structure, dtype):
+    model, pruner = _trained(structure, dtype)
+    before = copy.deepcopy(model.state_dict())
+    masks = [None if m is None else m.clone() for m in pruner.backward_masks]
+    exp = pruner.export(fmt)
+    want_fmt = {"csr": "csr", "fan_in": "fan_in"}.get(fmt, "fan_in" if structure == "fan_in" else "csr")
+    assert exp.rigl_fast_formats == {"b": want_fmt, "c": want_fmt}  # 'a' is dense (first layer), conv left as is
+    assert isinstance(exp.b, {"csr": CSRLinear, "fan_in": FanInLinear}[want_fmt]) and isinstance(exp.conv, nn.Conv1d)
+    g = torch.Generator().manual_seed(2)
+    for batch in (1, 7, 64):
+        x = torch.randn(batch, 37, generator=g).to(dtype)
+        with torch.no_grad():
+            _close(exp(x), model(x), float(x.float().abs().sum(1).max()))
+    # the training model and its scheduler are untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(a is None or torch.equal(a, b) for a, b in zip(masks, pruner.backward_masks))
+    assert isinstance(model.b, nn.Linear) and pruner.model is model
+
+
+def test_conv1d_and_leading_dims():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = RigLScheduler(model, opt, dense_allocation=0.25, T_end=8, delta=2, ignore_linear_layers=False,
+                           structure="fan_in")
+    exp = pruner.export()
+    assert set(exp.rigl_fast_formats.values()) == {"fan_in"} and len(exp.rigl_fast_formats) == 3
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(exp(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_and_compile(tmp_path):
+    model, pruner = _trained("fan_in")
+    exp = pruner.export("auto")
+    x = torch.randn(5, 37, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = exp(x)
+    torch.save(exp, tmp_path / "whole.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(x), want)
+    # weights only: the state dict of buffers into a freshly exported skeleton
+    torch.save(exp.state_dict(), tmp_path / "sd.pt")
+    fresh = _trained("fan_in")[1].export("auto")
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+        torch.testing.assert_close(torch.compile(exp)(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_file_is_small_at_90_percent():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = RigLScheduler(model, opt, dense_allocation=0.1, T_end=10, delta=5, ignore_linear_layers=False,
+                           sparsity_distribution="erk", structure="fan_in")
+
+    def size(m):
+        buf = io.BytesIO()
+        torch.save(m.state_dict(), buf)
+        return buf.tell()
+
+    for fmt in ("fan_in", "csr"):
+        assert size(pruner.export(fmt)) <= 0.3 * size(model), fmt
+
+
+def test_errors_name_the_argument_and_layer():
+    model, pruner = _trained("unstructured")
+    with pytest.raises(ValueError, match="format must be one of"):
+        pruner.export("dense")
+    with pytest.raises(ValueError, match="format='fan_in': layer 'b.weight'"):
+        pruner.export("fan_in")
+    with pytest.raises(ValueError, match="semi_structured.*CUDA"):
+        pruner.export("semi_structured")
