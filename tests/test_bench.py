@@ -177,3 +177,18 @@ def test_fsdp2_quick_counts_what_each_update_sends(tmp_path):
         assert len({tuple(r["calls_per_rank"]) for r in mine.values()}) == 1
     for section in ("Update latency", "Bytes sent", "Ratios", "Peak extra memory"):
         assert section in md
+
+
+def test_structured_bench_quick(tmp_path):
+    """Every backend times every contender (unstructured, fan_in, 2:4) from one run, and writes its report."""
+    import json
+
+    from bench import structured
+    stem = structured.main(["--quick", "--out", str(tmp_path)])
+    res = json.load(open(stem + ".json"))
+    got = {(r["backend"], r["contender"]) for r in res["rows"]}
+    backends = {b for b, _ in got}
+    assert "reference" in backends
+    assert got == {(b, c) for b in backends for c, _, _ in structured.CONTENDERS}
+    assert all(r["median"] > 0 and r["n"] == 2 for r in res["rows"])
+    assert "| 2:4 |" in open(stem + ".md").read()
