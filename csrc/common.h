@@ -176,14 +176,19 @@ inline std::vector<Span> spans(const std::vector<int64_t>& numel) {
   return out;
 }
 
-// fn(first, last) over ranges of `sp`'s indices, in parallel. Work under one kGrain in all stays on this thread
-// (waking the pool costs milliseconds when the other cores are busy).
+// fn(first, last) over ranges of the indices of n tasks that cover `positions` positions in all, in parallel. Work
+// under one kGrain in all stays on this thread (waking the pool costs milliseconds when the other cores are busy).
+template <typename Fn>
+inline void parallel_tasks(int64_t n, int64_t positions, const Fn& fn) {
+  at::parallel_for(0, n, positions <= kGrain ? std::max<int64_t>(n, 1) : 1, fn);
+}
+
+// fn(first, last) over ranges of `sp`'s indices, in parallel.
 template <typename Fn>
 inline void parallel_spans(const std::vector<Span>& sp, const Fn& fn) {
   int64_t total = 0;
   for (const Span& s : sp) total += s.e - s.b;
-  const int64_t n = static_cast<int64_t>(sp.size());
-  at::parallel_for(0, n, total <= kGrain ? std::max<int64_t>(n, 1) : 1, fn);
+  parallel_tasks(static_cast<int64_t>(sp.size()), total, fn);
 }
 
 // One shard's values and eligibility flags for the ops of the sharded update. Values are read in flat
@@ -197,12 +202,24 @@ struct ShardValues {
   const uint8_t* flags;
 };
 
+// The units of a structured layer (ops.Units): the weight viewed as (out, fan_in), W2[o, f] at flat position
+// o * fan_in + f, or f * out + o when transposed; each row cut into units of `group` consecutive fan-in positions,
+// every unit to hold `target` active ones.
+struct UnitLayout {
+  int64_t out, fan_in;
+  bool transposed;
+  int64_t group, target;
+};
+
 // The update kernels of one instruction set: select_layers decides both selections of every layer (and,
 // if asked, checks that weights and scores are finite: false if not, with nothing decided); write_layer
 // applies a layer's. The kernels of the sharded update (ops.Backend.key_histograms, take_top, commit; the
 // flag value is the one of eligible positions): key_histograms adds to out, (layers, 2^bits) int64 row-major;
 // take_top writes one bool byte per position to outs[l]; commit_layers writes every layer given its keep and
-// grow flags (LayerView's score and counts are unused).
+// grow flags (LayerView's score and counts are unused). The structured update's (ops.Backend.structured_update,
+// unit_grow; the grow is per unit): structured_commit grows every unit of layers whose keep select_layers decided
+// (with n_grow 0) and writes them; unit_grow writes the grow flags of every unit given keep flags (the shard's
+// flags, kept positions flagged) to outs[l].
 #define RIGL_FAST_DECLARE_KERNELS(ISA)                                                                       \
   namespace ISA {                                                                                            \
   bool select_layers(std::vector<LayerView>& layers, bool check_finite);                                     \
@@ -213,6 +230,9 @@ struct ShardValues {
                 const int64_t* n_ties, const std::vector<uint8_t*>& outs);                                   \
   void commit_layers(const std::vector<LayerView>& layers, const std::vector<const uint8_t*>& keep,          \
                      const std::vector<const uint8_t*>& grow);                                               \
+  void structured_commit(const std::vector<LayerView>& layers, const std::vector<UnitLayout>& units);        \
+  void unit_grow(const std::vector<ShardValues>& scores, const std::vector<UnitLayout>& units,               \
+                 const std::vector<uint8_t*>& outs);                                                         \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

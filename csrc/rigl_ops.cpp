@@ -303,15 +303,16 @@ std::vector<LayerView> layer_views(at::TensorList weights, at::TensorList masks,
   return layers;
 }
 
-at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef n_keep,
-                  at::IntArrayRef n_grow, at::TensorList states, at::IntArrayRef state_layer, at::TensorList grads,
-                  at::IntArrayRef grad_layer, bool check_finite) {
+// The layers of an update (`update`, `structured_update`): layer_views, plus each layer's score (a contiguous copy
+// in `sc` where needed) and counts, checked.
+std::vector<LayerView> update_views(at::TensorList weights, at::TensorList masks, at::TensorList scores,
+                                    at::IntArrayRef n_keep, at::IntArrayRef n_grow, at::TensorList states,
+                                    at::IntArrayRef state_layer, at::TensorList grads, at::IntArrayRef grad_layer,
+                                    std::vector<Work>& ws, std::vector<at::Tensor>& sc) {
   const size_t L = weights.size();
   TORCH_CHECK(scores.size() == L && n_keep.size() == L && n_grow.size() == L,
-              "rigl_fast: update needs one score, n_keep and n_grow per weight");
-  std::vector<Work> ws;  // weights, states, grads: contiguous working copies where needed
+              "rigl_fast: an update needs one score and one count of each kind per weight");
   std::vector<LayerView> layers = layer_views(weights, masks, states, state_layer, grads, grad_layer, ws);
-  std::vector<at::Tensor> sc;
   sc.reserve(L);
   const int64_t band_max = band_max_numel();
   for (size_t i = 0; i < L; ++i) {
@@ -329,14 +330,74 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
     v.n_grow = n_grow[i];
     v.exact = n > band_max;
   }
-  // Every selection, and the finiteness check riding on it, comes before any write: a non-finite input
-  // leaves everything as it was. Layers are written one after another, each parallel inside.
-  if (!RIGL_FAST_KERNEL(select_layers)(layers, check_finite))
-    return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
-  const auto write = RIGL_FAST_KERNEL(write_layer);
-  for (auto& v : layers) write(v);
-  for (auto& w : ws) w.finish();
-  return at::scalar_tensor(true, at::TensorOptions().dtype(at::kBool));
+  return layers;
+}
+
+// Every selection, and the finiteness check riding on it, comes before any write: a non-finite input leaves
+// everything as it was. Then write() and the write-back of working copies.
+template <typename Write>
+at::Tensor select_then_write(std::vector<LayerView>& layers, std::vector<Work>& ws, bool check_finite,
+                             const Write& write) {
+  const bool ok = RIGL_FAST_KERNEL(select_layers)(layers, check_finite);
+  if (ok) {
+    write();
+    for (auto& w : ws) w.finish();
+  }
+  return at::scalar_tensor(ok, at::TensorOptions().dtype(at::kBool));
+}
+
+at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList scores, at::IntArrayRef n_keep,
+                  at::IntArrayRef n_grow, at::TensorList states, at::IntArrayRef state_layer, at::TensorList grads,
+                  at::IntArrayRef grad_layer, bool check_finite) {
+  std::vector<Work> ws;  // weights, states, grads: contiguous working copies where needed
+  std::vector<at::Tensor> sc;
+  std::vector<LayerView> layers =
+      update_views(weights, masks, scores, n_keep, n_grow, states, state_layer, grads, grad_layer, ws, sc);
+  return select_then_write(layers, ws, check_finite, [&] {
+    const auto write = RIGL_FAST_KERNEL(write_layer);
+    for (auto& v : layers) write(v);  // one after another, each parallel inside
+  });
+}
+
+// ------------------------------------------------------------------------------------------ structured layers
+// The units of every layer from `units`, 5 ints a layer (ops.Units: out, fan_in, transposed, group, target),
+// checked against the layers' sizes.
+std::vector<UnitLayout> unit_layouts(at::IntArrayRef units, const std::vector<int64_t>& numel) {
+  TORCH_CHECK(units.size() == 5 * numel.size(), "rigl_fast: units needs 5 ints a layer (out, fan_in, transposed, "
+              "group, target), got ", units.size(), " for ", numel.size(), " layers");
+  std::vector<UnitLayout> out;
+  for (size_t i = 0; i < numel.size(); ++i) {
+    const int64_t* x = units.data() + 5 * i;
+    const UnitLayout u{x[0], x[1], x[2] != 0, x[3], x[4]};
+    // unit_select packs an index within a unit into 32 bits
+    TORCH_CHECK(u.out >= 0 && u.fan_in >= 1 && u.group >= 1 && u.group <= (int64_t{1} << 32) &&
+                u.fan_in % u.group == 0 && u.out * u.fan_in == numel[i] && u.target >= 0 && u.target <= u.group,
+                "rigl_fast: layer ", i, " of ", numel[i], " positions cannot have the units out=", u.out, " fan_in=",
+                u.fan_in, " group=", u.group, " target=", u.target,
+                " (out * fan_in must be its size, group must divide fan_in, 0 <= target <= group <= 2^32)");
+    out.push_back(u);
+  }
+  return out;
+}
+
+std::vector<int64_t> numels(at::TensorList ts) {
+  std::vector<int64_t> n;
+  for (const auto& t : ts) n.push_back(t.numel());
+  return n;
+}
+
+// keep is `update`'s keep (select_layers with no grow); then every unit grows and the layers are written.
+at::Tensor structured_update(at::TensorList weights, at::TensorList masks, at::TensorList scores,
+                             at::IntArrayRef n_keep, at::IntArrayRef units, at::TensorList states,
+                             at::IntArrayRef state_layer, at::TensorList grads, at::IntArrayRef grad_layer,
+                             bool check_finite) {
+  const std::vector<int64_t> no_grow(weights.size(), 0);
+  const std::vector<UnitLayout> lay = unit_layouts(units, numels(weights));
+  std::vector<Work> ws;
+  std::vector<at::Tensor> sc;
+  std::vector<LayerView> layers =
+      update_views(weights, masks, scores, n_keep, no_grow, states, state_layer, grads, grad_layer, ws, sc);
+  return select_then_write(layers, ws, check_finite, [&] { RIGL_FAST_KERNEL(structured_commit)(layers, lay); });
 }
 
 // ------------------------------------------------------------------------------------------ the sharded update
@@ -377,18 +438,34 @@ at::Tensor key_histograms(at::TensorList values, at::TensorList flags, bool flag
   return out;
 }
 
+// A flat bool tensor per shard, for a kernel to write through `bytes`.
+std::vector<at::Tensor> flag_outputs(const std::vector<ShardValues>& vs, std::vector<uint8_t*>& bytes) {
+  std::vector<at::Tensor> out;
+  for (const auto& v : vs) {
+    out.push_back(at::empty({v.n}, at::kBool));
+    bytes.push_back(reinterpret_cast<uint8_t*>(out.back().mutable_data_ptr<bool>()));
+  }
+  return out;
+}
+
 std::vector<at::Tensor> take_top(at::TensorList values, at::TensorList flags, bool flag_value,
                                  at::IntArrayRef thresholds, at::IntArrayRef n_ties) {
   TORCH_CHECK(thresholds.size() == values.size() && n_ties.size() == values.size(),
               "rigl_fast: take_top needs one threshold and one n_ties per values tensor");
   const auto vs = shard_values(values, flags);
-  std::vector<at::Tensor> out;
   std::vector<uint8_t*> outs;
-  for (const auto& v : vs) {
-    out.push_back(at::empty({v.n}, at::kBool));
-    outs.push_back(reinterpret_cast<uint8_t*>(out.back().mutable_data_ptr<bool>()));
-  }
+  std::vector<at::Tensor> out = flag_outputs(vs, outs);
   RIGL_FAST_KERNEL(take_top)(vs, flag_value, thresholds.data(), n_ties.data(), outs);
+  return out;
+}
+
+// structured_update's grow alone, given keep (ops.Backend.unit_grow): a shard's scores read in place, strided or not.
+std::vector<at::Tensor> unit_grow(at::TensorList scores, at::TensorList keep, at::IntArrayRef units) {
+  const auto vs = shard_values(scores, keep);
+  const std::vector<UnitLayout> lay = unit_layouts(units, numels(scores));
+  std::vector<uint8_t*> outs;
+  std::vector<at::Tensor> out = flag_outputs(vs, outs);
+  RIGL_FAST_KERNEL(unit_grow)(vs, lay, outs);
   return out;
 }
 
@@ -480,6 +557,11 @@ TORCH_LIBRARY(rigl_fast, m) {
         "int[] state_layer, Tensor(d!)[] grads, int[] grad_layer) -> ()");
   m.def("split_grad(Tensor(a!) grad, Tensor mask, Tensor(b!) off) -> ()");
   m.def("fold_grad(Tensor(a!) acc, Tensor grad, Tensor off, int n) -> ()");
+  // structured layers (ops.Backend.structured_update, unit_grow); units: 5 ints a layer, as ops.Units
+  m.def("structured_update(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] scores, int[] n_keep, int[] units, "
+        "Tensor(c!)[] states, int[] state_layer, Tensor(d!)[] grads, int[] grad_layer, "
+        "bool check_finite=False) -> Tensor");
+  m.def("unit_grow(Tensor[] scores, Tensor[] keep, int[] units) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
@@ -492,6 +574,8 @@ TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("commit", &commit);
   m.impl("split_grad", &split_grad);
   m.impl("fold_grad", &fold_grad);
+  m.impl("structured_update", &structured_update);
+  m.impl("unit_grow", &unit_grow);
 }
 
 }  // namespace rigl_fast

@@ -201,30 +201,50 @@ inline uint64_t pack(uint32_t key, int64_t i, uint32_t flip) {
   return (static_cast<uint64_t>(key) << 32) | (static_cast<uint32_t>(i) ^ flip);
 }
 
+// The need-th largest of `entries` (1-based; they are reordered) as a Sel.
+inline Sel nth_sel(std::vector<uint64_t>& entries, int64_t need, bool tie_low) {
+  std::nth_element(entries.begin(), entries.begin() + (need - 1), entries.end(), std::greater<uint64_t>());
+  const uint64_t kth = entries[need - 1];
+  return Sel{static_cast<int64_t>(kth >> 32), static_cast<int64_t>(static_cast<uint32_t>(kth) ^ tie_flip(tie_low)),
+             tie_low};
+}
+
+// Puts into `sub` the entries of the bucket of a key histogram (2^bits buckets or fewer over [lo, hi]) that holds
+// the need-th largest of n entries, and makes `need` its rank there: nth_sel then orders only that bucket. key(i)
+// is entry i's key, in [lo, hi] or -1 (not counted); entry(i) its packed form.
+template <typename Key, typename Entry>
+inline void histogram_bucket(int64_t n, const Key& key, const Entry& entry, int64_t& need, int64_t lo, int64_t hi,
+                             int bits, std::vector<uint64_t>& sub) {
+  const uint32_t width = static_cast<uint32_t>(hi - lo);
+  const int shift = std::max(0, static_cast<int>(std::bit_width(width)) - bits);
+  const uint32_t nb = (width >> shift) + 1;
+  // -1 - lo >= 2^31 lands past the last bucket: in the spare one at nb, whatever the shift
+  const auto bucket_of = [&](int64_t i) {
+    return std::min((static_cast<uint32_t>(key(i)) - static_cast<uint32_t>(lo)) >> shift, nb);
+  };
+  std::vector<int64_t> hist(nb + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++hist[bucket_of(i)];
+  uint32_t bucket = nb - 1;
+  for (; bucket > 0 && hist[bucket] < need; --bucket) need -= hist[bucket];
+  sub.clear();
+  sub.reserve(hist[bucket]);
+  for (int64_t i = 0; i < n; ++i)
+    if (bucket_of(i) == bucket) sub.push_back(entry(i));
+}
+
 // The need-th entry (1-based) of a band whose keys lie in [lo, hi], as a Sel: everything above the band is
-// already chosen. A histogram of the keys finds the bucket holding it, and nth_element orders only that
-// bucket. `band` is not reordered.
+// already chosen. `band` is not reordered.
 inline Sel band_select(const std::vector<uint64_t>& band, int64_t need, bool tie_low, int64_t lo, int64_t hi) {
   select_paths().band.fetch_add(1, std::memory_order_relaxed);
   std::vector<uint64_t> sub;
   if (band.size() <= 4096) {
     sub = band;
   } else {
-    const uint32_t width = static_cast<uint32_t>(hi - lo);
-    const int shift = std::max(0, static_cast<int>(std::bit_width(width)) - 11);
-    const size_t nb = (width >> shift) + 1;
-    std::vector<int64_t> hist(nb, 0);
-    for (const uint64_t e : band) ++hist[(static_cast<uint32_t>(e >> 32) - static_cast<uint32_t>(lo)) >> shift];
-    size_t bucket = nb - 1;
-    for (; bucket > 0 && hist[bucket] < need; --bucket) need -= hist[bucket];
-    sub.reserve(hist[bucket]);
-    for (const uint64_t e : band)
-      if (((static_cast<uint32_t>(e >> 32) - static_cast<uint32_t>(lo)) >> shift) == bucket) sub.push_back(e);
+    histogram_bucket(
+        static_cast<int64_t>(band.size()), [&](int64_t i) { return static_cast<int64_t>(band[i] >> 32); },
+        [&](int64_t i) { return band[i]; }, need, lo, hi, 11, sub);
   }
-  std::nth_element(sub.begin(), sub.begin() + (need - 1), sub.end(), std::greater<uint64_t>());
-  const uint64_t kth = sub[need - 1];
-  return Sel{static_cast<int64_t>(kth >> 32), static_cast<int64_t>(static_cast<uint32_t>(kth) ^ tie_flip(tie_low)),
-             tie_low};
+  return nth_sel(sub, need, tie_low);
 }
 
 // Calls visit(j) for every j < len with flags[j] != 0; flags are bytes, zero-padded to a multiple of 8.

@@ -2,12 +2,13 @@
 #include "common.h"
 
 #if RIGL_FAST_HAVE_AVX2
-// Headers above stay baseline; only what update_kernels.h and shard_kernels.h define (in namespace
+// Headers above stay baseline; only what update_kernels.h, shard_kernels.h and unit_kernels.h define (in namespace
 // rigl_fast::avx2) is AVX2.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,lzcnt")
 #define RIGL_ISA avx2
 #include "update_kernels.h"
 #include "shard_kernels.h"
+#include "unit_kernels.h"
 #pragma GCC pop_options
 #endif

@@ -4,3 +4,4 @@
 #define RIGL_ISA base
 #include "update_kernels.h"
 #include "shard_kernels.h"
+#include "unit_kernels.h"

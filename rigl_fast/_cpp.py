@@ -209,6 +209,15 @@ def _register_fakes():
     def _fold_grad(acc, grad, off, n):
         return None
 
+    @torch.library.register_fake("rigl_fast::structured_update")
+    def _structured_update(weights, masks, scores, n_keep, units, states, state_layer, grads, grad_layer,
+                           check_finite=False):
+        return torch.empty((), dtype=torch.bool, device=weights[0].device if weights else "cpu")
+
+    @torch.library.register_fake("rigl_fast::unit_grow")
+    def _unit_grow(scores, keep, units):
+        return [s.new_empty((s.numel(),), dtype=torch.bool) for s in scores]
+
 
 class CppBackend(Backend):
     name = "cpp"
@@ -226,6 +235,8 @@ class CppBackend(Backend):
         self._commit = ops.commit.default
         self._split_grad = ops.split_grad.default
         self._fold_grad = ops.fold_grad.default
+        self._structured_update = ops.structured_update.default
+        self._unit_grow = ops.unit_grow.default
 
     def supports(self, device):
         device = torch.device(device)
@@ -246,17 +257,26 @@ class CppBackend(Backend):
         return bool(self._any_nonfinite(list(tensors)))
 
     def update(self, weights, masks, scores, n_keep, n_grow, states, grads):
-        self._run_update(weights, masks, scores, n_keep, n_grow, states, grads, False)
+        _run_update(self._update, weights, masks, scores, n_keep, [int(k) for k in n_grow], states, grads, False)
 
     def checked_update(self, weights, masks, scores, n_keep, n_grow, states, grads):
         # the finiteness check rides on the selection's read of weights and scores: one pass fewer
-        return self._run_update(weights, masks, scores, n_keep, n_grow, states, grads, True)
+        return _run_update(self._update, weights, masks, scores, n_keep, [int(k) for k in n_grow], states, grads,
+                           True)
 
-    def _run_update(self, weights, masks, scores, n_keep, n_grow, states, grads, check_finite):
-        if not len(weights):
-            return True
-        return bool(self._update(list(weights), list(masks), list(scores), [int(k) for k in n_keep],
-                                 [int(k) for k in n_grow], *_flat_layers(states, grads), check_finite))
+    # structured layers: keep is the update's own kernel; each unit's grow is selected in C++ (csrc/unit_kernels.h)
+    def structured_update(self, weights, masks, scores, n_keep, units, states, grads):
+        _run_update(self._structured_update, weights, masks, scores, n_keep, _flat_units(units), states, grads,
+                    False)
+
+    def checked_structured_update(self, weights, masks, scores, n_keep, units, states, grads):
+        return _run_update(self._structured_update, weights, masks, scores, n_keep, _flat_units(units), states,
+                           grads, True)
+
+    def unit_grow(self, scores, keep, units):
+        if not len(scores):
+            return []
+        return list(self._unit_grow(list(scores), list(keep), _flat_units(units)))
 
     # the sharded (FSDP2) update: every dtype the kernels take (fp32/fp64/fp16/bf16) runs in C++
     # (an op with no tensor argument cannot be dispatched: empty lists are answered here)
@@ -281,6 +301,20 @@ class CppBackend(Backend):
 
     def fold_grad(self, acc, grad, off, n):
         self._fold_grad(acc, grad, off, int(n))
+
+
+def _run_update(op, weights, masks, scores, n_keep, counts, states, grads, check_finite):
+    """`op` (the update or the structured update) on every layer; `counts` is its int list after n_keep (n_grow,
+    or the units). True unless the finiteness check stopped it."""
+    if not len(weights):
+        return True
+    return bool(op(list(weights), list(masks), list(scores), [int(k) for k in n_keep], counts,
+                   *_flat_layers(states, grads), check_finite))
+
+
+def _flat_units(units):
+    """ops.Units of every layer as the ops take them: 5 ints a layer (out, fan_in, transposed, group, target)."""
+    return [int(x) for u in units for x in u]
 
 
 def _flat_layers(states, grads):

@@ -53,6 +53,25 @@ def test_path_of_huge_layers_forced_on_small_ones(cpp, dtype, kind, monkeypatch)
         assert after[1] - before[1] == wanted
 
 
+def test_structured_update_on_the_exact_path(cpp, monkeypatch):
+    """The structured update's keep is the update's selection, on the 2**32+ path too; its per-unit grow never goes
+    through the layer-wide select: one exact selection per layer whose keep is not all or nothing."""
+    from test_cpp import REF, UNIT_LAYERS, assert_structured_same, run_structured, structured_layer
+    g = torch.Generator().manual_seed(9)
+    layers = [structured_layer(u, "levels", torch.float32, g) for u in UNIT_LAYERS]
+    n_active = [int(m.sum()) for _, m, _ in layers]
+    n_keep = [a * 2 // 3 for a in n_active]
+    states = [[torch.randn(w.shape, generator=g)] for w, _, _ in layers]
+    grads = [torch.randn(w.shape, generator=g) for w, _, _ in layers]
+    monkeypatch.setenv("RIGL_FAST_CPU_BAND_MAX_NUMEL", "0")
+    before = paths()
+    got = run_structured(cpp, layers, UNIT_LAYERS, n_keep, states, grads)
+    after = paths()
+    assert_structured_same(got, run_structured(REF, layers, UNIT_LAYERS, n_keep, states, grads), UNIT_LAYERS)
+    assert after[0] == before[0]
+    assert after[1] - before[1] == sum(0 < k < a for k, a in zip(n_keep, n_active))
+
+
 def test_band_method_is_the_default(cpp, monkeypatch):
     """Without the knob the same kind of layer goes through the band method: the knob is what the test above
     relies on to reach the exact path."""

@@ -527,6 +527,180 @@ def test_shard_ops_edge_cases(cpp):
         cpp.take_top([v], [torch.ones(4, dtype=torch.bool)], True, [0], [1])
 
 
+# ------------------------------------------------------------------------------------------------ structured layers
+# ops.Backend.structured_update / unit_grow (csrc/unit_kernels.h): keep is the update's kernel, then each unit grows
+# on its own, in tiles of about 8192 positions (a transposed layer's are blocks of its stored (fan_in, out) tensor,
+# 64+ columns wide) run in one parallel loop over every layer. Units of up to 32 positions are selected by counting
+# (compiled loops for groups of 2, 4, 8, 16), larger ones through a key histogram and nth_element on one bucket.
+UNIT_LAYERS = [
+    rops.Units(301, 777, False, 777, 70),  # fan_in, ~29 tiles
+    rops.Units(150, 3001, True, 3001, 300),  # fan_in of a Conv1D: units of 3001 strided by `out`, 3 column tiles
+    rops.Units(1031, 64, False, 4, 2),  # 2:4
+    rops.Units(517, 96, True, 8, 3),  # 3:8 of a Conv1D: tiles of 64 stored rows by 96 columns
+    rops.Units(129, 51, False, 3, 1),  # 1:3: a group with no compiled loop of its own
+    rops.Units(70, 45, True, 3, 2),
+    rops.Units(200, 33, False, 33, 5),  # just past the counting path
+    rops.Units(300, 32, True, 32, 7),  # the largest unit the counting path takes
+    rops.Units(64, 16, False, 16, 5),
+    rops.Units(50, 10, False, 2, 1),
+    rops.Units(33, 40, False, 40, 40),  # every position active
+    rops.Units(1, 1, False, 1, 1),
+]
+STRUCT_DTYPES = DTYPES + [torch.float64]
+
+
+def stored_shape(u):
+    return (u.fan_in, u.out) if u.transposed else (u.out, u.fan_in)
+
+
+def structured_layer(u, kind, dtype, g):
+    """A layer with a mask of the structure (a random draw), weights on the mask, scores; `kind` as make_layer's."""
+    from rigl_fast.structure import draw
+    shape = stored_shape(u)
+    m = draw(u, g).view(shape)
+    w = torch.where(m, random_values(m.numel(), kind, torch.float32, g).view(shape), 0.0).to(dtype)
+    return w, m, random_values(m.numel(), kind, torch.float32, g).view(shape).to(dtype)
+
+
+def run_structured(op, layers, units, n_keep, states, grads, checked=False):
+    """op's structured update on copies (scores shared): (weights, masks, states, grads, its return value)."""
+    ws, ms = [w.clone() for w, _, _ in layers], [m.clone() for _, m, _ in layers]
+    st = [[t.clone() for t in x] for x in states]
+    gr = [None if x is None else x.clone() for x in grads]
+    scores = [s for _, _, s in layers]
+    if checked:
+        done = op.checked_structured_update(ws, ms, scores, n_keep, units, st, gr)
+    else:
+        done = op.structured_update(ws, ms, scores, n_keep, units, st, gr)
+    return ws, ms, st, gr, done
+
+
+def assert_structured_same(got, want, units):
+    for mc, mr, u in zip(got[1], want[1], units):
+        assert torch.equal(mc, mr), u
+        assert bool((rops.units_of(mc.reshape(-1), u).sum(1) == u.target).all()), u
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(bits_of(a), bits_of(b))
+    for x, y in zip(got[2], want[2]):
+        for a, b in zip(x, y):
+            assert torch.equal(bits_of(a), bits_of(b))
+    for a, b in zip(got[3], want[3]):
+        assert (a is None and b is None) or torch.equal(bits_of(a), bits_of(b))
+
+
+@pytest.mark.parametrize("dtype", STRUCT_DTYPES)
+@pytest.mark.parametrize("kind", ["generic", "levels", "zeros"])
+def test_structured_update_matches_reference(cpp, isa, dtype, kind):
+    """Every layer of UNIT_LAYERS in one call, for n_drop in {0, 0.3 n_active, n_active}: nothing dropped (every unit
+    already at its target), some (units at their target next to units that grow), all (every unit regrows it all).
+    The first layer's weight, score, state and grad are strided."""
+    g = torch.Generator().manual_seed(seed_of("structured", dtype, kind))
+    layers = [structured_layer(u, kind, dtype, g) for u in UNIT_LAYERS]
+    w0, m0, s0 = layers[0]
+    layers[0] = (laid_out(w0, "transposed"), m0, laid_out(s0, "sliced"))
+    n_active = [int(m.sum()) for _, m, _ in layers]
+    at_target = 0
+    for frac in (0.0, 0.3, 1.0):
+        n_keep = [a - int(a * frac) for a in n_active]
+        states = [[torch.randn(w.shape, generator=g).to(dtype), torch.rand(w.shape, generator=g).half()][:1 + i % 2]
+                  for i, (w, _, _) in enumerate(layers)]
+        states[0][0] = laid_out(states[0][0], "sliced")
+        grads = [laid_out(torch.randn(w.shape, generator=g).to(dtype), "transposed") if i % 3 != 1 else None
+                 for i, (w, _, _) in enumerate(layers)]
+        got = run_structured(cpp, layers, UNIT_LAYERS, n_keep, states, grads)
+        want = run_structured(REF, layers, UNIT_LAYERS, n_keep, states, grads)
+        assert_structured_same(got, want, UNIT_LAYERS)
+        assert not got[0][0].is_contiguous()  # written back through the strided view
+        if frac == 0.3:
+            for (w, m, _), k, u in zip(layers, n_keep, UNIT_LAYERS):
+                kept = rops.units_of(reference.keep_flags(w, m, k), u).sum(1)
+                at_target += int((kept == u.target).sum())
+    assert at_target > 100  # units that grow nothing sat next to units that grow
+
+
+def test_structured_update_random_layers(cpp):
+    """Layers of random shapes and units, each in a call of its own and then all in one."""
+    g = torch.Generator().manual_seed(41)
+    units, layers = [], []
+    for i in range(40):
+        out, per_row = (int(x) for x in torch.randint(1, 90, (2,), generator=g))
+        group = [1, 2, 3, 4, 8, 16, 31, 33, 100, 700][i % 10]
+        u = rops.Units(out, group * (1 if group > 30 else per_row % 9 + 1), bool(i % 3 == 0), group,
+                       int(torch.randint(1, group + 1, (1,), generator=g)))
+        units.append(u)
+        layers.append(structured_layer(u, ["generic", "levels"][i % 2], torch.float32, g))
+    n_keep = [int(m.sum()) - int(int(m.sum()) * (i % 5) / 4) for i, (_, m, _) in enumerate(layers)]
+    states, grads = [[] for _ in layers], [None for _ in layers]
+    for i in range(len(layers)):
+        got = run_structured(cpp, layers[i:i + 1], units[i:i + 1], n_keep[i:i + 1], [[]], [None])
+        want = run_structured(REF, layers[i:i + 1], units[i:i + 1], n_keep[i:i + 1], [[]], [None])
+        assert_structured_same(got, want, units[i:i + 1])
+    assert_structured_same(run_structured(cpp, layers, units, n_keep, states, grads),
+                           run_structured(REF, layers, units, n_keep, states, grads), units)
+
+
+@pytest.mark.parametrize("dtype", STRUCT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_unit_grow_matches_reference(cpp, isa, dtype, layout):
+    """The grow half alone (FSDP2 runs it on a shard's rows): keep flags from the reference's keep, scores read in
+    place whatever their strides; and keep flags of no particular kind (a unit kept past its target grows nothing)."""
+    g = torch.Generator().manual_seed(seed_of("unit_grow", dtype, layout))
+    layers = [structured_layer(u, "levels" if i % 2 else "generic", dtype, g) for i, u in enumerate(UNIT_LAYERS)]
+    scores = [laid_out(s, layout) for _, _, s in layers]
+    for frac in (0.0, 0.3, 1.0):
+        keep = [reference.keep_flags(w, m, int(m.sum()) - int(int(m.sum()) * frac)) for w, m, _ in layers]
+        got = cpp.unit_grow(scores, keep, UNIT_LAYERS)
+        for s, k, u, x in zip(scores, keep, UNIT_LAYERS, got):
+            assert x.dtype == torch.bool and x.shape == (s.numel(),)
+            assert torch.equal(x, reference.unit_grow(s, k, u)), (u, frac)
+    keep = [torch.rand(s.numel(), generator=g) < 0.5 for s in scores]
+    for s, k, u, x in zip(scores, keep, UNIT_LAYERS, cpp.unit_grow(scores, keep, UNIT_LAYERS)):
+        assert torch.equal(x, reference.unit_grow(s, k, u)), u
+    assert cpp.unit_grow([], [], []) == []
+
+
+@pytest.mark.parametrize("where", ["weight", "score"])
+def test_checked_structured_update_nonfinite_changes_nothing(cpp, where):
+    """The finiteness check rides on keep's read: a NaN/inf in the last layer changes no layer; made finite again,
+    the checked update runs and equals the reference's."""
+    g = torch.Generator().manual_seed(seed_of("checked structured", where))
+    units = UNIT_LAYERS[:4]
+    layers = [structured_layer(u, "generic", torch.bfloat16, g) for u in units]
+    n_keep = [int(m.sum()) * 2 // 3 for _, m, _ in layers]
+    states = [[torch.randn(w.shape, generator=g).bfloat16()] for w, _, _ in layers]
+    grads = [torch.randn(w.shape, generator=g).bfloat16() for w, _, _ in layers]
+    target = (layers[-1][0] if where == "weight" else layers[-1][2]).view(-1)
+    for bad in (float("nan"), float("-inf")):
+        target[int(torch.nonzero(layers[-1][1].view(-1))[5])] = bad
+        got = run_structured(cpp, layers, units, n_keep, states, grads, checked=True)
+        assert got[4] is False
+        assert run_structured(REF, layers, units, n_keep, states, grads, checked=True)[4] is False
+        for (w, m, _), wc, mc in zip(layers, got[0], got[1]):
+            assert equal_nan(wc, w) and torch.equal(mc, m)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(got[2], states))
+        assert all(torch.equal(a, b) for a, b in zip(got[3], grads))
+    target[int(torch.nonzero(layers[-1][1].view(-1))[5])] = 0.5
+    got = run_structured(cpp, layers, units, n_keep, states, grads, checked=True)
+    want = run_structured(REF, layers, units, n_keep, states, grads, checked=True)
+    assert got[4] is True and want[4] is True
+    assert_structured_same(got, want, units)
+
+
+def test_structured_ops_refuse_what_cannot_hold(cpp):
+    """Units that do not fit the layer, and more to keep than is active, are refused with the reason."""
+    u = rops.Units(4, 6, False, 3, 1)
+    w, m, s = structured_layer(u, "generic", torch.float32, torch.Generator().manual_seed(0))
+    for bad in [u._replace(out=5), u._replace(group=4), u._replace(target=4)]:
+        with pytest.raises(RuntimeError, match="cannot have the units"):
+            cpp.structured_update([w.clone()], [m.clone()], [s], [2], [bad], [[]], [None])
+        with pytest.raises(RuntimeError, match="cannot have the units"):
+            cpp.unit_grow([s], [m.reshape(-1)], [bad])
+    with pytest.raises(RuntimeError, match="n_keep"):
+        cpp.structured_update([w.clone()], [m.clone()], [s], [int(m.sum()) + 1], [u], [[]], [None])
+    assert cpp.structured_update([], [], [], [], [], [], []) is None
+    assert cpp.checked_structured_update([], [], [], [], [], [], []) is True
+
+
 # ------------------------------------------------------------------------------------------------ opcheck
 def _opcheck_cases():
     g = torch.Generator().manual_seed(0)
@@ -534,6 +708,13 @@ def _opcheck_cases():
     a = int(m.sum())
     keep = m.reshape(-1) & (torch.rand(m.numel(), generator=g) < 0.7)
     grow = ~keep & (torch.rand(m.numel(), generator=g) < 0.2)
+    # structured: fan_in units on (37, 5), 1:3 units on a Conv1D-like (40, 9) stored (fan_in, out)
+    su, tu = rops.Units(37, 5, False, 5, 2), rops.Units(9, 40, True, 4, 1)
+    (sw, sm, ss), (tw, tm, ts) = structured_layer(su, "generic", torch.float32, g), \
+        structured_layer(tu, "levels", torch.float32, g)
+    sk, tk = int(sm.sum()) - 10, int(tm.sum()) - 10
+    skeep, tkeep = reference.keep_flags(sw, sm, sk), reference.keep_flags(tw, tm, tk)
+    units = [int(x) for u in (su, tu) for x in u]
     return {
         "mask_grad": [(torch.randn(37, 5), m, None, 1), (torch.randn(37, 5), m, torch.zeros(37, 5), 2)],
         "apply_masks": [([torch.randn(37, 5), torch.randn(37, 5)], [m, m])],
@@ -548,13 +729,18 @@ def _opcheck_cases():
                    ([w.clone()], [m.clone()], [keep], [grow], [], [], [], [])],
         "split_grad": [(torch.randn(37, 5), m, torch.zeros(37, 5))],
         "fold_grad": [(torch.zeros(37, 5), torch.randn(37, 5), torch.randn(37, 5), 3)],
+        "structured_update": [([sw.clone(), tw.clone()], [sm.clone(), tm.clone()], [ss, ts], [sk, tk], units,
+                               [torch.randn(37, 5)], [0], [torch.randn(40, 9)], [1]),
+                              ([sw.clone()], [sm.clone()], [ss], [sk], units[:5], [], [], [], [], True)],
+        "unit_grow": [([ss, laid_out(ts, "transposed")], [skeep, tkeep], units)],
     }
 
 
 SHARD_OPS = ["key_histograms", "take_top", "commit", "split_grad", "fold_grad"]
 
 
-@pytest.mark.parametrize("op", ["mask_grad", "apply_masks", "any_nonfinite", "update"] + SHARD_OPS)
+@pytest.mark.parametrize("op", ["mask_grad", "apply_masks", "any_nonfinite", "update"] + SHARD_OPS
+                         + ["structured_update", "unit_grow"])
 def test_opcheck(cpp, op):
     for args in _opcheck_cases()[op]:
         torch.library.opcheck(getattr(torch.ops.rigl_fast, op).default, args)
