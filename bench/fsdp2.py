@@ -376,11 +376,12 @@ NOTES = [
     "Bytes are what each rank sends, summed over the ranks (so also what they receive), counted by wrapping "
     "torch.distributed's collectives during the timed call: a ring all-reduce sends 2 (w-1)/w of its tensor, "
     "an all-gather (w-1) times its part, gather and scatter each non-root rank's part once. gloo may move more "
-    "on the wire; the model is the same for both contenders.",
+    "on the wire; the model is the same for every contender.",
     "rigl_fast's bytes depend on the number of sparse layers, not their size: per selection (two per update) "
     "3 all-reduces of 2048 + 1024 + 1024 int64 histogram bins per layer and one all-gather of 16 bytes per "
-    "layer and rank, plus one all-reduce of two flags. The baseline sends every weight's value, score and mask "
-    "bit once to rank 0 and the mask back: 5 bytes per fp32 weight with 2 ranks.",
+    "layer and rank, plus one all-reduce of two flags. The baseline moves each weight rank 0 does not hold once: its "
+    "value, score and mask byte to rank 0 and its new mask byte back, 10 bytes per such fp32 weight, so 5 per "
+    "weight with 2 ranks.",
     "The baseline's whole-layer selection runs on rank 0 alone while the other ranks wait; rigl_fast[b] runs "
     "backend b's per-shard ops (key histograms, take_top, commit) on every rank at once.",
     "Each rank runs torch with cpu_count / world threads, so the ranks do not compete for cores; rank 0 of "
