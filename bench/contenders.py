@@ -216,8 +216,9 @@ def make_contenders(masters: Masters, names: Sequence[str], sparsity, delta=100,
             c = Contender(name, masters, sparsity, delta, T_end, sd=sd, backend=backend, after_step=after)
         if sd is None:
             sd = c.sched.state_dict()
-            if name != RIGL_TORCH:
-                sd = {k: v for k, v in sd.items() if not k.startswith("rigl_fast_")}
+            if name != RIGL_TORCH:  # rigl-torch's keys only, masks as its bool tensors (ours are bit-packed)
+                from rigl_fast.state import masks
+                sd = {k: v for k, v in dict(sd, backward_masks=masks(sd)).items() if not k.startswith("rigl_fast_")}
             masters.freeze(c.masks())
         out[name] = c
     return [out[n] for n in names]
