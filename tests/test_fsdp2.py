@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from rigl_fast import RigLScheduler
 from rigl_fast.distributed import RADIX_PASSES
 from rigl_fast.ops import units_of
+from rigl_fast.state import masks as sd_masks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not built into this torch")
@@ -326,7 +327,7 @@ def _from_single(mesh):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(MASK_SEED + 1)  # not the draw the sharded scheduler below makes
     sd = RigLScheduler(model, opt, backend="reference", **CFG).state_dict()
-    out = {"want": sd["backward_masks"]}
+    out = {"want": sd_masks(sd)}
     model, opt, pruner = _build(mesh, "reference")
     pruner.load_state_dict(sd)
     out["loaded"] = [_full(m) for m in pruner.backward_masks]
