@@ -156,14 +156,7 @@ class ReferenceBackend(Backend):
 
     def update(self, weights, masks, scores, n_keep, n_grow, states, grads) -> None:
         for w, m, s, k, g, st, gr in zip(weights, masks, scores, n_keep, n_grow, states, grads):
-            new = select_layer(w, m, s, k, g).view(m.shape)
-            both = new & m
-            _mask_(w, both)
-            for t in st:
-                _mask_(t, both)
-            if gr is not None:
-                _mask_(gr, new)
-            m.copy_(new)
+            apply_new_mask(w, m, select_layer(w, m, s, k, g).view(m.shape), st, gr)
 
 
 # ---------------------------------------------------------------- the per-shard ops of the sharded update
@@ -212,7 +205,11 @@ def take_top(values: torch.Tensor, flags: torch.Tensor, flag_value: bool, thresh
 def commit(weight, mask, keep, grow, states, grad) -> None:
     """new = keep | grow; weight and states keep their values where new & old (dropped and grown -> 0), the
     gradient where new; the mask becomes new."""
-    new = (keep | grow).view(mask.shape)
+    apply_new_mask(weight, mask, (keep | grow).view(mask.shape), states, grad)
+
+
+def apply_new_mask(weight, mask, new, states, grad) -> None:
+    """The end of every update: weight and states where new & old, the gradient where new, mask = new."""
     both = new & mask
     _mask_(weight, both)
     for t in states:
