@@ -218,6 +218,11 @@ def _register_fakes():
     def _unit_grow(scores, keep, units):
         return [s.new_empty((s.numel(),), dtype=torch.bool) for s in scores]
 
+    if hasattr(torch.ops.rigl_fast, "fan_in_linear"):  # csrc/export_kernels.cpp
+        @torch.library.register_fake("rigl_fast::fan_in_linear")
+        def _fan_in_linear(x, values, indices):
+            return x.new_empty((x.shape[0], values.shape[0]))
+
 
 class CppBackend(Backend):
     name = "cpp"

@@ -32,6 +32,11 @@ FORMATS = ("auto", "csr", "fan_in", "semi_structured")
 def fan_in_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(B, in) x, (out, k) values and indices -> (B, out): y[b, o] = sum_k values[o, k] * x[b, indices[o, k]],
     accumulated in fp32 and rounded once to x's dtype (as a dense matmul rounds)."""
+    return _fan_in_linear_reference(x, values, indices)
+
+
+def _fan_in_linear_reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The default (plain PyTorch) implementation of fan_in_linear, any device."""
     if values.numel() == 0:
         return x.new_zeros(x.shape[0], values.shape[0])
     xf = x.float()
@@ -62,6 +67,37 @@ def _fan_in_setup(ctx, inputs, output):
 
 
 fan_in_linear.register_autograd(_fan_in_backward, setup_context=_fan_in_setup)
+
+_CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_cpp_fan_in = []  # [] until first use, then [the C++ op, or None when the extension does not load]
+
+
+def _cpp_fan_in_op():
+    """torch.ops.rigl_fast.fan_in_linear (csrc/export_kernels.cpp), or None when the C++ extension does not load.
+    Loaded on first use, not at import: the first load may compile the extension."""
+    if not _cpp_fan_in:
+        op = None
+        try:
+            from ._cpp import load_library
+            load_library()
+            op = torch.ops.rigl_fast.fan_in_linear.default
+        except Exception:  # BackendUnavailable, or an extension built before the op existed
+            op = None
+        _cpp_fan_in.append(op)
+    return _cpp_fan_in[0]
+
+
+def _fan_in_linear_cpu(x, values, indices):
+    """The CPU kernel: the fused C++ gather-multiply-reduce where it loads and takes these dtypes, else the
+    reference."""
+    op = _cpp_fan_in_op()
+    if (op is None or x.dim() != 2 or x.dtype not in _CPP_DTYPES or values.dtype != x.dtype
+            or indices.dtype not in (torch.int16, torch.int32)):
+        return _fan_in_linear_reference(x, values, indices)
+    return op(x, values, indices)
+
+
+fan_in_linear.register_kernel("cpu")(_fan_in_linear_cpu)
 
 
 @torch.library.custom_op("rigl_fast_export::csr_linear", mutates_args=())

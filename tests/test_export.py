@@ -133,3 +133,54 @@ def test_errors_name_the_argument_and_layer():
         pruner.export("fan_in")
     with pytest.raises(ValueError, match="semi_structured.*CUDA"):
         pruner.export("semi_structured")
+
+
+def test_cpp_fan_in_kernel_matches_the_reference():
+    """csrc/export_kernels.cpp's fused kernel (torch.ops.rigl_fast.fan_in_linear, registered as the CPU kernel
+    of rigl_fast_export::fan_in_linear) against the plain PyTorch reference: B 1/7/64, odd shapes, int16 and
+    int32 indices, fp32 and bf16, non-contiguous x; the bound in the module doc. Plus opcheck."""
+    from rigl_fast._cpp import BackendUnavailable, load_library
+    from rigl_fast.export import _fan_in_linear_reference
+
+    try:
+        load_library()
+    except BackendUnavailable as e:
+        pytest.skip(f"C++ backend unavailable: {e}")
+    op = torch.ops.rigl_fast.fan_in_linear
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 1, 1), (101, 257, 257), (1, 257, 3), (37, 64, 7), (101, 129, 1), (64, 33, 33), (5, 200, 17)]
+    for _ in range(6):
+        inp = int(torch.randint(1, 258, (1,), generator=g))
+        shapes.append((int(torch.randint(1, 102, (1,), generator=g)), inp,
+                       int(torch.randint(1, inp + 1, (1,), generator=g))))
+    checked = 0
+    for out, inp, k in shapes:
+        idx = torch.rand(out, inp, generator=g).argsort(1)[:, :k].sort(1).values
+        for idt in (torch.int16, torch.int32):
+            for dt in (torch.float32, torch.bfloat16):
+                values = torch.randn(out, k, generator=g).to(dt)
+                for B in (1, 7, 64):
+                    x = torch.randn(B, inp, generator=g).to(dt)
+                    y = op(x, values, idx.to(idt))
+                    ref = _fan_in_linear_reference(x, values, idx.to(idt))
+                    assert y.dtype == dt and y.shape == (B, out)
+                    yf, rf = y.float(), ref.float()
+                    scale = (x.float()[:, idx.long()].abs() * values.float().abs()).sum(-1)  # sum |v x|
+                    ulp = torch.finfo(dt).eps
+                    assert ((yf - rf).abs() <= 2 * ulp * rf.abs() + 1e-6 * scale).all(), (out, inp, k, idt, dt, B)
+                    checked += 1
+                    if B == 7:  # a non-contiguous x gives the same result
+                        xt = torch.stack([x, x], 2)[:, :, 0]
+                        assert inp == 1 or not xt.is_contiguous()
+                        torch.testing.assert_close(op(xt, values, idx.to(idt)), y, rtol=0, atol=0)
+    assert checked == len(shapes) * 12
+    # the registered CPU kernel of the custom op runs the C++ one
+    x, values, idx = torch.randn(3, 50), torch.randn(9, 5), torch.randint(0, 50, (9, 5), dtype=torch.int16)
+    from rigl_fast.export import fan_in_linear
+    torch.testing.assert_close(fan_in_linear(x, values, idx), op(x, values, idx), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(x, values, torch.full((9, 5), 50, dtype=torch.int32))
+    for B, idt, dt in ((1, torch.int16, torch.float32), (7, torch.int32, torch.bfloat16),
+                       (64, torch.int16, torch.float64)):
+        torch.library.opcheck(op.default, (torch.randn(B, 50, dtype=dt), torch.randn(9, 5, dtype=dt),
+                                           torch.randint(0, 50, (9, 5), dtype=idt)))
