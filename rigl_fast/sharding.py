@@ -1,6 +1,6 @@
 """FSDP2 layouts: which weights are sharded, where each rank's shard sits in its layer, and the sharded
-initial masks. No collectives here (they are in distributed.py); no tensor math on whole layers except the
-one-layer-at-a-time CPU draw of `global_draw`, at construction.
+initial masks. No collectives here (they are in distributed.py), and no tensor math on whole layers (the
+scheduler's whole-layer CPU draw at construction, one layer at a time, is cut down to a shard by `shard_of`).
 
 FSDP2 (`fully_shard`) makes every parameter a DTensor sharded along dim 0 over a 1-D device mesh (HSDP: over
 one dimension of a 2-D mesh, replicated over the other): rank r of the shard group holds rows
@@ -10,6 +10,7 @@ weight's mesh and placements; the ops only ever see the local shards.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -82,13 +83,8 @@ def flat_range(w) -> Tuple[int, int]:
     """(offset, length): this rank's shard of DTensor `w` as a range of the layer's flat indices."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     shape, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-    row = 1
-    for d in w.shape[1:]:
-        row *= d
-    length = 1
-    for d in shape:
-        length *= d
-    return (offset[0] * row if length else 0), length
+    length = math.prod(shape)
+    return (offset[0] * math.prod(w.shape[1:]) if length else 0), length
 
 
 def like(w, local_tensor: torch.Tensor):
@@ -104,14 +100,10 @@ def shard_of(w, full: torch.Tensor) -> torch.Tensor:
     return full.reshape(-1)[start:start + length].reshape(local(w).shape).clone()
 
 
-def global_draw(w, sparsity: float, generator: torch.Generator) -> torch.Tensor:
-    """rigl-torch's draw for one layer (zeros at randperm(n)[:int(S * n)]), done whole on the CPU and freed:
-    returns only this rank's part of the mask, on the shard's device."""
-    n = w.numel()
-    flat = torch.ones(n, dtype=torch.bool)
-    flat[torch.randperm(n, generator=generator)[:int(sparsity * n)]] = False
-    start, length = flat_range(w)
-    return flat[start:start + length].reshape(local(w).shape).to(local(w).device)
+def _shard_generator(w, seed: int, layer: int) -> torch.Generator:
+    """A generator of this rank's own, seeded by (seed, layer, shard offset): shard-local draws."""
+    start, _ = flat_range(w)
+    return torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
 
 
 def local_draw(w, sparsity: float, seed: int, layer: int, units=None) -> torch.Tensor:
@@ -122,7 +114,7 @@ def local_draw(w, sparsity: float, seed: int, layer: int, units=None) -> torch.T
     n = w.numel()
     zeros = int(sparsity * n)
     start, length = flat_range(w)
-    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
+    g = _shard_generator(w, seed, layer)
     if units is not None:
         from .structure import draw
         return draw(units, g).reshape(local(w).shape).to(local(w).device)
@@ -139,9 +131,7 @@ def masks_like(weights: Sequence[torch.Tensor], locals_: Sequence[Optional[torch
 def local_rand(w, seed: int, layer: int) -> torch.Tensor:
     """SET's random grow scores for this rank's shard, from a generator seeded by (seed, layer, shard
     offset): reproducible, shard-local, not the draw one process would make."""
-    start, _ = flat_range(w)
-    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
-    return torch.rand(local(w).shape, generator=g).to(local(w).device)
+    return torch.rand(local(w).shape, generator=_shard_generator(w, seed, layer)).to(local(w).device)
 
 
 def fit(w, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

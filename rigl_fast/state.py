@@ -36,10 +36,8 @@ def unpack(packed: torch.Tensor, shape) -> torch.Tensor:
 
 
 def masks(sd) -> List[Optional[torch.Tensor]]:
-    """The masks of a state dict as bool tensors (bit-packed ones unpacked)."""
-    shapes = sd.get("rigl_fast_mask_shapes")
-    return [m if m is None or shapes is None or shapes[i] is None or m.dtype == torch.bool else unpack(m, shapes[i])
-            for i, m in enumerate(sd["backward_masks"])]
+    """The masks of a state dict as bool tensors (bit-packed ones unpacked, their lengths checked)."""
+    return _checked_unpack(sd["backward_masks"], sd.get("rigl_fast_mask_shapes"))
 
 
 def build(pruner) -> dict:
