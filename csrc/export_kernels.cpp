@@ -1,6 +1,9 @@
-// CPU kernel of the exported fan-in product (rigl_fast/export.py, `rigl_fast_export::fan_in_linear`):
-//   y[b, o] = sum_j values[o, j] * x[b, indices[o, j]], accumulated in fp32 and rounded once to x's dtype.
-// The gathered inputs are never materialised. Schema here; the fake implementation is in rigl_fast/_cpp.py.
+// CPU kernels of the exported sparse products (rigl_fast/export.py):
+//   fan_in_linear (`rigl_fast_export::fan_in_linear`): y[b, o] = sum_j values[o, j] * x[b, indices[o, j]];
+//   csr_linear (`rigl_fast_export::csr_linear`): y[b, o] = sum_{p in [crow[o], crow[o+1])} values[p] * x[b, col[p]];
+// accumulated in fp32 and rounded once to x's dtype. Both are one gather-multiply-reduce over a row's active
+// weights: the row's range of (value, index) pairs is the only difference (the Rows policies below). The
+// gathered inputs are never materialised. Schemas here; the fake implementations are in rigl_fast/_cpp.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -17,15 +20,31 @@ namespace {
 // batch columns accumulated at once (B > 1): one block of fp32 accumulators stays in registers / L1
 constexpr int64_t kBatchBlock = 64;
 
+// Where row o's (value, index) pairs lie in the flat tables: [begin(o), begin(o) + size(o)).
+struct FanInRows {  // (out, k) tables
+  int64_t k;
+  int64_t begin(int64_t o) const { return o * k; }
+  int64_t size(int64_t) const { return k; }
+  int64_t work(int64_t) const { return k; }  // the pairs per row, for the parallel grain
+};
+struct CSRRows {  // compressed rows: crow (out + 1), checked monotone by the caller
+  const int64_t* crow;
+  int64_t mean;  // nnz / out: the grain's estimate of a row's work
+  int64_t begin(int64_t o) const { return crow[o]; }
+  int64_t size(int64_t o) const { return crow[o + 1] - crow[o]; }
+  int64_t work(int64_t) const { return mean; }
+};
+
 // B == 1: a gather-multiply-reduce per output row; four accumulators for instruction-level parallelism.
 // Returns false when an index is out of range (the row is left at 0).
-template <typename V, typename I>
-bool rows_b1(const float* x, const V* values, const I* indices, float* y, int64_t in, int64_t k, int64_t o0,
-             int64_t o1) {
+template <typename V, typename I, typename Rows>
+bool rows_b1(const float* x, const V* values, const I* indices, float* y, int64_t in, const Rows& rows,
+             int64_t o0, int64_t o1) {
   bool ok = true;
   for (int64_t o = o0; o < o1; ++o) {
-    const V* v = values + o * k;
-    const I* ix = indices + o * k;
+    const V* v = values + rows.begin(o);
+    const I* ix = indices + rows.begin(o);
+    const int64_t k = rows.size(o);
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
     uint32_t bad = 0;
     int64_t j = 0;
@@ -61,8 +80,8 @@ bool rows_b1(const float* x, const V* values, const I* indices, float* y, int64_
 
 // B > 1: xt is x transposed, (in, B) fp32, so each gathered input is a contiguous B-vector; yt is (out, B).
 // Work item w = (row o, batch block): acc[b] += v * xt[idx, b0 + b] (a fused multiply-add where the CPU has one).
-template <typename V, typename I>
-bool rows_batched(const float* xt, const V* values, const I* indices, float* yt, int64_t in, int64_t k,
+template <typename V, typename I, typename Rows>
+bool rows_batched(const float* xt, const V* values, const I* indices, float* yt, int64_t in, const Rows& rows,
                   int64_t B, int64_t n_blocks, int64_t w0, int64_t w1) {
   bool ok = true;
   float acc[kBatchBlock];
@@ -70,8 +89,9 @@ bool rows_batched(const float* xt, const V* values, const I* indices, float* yt,
     const int64_t o = w / n_blocks;
     const int64_t b0 = (w % n_blocks) * kBatchBlock;
     const int64_t nb = std::min(kBatchBlock, B - b0);
-    const V* v = values + o * k;
-    const I* ix = indices + o * k;
+    const V* v = values + rows.begin(o);
+    const I* ix = indices + rows.begin(o);
+    const int64_t k = rows.size(o);
     float* out = yt + o * B + b0;
     std::fill(acc, acc + nb, 0.f);
     bool row_ok = true;
@@ -101,84 +121,133 @@ bool rows_batched(const float* xt, const V* values, const I* indices, float* yt,
   return ok;
 }
 
-template <typename V, typename I>
-bool run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, at::Tensor& yf) {
-  const int64_t B = x.size(0), in = x.size(1), out = values.size(0), k = values.size(1);
+template <typename V, typename I, typename Rows>
+bool run(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, const Rows& rows, int64_t out,
+         at::Tensor& yf) {
+  const int64_t B = x.size(0), in = x.size(1);
   const V* v = values.const_data_ptr<V>();
   const I* ix = indices.const_data_ptr<I>();
+  const int64_t per_row = std::max<int64_t>(rows.work(0), 1);
   std::atomic<bool> ok{true};
   if (B == 1) {
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     const float* xp = xf.const_data_ptr<float>();
     float* yp = yf.mutable_data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1));
+    const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
     at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-      if (!rows_b1<V, I>(xp, v, ix, yp, in, k, o0, o1)) ok = false;
+      if (!rows_b1<V, I>(xp, v, ix, yp, in, rows, o0, o1)) ok = false;
     });
   } else {
     const at::Tensor xt = x.t().to(at::kFloat).contiguous();  // (in, B)
     const float* xp = xt.const_data_ptr<float>();
     float* yp = yf.mutable_data_ptr<float>();  // yf is (out, B) here
     const int64_t n_blocks = (B + kBatchBlock - 1) / kBatchBlock;
-    const int64_t per_item = k * std::min(B, kBatchBlock);
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(per_item, 1));
+    const int64_t per_item = per_row * std::min(B, kBatchBlock);
+    const int64_t grain = std::max<int64_t>(1, 32768 / per_item);
     at::parallel_for(0, out * n_blocks, grain, [&](int64_t w0, int64_t w1) {
-      if (!rows_batched<V, I>(xp, v, ix, yp, in, k, B, n_blocks, w0, w1)) ok = false;
+      if (!rows_batched<V, I>(xp, v, ix, yp, in, rows, B, n_blocks, w0, w1)) ok = false;
     });
   }
   return ok.load();
 }
 
-template <typename V>
-bool run_index(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, at::Tensor& yf) {
-  if (indices.scalar_type() == at::kShort) return run<V, int16_t>(x, values, indices, yf);
-  return run<V, int32_t>(x, values, indices, yf);
+template <typename Rows>
+bool run_any(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices, const Rows& rows,
+             int64_t out, at::Tensor& yf) {
+  const bool i16 = indices.scalar_type() == at::kShort;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return i16 ? run<float, int16_t>(x, values, indices, rows, out, yf)
+                 : run<float, int32_t>(x, values, indices, rows, out, yf);
+    case at::kDouble:
+      return i16 ? run<double, int16_t>(x, values, indices, rows, out, yf)
+                 : run<double, int32_t>(x, values, indices, rows, out, yf);
+    case at::kHalf:
+      return i16 ? run<c10::Half, int16_t>(x, values, indices, rows, out, yf)
+                 : run<c10::Half, int32_t>(x, values, indices, rows, out, yf);
+    default:
+      return i16 ? run<c10::BFloat16, int16_t>(x, values, indices, rows, out, yf)
+                 : run<c10::BFloat16, int32_t>(x, values, indices, rows, out, yf);
+  }
 }
 
-at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& indices_in) {
-  TORCH_CHECK(x_in.dim() == 2, "rigl_fast::fan_in_linear: x must be (B, in), got shape ", x_in.sizes());
-  TORCH_CHECK(values_in.dim() == 2, "rigl_fast::fan_in_linear: values must be (out, k), got shape ",
-              values_in.sizes());
-  TORCH_CHECK(indices_in.sizes() == values_in.sizes(), "rigl_fast::fan_in_linear: indices of shape ",
-              indices_in.sizes(), " do not match values of shape ", values_in.sizes());
-  TORCH_CHECK(x_in.device().is_cpu() && values_in.device().is_cpu() && indices_in.device().is_cpu(),
-              "rigl_fast::fan_in_linear: the C++ kernel takes CPU tensors");
-  const auto dt = x_in.scalar_type();
+// The checks both ops share; `op` names the op in the messages.
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                  const char* indices_name) {
+  TORCH_CHECK(x.dim() == 2, "rigl_fast::", op, ": x must be (B, in), got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu(),
+              "rigl_fast::", op, ": the C++ kernel takes CPU tensors");
+  const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "rigl_fast::fan_in_linear: x must be fp32/fp64/fp16/bf16, got ", dt);
-  TORCH_CHECK(values_in.scalar_type() == dt, "rigl_fast::fan_in_linear: values (", values_in.scalar_type(),
+              "rigl_fast::", op, ": x must be fp32/fp64/fp16/bf16, got ", dt);
+  TORCH_CHECK(values.scalar_type() == dt, "rigl_fast::", op, ": values (", values.scalar_type(),
               ") must have x's dtype (", dt, ")");
-  const auto it = indices_in.scalar_type();
-  TORCH_CHECK(it == at::kShort || it == at::kInt, "rigl_fast::fan_in_linear: indices must be int16 or int32, got ",
-              it);
-  const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), indices = indices_in.contiguous();
-  const int64_t B = x.size(0), out = values.size(0);
+  const auto it = indices.scalar_type();
+  TORCH_CHECK(it == at::kShort || it == at::kInt, "rigl_fast::", op, ": ", indices_name,
+              " must be int16 or int32, got ", it);
+}
+
+// Runs the product into an fp32 buffer and returns it as (B, out) in x's dtype, rounded once.
+template <typename Rows>
+at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                   const Rows& rows, int64_t out) {
+  const int64_t B = x.size(0);
   if (B == 0 || out == 0) return at::zeros({B, out}, x.options());
   // fp32 result: (B, out) for B == 1 (the same memory as (out, 1)), else (out, B), transposed at the end
   at::Tensor yf = at::empty(B == 1 ? std::vector<int64_t>{1, out} : std::vector<int64_t>{out, B},
                             x.options().dtype(at::kFloat));
-  bool ok = true;
-  switch (dt) {
-    case at::kFloat: ok = run_index<float>(x, values, indices, yf); break;
-    case at::kDouble: ok = run_index<double>(x, values, indices, yf); break;
-    case at::kHalf: ok = run_index<c10::Half>(x, values, indices, yf); break;
-    default: ok = run_index<c10::BFloat16>(x, values, indices, yf); break;
-  }
-  TORCH_CHECK(ok, "rigl_fast::fan_in_linear: an index is out of range [0, ", x.size(1), ")");
+  TORCH_CHECK(run_any(x, values, indices, rows, out, yf), "rigl_fast::", op, ": an index is out of range [0, ",
+              x.size(1), ")");
+  const auto dt = x.scalar_type();
   if (B == 1) return dt == at::kFloat ? yf : yf.to(dt);
   at::Tensor y = at::empty({B, out}, x.options());
   y.copy_(yf.t());  // transposes and rounds once to x's dtype
   return y;
 }
 
+at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& indices_in) {
+  TORCH_CHECK(values_in.dim() == 2, "rigl_fast::fan_in_linear: values must be (out, k), got shape ",
+              values_in.sizes());
+  TORCH_CHECK(indices_in.sizes() == values_in.sizes(), "rigl_fast::fan_in_linear: indices of shape ",
+              indices_in.sizes(), " do not match values of shape ", values_in.sizes());
+  check_common("fan_in_linear", x_in, values_in, indices_in, "indices");
+  const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), indices = indices_in.contiguous();
+  return product("fan_in_linear", x, values, indices, FanInRows{values.size(1)}, values.size(0));
+}
+
+at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
+                      const at::Tensor& values_in, int64_t out_features) {
+  TORCH_CHECK(crow_in.dim() == 1 && crow_in.numel() == out_features + 1, "rigl_fast::csr_linear: crow must have ",
+              "out_features + 1 = ", out_features + 1, " entries, got shape ", crow_in.sizes());
+  TORCH_CHECK(col_in.dim() == 1 && values_in.dim() == 1 && col_in.numel() == values_in.numel(),
+              "rigl_fast::csr_linear: col and values must be 1-D of the same length, got shapes ", col_in.sizes(),
+              " and ", values_in.sizes());
+  const auto ct = crow_in.scalar_type();
+  TORCH_CHECK(ct == at::kShort || ct == at::kInt || ct == at::kLong,
+              "rigl_fast::csr_linear: crow must be int16, int32 or int64, got ", ct);
+  TORCH_CHECK(crow_in.device().is_cpu(), "rigl_fast::csr_linear: the C++ kernel takes CPU tensors");
+  check_common("csr_linear", x_in, values_in, col_in, "col");
+  const at::Tensor crow = crow_in.to(at::kLong).contiguous();  // out + 1 entries: cheap next to the product
+  const int64_t* cp = crow.const_data_ptr<int64_t>();
+  const int64_t nnz = values_in.numel();
+  TORCH_CHECK(cp[0] == 0 && cp[out_features] == nnz, "rigl_fast::csr_linear: crow must start at 0 and end at ",
+              "the number of values (", nnz, "), got ", cp[0], " and ", cp[out_features]);
+  for (int64_t o = 0; o < out_features; ++o)
+    TORCH_CHECK(cp[o] <= cp[o + 1], "rigl_fast::csr_linear: crow must not decrease (row ", o, ")");
+  const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), col = col_in.contiguous();
+  return product("csr_linear", x, values, col, CSRRows{cp, out_features ? nnz / out_features : 0}, out_features);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
+  m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("fan_in_linear", &fan_in_linear);
+  m.impl("csr_linear", &csr_linear);
 }
 
 }  // namespace rigl_fast

@@ -223,6 +223,11 @@ def _register_fakes():
         def _fan_in_linear(x, values, indices):
             return x.new_empty((x.shape[0], values.shape[0]))
 
+    if hasattr(torch.ops.rigl_fast, "csr_linear"):
+        @torch.library.register_fake("rigl_fast::csr_linear")
+        def _csr_linear(x, crow, col, values, out_features):
+            return x.new_empty((x.shape[0], out_features))
+
 
 class CppBackend(Backend):
     name = "cpp"

@@ -12,8 +12,9 @@ the attention projections of HF transformers) computes y = x W^T + b from its ac
 Conv layers and nn.MultiheadAttention's packed projections stay as they are: dense, with their zeros.
 
 The products go through the custom ops `rigl_fast_export::fan_in_linear` / `csr_linear` (torch.compile sees
-them as single ops); their default implementation here is plain PyTorch, and a backend registers faster
-kernels for its device (`register_kernel`).
+them as single ops); their default implementation here is plain PyTorch (the reference), and faster kernels
+are registered per device: on CPU both run csrc/export_kernels.cpp's fused gather-multiply-reduce (when the
+C++ extension loads; else the reference).
 """
 from __future__ import annotations
 
@@ -69,30 +70,35 @@ def _fan_in_setup(ctx, inputs, output):
 fan_in_linear.register_autograd(_fan_in_backward, setup_context=_fan_in_setup)
 
 _CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_cpp_fan_in = []  # [] until first use, then [the C++ op, or None when the extension does not load]
+_CPP_INDEX = (torch.int16, torch.int32)
+_cpp_ops = {}  # name -> the C++ op (csrc/export_kernels.cpp), or None when the extension does not load
 
 
-def _cpp_fan_in_op():
-    """torch.ops.rigl_fast.fan_in_linear (csrc/export_kernels.cpp), or None when the C++ extension does not load.
-    Loaded on first use, not at import: the first load may compile the extension."""
-    if not _cpp_fan_in:
+def _cpp_op(name: str):
+    """torch.ops.rigl_fast.<name>, or None when the C++ extension does not load. Loaded on first use, not at
+    import: the first load may compile the extension."""
+    if name not in _cpp_ops:
         op = None
         try:
             from ._cpp import load_library
             load_library()
-            op = torch.ops.rigl_fast.fan_in_linear.default
+            op = getattr(torch.ops.rigl_fast, name).default
         except Exception:  # BackendUnavailable, or an extension built before the op existed
             op = None
-        _cpp_fan_in.append(op)
-    return _cpp_fan_in[0]
+        _cpp_ops[name] = op
+    return _cpp_ops[name]
+
+
+def _cpp_takes(x, values, *indices) -> bool:
+    return x.dim() == 2 and x.dtype in _CPP_DTYPES and values.dtype == x.dtype and all(
+        i.dtype in _CPP_INDEX for i in indices)
 
 
 def _fan_in_linear_cpu(x, values, indices):
     """The CPU kernel: the fused C++ gather-multiply-reduce where it loads and takes these dtypes, else the
     reference."""
-    op = _cpp_fan_in_op()
-    if (op is None or x.dim() != 2 or x.dtype not in _CPP_DTYPES or values.dtype != x.dtype
-            or indices.dtype not in (torch.int16, torch.int32)):
+    op = _cpp_op("fan_in_linear")
+    if op is None or not _cpp_takes(x, values, indices):
         return _fan_in_linear_reference(x, values, indices)
     return op(x, values, indices)
 
@@ -104,8 +110,24 @@ fan_in_linear.register_kernel("cpu")(_fan_in_linear_cpu)
 def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                out_features: int) -> torch.Tensor:
     """(B, in) x and a CSR (out, in) weight -> (B, out), accumulated in fp32, rounded once to x's dtype."""
+    return _csr_linear_reference(x, crow, col, values, out_features)
+
+
+def _csr_linear_reference(x, crow, col, values, out_features):
+    """The default implementation (torch.sparse), any device."""
     w = _csr(crow, col, values, (out_features, x.shape[1]))
     return (w @ x.float().t()).t().contiguous().to(x.dtype)
+
+
+def _csr_linear_cpu(x, crow, col, values, out_features):
+    """The CPU kernel: the C++ gather-multiply-reduce over each row's range where it loads, else the reference."""
+    op = _cpp_op("csr_linear")
+    if op is None or not _cpp_takes(x, values, col) or crow.dtype not in _CPP_INDEX + (torch.int64,):
+        return _csr_linear_reference(x, crow, col, values, out_features)
+    return op(x, crow, col, values, out_features)
+
+
+csr_linear.register_kernel("cpu")(_csr_linear_cpu)
 
 
 def _csr(crow, col, values, shape):

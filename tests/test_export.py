@@ -135,18 +135,54 @@ def test_errors_name_the_argument_and_layer():
         pruner.export("semi_structured")
 
 
-def test_cpp_fan_in_kernel_matches_the_reference():
-    """csrc/export_kernels.cpp's fused kernel (torch.ops.rigl_fast.fan_in_linear, registered as the CPU kernel
-    of rigl_fast_export::fan_in_linear) against the plain PyTorch reference: B 1/7/64, odd shapes, int16 and
-    int32 indices, fp32 and bf16, non-contiguous x; the bound in the module doc. Plus opcheck."""
-    from rigl_fast._cpp import BackendUnavailable, load_library
+def _fan_in_case(g, out, inp, k, idt, dt):
+    """The C++ op's arguments, the reference's result maker and each output's sum |v x| (for the bound)."""
     from rigl_fast.export import _fan_in_linear_reference
+    idx = torch.rand(out, inp, generator=g).argsort(1)[:, :k].sort(1).values
+    values = torch.randn(out, k, generator=g).to(dt)
+
+    def scale(x):
+        return (x.float()[:, idx].abs() * values.float().abs()).sum(-1)
+    return (values, idx.to(idt)), lambda x: _fan_in_linear_reference(x, values, idx.to(idt)), scale
+
+
+def _csr_case(g, out, inp, k, idt, dt):
+    """A mask with uneven rows (some empty, some full), as CSRLinear stores it."""
+    from rigl_fast.export import _csr_linear_reference
+    density = torch.rand(out, 1, generator=g) * (k / inp) * 2
+    mask = torch.rand(out, inp, generator=g) < density
+    mask[0] = True
+    if out > 2:
+        mask[1] = False
+    crow = torch.zeros(out + 1, dtype=torch.int64)
+    crow[1:] = mask.sum(1).cumsum(0)
+    col = mask.nonzero()[:, 1]
+    values = torch.randn(col.numel(), generator=g).to(dt)
+    w = torch.zeros(out, inp)
+    w[mask] = values.float()
+    crow_t = crow.to(idt)
+
+    def scale(x):
+        return x.float().abs() @ w.abs().t()
+    return ((crow_t, col.to(idt), values, out), lambda x: _csr_linear_reference(x, crow_t, col.to(idt), values, out),
+            scale)
+
+
+@pytest.mark.parametrize("kind", ["fan_in", "csr"])
+def test_cpp_kernels_match_the_reference(kind):
+    """csrc/export_kernels.cpp's fused kernels (torch.ops.rigl_fast.fan_in_linear / csr_linear, registered as the
+    CPU kernels of rigl_fast_export's ops) against the plain PyTorch references: B 1/7/64, odd shapes, uneven and
+    empty rows (csr), int16 and int32 indices, fp32 and bf16, non-contiguous x; the bound in the module doc.
+    Plus bad tables and opcheck."""
+    from rigl_fast._cpp import BackendUnavailable, load_library
+    from rigl_fast import export
 
     try:
         load_library()
     except BackendUnavailable as e:
         pytest.skip(f"C++ backend unavailable: {e}")
-    op = torch.ops.rigl_fast.fan_in_linear
+    op = getattr(torch.ops.rigl_fast, kind + "_linear")
+    case = _fan_in_case if kind == "fan_in" else _csr_case
     g = torch.Generator().manual_seed(0)
     shapes = [(1, 1, 1), (101, 257, 257), (1, 257, 3), (37, 64, 7), (101, 129, 1), (64, 33, 33), (5, 200, 17)]
     for _ in range(6):
@@ -155,32 +191,40 @@ def test_cpp_fan_in_kernel_matches_the_reference():
                        int(torch.randint(1, inp + 1, (1,), generator=g))))
     checked = 0
     for out, inp, k in shapes:
-        idx = torch.rand(out, inp, generator=g).argsort(1)[:, :k].sort(1).values
         for idt in (torch.int16, torch.int32):
             for dt in (torch.float32, torch.bfloat16):
-                values = torch.randn(out, k, generator=g).to(dt)
+                args, reference, scale = case(g, out, inp, k, idt, dt)
                 for B in (1, 7, 64):
                     x = torch.randn(B, inp, generator=g).to(dt)
-                    y = op(x, values, idx.to(idt))
-                    ref = _fan_in_linear_reference(x, values, idx.to(idt))
+                    y = op(x, *args)
+                    ref = reference(x)
                     assert y.dtype == dt and y.shape == (B, out)
                     yf, rf = y.float(), ref.float()
-                    scale = (x.float()[:, idx.long()].abs() * values.float().abs()).sum(-1)  # sum |v x|
                     ulp = torch.finfo(dt).eps
-                    assert ((yf - rf).abs() <= 2 * ulp * rf.abs() + 1e-6 * scale).all(), (out, inp, k, idt, dt, B)
+                    assert ((yf - rf).abs() <= 2 * ulp * rf.abs() + 1e-6 * scale(x)).all(), (out, inp, k, idt, dt, B)
                     checked += 1
                     if B == 7:  # a non-contiguous x gives the same result
                         xt = torch.stack([x, x], 2)[:, :, 0]
                         assert inp == 1 or not xt.is_contiguous()
-                        torch.testing.assert_close(op(xt, values, idx.to(idt)), y, rtol=0, atol=0)
+                        torch.testing.assert_close(op(xt, *args), y, rtol=0, atol=0)
     assert checked == len(shapes) * 12
-    # the registered CPU kernel of the custom op runs the C++ one
-    x, values, idx = torch.randn(3, 50), torch.randn(9, 5), torch.randint(0, 50, (9, 5), dtype=torch.int16)
-    from rigl_fast.export import fan_in_linear
-    torch.testing.assert_close(fan_in_linear(x, values, idx), op(x, values, idx), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="out of range"):
-        op(x, values, torch.full((9, 5), 50, dtype=torch.int32))
+    # the registered CPU kernel of the custom op runs the C++ one; bad tables raise, nothing read out of range
+    x = torch.randn(3, 50)
+    args, _, _ = case(g, 9, 50, 5, torch.int16, torch.float32)
+    torch.testing.assert_close(getattr(export, kind + "_linear")(x, *args), op(x, *args), rtol=0, atol=0)
+    if kind == "fan_in":
+        with pytest.raises(RuntimeError, match="out of range"):
+            op(x, args[0], torch.full((9, 5), 50, dtype=torch.int32))
+    else:
+        crow, col, values, out = args
+        with pytest.raises(RuntimeError, match="out of range"):
+            op(x, crow, torch.full_like(col, 50), values, out)
+        with pytest.raises(RuntimeError, match="must not decrease"):
+            n = int(crow[-1])  # starts at 0, ends at nnz, drops in between
+            op(x, torch.tensor([0] + [n] * 4 + [0] * 4 + [n], dtype=crow.dtype), col, values, out)
+        with pytest.raises(RuntimeError, match="crow must have"):
+            op(x, crow[:-1], col, values, out)
     for B, idt, dt in ((1, torch.int16, torch.float32), (7, torch.int32, torch.bfloat16),
                        (64, torch.int16, torch.float64)):
-        torch.library.opcheck(op.default, (torch.randn(B, 50, dtype=dt), torch.randn(9, 5, dtype=dt),
-                                           torch.randint(0, 50, (9, 5), dtype=idt)))
+        args, _, _ = case(g, 9, 50, 5, idt, dt)
+        torch.library.opcheck(op.default, (torch.randn(B, 50, dtype=dt), *args))
