@@ -228,3 +228,20 @@ def test_cpp_kernels_match_the_reference(kind):
                        (64, torch.int16, torch.float64)):
         args, _, _ = case(g, 9, 50, 5, idt, dt)
         torch.library.opcheck(op.default, (torch.randn(B, 50, dtype=dt), *args))
+
+
+def test_export_bench_quick(tmp_path):
+    """bench/export.py's smoke run: every contender timed for every setting from one run, the report and the
+    plot written (the speed itself lives in bench/results, never in a test)."""
+    import json
+    import os
+
+    from bench import export as bench_export
+    stem = bench_export.main(["--quick", "--out", str(tmp_path)])
+    res = json.load(open(stem + ".json"))
+    shapes, batches, sparsities = bench_export.settings(True)
+    got = {(r["out"], r["in"], r["batch"], r["sparsity"], r["contender"]) for r in res["rows"]}
+    assert got == {(o, i, b, s, c) for o, i in shapes for b in batches for s in sparsities
+                   for c in bench_export.CONTENDERS}
+    assert all(r["n"] == res["repeats"] and r["median"] > 0 for r in res["rows"])
+    assert "torch.sparse" in open(stem + ".md").read() and os.path.getsize(stem + ".png") > 0
