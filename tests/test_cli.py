@@ -1,6 +1,7 @@
 """`rigl-fast train` end to end: a short run learns, --compare writes its files, bad input exits 2 naming the
 argument, missing extras name `pip install 'rigl_fast[cli]'`. Also: the examples compile, the demo's runs
 are reproducible from a seed, MNIST-1D is generated locally, and --structure's masks keep their units."""
+import copy
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 from rigl_fast.app import cli  # noqa: E402
+from rigl_fast.app import demo as cli_demo  # noqa: E402
 from rigl_fast.layers import DISTRIBUTIONS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,6 +124,9 @@ def test_train_with_er_distribution(capsys):
     (["--structure", "4:4"], "--structure"),
     (["--structure", "rows"], "--structure"),
     (["--data", "mnist1d", "--model", "cnn"], "--model"),
+    (["--compare", "--export", "m.pt"], "--export"),
+    (["--method", "dense", "--export", "m.pt"], "--export"),
+    (["--export", "/no/such/folder/m.pt"], "--export"),
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -380,3 +385,36 @@ def test_study_mnist1d_part_smoke_run(tmp_path):
     (tmp_path / "mnist1d.md").unlink()
     assert sweep.main(["--part", "mnist1d", "--report-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "mnist1d.md").read_text() == md
+
+
+def test_export_saves_a_smaller_model_that_computes_the_same(tmp_path, capsys, monkeypatch):
+    """--export PATH: the saved model loads, computes what the trained model computes, its sparse Linear layers
+    are fan_in modules (structure fan_in), and the printed sizes are the file's and the dense state dict's."""
+    from rigl_fast.export import FanInLinear
+    path = tmp_path / "model.pt"
+    captured = {}
+    real_run = cli_demo.run
+
+    def run(cfg, data, progress=None, trained=None):  # keeps a copy of the trained model to compare with
+        def both(model, pruner):
+            captured["model"] = copy.deepcopy(model).eval()
+            trained(model, pruner)
+        return real_run(cfg, data, progress, trained=both)
+
+    monkeypatch.setattr(cli_demo, "run", run)
+    rc = cli.main(["train", "--model", "mlp", "--structure", "fan_in", "--density", "0.1", "--epochs", "2",
+                   "--no-progress", "--backend", "reference", "--export", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"exported to .*model\.pt: 2 sparse Linear layer\(s\) replaced \(2 fan_in\)", out), out
+    m = re.search(r"file size: ([0-9.]+) kB, dense state dict ([0-9.]+) kB \(([0-9.]+)x\)", out)
+    assert m, out
+    assert abs(float(m.group(1)) * 1e3 - path.stat().st_size) < 100
+    assert float(m.group(1)) < 0.7 * float(m.group(2))  # 2 of 3 layers at 10%; the first (64x300) stays dense
+    assert re.search(r"batch-1 latency: exported \d+ us, dense \d+ us \(speed-up [0-9.]+x", out), out
+    exported = torch.load(path, weights_only=False)
+    assert sorted(exported.rigl_fast_formats.values()) == ["fan_in", "fan_in"]
+    assert sum(isinstance(mod, FanInLinear) for mod in exported.modules()) == 2
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), captured["model"](x), rtol=1e-5, atol=1e-5)

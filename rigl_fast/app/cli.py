@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every --method x --density x --distribution over --seeds seeds and write "
                         "results.md, results.json and compare.png to --out")
     t.add_argument("--out", default="rigl_fast_compare", help="output folder for --compare")
+    t.add_argument("--export", metavar="PATH", default=None,
+                   help="after training, save the exported sparse model (pruner.export('auto'): sparse Linear "
+                        "layers as fan_in/csr modules, Conv layers dense) to PATH with torch.save, and print its "
+                        "size and batch-1 latency beside the dense model's")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     t.set_defaults(func=_cmd_train)
     parser.commands = {"train": t}  # main() reports errors with the subcommand's usage
@@ -183,6 +187,14 @@ def _resolve(args, parser):
                 parser.error(f"argument --{name}: a list of values ({','.join(map(str, v))}) needs --compare")
         if args.seeds != 10:
             parser.error("argument --seeds: only used with --compare (use --seed for a single run)")
+    if args.export is not None:
+        if args.compare:
+            parser.error("argument --export: exports the model of a single run, not with --compare")
+        if args.method == ["dense"]:
+            parser.error("argument --export: a dense model has nothing to export: use --method static, set or rigl")
+        folder = os.path.dirname(os.path.abspath(args.export))
+        if not os.path.isdir(folder):
+            parser.error(f"argument --export: folder {folder} does not exist")
     args.model = args.model or ("mlp" if args.compare else "cnn1d" if args.data == "mnist1d" else "cnn")
     if args.model == "cnn" and args.data == "mnist1d":
         parser.error("argument --model: cnn is a 2-D CNN for images; mnist1d is a sequence: use cnn1d or mlp")
@@ -306,7 +318,13 @@ def _single(args, cfg, data, demo, tqdm) -> int:
         if step % 10 == 0 or step == total:
             bar.set_postfix(loss=f"{loss:.4f}", epoch=f"{(step - 1) * args.epochs // total + 1}/{args.epochs}")
 
-    result = demo.run(cfg, data, progress=progress)
+    exported = {}
+
+    def trained(model, pruner):  # before the scheduler is detached: export needs its masks
+        if args.export is not None:
+            exported.update(_export(args.export, model, pruner, data.test_x[:1]))
+
+    result = demo.run(cfg, data, progress=progress, trained=trained)
     bar.close()
     print()
     print(_layer_table(result, cfg.structure))
@@ -317,7 +335,54 @@ def _single(args, cfg, data, demo, tqdm) -> int:
     print(f"final train loss: {result.train_loss:.4f}   train accuracy: {100 * result.train_acc:.2f}%")
     print(f"test accuracy: {100 * result.test_acc:.2f}%  (chance {100 / data.n_classes:.0f}%, "
           f"{len(data.test_x)} test samples, {result.seconds:.1f} s)")
+    if exported:
+        e = exported
+        formats = ", ".join(f"{n} {f}" for f, n in sorted(e["formats"].items()))
+        print(f"exported to {e['path']}: {e['replaced']} sparse Linear layer(s) replaced ({formats})"
+              + (f", {e['kept']} sparse Conv layer(s) left dense with their zeros" if e["kept"] else ""))
+        print(f"  file size: {e['size'] / 1e3:.1f} kB, dense state dict {e['dense_size'] / 1e3:.1f} kB "
+              f"({e['size'] / e['dense_size']:.2f}x)")
+        print(f"  batch-1 latency: exported {e['sparse_s'] * 1e6:.0f} us, dense {e['dense_s'] * 1e6:.0f} us "
+              f"(speed-up {e['dense_s'] / e['sparse_s']:.2f}x; median of {e['repeats']} interleaved blocks of "
+              f"{e['calls']} calls, {e['threads']} thread(s))")
     return 0
+
+
+def _export(path, model, pruner, x, repeats=7, calls=100):
+    """pruner.export('auto') saved to path; its size and a batch-1 latency beside the dense model's."""
+    import io
+
+    import torch
+    model.eval()
+    sparse = pruner.export("auto").eval()
+    torch.save(sparse, path)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def block(fn):
+        sync()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+        sync()
+        return (time.perf_counter() - t) / calls
+
+    times = {"dense": [], "sparse": []}
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)  # also the warm-up
+        for r in range(repeats):
+            for name in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+                times[name].append(block(model if name == "dense" else sparse))
+    formats = {}
+    for f in sparse.rigl_fast_formats.values():
+        formats[f] = formats.get(f, 0) + 1
+    n_sparse = sum(m is not None for m in pruner.backward_masks)
+    replaced = len(sparse.rigl_fast_formats)
+    return {"path": path, "size": os.path.getsize(path), "dense_size": buf.tell(), "formats": formats,
+            "replaced": replaced, "kept": n_sparse - replaced, "dense_s": sorted(times["dense"])[repeats // 2],
+            "sparse_s": sorted(times["sparse"])[repeats // 2], "repeats": repeats, "calls": calls,
+            "threads": torch.get_num_threads()}
 
 
 def _compare(args, configs, data, demo, tqdm) -> int:

@@ -227,8 +227,9 @@ def evaluate(model: nn.Module, x, y, batch_size: int = 1024):
 
 
 def run(cfg: RunConfig, data: Data, progress: Optional[Callable[[int, int, float], None]] = None,
-        scheduler_cls=None) -> RunResult:
-    """Train one model. `progress(step, total_steps, running_loss)` is called after every iteration."""
+        scheduler_cls=None, trained: Optional[Callable] = None) -> RunResult:
+    """Train one model. `progress(step, total_steps, running_loss)` is called after every iteration;
+    `trained(model, pruner)` once at the end, while the scheduler is still attached (pruner is None for dense)."""
     cfg.validate()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -278,7 +279,10 @@ def run(cfg: RunConfig, data: Data, progress: Optional[Callable[[int, int, float
     digest = hashlib.sha1()
     for m in ([] if pruner is None else pruner.backward_masks):
         digest.update(b"-" if m is None else m.cpu().numpy().tobytes())
+    result = RunResult(asdict(cfg), test_acc, train_loss, train_acc, never, churn, layers,
+                       digest.hexdigest() if pruner is not None else "", time.perf_counter() - t0)
+    if trained is not None:
+        trained(model, pruner)
     if pruner is not None and hasattr(pruner, "remove"):
         pruner.remove()
-    return RunResult(asdict(cfg), test_acc, train_loss, train_acc, never, churn, layers,
-                     digest.hexdigest() if pruner is not None else "", time.perf_counter() - t0)
+    return result
