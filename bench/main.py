@@ -1,8 +1,9 @@
-"""Command line: `python -m bench [--quick] [--device cpu|cuda] [--out DIR] [--no-plots]`."""
+"""Command line: `python -m bench [--quick] [--device cpu|cuda] [--out DIR] [--tag TAG] [--no-plots]`."""
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -18,9 +19,10 @@ def _log(msg):
 
 
 def run_bench(quick: bool = False, device: str = None, out_dir: str = None, plots: bool = True,
-              log=_log) -> dict:
+              log=_log, tag: str = None) -> dict:
     """Run the set for `device` (default: cuda when available), write JSON + markdown (+ plots) under
-    out_dir (default bench/results, or bench/results/quick with quick) and return the results and paths."""
+    out_dir (default bench/results, or bench/results/quick with quick), named `<device>[-<tag>]`, and return
+    the results and paths."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if out_dir is None:
         out_dir = os.path.join(HERE, "results", "quick" if quick else "")
@@ -29,7 +31,7 @@ def run_bench(quick: bool = False, device: str = None, out_dir: str = None, plot
         warnings.simplefilter("ignore", RuntimeWarning)
         res = suite.run(dev, quick, log=log)
     res = {"meta": report.meta(dev), **res}
-    res["paths"] = report.write(res, out_dir, dev, with_plots=plots)
+    res["paths"] = report.write(res, out_dir, dev, with_plots=plots, tag=tag)
     log("wrote " + ", ".join(res["paths"].values()))
     return res
 
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sets, 1-2 repeats: a smoke test (seconds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--out", default=None, help="output folder (default bench/results[/quick])")
+    p.add_argument("--tag", default=None, help="suffix of the result files' names (<device>-<tag>.json ...), "
+                   "to keep an earlier run of the same device beside a new one")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -46,5 +50,7 @@ def main(argv=None) -> int:
     # Triton's CPU interpreter is a test aid; in a benchmark it would only make the triton backend crawl.
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 is set; triton is not benchmarked on CPU anyway", file=sys.stderr)
-    run_bench(a.quick, a.device, a.out, plots=not a.no_plots)
+    if a.tag is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", a.tag):
+        p.error("--tag: lower-case letters, digits and '-' only")
+    run_bench(a.quick, a.device, a.out, plots=not a.no_plots, tag=a.tag)
     return 0

@@ -55,6 +55,7 @@ def meta(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
         "numpy": _version("numpy"), "rigl_torch": C.rigl_torch_version(),
+        "sparsimony": C.sparsimony_version(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "git_commit": commit, "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -94,6 +95,19 @@ def _cfg(r):
     return (r["set"], f"{r['n_sparse'] / 1e6:.3g}M", f"{r['sparsity']:.0%}", r["dtype"])
 
 
+def _peer_ratios(rows, key, peer) -> List[dict]:
+    """Each rigl_fast contender's row with `ratio` = the peer's median / its median (same configuration, same
+    run): how many times faster rigl_fast is."""
+    out = []
+    for r in rows:
+        if r["contender"] in C.PEERS:
+            continue
+        ref = [x for x in rows if _cfg(x) == _cfg(r) and x["contender"] == peer]
+        if ref:
+            out.append(dict(r, ratio=ref[0][key]["median"] / r[key]["median"]))
+    return out
+
+
 def _speedup(rows, r, key):
     ref = [x for x in rows if _cfg(x) == _cfg(r) and x["contender"] == C.RIGL_TORCH]
     if not ref or r["contender"] == C.RIGL_TORCH:
@@ -107,6 +121,7 @@ def markdown(res: dict) -> str:
     L = [f"# rigl_fast benchmark: {m['device_name']} ({m['device']})", "",
          f"{m['date']} · commit `{(m['git_commit'] or '?')[:12]}`{' (dirty)' if m['git_dirty'] else ''} · "
          f"python {m['python']} · torch {m['torch']} · triton {m['triton']} · rigl-torch {m['rigl_torch']} · "
+         f"sparsimony {m.get('sparsimony') or 'not installed'} · "
          f"{m['torch_threads']} threads · rigl_fast backends: {', '.join(res['backends'])}"
          + (" · **--quick (smoke test, not a measurement)**" if res["quick"] else ""), "",
          f"Copy bandwidth (read + write, measured in this run): {bw['median'] / 1e9:.1f} GB/s "
@@ -146,6 +161,16 @@ def markdown(res: dict) -> str:
     L += _grid(res["update"], _cfg, ["weights", "sparse", "sparsity", "dtype"],
                lambda r: "n/a" if r["peak_extra_bytes_per_weight"] is None
                else f"{r['peak_extra_bytes_per_weight']:.2f}")
+    for peer in [p for p in C.PEERS if p != C.RIGL_TORCH]:  # rigl-torch's ratio is in every cell already
+        grids = [(what, _grid(_peer_ratios(rows, key, peer), _cfg, ["weights", "sparse", "sparsity", "dtype"],
+                              lambda r: f"{r['ratio']:.2f}x"))
+                 for what, rows, key in (("per-step overhead", res["step"], "total"),
+                                         ("update latency", res["update"], "latency"))]
+        if any(len(g) > 2 for _, g in grids):
+            L += ["", f"## Against {peer}: its median / rigl_fast's median (same run; > 1 = rigl_fast faster)"]
+            for what, g in grids:
+                if len(g) > 2:
+                    L += ["", f"{what}:", ""] + g
     L += ["", "## End-to-end training, steps/s (one update every delta steps included)", ""]
     L += _grid(res["e2e"], lambda r: (f"{r['model']} (width {r['width']}, {r['model_source']})",
                                       f"{r['input']}x{r['input']}", str(r["batch"]), str(r["delta"])),
@@ -267,9 +292,9 @@ def plots(res: dict, prefix: str) -> List[str]:
     return written
 
 
-def write(res: dict, out_dir: str, device: torch.device, with_plots: bool = True) -> Dict[str, str]:
+def write(res: dict, out_dir: str, device: torch.device, with_plots: bool = True, tag: str = None) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, device_slug(device))
+    prefix = os.path.join(out_dir, device_slug(device) + (f"-{tag}" if tag else ""))
     paths = {"json": prefix + ".json", "md": prefix + ".md"}
     with open(paths["json"], "w") as f:
         json.dump(res, f, indent=1)

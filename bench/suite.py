@@ -73,6 +73,17 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
                        "and its first call is not special); rigl_fast backends get one warm-up call"])
 
 
+SPARSIMONY_NOTE = (
+    "sparsimony 0.1.0 (torch.ao.pruning parametrizations): same weight sets, masks (loaded into its mask buffers "
+    "through model.load_state_dict), sparsity, delta, alpha=0.3 cosine schedule and T_end as the rigl "
+    "schedulers; init_method=None (no re-draw of the weights at prepare). Its per-step row is its "
+    "parametrization's forward (mask * weight) and the backward through it with a dense gradient (the "
+    "masked gradient and its backward hook's dense_grad = zeros_like(mask)), then its optimizer-step wrapper "
+    "(momentum *= mask) around a no-op step, and sparsifier.step() off-update; its masks are float tensors of "
+    "the weight dtype. Its update row is one sparsifier.step() that updates, with the dense gradient set in "
+    "its dense_grad buffers. In the end-to-end rows the loop is optimizer.step(); sparsifier.step() every step")
+
+
 def _rotate(xs, r):
     r %= max(1, len(xs))
     return xs[r:] + xs[:r]
@@ -84,7 +95,13 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, backends, bw, log) -> Tuple[list, list]:
+def peers_available() -> List[str]:
+    """The other libraries that import here: rigl-torch always (the bench needs it), sparsimony when installed."""
+    return [C.RIGL_TORCH] + ([C.SPARSIMONY] if C.import_sparsimony() is not None else [])
+
+
+def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, backends, bw, log,
+                   peers=(C.RIGL_TORCH,), notes=None) -> Tuple[list, list]:
     shapes = weightsets.WEIGHT_SETS[set_name]()
     dtype = DTYPES[dtype_name]
     b = torch.finfo(dtype).bits // 8
@@ -92,7 +109,7 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     n_all = masters.n_weights
     # rigl_fast on every backend with its default after_step='always', then the same with the opt-in fast path
     # after_step='trusted' (per-step table only): the ratio of the two is the cost of the safe default
-    names = ([C.RIGL_TORCH] + [C.fast_name(be) for be in backends]
+    names = (list(peers) + [C.fast_name(be) for be in backends]
              + [C.fast_name(be, C.FAST_PATH) for be in backends])
     log(f"  {set_name} {sparsity} {dtype_name}: {n_all / 1e6:.1f}M weights, contenders ready")
     cs = C.make_contenders(masters, names, sparsity)
@@ -150,10 +167,24 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
         c.finish_update()
         return t
 
-    for c in ucs:
+    for c in list(ucs):
         if reps[c.name] and (c.name != C.RIGL_TORCH or device.type == "cuda"):
-            one_update(c, False)  # warm-up: lazy initialisation, kernel compilation
-    for r in range(max(reps.values())):
+            try:
+                one_update(c, False)  # warm-up: lazy initialisation, kernel compilation
+            except Exception as e:
+                if c.name not in C.PEERS:
+                    raise
+                # a peer that cannot run this update (sparsimony on bf16: its mask counts are summed in the
+                # mask's dtype) leaves its cell empty, and the notes say why
+                msg = f"{c.name}'s update fails on {set_name} {sparsity:.0%} {dtype_name}: {type(e).__name__}: {e}"
+                log("  " + msg)
+                if notes is not None:
+                    notes.append(msg)
+                ucs.remove(c)
+                reps[c.name] = 0
+                masters.restore()
+                c.finish_update()
+    for r in range(max(reps.values(), default=0)):
         bws.append(bw.sample())
         for c in _rotate(ucs, r):
             if r < reps[c.name]:
@@ -181,7 +212,7 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     return step_rows, update_rows
 
 
-def measure_scaling(device, plan: Plan, backends, log, sparsity=0.9, dtype_name="fp32") -> list:
+def measure_scaling(device, plan: Plan, backends, log, sparsity=0.9, dtype_name="fp32", peers=(C.RIGL_TORCH,)) -> list:
     rows = []
     clock = timing.Clock(device)
     d = plan.scaling_width
@@ -191,6 +222,8 @@ def measure_scaling(device, plan: Plan, backends, log, sparsity=0.9, dtype_name=
         masters = C.Masters(shapes, device, DTYPES[dtype_name])
         n = masters.n_weights
         names = [C.fast_name(be) for be in backends]
+        if C.SPARSIMONY in peers:
+            names = [C.SPARSIMONY] + names
         if n <= plan.scaling_rigl_torch_max_weights:
             names = [C.RIGL_TORCH] + names
         cs = C.make_contenders(masters, names, sparsity)
@@ -216,7 +249,7 @@ def measure_scaling(device, plan: Plan, backends, log, sparsity=0.9, dtype_name=
     return rows
 
 
-def measure_e2e(device, plan: Plan, backends, log) -> list:
+def measure_e2e(device, plan: Plan, backends, log, peers=(C.RIGL_TORCH,)) -> list:
     rows = []
     clock = timing.Clock(device)
     for model_name, side, batch, delta, blocks in plan.e2e:
@@ -227,7 +260,7 @@ def measure_e2e(device, plan: Plan, backends, log) -> list:
         y = torch.randint(0, 1000, (batch,), device=device)
         runs = []
         # rigl_fast with its default after_step='always' and with the fast path 'trusted' (SGD: no after-step pass)
-        names = (["dense", C.RIGL_TORCH] + [C.fast_name(be) for be in backends]
+        names = (["dense"] + list(peers) + [C.fast_name(be) for be in backends]
                  + [C.fast_name(be, C.FAST_PATH) for be in backends])
         for name in names:
             model = copy.deepcopy(base_model)
@@ -237,6 +270,12 @@ def measure_e2e(device, plan: Plan, backends, log) -> list:
                 sched = None
             elif name == C.RIGL_TORCH:
                 sched = C.import_rigl_torch()(model, opt, **kw)
+            elif name == C.SPARSIMONY:
+                # the layers rigl's uniform rule makes sparse: every Conv2d / Linear weight but the first
+                fqns = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                                       torch.nn.Linear))][1:]
+                sched = _SparsimonyLoop(C.sparsimony_rigl(model, opt, fqns, sparsity=0.9, delta=delta,
+                                                          T_end=10 ** 9))
             else:
                 backend, after = C.parse_fast_name(name)
                 sched = __import__("rigl_fast").RigLScheduler(model, opt, backend=backend, after_step=after, **kw)
@@ -246,7 +285,10 @@ def measure_e2e(device, plan: Plan, backends, log) -> list:
             for _ in range(delta):  # exactly one topology update per block (steps k*delta+1 .. (k+1)*delta)
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
-                if sched is None or sched():
+                if isinstance(sched, _SparsimonyLoop):
+                    opt.step()           # its wrapper masks the momentum
+                    sched.sparsifier.step()  # counts; every delta-th call is the topology update
+                elif sched is None or sched():
                     opt.step()
 
         for name, model, opt, sched in runs:
@@ -269,20 +311,33 @@ def measure_e2e(device, plan: Plan, backends, log) -> list:
     return rows
 
 
+class _SparsimonyLoop:
+    """sparsimony in the training loop: `optimizer.step()` (which it wrapped) then `sparsifier.step()`."""
+
+    def __init__(self, sparsifier):
+        self.sparsifier = sparsifier
+
+
 def run(device: torch.device, quick: bool, log=print) -> dict:
     plan = plan_for(device, quick)
     backends = C.available_backends(device)
+    peers = peers_available()
+    notes = list(plan.notes)
+    if C.SPARSIMONY in peers:
+        notes.append(SPARSIMONY_NOTE)
+    else:
+        notes.append("sparsimony is not installed: no sparsimony column (pip install sparsimony==0.1.0 --no-deps)")
     t0 = time.perf_counter()
-    log(f"rigl_fast backends on {device}: {backends}")
+    log(f"rigl_fast backends on {device}: {backends}; peers: {peers}")
     bw = timing.CopyBandwidth(device, plan.copy_bytes)
     bw_all = [bw.sample() for _ in range(3)]
     step_rows, update_rows = [], []
     for set_name, sparsity, dt, rt_reps in plan.configs:
-        s, u = measure_config(set_name, sparsity, dt, rt_reps, device, plan, backends, bw, log)
+        s, u = measure_config(set_name, sparsity, dt, rt_reps, device, plan, backends, bw, log, peers, notes)
         step_rows += s
         update_rows += u
-    scaling = measure_scaling(device, plan, backends, log)
-    e2e = measure_e2e(device, plan, backends, log)
+    scaling = measure_scaling(device, plan, backends, log, peers=peers)
+    e2e = measure_e2e(device, plan, backends, log, peers=peers)
     bw_all += [bw.sample() for _ in range(3)]
     for row in step_rows + update_rows:
         bw_all += [row["copy_bandwidth_Bps"]["median"]]
@@ -294,4 +349,4 @@ def run(device: torch.device, quick: bool, log=print) -> dict:
     bw_st = timing.stats(bw_all)
     log(f"copy bandwidth {bw_st['median'] / 1e9:.1f} GB/s; total {time.perf_counter() - t0:.0f} s")
     return dict(quick=quick, backends=backends, copy_bandwidth_Bps=bw_st, step=step_rows, update=update_rows,
-                scaling=scaling, e2e=e2e, notes=plan.notes, wall_s=time.perf_counter() - t0)
+                scaling=scaling, e2e=e2e, notes=notes, peers=peers, wall_s=time.perf_counter() - t0)

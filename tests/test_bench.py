@@ -66,12 +66,20 @@ def test_contender_names_follow_the_after_step_default():
         c.close()
 
 
+def _require_sparsimony():
+    # the bench runs without it, but this suite exercises it: CI installs it (pip install sparsimony==0.1.0
+    # --no-deps), so a missing one is a failure here, not a skip
+    assert contenders.import_sparsimony() is not None, "sparsimony is not installed: pip install sparsimony==0.1.0 --no-deps"
+    assert contenders.sparsimony_version() == "0.1.0"
+
+
 def test_contenders_do_the_same_update():
     """The bench's premise: every contender starts each update from the same state and ends at the same
-    masks, so the timed work is identical (rigl-torch's mask differs only where its sort breaks ties)."""
+    masks, so the timed work is identical (a peer's mask could differ only where its selection breaks ties)."""
     import torch
+    _require_sparsimony()
     masters = contenders.Masters(weightsets.WEIGHT_SETS["tiny-mlp"](), torch.device("cpu"), torch.float32)
-    names = [contenders.RIGL_TORCH, contenders.fast_name("reference")]
+    names = [contenders.RIGL_TORCH, contenders.SPARSIMONY, contenders.fast_name("reference")]
     cs = contenders.make_contenders(masters, names, 0.9)
     out = []
     for c in cs:
@@ -83,9 +91,46 @@ def test_contenders_do_the_same_update():
         after = [c.masks()[i].clone() for i in c.sparse]
         assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the update changed something
         out.append(after)
-    for a, b in zip(*out):
-        assert torch.equal(a, b)
+    rigl_torch, sparsimony, fast = out
+    for a, b, c in zip(rigl_torch, sparsimony, fast):
+        assert torch.equal(a, c)
+        # sparsimony keeps int(n * (1 - s)) active weights where rigl keeps n - int(n * s) (at most one more):
+        # its mask is rigl's less that many weights, the same selection otherwise
+        short = int(a.sum()) - int(a.numel() * (1 - 0.9))
+        assert 0 <= short <= 1
+        assert not (b & ~a).any() and int((a & ~b).sum()) == short
     for c in cs:
+        c.close()
+
+
+def test_sparsimony_per_step_ops_do_what_the_bench_says():
+    """What the per-step row times for sparsimony: its parametrization masks the gradient (the dense gradient
+    in, the masked one out) without accumulating a dense gradient off-update; the wrapped optimizer step masks
+    the momentum and, around the no-op stand-in for SGD, leaves the weights alone; its step() off-update
+    changes no mask. It starts from the masks the first contender drew."""
+    import torch
+    _require_sparsimony()
+    masters = contenders.Masters(weightsets.WEIGHT_SETS["tiny-cnn"](), torch.device("cpu"), torch.float32)
+    first, sp = contenders.make_contenders(masters, [contenders.fast_name("reference"), contenders.SPARSIMONY], 0.9)
+    assert sp.sparse == first.sparse and sp.sparse
+    masks = [sp.masks()[i].clone() for i in sp.sparse]
+    for i in sp.sparse:
+        assert torch.equal(sp.masks()[i], masters.masks[i])
+        assert 0 < masters.masks[i].sum() < masters.masks[i].numel()
+    grads = sp.grad_op()
+    for g, i in zip(grads, sp.sparse):
+        assert torch.equal(g, masters.acc[i] * masters.masks[i])
+        dg = sp.par[i].dense_grad
+        assert dg is not masters.acc[i] and not dg.any()  # off-update: a fresh zero buffer, nothing accumulated
+    w = [t.clone() for t in masters.w]
+    for i in sp.sparse:
+        masters.mom[i].fill_(1.0)
+    sp.after_step()
+    for i in sp.sparse:
+        assert torch.equal(masters.mom[i], masters.masks[i].float())
+        assert torch.equal(masters.w[i], w[i])
+    assert all(torch.equal(sp.masks()[i], m) for i, m in zip(sp.sparse, masks))
+    for c in (first, sp):
         c.close()
 
 
@@ -112,11 +157,21 @@ def test_quick_writes_json_and_markdown(tmp_path):
     for key in ("device_name", "torch", "python", "date", "rigl_torch", "git_commit"):
         assert meta[key], key
     assert "reference" in res["backends"]
-    expected = {contenders.RIGL_TORCH} | {contenders.fast_name(b) for b in res["backends"]}
+    _require_sparsimony()
+    assert meta["sparsimony"] == "0.1.0" and "sparsimony 0.1.0" in md
+    assert res["peers"] == [contenders.RIGL_TORCH, contenders.SPARSIMONY]
+    expected = set(res["peers"]) | {contenders.fast_name(b) for b in res["backends"]}
     trusted = {contenders.fast_name(b, "trusted") for b in res["backends"]}
     _check_stats(res["copy_bandwidth_Bps"])
 
     assert {r["contender"] for r in res["update"]} == expected
+    # a configuration whose update a peer cannot run (sparsimony on bf16 sums its mask counts in bf16 and fails
+    # its own sparsity check) has no cell for it, and the notes say why; every other one has all contenders
+    for key in {(r["set"], r["sparsity"], r["dtype"]) for r in res["update"]}:
+        have = {r["contender"] for r in res["update"] if (r["set"], r["sparsity"], r["dtype"]) == key}
+        for name in expected - have:
+            assert name in contenders.PEERS
+            assert any(n.startswith(f"{name}'s update fails on {key[0]} {key[1]:.0%} {key[2]}") for n in res["notes"])
     assert {r["contender"] for r in res["step"]} == expected | trusted
     for r in res["step"]:
         _check_stats(r["total"])
@@ -133,12 +188,13 @@ def test_quick_writes_json_and_markdown(tmp_path):
     for r in res["e2e"]:
         _check_stats(r["steps_per_s"])
     assert len({r["n_weights"] for r in res["scaling"]}) >= 3
+    assert contenders.SPARSIMONY in {r["contender"] for r in res["scaling"]}
     for r in res["scaling"]:
         _check_stats(r["latency"])
     for name in expected | trusted:
         assert name in md
     for section in ("Per-step overhead", "Cost of the safe default", "Update latency", "Peak extra memory",
-                    "End-to-end", "Scaling"):
+                    "Against sparsimony", "End-to-end", "Scaling"):
         assert section in md
 
 
