@@ -182,18 +182,159 @@ def radix_top_k(ops, values, flags, flag_value: bool, ks: Sequence[int], all_sum
     summed and every rank picks the same bin; after the last pass the threshold key is known exactly, and so
     is how many of the keys equal to it are taken. Those ties go in global index order: ties_before says how
     many lie in earlier shards, and ops.take_top takes the rest of the quota from this shard's first ties."""
-    remaining = torch.tensor(list(ks), dtype=torch.int64)
+    return _radix(lambda prefix, shift, bits: ops.key_histograms(values, flags, flag_value, prefix.tolist(), shift,
+                                                                 bits),
+                  lambda thresholds, n_ties: ops.take_top(values, flags, flag_value, thresholds.tolist(),
+                                                          n_ties.tolist()),
+                  torch.tensor(list(ks), dtype=torch.int64), RADIX_PASSES, all_sum, ties_before)
+
+
+def _radix(histograms, take, ks: torch.Tensor, passes, all_sum, ties_before):
+    """The radix select of `radix_top_k` and `structured_grow`, one row per selection (a layer, or a unit):
+    histograms(prefixes, shift, bits) -> this rank's (rows, 2**bits) counts; take(thresholds, n_ties) -> the
+    flags. ks, prefixes, thresholds and n_ties are int64 tensors on ks's device."""
+    remaining = ks
     prefix = torch.where(remaining > 0, 0, -1)
     local_hist = None
-    for shift, bits in RADIX_PASSES:
-        local_hist = ops.key_histograms(values, flags, flag_value, prefix.tolist(), shift, bits)
-        b, above = _pick_bins(all_sum(local_hist).cpu(), remaining, bits)
+    for shift, bits in passes:
+        local_hist = histograms(prefix, shift, bits)
+        b, above = _pick_bins(all_sum(local_hist).to(remaining.device), remaining, bits)
         live = prefix >= 0
         remaining = torch.where(live, remaining - above, remaining)
         prefix = torch.where(live, (prefix << bits) | b, prefix)
     live = prefix >= 0
-    low = (prefix & ((1 << RADIX_PASSES[-1][1]) - 1)).clamp(min=0)[:, None]
-    my_ties = torch.where(live, local_hist.cpu().gather(1, low)[:, 0], 0)
+    low = (prefix & ((1 << passes[-1][1]) - 1)).clamp(min=0)[:, None]
+    my_ties = torch.where(live, local_hist.to(remaining.device).gather(1, low)[:, 0], 0)
     n_ties = torch.minimum((remaining - ties_before(my_ties)).clamp(min=0), my_ties)
-    return ops.take_top(values, flags, flag_value, torch.where(live, prefix, NO_KEY).tolist(),
-                        torch.where(live, n_ties, 0).tolist())
+    return take(torch.where(live, prefix, NO_KEY), torch.where(live, n_ties, 0).to(torch.int64))
+
+
+# ---------------------------------------------------------------- FSDP2: structured layers (structure.py)
+# The radix select of units split across shards (transformers' Conv1D: FSDP2 shards its (in, out) weight along
+# the fan-in, so every column unit spans the shards): one row of counts per unit, so narrower digits than
+# RADIX_PASSES's. 8 passes of 16 bins (the first 8: the key's top 3 bits) of int32 counts.
+UNIT_RADIX_PASSES = ((28, 3), (24, 4), (20, 4), (16, 4), (12, 4), (8, 4), (4, 4), (0, 4))
+
+
+def all_gather_ints(values: Sequence[int], device: torch.device, group=None) -> List[List[int]]:
+    """Every rank's `values` (as many on every rank), in rank order: [rank][j]."""
+    if not active(group):
+        return [list(values)]
+    t = torch.tensor(list(values) or [0], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [o.cpu().tolist()[:len(values)] for o in out]
+
+
+def _group_fns(group):
+    """all_sum and ties_before (by rank: shards lie in rank order along dim 0) over `group`."""
+    def all_sum(t):
+        t = t.clone()
+        if active(group):
+            dist.all_reduce(t, group=group)
+        return t
+
+    def ties_before(mine):
+        if not active(group):
+            return torch.zeros_like(mine)
+        out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, mine, group=group)
+        me = dist.get_rank(group)
+        return sum(out[:me], torch.zeros_like(mine))
+
+    return all_sum, ties_before
+
+
+def split_unit_counts(ops, flags: Sequence[torch.Tensor], plans, group=None) -> List[torch.Tensor]:
+    """Per layer (plans[i].n_split > 0), the True flags of each of its units split across shards, summed over
+    the ranks (one all-reduce for all layers); an empty tensor for the other layers."""
+    return _split_counts(ops, flags, plans, _group_fns(group)[0])
+
+
+def _split_counts(ops, flags, plans, all_sum):
+    split = [i for i, p in enumerate(plans) if p is not None and p.n_split]
+    out = [torch.zeros(0, dtype=torch.int32) for _ in plans]
+    if not split:
+        return out
+    widths, pieces, n = _split_layout(plans, split)
+    counts = all_sum(ops.column_counts([flags[i] for i in split], widths, pieces, n))
+    offset = 0
+    for i in split:
+        out[i] = counts[offset:offset + plans[i].n_split]
+        offset += plans[i].n_split
+    return out
+
+
+def _split_layout(plans, split):
+    """widths, pieces (unit bases counted over all `split` layers) and the number of split units."""
+    widths, pieces, base = [], [], 0
+    for i in split:
+        p = plans[i]
+        widths.append(p.width)
+        pieces.append(tuple((lo, hi, base + b) for lo, hi, b in p.pieces))
+        base += p.n_split
+    return widths, pieces, base
+
+
+def sharded_structured_grow(ops, scores: Sequence[torch.Tensor], keep: Sequence[torch.Tensor], plans,
+                            group=None) -> List[torch.Tensor]:
+    """The grow half of a structured update under FSDP2 (see `structured_grow`), with its collectives over
+    `group`: per update, one all-reduce of the split units' kept counts (4 bytes a unit), one per
+    UNIT_RADIX_PASSES pass (64 bytes a unit) and one all_gather of tie counts (4 bytes a unit and rank); no
+    collective at all when no unit is split (row units: Linear, Conv; N:M groups inside the shards)."""
+    all_sum, ties_before = _group_fns(group)
+    return structured_grow(ops, scores, keep, plans, all_sum, ties_before)
+
+
+def structured_grow(ops, scores, keep, plans, all_sum, ties_before) -> List[torch.Tensor]:
+    """Flat bool grow flags over this rank's shards, per layer: every unit regrows target minus its kept count
+    (over the whole unit), the largest |score| among its positions not kept, ties to the lower index within
+    the unit: `ops.Backend.unit_grow`'s selection of the whole layer, computed on the shards, bit for bit.
+
+    plans[i] (sharding.UnitPlan) splits layer i's shard in two. Its units that lie inside the shard (all of
+    them for row units; the N:M groups between the shard's cuts) grow locally through ops.unit_grow. The units
+    split across shards (transposed layers' columns, or their N:M groups that a shard boundary cuts) are
+    selected by a radix select with one row per unit (`_radix`, UNIT_RADIX_PASSES): the kept counts are
+    summed over the ranks to give each unit's quota r_u; each pass the per-unit digit histograms
+    (ops.column_key_histograms) are summed and every rank picks the same bin, so after the last pass each
+    unit's threshold key is exact; the ties at it are taken in row order (= flat index order within the unit),
+    ranks in order (ties_before), by ops.column_take_top. The keys are the 31-bit |score| patterns of the
+    layer-wide selection (-0.0 and +0.0 alike). The bytes sent depend on the number of split units (columns),
+    never on the fan-in or on how many weights are dropped."""
+    grow: List[Optional[torch.Tensor]] = [None] * len(plans)
+    mine = [i for i, p in enumerate(plans) if p.local is not None]
+    if mine:
+        got = ops.unit_grow([_flat_part(scores[i], *plans[i].local[:2]) for i in mine],
+                            [_flat_part(keep[i], *plans[i].local[:2]) for i in mine],
+                            [plans[i].local[2] for i in mine])
+        for i, g in zip(mine, got):
+            lo, hi, _ = plans[i].local
+            if lo == 0 and hi == keep[i].numel():
+                grow[i] = g.reshape(-1)
+            else:
+                grow[i] = torch.zeros(keep[i].numel(), dtype=torch.bool, device=keep[i].device)
+                grow[i][lo:hi] = g.reshape(-1)
+    split = [i for i, p in enumerate(plans) if p.n_split]
+    if split:
+        widths, pieces, n = _split_layout(plans, split)
+        device = keep[split[0]].device
+        targets = torch.cat([torch.full((plans[i].n_split,), plans[i].target, dtype=torch.int64) for i in split])
+        kept = all_sum(ops.column_counts([keep[i] for i in split], widths, pieces, n))
+        vals, flags = [scores[i] for i in split], [keep[i] for i in split]
+        taken = _radix(lambda prefix, shift, bits: ops.column_key_histograms(vals, flags, False, widths, pieces,
+                                                                             prefix, shift, bits),
+                       lambda thresholds, n_ties: ops.column_take_top(vals, flags, False, widths, pieces,
+                                                                      thresholds, n_ties),
+                       targets.to(device) - kept.to(device, torch.int64), UNIT_RADIX_PASSES, all_sum, ties_before)
+        for i, t in zip(split, taken):
+            if grow[i] is None:
+                grow[i] = t
+            else:
+                grow[i] |= t
+    return [torch.zeros(k.numel(), dtype=torch.bool, device=k.device) if g is None else g
+            for g, k in zip(grow, keep)]
+
+
+def _flat_part(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return flat if lo == 0 and hi == flat.numel() else flat[lo:hi]

@@ -189,6 +189,35 @@ class Backend:
         from .reference import take_top
         return [take_top(v, f, flag_value, t, k) for v, f, t, k in zip(values, flags, thresholds, n_ties)]
 
+    # Structured layers whose units are split across shards (transposed layers, transformers' Conv1D: FSDP2
+    # shards the fan-in) select per unit through `distributed.structured_grow`, a radix select with one row of
+    # counts per unit. A layer's local shard is viewed as (rows, widths[i]) (row-major); pieces[i] lists
+    # (row_lo, row_hi, base): position (r, c) with row_lo <= r < row_hi belongs to unit base + c (a column
+    # segment), and positions in no piece belong to none. Unit indices count over all layers of the call.
+
+    def column_counts(self, flags: Sequence[torch.Tensor], widths: Sequence[int], pieces, n_units: int) -> torch.Tensor:
+        """int32 counts of shape (n_units,) on the flags' device: the True flags of each unit."""
+        from .reference import column_counts
+        return column_counts(flags, widths, pieces, n_units)
+
+    def column_key_histograms(self, values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor],
+                              flag_value: bool, widths: Sequence[int], pieces, prefixes: torch.Tensor, shift: int,
+                              bits: int) -> torch.Tensor:
+        """`key_histograms` per unit: int32 counts of shape (len(prefixes), 2**bits); row u counts the digit
+        (key >> shift) & (2**bits - 1) of unit u's eligible positions whose key >> (shift + bits) equals
+        prefixes[u] (an int64 tensor on the values' device; negative: a row of zeros)."""
+        from .reference import column_key_histograms
+        return column_key_histograms(values, flags, flag_value, widths, pieces, prefixes, shift, bits)
+
+    def column_take_top(self, values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor], flag_value: bool,
+                        widths: Sequence[int], pieces, thresholds: torch.Tensor,
+                        n_ties: torch.Tensor) -> List[torch.Tensor]:
+        """`take_top` per unit: per layer, flat bool flags of the eligible positions of unit u whose key is >
+        thresholds[u], plus the first n_ties[u] (in row order) whose key equals it; thresholds >= 2**31 take
+        nothing, positions in no piece are False. thresholds and n_ties: int64 tensors, one entry per unit."""
+        from .reference import column_take_top
+        return column_take_top(values, flags, flag_value, widths, pieces, thresholds, n_ties)
+
     def commit(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                keep: Sequence[torch.Tensor], grow: Sequence[torch.Tensor],
                states: Sequence[Sequence[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:

@@ -202,6 +202,56 @@ def take_top(values: torch.Tensor, flags: torch.Tensor, flag_value: bool, thresh
     return take
 
 
+def _rows(t: torch.Tensor, width: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of a local shard viewed (rows, width)."""
+    return t.reshape(-1)[lo * width:hi * width].reshape(hi - lo, width)
+
+
+def column_counts(flags, widths, pieces, n_units: int) -> torch.Tensor:
+    """See ops.Backend.column_counts."""
+    device = flags[0].device if len(flags) else torch.device("cpu")
+    out = torch.zeros(n_units, dtype=torch.int32, device=device)
+    for f, w, ps in zip(flags, widths, pieces):
+        for lo, hi, base in ps:
+            out[base:base + w] += _rows(f, w, lo, hi).sum(0, dtype=torch.int32)
+    return out
+
+
+def column_key_histograms(values, flags, flag_value: bool, widths, pieces, prefixes: torch.Tensor, shift: int,
+                          bits: int) -> torch.Tensor:
+    """See ops.Backend.column_key_histograms."""
+    nb = 1 << bits
+    out = torch.zeros(prefixes.numel() * nb, dtype=torch.int32, device=prefixes.device)
+    for v, f, w, ps in zip(values, flags, widths, pieces):
+        for lo, hi, base in ps:
+            keys = selection_keys(_rows(v, w, lo, hi)).view(hi - lo, w)
+            fl = _rows(f, w, lo, hi)
+            hit = (fl if flag_value else ~fl) & ((keys >> (shift + bits)) == prefixes[base:base + w])
+            bins = torch.arange(base * nb, (base + w) * nb, nb, device=keys.device) + ((keys >> shift) & (nb - 1))
+            sel = bins[hit]
+            out.index_add_(0, sel, torch.ones(sel.shape, dtype=torch.int32, device=sel.device))
+    return out.view(prefixes.numel(), nb)
+
+
+def column_take_top(values, flags, flag_value: bool, widths, pieces, thresholds: torch.Tensor,
+                    n_ties: torch.Tensor):
+    """See ops.Backend.column_take_top."""
+    outs = []
+    for v, f, w, ps in zip(values, flags, widths, pieces):
+        take = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
+        for lo, hi, base in ps:
+            keys = selection_keys(_rows(v, w, lo, hi)).view(hi - lo, w)
+            fl = _rows(f, w, lo, hi)
+            ok = fl if flag_value else ~fl
+            thr = thresholds[base:base + w]
+            eq = ok & (keys == thr)
+            t = ok & (keys > thr)
+            t |= eq & (torch.cumsum(eq, 0, dtype=torch.int32) <= n_ties[base:base + w])
+            take[lo * w:hi * w] = t.reshape(-1)
+        outs.append(take)
+    return outs
+
+
 def commit(weight, mask, keep, grow, states, grad) -> None:
     """new = keep | grow; weight and states keep their values where new & old (dropped and grown -> 0), the
     gradient where new; the mask becomes new."""

@@ -178,16 +178,14 @@ class RigLScheduler:
                                    hp["dense_allocation"], hp["ignore_linear_layers"], hp["erk_power_scale"])
             masks = None
         S, units, dense_why = _structure.layer_plan(hp["structure"], [tuple(w.shape) for w in W], found.transposed, S)
-        if masks is not None:
-            _state.check_units(names, masks, units)
+        if masks is not None:  # sharded masks: below, on every rank alike
+            _state.check_units(names, masks, [None if _sharding.is_sharded(w) else u for w, u in zip(W, units)])
         held = {id(p) for group in inner.param_groups for p in group["params"]}
         missing = [n for n, w, s in zip(names, W, S) if s > 0 and id(w) not in held]
         if missing:
             raise ValueError(f"optimizer does not hold the sparse weights {missing}: pass the model's parameters "
                              "to the optimizer before creating the RigLScheduler")
         sharded = _sharding.check_layout(names, W, [s > 0 for s in S])
-        if sharded:
-            _sharding.check_units(names, units)
         if sharded and process_group is not None:
             raise ValueError("process_group is for DDP; under FSDP2 the weights' device mesh is the group")
         if sharded_init != "global" and not sharded:
@@ -198,6 +196,13 @@ class RigLScheduler:
             raise ValueError(f"model: sparse weights must be on one device, found {sorted(map(str, sparse_devices))}")
         ops = _ops.get_backend(backend, next(iter(sparse_devices)))
         self._check_sizes(ops, names, W, S)
+        cuts = plans = None
+        if sharded:  # collectives, on every rank alike: where each rank's shard of a Conv1D weight starts
+            sparse_w = [w for w, s in zip(W, S) if s > 0]
+            cuts = self._gather_cuts(W, found.transposed, sparse_w[0])
+            plans = [_sharding.unit_plan(w, u, c) for w, u, c in zip(W, units, cuts)]
+            if masks is not None:
+                self._check_sharded_units(ops, names, masks, plans, _sharding.group(sparse_w))
 
         # ---- from here on, state changes; any failure undoes what was done (and the RNG's draws) ----
         rng = torch.random.get_rng_state()
@@ -205,7 +210,7 @@ class RigLScheduler:
         self.W: List[nn.Parameter] = W
         try:
             self._build(model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
-                        process_group, sharded, sharded_init, units, dense_why)
+                        process_group, sharded, sharded_init, units, dense_why, cuts, plans)
         except BaseException:
             for h in self._handles:
                 h.remove()
@@ -216,7 +221,7 @@ class RigLScheduler:
         _config.warn_if_idle(self, model, include, exclude, sparsify_tied, found.n_tied)
 
     def _build(self, model, optimizer, inner, ops, backend, after_step, hp, found, S, masks, state_dict, in_step,
-               process_group, sharded, sharded_init, units, dense_why):
+               process_group, sharded, sharded_init, units, dense_why, cuts, plans):
         self.model = model
         self.optimizer = optimizer
         self._optimizer = inner
@@ -238,6 +243,8 @@ class RigLScheduler:
         self._set_hyperparams(hp)
         self.S = list(S)
         self._units = units
+        self._cuts = cuts  # FSDP2: per layer, every rank's shard boundaries along dim 0 (Conv1D only), or None
+        self._plans = plans  # FSDP2: per structured layer, how this rank selects its growth (sharding.UnitPlan)
         self._dense_why = dense_why
         self.step = 0
         self.rigl_steps = 0
@@ -278,6 +285,40 @@ class RigLScheduler:
         if self._sharded:
             local = _dist.sum_counts(local, _sharding.local(self.W[0]).device, self.process_group)
         self._n_active = [None if m is None else c for m, c in zip(self.backward_masks, local)]
+
+    @staticmethod
+    def _gather_cuts(W, transposed, probe):
+        """FSDP2: per layer, the row boundaries of every rank's shard of a transposed (Conv1D) weight, whose
+        structured units cross them (sharding.unit_plan); None for the others. One all_gather."""
+        which = [i for i, (w, t) in enumerate(zip(W, transposed)) if t and _sharding.is_sharded(w)]
+        mine = [v for i in which for v in _sharding.row_range(W[i])]
+        every = _dist.all_gather_ints(mine, _sharding.local(probe).device, _sharding.group([probe]))
+        cuts = [None] * len(W)
+        for j, i in enumerate(which):
+            cuts[i] = sorted({v for r in every for v in (r[2 * j], r[2 * j] + r[2 * j + 1])})
+        return cuts
+
+    @staticmethod
+    def _check_sharded_units(ops, names, masks, plans, group):
+        """`state.check_units` for sharded masks, agreed on every rank (so all raise together): the units inside
+        each shard checked there, the units split across shards (Conv1D) on their counts summed over the ranks."""
+        if all(p is None or m is None for p, m in zip(plans, masks)):
+            return
+        plans = [None if m is None else p for p, m in zip(plans, masks)]
+        split = _dist.split_unit_counts(ops, [None if m is None else _sharding.local(m) for m in masks], plans,
+                                        group)
+        bad = []
+        for m, p, c in zip(masks, plans, split):
+            wrong = False
+            if p is not None and p.local is not None:
+                lo, hi, u = p.local
+                wrong = bool((_ops.units_of(_sharding.local(m).reshape(-1)[lo:hi], u).sum(1) != u.target).any())
+            bad.append(wrong or bool((c != (0 if p is None else p.target)).any()))
+        device = _sharding.local(next(m for m in masks if m is not None)).device
+        for name, b, p in zip(names, _dist.any_rank(bad, device, group), plans):
+            if b:
+                raise ValueError(f"state_dict: the mask of layer {name!r} does not have the structure: every unit "
+                                 f"must hold exactly {p.target} active weights")
 
     @staticmethod
     def _check_sizes(ops, names, W, S):
@@ -356,18 +397,13 @@ class RigLScheduler:
             if s <= 0:
                 local.append(None)
             elif self.sharded_init == "local":
-                local.append(_sharding.local_draw(w, s, seed, i, self._local_units(i)))
+                local.append(_sharding.local_draw(w, s, seed, i, self._units[i], self._plans[i]))
             else:
                 local.append(_sharding.shard_of(w, self._draw(w.numel(), s, self._units[i], g)).to(
                     _sharding.local(w).device))
         if torch.equal(state, torch.get_rng_state()):
             torch.set_rng_state(g.get_state())
         return _sharding.masks_like(self.W, local)
-
-    def _local_units(self, i):
-        """Layer i's units as its local shard sees them (FSDP2 shards whole rows), or None if unstructured."""
-        u = self._units[i]
-        return None if u is None else _structure.local_units(u, _sharding.local(self.W[i]).shape)
 
     def _sparse_w_index(self):
         return next(i for i, s in enumerate(self.S) if s > 0)
@@ -646,8 +682,9 @@ class RigLScheduler:
         n_keep, n_grow = self._drop_counts(idx, drop_fraction)
         offsets = [_sharding.flat_range(self.W[i])[0] for i in idx]
         keep = _dist.sharded_top_k(self._ops, weights, masks, True, n_keep, offsets, self.process_group)
-        if self._units[idx[0]] is not None:  # structured: each shard's rows are whole units, so growth is local
-            grow = self._ops.unit_grow(scores, keep, [self._local_units(i) for i in idx])
+        if self._units[idx[0]] is not None:  # structured: per unit, local where the unit lies in the shard
+            grow = _dist.sharded_structured_grow(self._ops, scores, keep, [self._plans[i] for i in idx],
+                                                 self.process_group)
         else:
             grow = _dist.sharded_top_k(self._ops, scores, keep, False, n_grow, offsets, self.process_group)
         self._ops.commit(weights, masks, keep, grow, [self._states_like(self.W[i]) for i in idx],
@@ -689,12 +726,17 @@ class RigLScheduler:
         S, masks = _state.fit(state_dict, self.names, self.W)
         S, units, dense_why = _structure.layer_plan(hp["structure"], [tuple(w.shape) for w in self.W],
                                                     self._transposed, S)
-        _state.check_units(self.names, masks, units)
+        plans = None
         if self._sharded:
-            _sharding.check_units(self.names, units)
+            plans = [None if u is None else _sharding.unit_plan(w, u, c)
+                     for w, u, c in zip(self.W, units, self._cuts)]
+            self._check_sharded_units(self._ops, self.names, masks, plans, self.process_group)
+        else:
+            _state.check_units(self.names, masks, units)
         self._set_hyperparams(hp)
         self.S = S
         self._units = units
+        self._plans = plans
         self._dense_why = dense_why
         self.backward_masks = masks
         self._count_active()

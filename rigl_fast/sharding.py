@@ -11,9 +11,11 @@ weight's mesh and placements; the ops only ever see the local shards.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+
+from .ops import Units
 
 try:  # torch.distributed may be built out (some macOS / Windows wheels)
     from torch.distributed.tensor import DTensor, Shard
@@ -60,14 +62,62 @@ def check_layout(names: Sequence[str], weights: Sequence[torch.Tensor], sparse: 
     return True
 
 
-def check_units(names: Sequence[str], units) -> None:
-    """Structured layers under FSDP2 select per unit on each shard, so a unit must lie in one shard: rows do
-    (dim-0 sharding), transformers' Conv1D columns do not."""
-    for n, u in zip(names, units):
-        if u is not None and u.transposed:
-            raise ValueError(f"layer {n!r}: structure= with FSDP2 needs each unit (a row of the weight) inside one "
-                             "shard, but transformers' Conv1D stores (in, out) and its units are columns, split "
-                             "across shards; keep it dense with exclude=, or use structure='unstructured'")
+class UnitPlan(NamedTuple):
+    """How one rank selects a structured layer's growth (`distributed.structured_grow`). `local`: (lo, hi,
+    units): the flat range [lo, hi) of the shard whose units lie wholly in it, and those units (of the range,
+    viewed on its own), or None. The units split across shards: `pieces`, (row_lo, row_hi, unit) per part
+    of them on this shard (rows of the shard viewed (rows, width): position (r, c) is in unit `unit + c`),
+    `n_split` of them in the layer (the same on every rank), each holding `target` active positions."""
+    local: Optional[Tuple[int, int, Units]]
+    width: int
+    pieces: Tuple[Tuple[int, int, int], ...]
+    n_split: int
+    target: int
+
+
+def row_range(w) -> Tuple[int, int]:
+    """(first row, rows) of this rank's shard of DTensor `w` along dim 0."""
+    start, length = flat_range(w)
+    width = math.prod(w.shape[1:])
+    return (start // width if length else 0), local(w).shape[0]
+
+
+def unit_plan(w, u: Optional[Units], cuts: Optional[Sequence[int]]) -> Optional[UnitPlan]:
+    """Layer `w`'s UnitPlan on this rank (None for an unstructured layer); see `plan_for`."""
+    if u is None:
+        return None
+    start, rows = row_range(w)
+    return plan_for(tuple(w.shape), start, rows, u, cuts or ())
+
+
+def plan_for(shape: Sequence[int], start: int, rows: int, u: Units, cuts: Sequence[int]) -> UnitPlan:
+    """The UnitPlan of the shard holding rows [start, start + rows) of a layer of `shape`. `cuts`: every
+    rank's shard boundaries along dim 0 (row indices). Row units (Linear, Conv) lie in their shard. A
+    transposed layer (transformers' Conv1D, (in, out)) is cut along its fan-in: its column units (fan_in) are
+    split as soon as there is more than one shard; its N:M groups (M consecutive rows) only where a boundary
+    is not a multiple of M, so the groups between this shard's cuts stay local."""
+    length = rows * math.prod(shape[1:])
+    if not u.transposed:
+        return UnitPlan((0, length, u._replace(out=rows)), math.prod(shape[1:]), (), 0, u.target)
+    d0, out = u.fan_in, u.out
+    inner = sorted({c for c in cuts if 0 < c < d0})
+    if u.group == u.fan_in:  # one unit per column (fan_in, or N:M with M == fan-in)
+        if not inner:  # one shard holds the whole layer
+            return UnitPlan((0, length, u) if rows else None, out, (), 0, u.target)
+        return UnitPlan(None, out, ((0, rows, 0),) if rows else (), out, u.target)
+    m = u.group
+    straddled = sorted({c // m for c in inner if c % m})
+    n_split = len(straddled) * out
+    if not rows:
+        return UnitPlan(None, out, (), n_split, u.target)
+    a, e = start, start + rows
+    first, last = -(-a // m), e // m  # the groups wholly inside [a, e)
+    inside = None
+    if last > first:
+        inside = ((first * m - a) * out, (last * m - a) * out, Units(out, (last - first) * m, True, m, u.target))
+    pieces = tuple((max(a, b * m) - a, min(e, (b + 1) * m) - a, straddled.index(b) * out)
+                   for b in sorted({a // m, (e - 1) // m}) if b in straddled)
+    return UnitPlan(inside, out, pieces, n_split, u.target)
 
 
 def group(weights: Sequence[torch.Tensor]):
@@ -106,22 +156,47 @@ def _shard_generator(w, seed: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + start) % (2 ** 63))
 
 
-def local_draw(w, sparsity: float, seed: int, layer: int, units=None) -> torch.Tensor:
+def local_draw(w, sparsity: float, seed: int, layer: int, units: Optional[Units] = None,
+               plan: Optional[UnitPlan] = None) -> torch.Tensor:
     """A shard-local draw for layers too large for a whole-layer draw: the layer still has exactly int(S * n)
-    inactive positions, spread over the shards in proportion to their size (structured: `units` of the shard,
-    each unit exactly its count), each shard drawing its own from a generator seeded by (seed, layer, shard
-    offset). Reproducible, but not the draw one process would make."""
+    inactive positions, spread over the shards in proportion to their size, each shard drawing its own from a
+    generator seeded by (seed, layer, shard offset). Reproducible, but not the draw one process would make.
+    Structured (`units`, and the layer's `plan`): every unit exactly its count. Row units lie in the shard. A
+    transposed layer's columns (fan_in) are split over the shards, each shard's part of every column holding
+    c * end // fan_in - c * start // fan_in of the column's c; its N:M groups cut by a shard boundary are
+    each drawn whole, by every rank holding part of it, from a generator seeded by (seed, layer, group)."""
     n = w.numel()
     zeros = int(sparsity * n)
     start, length = flat_range(w)
+    shape, device = local(w).shape, local(w).device
     g = _shard_generator(w, seed, layer)
     if units is not None:
         from .structure import draw
-        return draw(units, g).reshape(local(w).shape).to(local(w).device)
+        a, rows = row_range(w)
+        if not units.transposed:
+            flat = draw(units._replace(out=rows), g)
+        elif not rows:
+            flat = torch.zeros(0, dtype=torch.bool)
+        elif units.group == units.fan_in:
+            c = units.target * (a + rows) // units.fan_in - units.target * a // units.fan_in
+            flat = draw(Units(units.out, rows, True, rows, c), g)
+        else:
+            flat = torch.zeros(length, dtype=torch.bool)
+            if plan.local is not None:
+                lo, hi, u = plan.local
+                flat[lo:hi] = draw(u, g)
+            m, out = units.group, units.out
+            for lo, hi, _ in plan.pieces:
+                b = (a + lo) // m
+                gb = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + 7_919 * (b + 1)
+                                                    + (1 << 40)) % (2 ** 63))
+                whole = draw(Units(out, m, True, m, units.target), gb).view(m, out)
+                flat[lo * out:hi * out] = whole[a + lo - b * m:a + hi - b * m].reshape(-1)
+        return flat.reshape(shape).to(device)
     mine = zeros * (start + length) // n - zeros * start // n
     flat = torch.ones(length, dtype=torch.bool)
     flat[torch.randperm(length, generator=g)[:mine]] = False
-    return flat.reshape(local(w).shape).to(local(w).device)
+    return flat.reshape(shape).to(device)
 
 
 def masks_like(weights: Sequence[torch.Tensor], locals_: Sequence[Optional[torch.Tensor]]) -> List:

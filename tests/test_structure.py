@@ -258,3 +258,93 @@ def test_checkpoint_round_trip_is_exact_and_keeps_the_structure(structure, densi
     fresh = _mlp()
     with pytest.raises(ValueError, match="does not have the structure"):
         RigLScheduler(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), **kw, state_dict=bad)
+
+
+# ---------------------------------------------------------------- FSDP2: units split across shards, simulated
+# tests/test_fsdp2.py trains under real FSDP2 (2 gloo ranks); here distributed.structured_grow runs on `world`
+# threads, one per simulated rank holding rows [start, start + rows) of the layer (FSDP2's dim-0 chunks), with
+# its collectives through shared memory, on layers and splits a 2-rank run cannot reach.
+SPLIT_UNITS = [
+    Units(6, 9, True, 9, 3),  # Conv1D fan_in: 9 rows, every column split (5|4, 3|3|3, 3|3|3|0, ...)
+    Units(5, 12, True, 4, 2),  # Conv1D 2:4: 6|6 cuts group 1; 4|4|4 cuts none; 3|3|3|3 cuts every group
+    Units(4, 4, True, 4, 1),  # 1:4 with M == fan-in: one group per column, as fan_in
+    Units(3, 20, True, 5, 2),  # 2:5: 7|7|6 cuts groups 1 and 2, a shard holding parts of two groups
+    Units(7, 6, False, 3, 2),  # row units (Linear): always inside a shard, no collective
+]
+
+
+def _threaded(world, fn):
+    """fn(rank, all_sum, ties_before) on `world` threads; the results in rank order."""
+    import threading
+    barrier = threading.Barrier(world)
+    posted, results, errors = [None] * world, [None] * world, []
+
+    def exchange(r, t):
+        posted[r] = t.clone()
+        barrier.wait()
+        got = list(posted)
+        barrier.wait()
+        return got
+
+    def run(r):
+        try:
+            results[r] = fn(r, lambda t: sum(exchange(r, t)),
+                            lambda c: sum(exchange(r, c)[:r], torch.zeros_like(c)))
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("u", SPLIT_UNITS, ids=str)
+def test_grow_across_shards_equals_one_process(backend, u, device):
+    """structured_grow on every split of the layer's rows (uneven, empty shards, N:M groups cut or not) gives
+    reference.unit_grow's flags on the whole layer, bit for bit: ties (few levels, -0.0 next to +0.0) to the
+    lower row within a column, across shard boundaries; drop fractions from none to all."""
+    from rigl_fast import distributed as D
+    from rigl_fast.reference import keep_flags, unit_grow
+    from rigl_fast.sharding import plan_for
+    try:
+        ops = get_backend(backend, torch.device(device))
+    except RuntimeError as e:  # pragma: no cover
+        pytest.skip(f"{backend}: {e}")
+    shape = (u.fan_in, u.out) if u.transposed else (u.out, u.fan_in)
+    width = shape[1]
+    levels = torch.tensor([-1.0, -0.0, 0.0, 0.5, 1.0, -0.5])
+    split_seen = False
+    for world, seed, frac in itertools.product((1, 2, 3, 4, 5), range(3), (0.0, 0.4, 1.0)):
+        g = torch.Generator().manual_seed(seed)
+        from rigl_fast.structure import draw
+        m = draw(u, g).view(shape)
+        w = torch.randn(shape, generator=g) * m
+        s = levels[torch.randint(0, len(levels), shape, generator=g)] if seed else torch.randn(shape, generator=g)
+        n_active = int(m.sum())
+        keep = keep_flags(w, m, n_active - int(n_active * frac))
+        want = unit_grow(s, keep, u)
+        chunk = -(-shape[0] // world)
+        ranges = [(min(r * chunk, shape[0]), min((r + 1) * chunk, shape[0])) for r in range(world)]
+        cuts = sorted({c for r in ranges for c in r})
+        plans = [plan_for(shape, a, e - a, u, cuts) for a, e in ranges]
+        split_seen |= plans[0].n_split > 0
+        assert len({p.n_split for p in plans}) == 1  # every rank runs the same collectives
+
+        def rank(r, all_sum, ties_before):
+            a, e = ranges[r]
+            ls = s[a:e].to(device)
+            lk = keep[a * width:e * width].to(device)
+            return D.structured_grow(ops, [ls], [lk], [plans[r]], all_sum, ties_before)[0].cpu()
+
+        got = torch.cat(_threaded(world, rank))
+        assert torch.equal(got, want), (world, seed, frac)
+        new = got | keep
+        assert bool((units_of(new, u).sum(1) == u.target).all())
+    assert split_seen == u.transposed
