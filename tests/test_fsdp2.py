@@ -2,7 +2,8 @@
 
 One spawn runs every scenario on both ranks and saves what it saw; the tests read it. Tensors are gathered
 (`full_tensor()`) only here, in the test, never by rigl_fast. The model has layers whose row counts do not
-divide by the world size (101 and 11 rows over 2 ranks), so shards are uneven.
+divide by the world size (101 and 11 rows over 2 ranks), so shards are uneven. A second model of transformers'
+Conv1D layers (`_Conv1DNet`) runs structure='fan_in' and '2:4' with units split across the shards, and ties.
 
 Checked: masks after every call equal those of one process training on the same global batch (FSDP2 averages
 the ranks' gradients, as one process's mean loss over the global batch does; the two differ only by rounding),
@@ -11,6 +12,7 @@ optimizer states; no tensor of a whole sparse layer's size allocated during an u
 torch.distributed.checkpoint inside an accumulation window resumes bit for bit, and loads on one rank; a
 non-finite gradient on one rank skips the update on both; errors for layouts rigl_fast does not handle.
 """
+import copy
 import datetime
 import functools
 import os
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rigl_fast import RigLScheduler
-from rigl_fast.distributed import RADIX_PASSES
+from rigl_fast.distributed import RADIX_PASSES, UNIT_RADIX_PASSES
 from rigl_fast.ops import units_of
 from rigl_fast.state import masks as sd_masks
 
@@ -47,9 +49,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _model():
+def _model(kind="mlp"):
     torch.manual_seed(MODEL_SEED)
+    if kind == "conv1d":
+        return _Conv1DNet()
     return nn.Sequential(nn.Linear(37, 64), nn.ReLU(), nn.Linear(64, 101), nn.ReLU(), nn.Linear(101, 11))
+
+
+class _Conv1DNet(nn.Module):
+    """transformers' Conv1D layers (weights stored (in, out): FSDP2 shards them along the fan-in, so every
+    column unit spans both ranks) and one Linear (row units). Fan-ins over 2 ranks: c1 64 = 32|32 (2:4 groups
+    inside the shards), c2 36 = 18|18 (2:4's group of rows 16..19 is cut), c3 45 = 23|22 (uneven; 2:4 keeps it
+    dense, 45 % 4). Ties: c1's input repeats features 0..31 as 32..63, so its gradient rows j and j + 32 (one
+    on each rank) are equal in every column; c2's input repeats c1's outputs 16, 17 as 18, 19 (rows across the
+    cut of the group 16..19), and c1's outputs 18, 19 are unused: all-zero score columns in c1."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.embed = Conv1D(20, 37)  # the first candidate: uniform keeps it dense
+        self.c1 = Conv1D(36, 64)
+        self.c2 = Conv1D(20, 36)
+        self.lin = nn.Linear(20, 45)
+        self.c3 = Conv1D(11, 45)
+        self.register_buffer("pick", torch.tensor(list(range(18)) + [16, 17] + list(range(20, 36))), persistent=False)
+
+    def forward(self, x):
+        h = F.relu(self.c1(torch.cat([x[:, :32], x[:, :32]], 1)))
+        h = F.relu(self.c2(h[:, self.pick]) + self.embed(x))
+        return self.c3(F.relu(self.lin(h)))
 
 
 def _data():
@@ -90,23 +118,36 @@ SCENARIOS = {  # name: (backend, wrapping, optimizer, in_step, micro-batches)
     "micro": ("reference", "per_module", "sgd", False, True),
     "fan_in": ("reference", "per_module", "sgd", False, False),
     "two_four": ("cpp", "per_module", "sgd", False, False),
+    # transformers' Conv1D: units split across the shards (distributed.structured_grow)
+    "conv1d_fan_in": ("reference", "conv1d", "sgd", False, False),
+    "conv1d_fan_in_cpp": ("cpp", "conv1d", "sgd", False, False),
+    "conv1d_fan_in_triton": ("triton", "conv1d", "sgd", False, False),
+    "conv1d_two_four": ("reference", "conv1d", "adam", False, False),
+    "conv1d_two_four_cpp": ("cpp", "conv1d", "adam", False, False),
+    "conv1d_two_four_triton": ("triton", "conv1d", "adam", False, False),
 }
-EXTRA = {"fan_in": dict(structure="fan_in"), "two_four": dict(structure="2:4", dense_allocation=0.5)}
+FAN_IN, TWO_FOUR = dict(structure="fan_in"), dict(structure="2:4", dense_allocation=0.5)
+EXTRA = {"fan_in": FAN_IN, "two_four": TWO_FOUR, **{n: FAN_IN for n in SCENARIOS if n.startswith("conv1d_fan_in")},
+         **{n: TWO_FOUR for n in SCENARIOS if n.startswith("conv1d_two_four")}}
 
 
 def _shard(model, mesh, wrapping):
     from torch.distributed.fsdp import fully_shard
-    if wrapping == "per_module":
-        for layer in model:
-            if isinstance(layer, nn.Linear):
+    if wrapping in ("per_module", "conv1d"):
+        for layer in model.children():
+            if isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D":
                 fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
 
+def _kind(wrapping):
+    return "conv1d" if wrapping == "conv1d" else "mlp"
+
+
 def _build(mesh, name, backend=None, **kw):
     backend_, wrapping, optim, in_step, _ = SCENARIOS[name]
-    model = _shard(_model(), mesh, wrapping)
+    model = _shard(_model(_kind(wrapping)), mesh, wrapping)
     opt = _optimizer(model, optim)
     torch.manual_seed(MASK_SEED)
     pruner = RigLScheduler(model, opt, backend=backend or backend_, in_step=in_step,
@@ -194,10 +235,10 @@ class _WatchedOps:
         return watched
 
 
-def _allocations(rank, mesh, backend):
+def _allocations(rank, mesh, backend, name="reference"):
     """The shape of every tensor returned by an op during a short run's updates (the whole of `_rigl_step`,
     collectives and scheduler code included) and by every backend op of every step, against the layers'."""
-    model, opt, pruner = _build(mesh, "reference", backend=backend)
+    model, opt, pruner = _build(mesh, name, backend=backend)
     real = pruner._rigl_step
     seen = []
 
@@ -213,6 +254,7 @@ def _allocations(rank, mesh, backend):
     sparse = [i for i, m in enumerate(pruner.backward_masks) if m is not None]
     return {"shapes": seen, "layer_shapes": [tuple(pruner.W[i].shape) for i in sparse],
             "shard_numel": max(pruner.W[i].to_local().numel() for i in sparse),
+            "n_split": sum(p.n_split for p in pruner._plans or [] if p is not None),
             "updates": pruner.rigl_steps}
 
 
@@ -337,6 +379,44 @@ def _from_single(mesh):
     return out
 
 
+def _conv1d_extras(mesh):
+    """Conv1D under FSDP2 beyond training: the shard-local initial draw keeps every unit's count (a column's
+    count split over the shards; a 2:4 group a shard boundary cuts drawn whole by both ranks); a state dict from
+    one process loads; one whose Conv1D mask breaks the structure only on rank 1's rows raises on both ranks,
+    naming the layer, before anything changes."""
+    out = {}
+    for key, extra in (("fan_in", FAN_IN), ("two_four", TWO_FOUR)):
+        model = _shard(_model("conv1d"), mesh, "conv1d")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(MASK_SEED)
+        pruner = RigLScheduler(model, opt, backend="reference", **{**CFG, **extra}, sharded_init="local")
+        out[f"local_{key}"] = {"masks": [_full(m) for m in pruner.backward_masks], "units": list(pruner._units),
+                               "n_active": list(pruner._n_active)}
+    model = _model("conv1d")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(MASK_SEED + 1)
+    sd = RigLScheduler(model, opt, backend="reference", **CFG, **FAN_IN).state_dict()
+    model, opt, pruner = _build(mesh, "conv1d_fan_in")
+    before = [_full(m) for m in pruner.backward_masks]
+    pruner.load_state_dict(sd)
+    out["want"], out["loaded"] = sd_masks(sd), [_full(m) for m in pruner.backward_masks]
+    bad = copy.deepcopy(sd)
+    i = pruner.names.index("c1.weight")
+    m = sd_masks(sd)[i].clone()
+    m[40, int((~m[40]).nonzero()[0])] = True  # row 40: rank 1's shard; its column now holds one too many
+    bad["backward_masks"] = list(sd_masks(sd))
+    bad["backward_masks"][i] = m
+    model, opt, pruner = _build(mesh, "conv1d_fan_in")
+    before = [_full(m) for m in pruner.backward_masks]
+    try:
+        pruner.load_state_dict(bad)
+        out["bad"] = None
+    except ValueError as e:
+        out["bad"] = str(e)
+    out["bad_unchanged"] = all(a is None or torch.equal(a, _full(b)) for a, b in zip(before, pruner.backward_masks))
+    return out
+
+
 def _worker(rank, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -346,13 +426,15 @@ def _worker(rank, port, out_dir):
     mesh = init_device_mesh("cpu", (WORLD,))
     try:
         logs = {name: _train_log(rank, mesh, name) for name in SCENARIOS}
-        logs["alloc"] = {b: _allocations(rank, mesh, b) for b in ("reference", "cpp", "triton")}
+        logs["alloc"] = {(name, b): _allocations(rank, mesh, b, name) for name in ALLOC_SCENARIOS
+                         for b in ("reference", "cpp", "triton")}
         logs["poison"] = _poison(rank, mesh)
         logs["resume"] = _resume(rank, mesh, out_dir)
         logs["errors"] = _errors(mesh)
         logs["local_init"] = _local_init(mesh)
         logs["set"] = _set_run(rank, mesh)
         logs["from_single"] = _from_single(mesh)
+        logs["conv1d"] = _conv1d_extras(mesh)
         torch.save(logs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -367,8 +449,8 @@ def fsdp_logs(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def _single_process(name):
-    _, _, optim, in_step, micro = SCENARIOS[name]
-    model = _model()
+    _, wrapping, optim, in_step, micro = SCENARIOS[name]
+    model = _model(_kind(wrapping))
     opt = _optimizer(model, optim)
     torch.manual_seed(MASK_SEED)
     with warnings.catch_warnings():
@@ -404,15 +486,22 @@ def test_invariants_on_gathered_tensors(fsdp_logs, name):
         assert all(logs[rank][name]["invariants"]), f"{name}: rank {rank}"
 
 
+ALLOC_SCENARIOS = ("reference", "conv1d_fan_in", "conv1d_two_four")
+
+
+@pytest.mark.parametrize("name", ALLOC_SCENARIOS)
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
-def test_no_rank_allocates_a_whole_layer_during_an_update(fsdp_logs, backend):
+def test_no_rank_allocates_a_whole_layer_during_an_update(fsdp_logs, backend, name):
     logs, _ = fsdp_logs
     for rank in range(WORLD):
-        a = logs[rank]["alloc"][backend]
+        a = logs[rank]["alloc"][(name, backend)]
         assert a["updates"] == 2 and a["shapes"], "the watched updates ran"
-        # beyond shard-sized tensors only the radix histograms, (layers, bins): their size is set by the number
-        # of layers, not by their sizes
-        hist = {(len(a["layer_shapes"]), 1 << bits) for _, bits in RADIX_PASSES}
+        assert (a["n_split"] > 0) == name.startswith("conv1d")  # Conv1D: units split across the shards
+        # beyond shard-sized tensors only the radix histograms, (layers, bins) and a layer's (bins,), and the
+        # per-unit radix's, (split units, bins) and flat: their sizes are set by the number of layers and of
+        # columns, not by the layers' sizes
+        hist = {s for _, bits in RADIX_PASSES for s in ((len(a["layer_shapes"]), 1 << bits), (1 << bits,))}
+        hist |= {s for _, bits in UNIT_RADIX_PASSES for s in ((a["n_split"], 1 << bits), (a["n_split"] << bits,))}
         big = [s for s in a["shapes"] if torch.Size(s).numel() > a["shard_numel"] and s not in hist]
         assert not big, big
         assert not set(a["shapes"]) & set(a["layer_shapes"])
@@ -546,3 +635,29 @@ def test_a_single_process_state_dict_loads_sharded(fsdp_logs):
                    for a, b in zip(f["want"], logs[rank]["reference"]["masks"][0])), "a distinct draw"
         for key in ("loaded", "constructed"):
             assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(f["want"], f[key])), key
+
+
+def test_conv1d_local_draw_keeps_every_unit(fsdp_logs):
+    logs, _ = fsdp_logs
+    for key in ("fan_in", "two_four"):
+        li = logs[0]["conv1d"][f"local_{key}"]
+        global_draw = logs[0][f"conv1d_{key}"]["masks"][0]  # no update at step 1: the initial masks
+        transposed = 0
+        for m, u, n, g in zip(li["masks"], li["units"], li["n_active"], global_draw):
+            assert (m is None) == (u is None)
+            if m is None:
+                continue
+            transposed += u.transposed
+            assert bool((units_of(m.reshape(-1), u).sum(1) == u.target).all()) and int(m.sum()) == n
+        assert transposed >= 2
+        assert any(m is not None and not torch.equal(m, g) for m, g in zip(li["masks"], global_draw))
+        assert all(a is None or torch.equal(a, b) for a, b in zip(li["masks"], logs[1]["conv1d"][f"local_{key}"]["masks"]))
+
+
+def test_conv1d_state_dicts_load_and_a_broken_structure_raises_on_every_rank(fsdp_logs):
+    logs, _ = fsdp_logs
+    for rank in range(WORLD):
+        c = logs[rank]["conv1d"]
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(c["want"], c["loaded"]))
+        assert c["bad"] and "c1.weight" in c["bad"] and "structure" in c["bad"], c["bad"]
+        assert c["bad_unchanged"]
