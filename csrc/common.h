@@ -30,6 +30,10 @@
 #define RIGL_FAST_HAVE_AVX2 0
 #endif
 
+namespace at {
+class Tensor;
+}
+
 namespace rigl_fast {
 
 constexpr int64_t kKeyMax = 0x7fffffff;
@@ -211,6 +215,26 @@ struct UnitLayout {
   int64_t group, target;
 };
 
+// One exported sparse product (export_kernels.cpp, product_kernels.h): y = x W^T over each row's active
+// weights, W given as (value, index) pairs: row o's are [begin, begin + size) with begin = o * k, size = k
+// (constant fan-in), or begin = crow[o], size = crow[o + 1] - crow[o] (compressed rows). x is fp32: the row
+// (in) when B == 1, else transposed (in, B); y is fp32 (out) when B == 1, else (out, B).
+struct ProductView {
+  const float* x;
+  const void* values;
+  FloatType v_type;
+  const void* indices;
+  bool idx16;             // int16 indices, else int32
+  const int64_t* crow;    // nullptr: constant fan-in k
+  int64_t k, B, in, out;
+  float* y;
+};
+
+// The instruction set whose kernels run: "avx2" or "base" (rigl_ops.cpp).
+const char* kernel_isa();
+// A float tensor's FloatType; other dtypes raise (rigl_ops.cpp).
+FloatType float_type(const at::Tensor& t);
+
 // The update kernels of one instruction set: select_layers decides both selections of every layer (and,
 // if asked, checks that weights and scores are finite: false if not, with nothing decided); write_layer
 // applies a layer's. The kernels of the sharded update (ops.Backend.key_histograms, take_top, commit; the
@@ -233,6 +257,7 @@ struct UnitLayout {
   void structured_commit(const std::vector<LayerView>& layers, const std::vector<UnitLayout>& units);        \
   void unit_grow(const std::vector<ShardValues>& scores, const std::vector<UnitLayout>& units,               \
                  const std::vector<uint8_t*>& outs);                                                         \
+  bool sparse_product(const ProductView& p);                                                                 \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

@@ -214,6 +214,8 @@ at::Tensor any_nonfinite(at::TensorList tensors) {
 }
 
 // ------------------------------------------------------------------------------------------ update
+}  // namespace
+
 FloatType float_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return FloatType::f32;
@@ -227,7 +229,7 @@ FloatType float_type(const at::Tensor& t) {
 }
 
 // The kernels' instruction set: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the
-// baseline build (read on every call, so tests can compare the two).
+// baseline build (read on every call, so tests can compare the two). Also export_kernels.cpp's (common.h).
 const char* kernel_isa() {
   const char* env = std::getenv("RIGL_FAST_CPU_ISA");
   if (env != nullptr && std::strcmp(env, "base") == 0) return "base";
@@ -238,6 +240,8 @@ const char* kernel_isa() {
 #endif
   return "base";
 }
+
+namespace {
 
 std::string cpu_isa() { return kernel_isa(); }
 

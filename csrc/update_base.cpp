@@ -5,3 +5,4 @@
 #include "update_kernels.h"
 #include "shard_kernels.h"
 #include "unit_kernels.h"
+#include "product_kernels.h"

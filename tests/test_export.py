@@ -168,12 +168,14 @@ def _csr_case(g, out, inp, k, idt, dt):
             scale)
 
 
+@pytest.mark.parametrize("isa", ["auto", "base"])
 @pytest.mark.parametrize("kind", ["fan_in", "csr"])
-def test_cpp_kernels_match_the_reference(kind):
+def test_cpp_kernels_match_the_reference(kind, isa, monkeypatch):
     """csrc/export_kernels.cpp's fused kernels (torch.ops.rigl_fast.fan_in_linear / csr_linear, registered as the
     CPU kernels of rigl_fast_export's ops) against the plain PyTorch references: B 1/7/64, odd shapes, uneven and
     empty rows (csr), int16 and int32 indices, fp32 and bf16, non-contiguous x; the bound in the module doc.
-    Plus bad tables and opcheck."""
+    Plus bad tables and opcheck. Both instruction sets: 'auto' is the AVX2 build (gathers) where the CPU has
+    it, 'base' the baseline one (RIGL_FAST_CPU_ISA=base, read on every call)."""
     from rigl_fast._cpp import BackendUnavailable, load_library
     from rigl_fast import export
 
@@ -181,6 +183,10 @@ def test_cpp_kernels_match_the_reference(kind):
         load_library()
     except BackendUnavailable as e:
         pytest.skip(f"C++ backend unavailable: {e}")
+    if isa == "base":
+        monkeypatch.setenv("RIGL_FAST_CPU_ISA", "base")
+    else:
+        monkeypatch.delenv("RIGL_FAST_CPU_ISA", raising=False)
     op = getattr(torch.ops.rigl_fast, kind + "_linear")
     case = _fan_in_case if kind == "fan_in" else _csr_case
     g = torch.Generator().manual_seed(0)
@@ -228,6 +234,57 @@ def test_cpp_kernels_match_the_reference(kind):
                        (64, torch.int16, torch.float64)):
         args, _, _ = case(g, 9, 50, 5, idt, dt)
         torch.library.opcheck(op.default, (torch.randn(B, 50, dtype=dt), *args))
+
+
+def test_cuda_kernel_of_fan_in_runs_triton_and_falls_back(monkeypatch):
+    """The op's CUDA kernel (export._fan_in_linear_cuda) runs kernels/export.py's Triton kernel for the dtypes it
+    takes and the reference otherwise. Without a GPU the Triton kernel runs under the interpreter (conftest),
+    on CPU tensors; tests/test_export_triton.py checks the kernel itself."""
+    from rigl_fast import export
+    from rigl_fast.kernels import export as triton_export
+
+    calls = []
+    real = triton_export.fan_in_linear
+    monkeypatch.setattr(triton_export, "fan_in_linear", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, v = torch.randn(3, 40, generator=g).to(dev), torch.randn(7, 5, generator=g).to(dev)
+    i = torch.randint(0, 40, (7, 5), generator=g, dtype=torch.int32).to(dev)
+    torch.testing.assert_close(export._fan_in_linear_cuda(x, v, i), export._fan_in_linear_reference(x, v, i),
+                               rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    y64 = export._fan_in_linear_cuda(x.double(), v.double(), i)  # fp64: not Triton's, the reference's
+    assert len(calls) == 1 and torch.equal(y64, export._fan_in_linear_reference(x.double(), v.double(), i))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_on_cuda_fan_in_and_semi_structured():
+    """On a GPU: fan_in through the Triton kernel, and 2:4 layers on sparse tensor cores where the device has
+    them (compute capability >= 8), outputs within the module doc's bound of the masked dense model."""
+    model, pruner = _trained("fan_in")
+    model.cuda()
+    exp = pruner.export("fan_in")
+    x = torch.randn(64, 37, device="cuda")
+    with torch.no_grad():
+        _close(exp(x), model(x), float(x.abs().sum(1).max()))
+    if torch.cuda.get_device_capability()[0] >= 8:  # shapes the semi-structured kernels take (multiples of 64)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        pruner = RigLScheduler(model, opt, dense_allocation=0.5, T_end=20, delta=4, ignore_linear_layers=False,
+                               structure="2:4", sparsity_distribution="uniform")
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 128)).square().mean().backward()
+            if pruner():
+                opt.step()
+        model.cuda().half()
+        exp = pruner.export("semi_structured")
+        assert set(exp.rigl_fast_formats.values()) == {"semi_structured"} and len(exp.rigl_fast_formats) == 2
+        x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+        with torch.no_grad():
+            got, want = exp(x).float(), model(x).float()
+        assert ((got - want).abs() <= 1e-2 * (1 + want.abs())).all(), (got - want).abs().max()
 
 
 def test_export_bench_quick(tmp_path):

@@ -1,0 +1,163 @@
+// The exported sparse products' kernels (ProductView in common.h; the ops are in export_kernels.cpp): a
+// gather-multiply-reduce over each row's (value, index) pairs, accumulated in fp32; the gathered inputs are
+// never materialised. Compiled once per instruction set like update_kernels.h (the including file defines
+// RIGL_ISA and may switch the target first): the batched loop vectorises to 8-wide FMAs under AVX2. Returns
+// false when an index is out of range (that row is left at 0; the caller raises).
+#pragma once
+
+#include "common.h"
+
+namespace rigl_fast {
+namespace RIGL_ISA {
+namespace {
+
+// batch columns accumulated at once (B > 1): one block of fp32 accumulators stays in registers / L1
+constexpr int64_t kBatchBlock = 64;
+
+struct FanInRows {  // (out, k) tables
+  int64_t k;
+  int64_t begin(int64_t o) const { return o * k; }
+  int64_t size(int64_t) const { return k; }
+};
+struct CSRRows {  // compressed rows, crow checked monotone by the caller
+  const int64_t* crow;
+  int64_t begin(int64_t o) const { return crow[o]; }
+  int64_t size(int64_t o) const { return crow[o + 1] - crow[o]; }
+};
+
+template <typename I>
+inline uint32_t index_at(const I* ix, int64_t j) {  // negative indices become huge: one unsigned bound check
+  return static_cast<uint32_t>(static_cast<int32_t>(ix[j]));
+}
+
+// B == 1: a gather-multiply-reduce per output row; four accumulators for instruction-level parallelism. (AVX2
+// gathers were tried here and gained nothing: the loop is bound by its loads, one gathered input per weight.)
+template <typename V, typename I, typename Rows>
+bool rows_b1(const float* x, const V* values, const I* indices, float* y, int64_t in, const Rows& rows,
+             int64_t o0, int64_t o1) {
+  bool ok = true;
+  for (int64_t o = o0; o < o1; ++o) {
+    const V* v = values + rows.begin(o);
+    const I* ix = indices + rows.begin(o);
+    const int64_t k = rows.size(o);
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    uint32_t bad = 0;
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+      const uint32_t i0 = index_at(ix, j), i1 = index_at(ix, j + 1), i2 = index_at(ix, j + 2),
+                     i3 = index_at(ix, j + 3);
+      bad |= (i0 >= in) | (i1 >= in) | (i2 >= in) | (i3 >= in);
+      if (bad) break;
+      a0 += static_cast<float>(v[j]) * x[i0];
+      a1 += static_cast<float>(v[j + 1]) * x[i1];
+      a2 += static_cast<float>(v[j + 2]) * x[i2];
+      a3 += static_cast<float>(v[j + 3]) * x[i3];
+    }
+    for (; !bad && j < k; ++j) {
+      const uint32_t i0 = index_at(ix, j);
+      if (i0 >= in) {
+        bad = 1;
+        break;
+      }
+      a0 += static_cast<float>(v[j]) * x[i0];
+    }
+    if (bad) {
+      ok = false;
+      y[o] = 0.f;
+      continue;
+    }
+    y[o] = (a0 + a1) + (a2 + a3);
+  }
+  return ok;
+}
+
+// B > 1: xt is x transposed, (in, B) fp32, so each gathered input is a contiguous B-vector; yt is (out, B).
+// Work item w = (row o, batch block): acc[b] += v * xt[idx, b0 + b] (vectorised by the compiler; fused
+// multiply-adds where the instruction set has them).
+template <typename V, typename I, typename Rows>
+bool rows_batched(const float* xt, const V* values, const I* indices, float* yt, int64_t in, const Rows& rows,
+                  int64_t B, int64_t n_blocks, int64_t w0, int64_t w1) {
+  bool ok = true;
+  float acc[kBatchBlock];
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t o = w / n_blocks;
+    const int64_t b0 = (w % n_blocks) * kBatchBlock;
+    const int64_t nb = std::min(kBatchBlock, B - b0);
+    const V* v = values + rows.begin(o);
+    const I* ix = indices + rows.begin(o);
+    const int64_t k = rows.size(o);
+    float* out = yt + o * B + b0;
+    std::fill(acc, acc + nb, 0.f);
+    bool row_ok = true;
+    for (int64_t j = 0; j < k; ++j) {
+      const uint32_t i = index_at(ix, j);
+      if (i >= in) {
+        row_ok = false;
+        break;
+      }
+      const float vj = static_cast<float>(v[j]);
+      const float* __restrict__ xr = xt + static_cast<int64_t>(i) * B + b0;
+      if (nb == kBatchBlock) {  // the common case: a fixed trip count the compiler vectorises fully
+#pragma GCC ivdep
+        for (int64_t b = 0; b < kBatchBlock; ++b) acc[b] += vj * xr[b];
+      } else {
+#pragma GCC ivdep
+        for (int64_t b = 0; b < nb; ++b) acc[b] += vj * xr[b];
+      }
+    }
+    if (!row_ok) {
+      ok = false;
+      std::fill(out, out + nb, 0.f);
+      continue;
+    }
+    std::copy(acc, acc + nb, out);
+  }
+  return ok;
+}
+
+template <typename V, typename I, typename Rows>
+bool run_product(const ProductView& p, const Rows& rows) {
+  const V* v = static_cast<const V*>(p.values);
+  const I* ix = static_cast<const I*>(p.indices);
+  // pairs per row, for the parallel grain (compressed rows: the mean)
+  const int64_t per_row = std::max<int64_t>(1, p.crow ? (p.out ? p.crow[p.out] / p.out : 1) : p.k);
+  std::atomic<bool> ok{true};
+  if (p.B == 1) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
+    at::parallel_for(0, p.out, grain, [&](int64_t o0, int64_t o1) {
+      if (!rows_b1<V, I>(p.x, v, ix, p.y, p.in, rows, o0, o1)) ok = false;
+    });
+  } else {
+    const int64_t n_blocks = (p.B + kBatchBlock - 1) / kBatchBlock;
+    const int64_t grain = std::max<int64_t>(1, 32768 / (per_row * std::min(p.B, kBatchBlock)));
+    at::parallel_for(0, p.out * n_blocks, grain, [&](int64_t w0, int64_t w1) {
+      if (!rows_batched<V, I>(p.x, v, ix, p.y, p.in, rows, p.B, n_blocks, w0, w1)) ok = false;
+    });
+  }
+  return ok.load();
+}
+
+template <typename V, typename Rows>
+bool run_index(const ProductView& p, const Rows& rows) {
+  return p.idx16 ? run_product<V, int16_t>(p, rows) : run_product<V, int32_t>(p, rows);
+}
+
+template <typename Rows>
+bool run_values(const ProductView& p, const Rows& rows) {
+  switch (p.v_type) {
+    case FloatType::f32: return run_index<float>(p, rows);
+    case FloatType::f64: return run_index<double>(p, rows);
+    case FloatType::f16: return run_index<c10::Half>(p, rows);
+    default: return run_index<c10::BFloat16>(p, rows);
+  }
+}
+
+}  // namespace
+
+bool sparse_product(const ProductView& p) {
+  if (p.crow != nullptr) return run_values(p, CSRRows{p.crow});
+  return run_values(p, FanInRows{p.k});
+}
+
+}  // namespace RIGL_ISA
+}  // namespace rigl_fast
