@@ -14,7 +14,8 @@ Conv layers and nn.MultiheadAttention's packed projections stay as they are: den
 The products go through the custom ops `rigl_fast_export::fan_in_linear` / `csr_linear` (torch.compile sees
 them as single ops); their default implementation here is plain PyTorch (the reference), and faster kernels
 are registered per device: on CPU both run csrc/export_kernels.cpp's fused gather-multiply-reduce (when the
-C++ extension loads; else the reference).
+C++ extension loads; else the reference); on CUDA fan_in runs kernels/export.py's Triton kernel and csr
+torch.sparse.
 """
 from __future__ import annotations
 
@@ -104,6 +105,22 @@ def _fan_in_linear_cpu(x, values, indices):
 
 
 fan_in_linear.register_kernel("cpu")(_fan_in_linear_cpu)
+
+
+def _fan_in_linear_cuda(x, values, indices):
+    """The CUDA kernel: kernels/export.py's Triton gather-multiply-reduce where Triton imports and takes these
+    dtypes (fp32/fp16/bf16, int16/int32 indices), else the reference. An out-of-range index gives a NaN row
+    there (checking it would cost a device sync), where the CPU kernel raises."""
+    try:
+        from .kernels import export as triton_export
+    except ImportError:  # no triton
+        return _fan_in_linear_reference(x, values, indices)
+    if triton_export.supports(x, values, indices) is not None:
+        return _fan_in_linear_reference(x, values, indices)
+    return triton_export.fan_in_linear(x, values, indices)
+
+
+fan_in_linear.register_kernel("cuda")(_fan_in_linear_cuda)
 
 
 @torch.library.custom_op("rigl_fast_export::csr_linear", mutates_args=())
