@@ -156,8 +156,9 @@ class Backend:
     def unit_grow(self, scores: Sequence[torch.Tensor], keep: Sequence[torch.Tensor],
                   units: Sequence[Units]) -> List[torch.Tensor]:
         """The grow half of `structured_update` given keep (flat bool): per layer, flat bool grow flags. Under
-        FSDP2 keep comes from the sharded select and this runs on each rank's shard (its rows are whole
-        units: `units` then describes the shard)."""
+        FSDP2 keep comes from the sharded select and this runs on the part of each rank's shard whose units
+        lie wholly in it (`units` then describes that part; `distributed.structured_grow` selects the units
+        split across shards with the column_* ops below)."""
         from .reference import unit_grow
         return [unit_grow(s, k, u) for s, k, u in zip(scores, keep, units)]
 

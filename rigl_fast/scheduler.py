@@ -131,7 +131,9 @@ class RigLScheduler:
     FSDP2: create the scheduler after `fully_shard` (a 1-D mesh, or HSDP's 2-D one; FSDP2's dim-0 sharding), on
     every rank. Masks
     and accumulators are then DTensors sharded like their weights, and the update is the exact global one,
-    computed shard by shard (distributed.sharded_top_k) without gathering any layer.
+    computed shard by shard (distributed.sharded_top_k) without gathering any layer. With `structure`, units
+    inside a shard regrow there, and units the shards cut (transformers' Conv1D: FSDP2 shards its fan-in) by a
+    per-unit select over the ranks (distributed.structured_grow): the same masks as one process.
     """
 
     def __init__(self, model, optimizer, dense_allocation=1, T_end=None, sparsity_distribution="uniform",
@@ -291,6 +293,8 @@ class RigLScheduler:
         """FSDP2: per layer, the row boundaries of every rank's shard of a transposed (Conv1D) weight, whose
         structured units cross them (sharding.unit_plan); None for the others. One all_gather."""
         which = [i for i, (w, t) in enumerate(zip(W, transposed)) if t and _sharding.is_sharded(w)]
+        if not which:  # the same model on every rank: all skip the gather alike
+            return [None] * len(W)
         mine = [v for i in which for v in _sharding.row_range(W[i])]
         every = _dist.all_gather_ints(mine, _sharding.local(probe).device, _sharding.group([probe]))
         cuts = [None] * len(W)

@@ -7,6 +7,11 @@ one dimension of a 2-D mesh, replicated over the other): rank r of the shard gro
 [r * ceil(d0 / world), ...) of it, so its shard is a contiguous range of the layer's flat
 (row-major) indices, and shards lie in rank order. Masks and gradient accumulators are DTensors with their
 weight's mesh and placements; the ops only ever see the local shards.
+
+Structured layers (structure.py): a Linear's or Conv's units are rows, so each lies in one shard. A transformers
+Conv1D stores (in, out), so dim 0 is its fan-in: its column units (fan_in) span the shards, and so do its N:M
+groups where a shard boundary is not a multiple of M. `unit_plan` says, per rank, which units it grows alone
+and which it selects with the other ranks (`distributed.structured_grow`).
 """
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def draw(u: Units, generator: Optional[torch.Generator] = None) -> torch.Tensor:
 
 
 def local_units(u: Units, local_shape: Sequence[int]) -> Units:
-    """The units of an FSDP2 shard of a row-unit layer (its rows are whole units)."""
+    """The units of an FSDP2 shard of a row-unit layer (its rows are whole units). Transposed layers (Conv1D),
+    whose units the shards cut: sharding.unit_plan."""
     return u._replace(out=local_shape[0])
 
 
