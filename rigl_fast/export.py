@@ -9,7 +9,26 @@ the attention projections of HF transformers) computes y = x W^T + b from its ac
 - "semi_structured": 2:4 layers on a CUDA device with sparse tensor cores, through
   torch.sparse.to_sparse_semi_structured; elsewhere a clear error;
 - "auto": per layer, the fastest that applies on the model's device.
-Conv layers and nn.MultiheadAttention's packed projections stay as they are: dense, with their zeros.
+Conv layers stay as they are: dense, with their zeros.
+
+nn.MultiheadAttention (whose projections are parameters read by F.multi_head_attention_forward, not modules it
+calls) is replaced as a whole by `SparseMultiheadAttention` when any of its projection weights is sparse: the q, k
+and v projections are the row blocks [0, E), [E, 2E), [2E, 3E) of in_proj_weight (or q/k/v_proj_weight when
+kdim/vdim differ from embed_dim), each a FanInLinear / CSRLinear / SemiStructuredLinear built from its block of
+the weight and mask, the format picked once per trained weight by the same rule as a Linear layer's (fan_in only
+if every row of the whole in_proj_weight holds the same count); out_proj likewise; a projection without a mask
+stays a dense nn.Linear. rigl_fast_formats lists the sparse projections as '<attention>.q_proj', '.k_proj',
+'.v_proj', '.out_proj'. The attention is nn.MultiheadAttention's own (torch 2.x `multi_head_attention_forward`,
+same calls in the same order): batch_first, unbatched inputs, key_padding_mask and attn_mask (bool or float,
+2-D or 3-D), is_causal, need_weights / average_attn_weights; dropout as torch applies it (in train mode only).
+Not supported, left dense with a warning naming the layer: add_bias_kv, add_zero_attn, subclasses of
+nn.MultiheadAttention (their forward may differ). NestedTensor inputs raise. nn.TransformerEncoderLayer /
+nn.TransformerEncoder holding a replaced module (the attention, or only linear1/linear2) get their fused fast
+paths turned off (they read .weight tensors the sparse modules do not have): `activation_relu_or_gelu = 0` on
+the layer (it only selects that fused kernel) and `use_nested_tensor = False` on the encoder, so they run their
+ordinary forward. One visible
+difference: torch's nested-tensor path zeroes the outputs at padded positions (src_key_padding_mask in eval),
+the ordinary forward computes them; the non-padded outputs agree.
 
 The products go through the custom ops `rigl_fast_export::fan_in_linear` / `csr_linear` (torch.compile sees
 them as single ops); their default implementation here is plain PyTorch (the reference), and faster kernels
@@ -20,6 +39,7 @@ torch.sparse.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Optional
 
@@ -246,6 +266,203 @@ class SemiStructuredLinear(_SparseLinear):
         return torch.nn.functional.linear(x, self.weight)
 
 
+# ---------------------------------------------------------------- attention
+def _float_mask(mask: Optional[torch.Tensor], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """torch's _canonical_mask: a bool mask becomes 0 / -inf in `dtype`, a float mask is added as it is."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask
+
+
+class SparseMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention for inference with sparse projections (module doc): q_proj, k_proj, v_proj and
+    out_proj are FanInLinear / CSRLinear / SemiStructuredLinear where their weight was sparse, dense nn.Linear
+    elsewhere, each with its own bias. forward takes and returns what nn.MultiheadAttention's does, computed as
+    torch's multi_head_attention_forward computes it (scaled_dot_product_attention when need_weights is False, an
+    explicit softmax when the weights are returned); dropout only in train mode, as torch.
+
+    `in_proj_weight` and `in_proj_bias` are None: there is no packed in-projection here (the biases are inside
+    q_proj/k_proj/v_proj). `formats` maps each projection to 'fan_in', 'csr', 'semi_structured' or 'dense'."""
+
+    def __init__(self, mha: nn.MultiheadAttention, projections: dict, formats: dict):
+        super().__init__()
+        self.embed_dim, self.kdim, self.vdim = mha.embed_dim, mha.kdim, mha.vdim
+        self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        self._qkv_same_embed_dim = mha._qkv_same_embed_dim
+        self.in_proj_weight = self.in_proj_bias = None
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.q_proj, self.k_proj, self.v_proj = projections["q_proj"], projections["k_proj"], projections["v_proj"]
+        self.out_proj = projections["out_proj"]
+        self.formats = dict(formats)
+        self.train(mha.training)
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
+                f"batch_first={self.batch_first}, dropout={self.dropout}")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise ValueError("SparseMultiheadAttention does not take NestedTensor inputs (nn.MultiheadAttention "
+                             "takes them only on its fused fast path); pass padded tensors and key_padding_mask")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got {query.dim()}-D")
+        batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"key and value must be {query.dim()}-D like query, got {key.dim()}-D and "
+                             f"{value.dim()}-D")
+        if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
+            raise ValueError(f"key_padding_mask must be None or {2 if batched else 1}-D for a {query.dim()}-D query,"
+                             f" got {key_padding_mask.dim()}-D")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise ValueError(f"attn_mask must be None, 2-D or 3-D, got {attn_mask.dim()}-D")
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal needs attn_mask too (as nn.MultiheadAttention): pass the causal mask, e.g. "
+                             "nn.Transformer.generate_square_subsequent_mask(L)")
+        key_padding_mask = _float_mask(key_padding_mask, "key_padding_mask", query.dtype)
+        if batched and self.batch_first:  # to (L, N, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        tgt_len, bsz, embed_dim = query.shape
+        src_len = key.shape[0]
+        if embed_dim != self.embed_dim:
+            raise ValueError(f"query's last dimension must be embed_dim={self.embed_dim}, got {embed_dim}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"key and value's last dimensions must be kdim={self.kdim} and vdim={self.vdim}, got "
+                             f"{key.shape[-1]} and {value.shape[-1]}")
+        if key.shape[:2] != value.shape[:2] or key.shape[1] != bsz:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match query "
+                             f"{tuple(query.shape)} in batch and each other in length")
+        # torch: with is_causal, no key padding and no weights wanted, SDPA's is_causal replaces the mask
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None
+        else:
+            attn_mask = _float_mask(attn_mask, "attn_mask", query.dtype)
+            if key_padding_mask is not None:
+                is_causal = False  # merged with the padding, the mask is no longer causal
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        H, D = self.num_heads, self.head_dim
+        if attn_mask is not None:
+            want = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * H, tgt_len, src_len)
+            if tuple(attn_mask.shape) != want:
+                raise ValueError(f"attn_mask of a {attn_mask.dim()}-D shape must be {want}, got "
+                                 f"{tuple(attn_mask.shape)}")
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+        q = q.view(tgt_len, bsz * H, D).transpose(0, 1)
+        k = k.view(src_len, bsz * H, D).transpose(0, 1)
+        v = v.view(src_len, bsz * H, D).transpose(0, 1)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (bsz, src_len):
+                raise ValueError(f"key_padding_mask must have shape {(bsz, src_len)[int(not batched):]}, got "
+                                 f"{tuple(key_padding_mask.shape)[int(not batched):]}")
+            kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, H, -1, -1).reshape(bsz * H, 1, src_len)
+            attn_mask = kpm if attn_mask is None else attn_mask + kpm
+        dropout_p = self.dropout if self.training else 0.0
+        F = torch.nn.functional
+        if need_weights:
+            q_scaled = q * math.sqrt(1.0 / float(D))
+            if attn_mask is not None:
+                weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+            else:
+                weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+            weights = F.softmax(weights, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+            out = self.out_proj(out).view(tgt_len, bsz, -1)
+            weights = weights.view(bsz, H, tgt_len, src_len)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                out, weights = out.squeeze(1), weights.squeeze(0)
+        else:
+            if attn_mask is not None:
+                if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                    attn_mask = attn_mask.unsqueeze(0)
+                else:
+                    attn_mask = attn_mask.view(bsz, H, -1, src_len)
+            out = F.scaled_dot_product_attention(q.view(bsz, H, tgt_len, D), k.view(bsz, H, src_len, D),
+                                                 v.view(bsz, H, src_len, D), attn_mask, dropout_p, is_causal)
+            out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+            out = self.out_proj(out).view(tgt_len, bsz, -1)
+            weights = None
+            if not batched:
+                out = out.squeeze(1)
+        if batched and self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """An nn.Linear holding a copy of `weight` / `bias` (no initialisation run: the global RNG is not touched)."""
+    lin = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                   device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.weight.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        lin.bias.requires_grad_(bias.requires_grad)
+    return lin
+
+
+def _mha_unsupported(module: nn.Module) -> Optional[str]:
+    """None if SparseMultiheadAttention computes what `module` computes, else why not."""
+    if type(module) is not nn.MultiheadAttention:
+        return f"it is a subclass ({type(module).__name__}) whose forward may differ from nn.MultiheadAttention's"
+    if module.bias_k is not None or module.bias_v is not None:
+        return "add_bias_kv=True is not supported"
+    if module.add_zero_attn:
+        return "add_zero_attn=True is not supported"
+    if not isinstance(module.out_proj, nn.Linear):
+        return f"its out_proj is a {type(module.out_proj).__name__}, not an nn.Linear"
+    return None
+
+
+def _mha_plan(fmt: str, name: str, module: nn.MultiheadAttention, masks: dict):
+    """[(projection, format, weight, mask or None, bias)] for the four projections of `module` (named `name`),
+    formats picked per trained weight (so q/k/v of one in_proj_weight share one); raises as _pick does."""
+    prefix = f"{name}." if name else ""
+    E = module.embed_dim
+    bias = [None] * 3 if module.in_proj_bias is None else list(module.in_proj_bias.chunk(3))
+    blocks = []
+    if module._qkv_same_embed_dim:
+        w, m = module.in_proj_weight, masks.get(prefix + "in_proj_weight")
+        f = "dense" if m is None else _pick(fmt, prefix + "in_proj_weight", w, m)
+        for i, p in enumerate(("q_proj", "k_proj", "v_proj")):
+            blocks.append((p, f, w[i * E:(i + 1) * E], None if m is None else m[i * E:(i + 1) * E], bias[i]))
+    else:
+        for i, p in enumerate(("q_proj", "k_proj", "v_proj")):
+            w, m = getattr(module, p + "_weight"), masks.get(prefix + p + "_weight")
+            f = "dense" if m is None else _pick(fmt, prefix + p + "_weight", w, m)
+            blocks.append((p, f, w, m, bias[i]))
+    w, m = module.out_proj.weight, masks.get(prefix + "out_proj.weight")
+    blocks.append(("out_proj", "dense" if m is None else _pick(fmt, prefix + "out_proj.weight", w, m), w, m,
+                   module.out_proj.bias))
+    return blocks
+
+
+def _build_mha(module: nn.MultiheadAttention, blocks) -> SparseMultiheadAttention:
+    projections, formats = {}, {}
+    for p, f, w, m, b in blocks:
+        projections[p] = _dense_linear(w, b) if f == "dense" else MODULES[f](w, m.to(w.device), b)
+        formats[p] = f
+    return SparseMultiheadAttention(module, projections, formats)
+
+
 # ---------------------------------------------------------------- choosing and building
 def _is_constant_fan_in(mask: torch.Tensor) -> bool:
     counts = mask.sum(1)
@@ -295,11 +512,27 @@ def _is_conv1d(module) -> bool:
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
 
 
+def _turn_off_fused_paths(model: nn.Module, replaced) -> None:
+    """nn.TransformerEncoderLayer's fused fast path (eval, batch_first, ...) reads self_attn.in_proj_weight,
+    linear1.weight, ... as dense tensors, and nn.TransformerEncoder's nested-tensor path feeds NestedTensors to
+    its layers: turn both off where a layer holds a replaced module, so the ordinary forward runs (module doc)."""
+    for name, module in model.named_modules():
+        holds = any(r.startswith(name + ".") or not name for r in replaced)
+        if not holds:
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = 0  # read only by the fast-path check and the fused kernel's call
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
+
 @torch.no_grad()
 def export(pruner, format: str = "auto") -> nn.Module:
-    """A new module computing what pruner.model computes, its sparse Linear-like layers replaced (module doc).
-    The training model and the scheduler are not modified. `exported.rigl_fast_formats` maps each replaced
-    layer's name to the format it got."""
+    """A new module computing what pruner.model computes, its sparse Linear-like layers and attention replaced
+    (module doc). The training model and the scheduler are not modified. `exported.rigl_fast_formats` maps each
+    sparse module's name in the export to the format it got; for a replaced nn.MultiheadAttention 'attn' these
+    are its sparse projections 'attn.q_proj', 'attn.k_proj', 'attn.v_proj', 'attn.out_proj' (dense ones are
+    not listed; `exported.attn.formats` lists all four)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if getattr(pruner, "_sharded", False):
@@ -308,25 +541,56 @@ def export(pruner, format: str = "auto") -> nn.Module:
                          "unsharded copy and a scheduler built from pruner.state_dict()), then export there")
     model = copy.deepcopy(pruner.model)
     modules = dict(model.named_modules())
+    masks = {n: m for n, m in zip(pruner.names, pruner.backward_masks) if m is not None}
+    attention, unsupported = [], []
+    for name, module in modules.items():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        if not any(prefix + a in masks for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                                                 "v_proj_weight", "out_proj.weight")):
+            continue  # nothing sparse: left as it is
+        why = _mha_unsupported(module)
+        if why is not None:
+            unsupported.append((name, why))
+            continue
+        attention.append((name, module, _mha_plan(format, name, module, masks)))
     plan = []
     for name, mask in zip(pruner.names, pruner.backward_masks):
         if mask is None or not name.endswith(".weight"):
             continue
         owner = name[:-len(".weight")]
         module = modules.get(owner)
+        parent, _, child = owner.rpartition(".")
+        if child == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
+            continue  # part of its SparseMultiheadAttention, or dense with its attention
         if isinstance(module, nn.Linear) and type(module).__name__ != "NonDynamicallyQuantizableLinear":
             weight, m = module.weight, mask
         elif _is_conv1d(module):  # stores (in, out)
             weight, m = module.weight.t(), mask.t()
-        else:  # convolutions, attention's packed projections: left dense, with their zeros
+        else:  # convolutions: left dense, with their zeros
             continue
         fmt = _pick(format, name, weight, m)
         plan.append((owner, fmt, weight, m, module.bias))
+    for name, why in unsupported:  # warned only once every layer was checked: an error above comes first
+        warnings.warn(f"export: nn.MultiheadAttention {name!r} stays dense (with its zeros): {why}", stacklevel=3)
     formats = {}
-    for owner, fmt, weight, m, bias in plan:  # built only after every layer was checked: nothing half-done
+
+    def put(owner, new):
         parent_name, _, child = owner.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, MODULES[fmt](weight, m.to(weight.device), bias))
+        setattr(modules[parent_name] if parent_name else model, child, new)
+
+    for owner, fmt, weight, m, bias in plan:  # built only after every layer was checked: nothing half-done
+        put(owner, MODULES[fmt](weight, m.to(weight.device), bias))
         formats[owner] = fmt
+    for name, module, blocks in attention:
+        new = _build_mha(module, blocks)
+        if name:
+            put(name, new)
+        else:
+            model = new
+        prefix = f"{name}." if name else ""
+        formats.update({prefix + p: f for p, f in new.formats.items() if f != "dense"})
+    _turn_off_fused_paths(model, formats)
     model.rigl_fast_formats = formats
     return model
