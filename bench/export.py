@@ -42,7 +42,7 @@ def settings(quick: bool):
     """(shapes as (out, in), batch sizes, sparsities)."""
     if quick:
         return [(64, 96)], [1, 3], [0.9]
-    return [(1024, 1024), (4096, 1024), (1024, 4096), (4096, 4096)], [1, 64], [0.8, 0.9, 0.95, 0.98]
+    return [(1024, 1024), (4096, 1024), (1024, 4096), (4096, 4096)], [1, 64, 512], [0.8, 0.9, 0.95, 0.98]
 
 
 def _modules(out, inp, sparsity, gen):
