@@ -70,7 +70,7 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
                        "does not depend on the sparsity); the sparsity sweep and bf16 run on resnet50 only; end-to-end is ResNet-18 at 64x64 with delta=10 so that a few "
                        "updates fit in the time budget (delta=100 on a GPU)",
                        "rigl-torch's first update is not preceded by a warm-up call on CPU (each costs seconds "
-                       "and its first call is not special); rigl_fast backends get one warm-up call"])
+                       "and its first call is not special); rigl_fast backends and sparsimony get one warm-up call"])
 
 
 SPARSIMONY_NOTE = (
