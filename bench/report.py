@@ -55,7 +55,7 @@ def meta(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
         "numpy": _version("numpy"), "rigl_torch": C.rigl_torch_version(),
-        "sparsimony": C.sparsimony_version(),
+        "sparsimony": C.sparsimony_version() if C.import_sparsimony() is not None else None,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "git_commit": commit, "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
