@@ -20,6 +20,7 @@ import torch
 import rigl_fast.kernels as kernels_pkg
 from rigl_fast.kernels import TritonBackend
 from rigl_fast.kernels import elementwise as ew
+from rigl_fast.kernels import export as ex
 from rigl_fast.kernels import shard as sh
 from rigl_fast.kernels import structured as su
 from rigl_fast.kernels import update as up
@@ -42,7 +43,7 @@ def dev(device):
 def jit_kernels():
     """Every @triton.jit function of the kernel modules that is launched with a grid (name ends in _kernel)."""
     out = {}
-    for mod in (ew, up, sh, su):
+    for mod in (ew, up, sh, su, ex):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel") and hasattr(obj, "add_pre_run_hook"):
                 out[name] = obj
@@ -105,6 +106,14 @@ def run_every_op(backend, dev):
     backend.structured_update(z["w"], z["m"], [s, s.view(20, 15)], [30, 60], units, [[t] for t in z["st"]], z["g"])
     out["structured"] = z
     out["unit_grow"] = backend.unit_grow([s, s], [m, m], [units[0], units[1]])
+    # the exported fan-in product (kernels/export.py, not a backend op: the reference is export.py's), batch 1
+    # and batched, on integer-valued inputs so every summation order gives the same result
+    x = torch.randint(-3, 4, (5, 40), generator=gen).float().to(dev)
+    v = torch.randint(-3, 4, (7, 6), generator=gen).float().to(dev)
+    ix = torch.randint(0, 40, (7, 6), generator=gen, dtype=torch.int32).to(dev)
+    from rigl_fast.export import _fan_in_linear_reference
+    product = ex.fan_in_linear if isinstance(backend, TritonBackend) else _fan_in_linear_reference
+    out["fan_in_linear"] = [product(x[:1], v, ix), product(x, v, ix)]
     return out
 
 
@@ -129,6 +138,7 @@ def test_every_launch_runs_under_its_tensors_device(dev):
     for a, b in zip(got["unit_grow"], want["unit_grow"]):
         assert torch.equal(a, b)
     assert got["nonfinite"] is False and want["nonfinite"] is False
+    assert all(torch.equal(a, b) for a, b in zip(got["fan_in_linear"], want["fan_in_linear"]))
 
 
 def test_the_update_passes_64_bit_counts(dev):
