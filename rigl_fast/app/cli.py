@@ -7,6 +7,7 @@
     rigl-fast train --data mnist1d --structure fan_in   # the MNIST-1D paper's CNN, every unit at the same fan-in
     rigl-fast train --data mnist1d --model mlp --structure 2:4 --density 0.5
     rigl-fast train --data mnist --data-dir ~/data --download
+    rigl-fast train --model mlp --structure fan_in --export model.pt   # save the sparse inference model
 
 Needs the 'cli' extra (scikit-learn, tqdm, matplotlib, mnist1d); they are imported only when a command runs, so
 `import rigl_fast` never pays for them.
