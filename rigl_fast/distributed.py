@@ -150,12 +150,7 @@ def sharded_top_k(ops, values: Sequence[torch.Tensor], flags: Sequence[torch.Ten
     shard of layer i starts in the layer's flat indices. `radix_top_k` is the algorithm; this supplies its
     two collectives. Volume: 2**bits * 8 bytes per layer and pass, plus 16 bytes per layer and rank."""
     device = values[0].device
-
-    def all_sum(hist):
-        hist = hist.clone()
-        if active(group):
-            dist.all_reduce(hist, group=group)
-        return hist
+    all_sum = _group_fns(group)[0]
 
     def ties_before(my_ties):
         if not active(group):

@@ -98,3 +98,35 @@ def trained_model_and_adam(seed=0, data_seed=0):
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return model, opt
+
+
+def threaded_ranks(world, fn):
+    """fn(rank, all_sum, ties_before) on `world` threads standing in for ranks, the results in rank order:
+    all_sum(t) sums t over the ranks, ties_before(c) sums c over the ranks before this one (the two collectives
+    of distributed.py's radix selects), on copies of the posted tensors."""
+    import threading
+    barrier = threading.Barrier(world)
+    posted, results, errors = [None] * world, [None] * world, []
+
+    def exchange(r, t):
+        posted[r] = t.clone()
+        barrier.wait()
+        got = list(posted)
+        barrier.wait()  # nobody posts the next round before everyone has read this one
+        return got
+
+    def run(r):
+        try:
+            results[r] = fn(r, lambda t: sum(exchange(r, t)), lambda c: sum(exchange(r, c)[:r], torch.zeros_like(c)))
+        except BaseException as e:  # pragma: no cover
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

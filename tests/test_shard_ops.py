@@ -5,7 +5,6 @@ fold_grad), every backend against plain-PyTorch arithmetic written out here, and
 Inputs are fresh random tensors from fixed seeds: odd sizes, fp32/fp16/bf16, tie-heavy values (including
 -0.0 and +0.0, which share a key), non-contiguous values. Flags and masks compare exactly; floats bit for bit.
 """
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch
 from rigl_fast import distributed as D
 from rigl_fast.ops import get_backend
 from rigl_fast.reference import ReferenceBackend, top_k_flags
+
+from helpers import threaded_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 7, 1023, 4097]
@@ -181,35 +182,10 @@ def test_radix_select_over_simulated_shards(ops, device, world, kind):
 
 
 def _threaded_top_k(ops, vals, flags, flag_value, ks, bounds):
-    world = len(bounds)
-    barrier = threading.Barrier(world)
-    posted = [None] * world
-    results = [None] * world
-    errors = []
+    def rank(r, all_sum, ties_before):
+        lo, hi = bounds[r]
+        return D.radix_top_k(ops, [v[lo:hi] for v in vals], [f[lo:hi] for f in flags], flag_value, ks,
+                             all_sum=all_sum, ties_before=ties_before)
 
-    def exchange(r, t):
-        posted[r] = t.cpu().clone()
-        barrier.wait()
-        got = list(posted)
-        barrier.wait()  # nobody posts the next round before everyone has read this one
-        return got
-
-    def rank(r):
-        try:
-            lo, hi = bounds[r]
-            results[r] = D.radix_top_k(
-                ops, [v[lo:hi] for v in vals], [f[lo:hi] for f in flags], flag_value, ks,
-                all_sum=lambda t: sum(exchange(r, t)),
-                ties_before=lambda c: sum(exchange(r, c)[:r], torch.zeros_like(c)))
-        except BaseException as e:  # pragma: no cover
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [torch.cat([results[r][i].reshape(-1) for r in range(world)]) for i in range(len(vals))]
+    results = threaded_ranks(len(bounds), rank)
+    return [torch.cat([results[r][i].reshape(-1) for r in range(len(bounds))]) for i in range(len(vals))]

@@ -15,7 +15,7 @@ from rigl_fast import RigLScheduler
 from rigl_fast.ops import Units, get_backend, units_of
 from rigl_fast.reference import ReferenceBackend
 
-from helpers import batches
+from helpers import batches, threaded_ranks
 
 STRUCTURES = [("fan_in", 0.2), ("2:4", 0.5), ("1:3", 1 / 3)]
 
@@ -273,37 +273,6 @@ SPLIT_UNITS = [
 ]
 
 
-def _threaded(world, fn):
-    """fn(rank, all_sum, ties_before) on `world` threads; the results in rank order."""
-    import threading
-    barrier = threading.Barrier(world)
-    posted, results, errors = [None] * world, [None] * world, []
-
-    def exchange(r, t):
-        posted[r] = t.clone()
-        barrier.wait()
-        got = list(posted)
-        barrier.wait()
-        return got
-
-    def run(r):
-        try:
-            results[r] = fn(r, lambda t: sum(exchange(r, t)),
-                            lambda c: sum(exchange(r, c)[:r], torch.zeros_like(c)))
-        except BaseException as e:  # pragma: no cover
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 @pytest.mark.parametrize("u", SPLIT_UNITS, ids=str)
 def test_grow_across_shards_equals_one_process(backend, u, device):
@@ -343,7 +312,7 @@ def test_grow_across_shards_equals_one_process(backend, u, device):
             lk = keep[a * width:e * width].to(device)
             return D.structured_grow(ops, [ls], [lk], [plans[r]], all_sum, ties_before)[0].cpu()
 
-        got = torch.cat(_threaded(world, rank))
+        got = torch.cat(threaded_ranks(world, rank))
         assert torch.equal(got, want), (world, seed, frac)
         new = got | keep
         assert bool((units_of(new, u).sum(1) == u.target).all())
