@@ -584,10 +584,10 @@ def test_set_keeps_the_invariants_and_moves(fsdp_logs):
 HSDP = (2, 2)  # (replicas, shards): 4 processes
 
 
-def _hsdp_worker(rank, port, out_dir):
-    """HSDP: a 2-D mesh, weights replicated over dim 0 and sharded over dim 1; the global batch split 4 ways."""
+def _hsdp_worker(rank, port, out_dir, name):
+    """HSDP: a 2-D mesh, weights replicated over dim 0 and sharded over dim 1; the global batch split 4 ways.
+    `name`: the scenario whose model, optimizer and structure run (the plain MLP, or Conv1D's split units)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     world = HSDP[0] * HSDP[1]
@@ -595,14 +595,13 @@ def _hsdp_worker(rank, port, out_dir):
                             timeout=datetime.timedelta(seconds=120))
     try:
         mesh = init_device_mesh("cpu", HSDP, mesh_dim_names=("replicate", "shard"))
-        model = _model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = _optimizer(model, "sgd")
+        _, wrapping, optim, _, _ = SCENARIOS[name]
+        model = _shard(_model(_kind(wrapping)), mesh, wrapping)
+        opt = _optimizer(model, optim)
         torch.manual_seed(MASK_SEED + rank)  # a different RNG on each rank: the draws must still agree
-        pruner = RigLScheduler(model, opt, backend="reference", **CFG)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*keeps 1 layer", category=UserWarning)  # 2:4: fan-in 45
+            pruner = RigLScheduler(model, opt, backend="reference", **{**CFG, **EXTRA.get(name, {})})
         per = GLOBAL_BATCH // world
         masks = []
         for x, y in _data():
@@ -614,17 +613,21 @@ def _hsdp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_hsdp_masks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["reference", "conv1d_fan_in", "conv1d_two_four"])
+def test_hsdp_masks_equal_one_process(tmp_path, name):
+    """HSDP's (Replicate, Shard(0)) layout: the selection runs over the shard dimension's group; for Conv1D's
+    split units (fan_in columns, a cut 2:4 group) too."""
     world = HSDP[0] * HSDP[1]
-    mp.spawn(_hsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_hsdp_worker, args=(_free_port(), str(tmp_path), name), nprocs=world, join=True)
     # the initial draws come from rank 0's RNG: the single process draws with rank 0's seed
-    want = _single_process("reference")
+    want = _single_process(name)
     for rank in range(world):
         got = torch.load(tmp_path / f"hsdp{rank}.pt")
         assert "Replicate" in got["placements"][2] and "Shard(dim=0)" in got["placements"][2]
         for step, (g, r) in enumerate(zip(got["masks"], want)):
             for a, b in zip(g, r):
-                assert (a is None and b is None) or torch.equal(a, b), f"rank {rank} step {step + 1}"
+                assert (a is None and b is None) or torch.equal(a, b), f"{name}: rank {rank} step {step + 1}"
+    assert any(a is not None and not torch.equal(a, b) for a, b in zip(want[0], want[-1]))
 
 
 def test_a_single_process_state_dict_loads_sharded(fsdp_logs):
