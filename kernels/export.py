@@ -54,6 +54,21 @@ def _nan_like(x):
 
 
 @triton.jit
+def _table_tile(v_rows, i_rows, o_ok, k0, K, IN, svk, sik, DT: tl.constexpr, WIDE: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of the (values, indices) tables for the program's rows: values as fp32, the
+    indices (int64 when WIDE), the in-bounds mask m, and ok = the index lies in [0, IN)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    m = o_ok[:, None] & (kk < K)[None, :]
+    v = _to_f32(tl.load(v_rows + kk[None, :] * svk, mask=m, other=0), DT)
+    idx = tl.load(i_rows + kk[None, :] * sik, mask=m, other=0).to(tl.int32)
+    ok = (idx >= 0) & (idx < IN)
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return v, idx, m, ok
+
+
+@triton.jit
 def _fan_in_kernel(x_ptr, v_ptr, i_ptr, y_ptr, B, IN, OUT, K, sxb, sxi, svo, svk, sio, sik, syb, syo, n_bblocks,
                    DT: tl.constexpr, WIDE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_B: tl.constexpr):
@@ -73,13 +88,7 @@ def _fan_in_kernel(x_ptr, v_ptr, i_ptr, y_ptr, B, IN, OUT, K, sxb, sxi, svo, svk
         x_row = x_ptr + b * sxb
         acc = tl.zeros([BLOCK_O, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            m = o_ok[:, None] & (kk < K)[None, :]
-            v = _to_f32(tl.load(v_rows + kk[None, :] * svk, mask=m, other=0), DT)
-            idx = tl.load(i_rows + kk[None, :] * sik, mask=m, other=0).to(tl.int32)
-            ok = (idx >= 0) & (idx < IN)
-            if WIDE:
-                idx = idx.to(tl.int64)
+            v, idx, m, ok = _table_tile(v_rows, i_rows, o_ok, k0, K, IN, svk, sik, DT, WIDE, BLOCK_K)
             xg = _to_f32(tl.load(x_row + idx * sxi, mask=m & ok, other=0), DT)
             xg = tl.where(m & (~ok), _nan_like(xg), xg)
             acc += v * xg
@@ -93,13 +102,7 @@ def _fan_in_kernel(x_ptr, v_ptr, i_ptr, y_ptr, B, IN, OUT, K, sxb, sxi, svo, svk
         x_cols = x_ptr + b[None, None, :] * sxb
         acc3 = tl.zeros([BLOCK_O, BLOCK_K, BLOCK_B], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            m = o_ok[:, None] & (kk < K)[None, :]
-            v = _to_f32(tl.load(v_rows + kk[None, :] * svk, mask=m, other=0), DT)
-            idx = tl.load(i_rows + kk[None, :] * sik, mask=m, other=0).to(tl.int32)
-            ok = (idx >= 0) & (idx < IN)
-            if WIDE:
-                idx = idx.to(tl.int64)
+            v, idx, m, ok = _table_tile(v_rows, i_rows, o_ok, k0, K, IN, svk, sik, DT, WIDE, BLOCK_K)
             # no batch bound in the load mask: the (in, B) copy of x is padded to whole batch blocks, so the
             # mask is constant along the block and the gather of BLOCK_B consecutive elements vectorises
             xg = _to_f32(tl.load(x_cols + (idx * sxi)[:, :, None], mask=(m & ok)[:, :, None], other=0), DT)
