@@ -1,25 +1,47 @@
 """rigl_fast: fast RigL dynamic sparse training for PyTorch.
 
-The top-level `kernels/` folder (Triton) installs as `rigl_fast.kernels`; `csrc/` (C++ sources, built on
-first use with torch.utils.cpp_extension + ninja) installs as package data `rigl_fast/csrc`.
+The top-level `kernels/` (Triton) and `csrc/` (C++ sources, built on first use with torch.utils.cpp_extension
++ ninja) folders are no Python packages, so that Python started in the checkout cannot import them as `kernels`
+or `csrc` (rigl_fast/_checkout.py); a build copies them into the package as rigl_fast/kernels/*.py and
+rigl_fast/csrc/. An editable install reads them from the checkout. bench/ and study/ stay out of the package.
 Set RIGL_FAST_BUILD_CPP=1 to prebuild the C++ extension at install time (see README).
 """
+import glob
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-cmdclass, ext_modules = {}, []
+# (source folder, file patterns, destination inside the built package)
+_COPIED = (("kernels", ("*.py",), os.path.join("rigl_fast", "kernels")),
+           ("csrc", ("*.cpp", "*.h", "*.cu"), os.path.join("rigl_fast", "csrc")))
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies the Triton and C++ sources into the built package (see the docstring)."""
+
+    def run(self):
+        super().run()
+        for src, patterns, dst in _COPIED:
+            out = os.path.join(self.build_lib, dst)
+            os.makedirs(out, exist_ok=True)
+            for pattern in patterns:
+                for f in sorted(glob.glob(os.path.join(src, pattern))):
+                    shutil.copy2(f, out)
+
+
+cmdclass, ext_modules = {"build_py": BuildPyWithSources}, []
 if os.environ.get("RIGL_FAST_BUILD_CPP") == "1":
     # Prebuild the C++ ops as rigl_fast._C (docs/cpp.md); without this they are JIT-built on first use.
     # -fopenmp: at::parallel_for is inline in the headers and runs serially without it. -std=c++20: what csrc
     # needs (<bit>), explicit since older torch defaults to C++17; the same flags as rigl_fast/_cpp.py's JIT build.
     from torch.utils.cpp_extension import BuildExtension, CppExtension
-    import glob
     here = os.path.dirname(os.path.abspath(__file__))
     ext_modules = [CppExtension("rigl_fast._C", sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
                                 include_dirs=[os.path.join(here, "csrc")],
                                 extra_compile_args=["-O3", "-fopenmp", "-std=c++20"], extra_link_args=["-fopenmp"])]
-    cmdclass = {"build_ext": BuildExtension}
+    cmdclass["build_ext"] = BuildExtension
 
 setup(
     name="rigl_fast",
@@ -28,9 +50,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["rigl_fast", "rigl_fast.app", "rigl_fast.integrations", "rigl_fast.kernels", "rigl_fast.csrc"],
-    package_dir={"rigl_fast": "rigl_fast", "rigl_fast.kernels": "kernels", "rigl_fast.csrc": "csrc"},
-    package_data={"rigl_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
+    packages=["rigl_fast", "rigl_fast.app", "rigl_fast.integrations", "rigl_fast.kernels"],
     install_requires=["torch>=2.2", "numpy", "ninja"],
     extras_require={
         "cli": ["scikit-learn", "tqdm", "matplotlib", "mnist1d"],  # mnist1d: generated locally (make_dataset), never downloaded

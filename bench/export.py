@@ -1,7 +1,7 @@
 """Inference latency of exported sparse Linear layers vs the dense layer and torch.sparse CSR (issue 15).
 
-    python -m bench.export            # bench/results/<device>-export.{json,md,png}
-    python -m bench.export --quick    # a tiny set, seconds (tests/test_export.py runs it)
+    python -m rigl_fast.bench.export            # bench/results/<device>-export.{json,md,png}
+    python -m rigl_fast.bench.export --quick    # a tiny set, seconds (tests/test_export.py runs it)
 
 For each Linear shape (out x in), batch size and sparsity, one random constant-fan-in mask (every row keeps
 round(density * in) weights, as structure='fan_in' trains them) and four contenders computing the same y:

@@ -1,7 +1,7 @@
 """FSDP2: one topology update computed shard by shard by rigl_fast, against gathering each layer to one rank.
 
-    python -m bench.fsdp2            # 2 ranks on CPU (gloo): bench/results/<device>-fsdp2.{json,md}
-    python -m bench.fsdp2 --quick    # tiny layers, seconds: the smoke test (tests/test_bench.py runs it)
+    python -m rigl_fast.bench.fsdp2            # 2 ranks on CPU (gloo): bench/results/<device>-fsdp2.{json,md}
+    python -m rigl_fast.bench.fsdp2 --quick    # tiny layers, seconds: the smoke test (tests/test_bench.py runs it)
 
 The bench process spawns the ranks (torch.multiprocessing, gloo, a file store: no port to pick); each rank
 builds the same fully_shard-ed stack of Linear layers and a RigLScheduler on it, arms it as training would
@@ -419,7 +419,7 @@ def run(quick=False, out_dir=None, world=2, backend="auto", log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.fsdp2", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rigl_fast.bench.fsdp2", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny layers, 2 repeats: a smoke test (seconds)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results[/quick])")
     ap.add_argument("--world", type=int, default=2, help="ranks to spawn (default 2)")

@@ -1,4 +1,4 @@
-"""Command line: `python -m bench [--quick] [--device cpu|cuda] [--out DIR] [--tag TAG] [--no-plots]`."""
+"""Command line: `python -m rigl_fast.bench [--quick] [--device cpu|cuda] [--out DIR] [--tag TAG] [--no-plots]`."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def run_bench(quick: bool = False, device: str = None, out_dir: str = None, plot
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rigl_fast.bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="tiny sets, 1-2 repeats: a smoke test (seconds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--out", default=None, help="output folder (default bench/results[/quick])")

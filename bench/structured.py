@@ -1,7 +1,7 @@
 """The topology update of structured layers (fan_in, 2:4) beside unstructured, per backend (issue 14).
 
-    python -m bench.structured            # bench/results/<device>-structured.{json,md}
-    python -m bench.structured --quick    # tiny sets, seconds (tests/test_bench.py runs it)
+    python -m rigl_fast.bench.structured            # bench/results/<device>-structured.{json,md}
+    python -m rigl_fast.bench.structured --quick    # tiny sets, seconds (tests/test_bench.py runs it)
 
 One op call per weight set, as the scheduler makes it at an update: `ops.update` (unstructured) or
 `ops.structured_update` (fan_in: one unit per row; 2:4: groups of 4 along the fan-in) on every layer of the

@@ -29,7 +29,7 @@ from rigl_fast.ops import Units
 from rigl_fast.reference import ReferenceBackend
 from rigl_fast.structure import draw
 
-KERNEL_DIR = pathlib.Path(kernels_pkg.__file__).parent
+KERNEL_DIR = pathlib.Path(kernels_pkg.backend.__file__).parent  # the sources, not rigl_fast/kernels/__init__.py
 SOURCES = sorted(KERNEL_DIR.glob("*.py"))
 REF = ReferenceBackend()
 SMALL = TritonBackend(block=64, iters=2)

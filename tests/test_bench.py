@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from rigl_fast.bench import contenders, weightsets
 
-from bench import contenders, weightsets  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pos(x):
@@ -147,7 +146,7 @@ def _run_quick(module, tmp_path, *args):
 
 
 def test_quick_writes_json_and_markdown(tmp_path):
-    path = _run_quick("bench", tmp_path, "--device", "cpu")
+    path = _run_quick("rigl_fast.bench", tmp_path, "--device", "cpu")
     res = json.loads(path.read_text())
     md = path.with_suffix(".md").read_text()
     assert (tmp_path / (path.stem + "_scaling.png")).stat().st_size > 0
@@ -203,7 +202,7 @@ def test_quick_writes_json_and_markdown(tmp_path):
 def test_fsdp2_quick_counts_what_each_update_sends(tmp_path):
     """bench.fsdp2 --quick (2 gloo ranks): files written, every contender ends at rigl_fast's masks, and the
     byte counts have the shape the design promises, which a regression in either update would break."""
-    path = _run_quick("bench.fsdp2", tmp_path)
+    path = _run_quick("rigl_fast.bench.fsdp2", tmp_path)
     res = json.loads(path.read_text())
     md = path.with_suffix(".md").read_text()
     assert path.name.endswith("-fsdp2.json")
@@ -239,7 +238,7 @@ def test_structured_bench_quick(tmp_path):
     """Every backend times every contender (unstructured, fan_in, 2:4) from one run, and writes its report."""
     import json
 
-    from bench import structured
+    from rigl_fast.bench import structured
     stem = structured.main(["--quick", "--out", str(tmp_path)])
     res = json.load(open(stem + ".json"))
     got = {(r["backend"], r["contender"]) for r in res["rows"]}

@@ -199,11 +199,7 @@ def test_study_smoke_run_matches_rigl_torch(tmp_path):
     # The quality study's driver, tiny: its rigl-torch part must find the same masks and accuracy on the
     # same seeds (rigl_fast computes rigl-torch's masks), and it writes its three result files.
     pytest.importorskip("rigl_torch")
-    sys.path.insert(0, ROOT)
-    try:
-        from study import sweep
-    finally:
-        sys.path.pop(0)
+    from rigl_fast.study import sweep
     assert sweep.main(["--seeds", "1", "--epochs", "3", "--densities", "0.05", "--jobs", "1", "--no-cnn",
                        "--backend", "reference", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "sweep.json").read_text())
@@ -360,11 +356,7 @@ def test_structure_2_4_keeps_two_in_every_four(tmp_path, capsys):
 def test_study_mnist1d_part_smoke_run(tmp_path):
     # The new sweep, tiny: every (data, model) panel, every variant, 2:4 only at density 1/2, and its files.
     _mnist1d()
-    sys.path.insert(0, ROOT)
-    try:
-        from study import sweep
-    finally:
-        sys.path.pop(0)
+    from rigl_fast.study import sweep
     assert sweep.main(["--part", "mnist1d", "--seeds", "1", "--epochs", "1", "--densities", "0.5,0.1",
                        "--backend", "reference", "--out", str(tmp_path)]) == 0
     runs = json.loads((tmp_path / "mnist1d.json").read_text())["runs"]

@@ -1,5 +1,5 @@
-"""Triton kernels of rigl_fast (installed as `rigl_fast.kernels`). See rigl_fast/ops.py for the contract and
-docs/triton.md for how the kernels work.
+"""The Triton backend (`rigl_fast.kernels.TritonBackend`): the op contract over the kernels of this folder. See
+rigl_fast/ops.py for the contract and docs/triton.md for how the kernels work.
 
 Importing this module requires triton; `rigl_fast.ops` turns the ImportError into "backend unavailable".
 """
