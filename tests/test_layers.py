@@ -31,14 +31,19 @@ def test_erk_makes_overfull_layer_dense_and_resolves():
 @pytest.mark.parametrize("density", [0.05, 0.1, 0.3, 0.8])
 def test_erdos_renyi_global_budget(dist, density):
     shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (64, 64, 1, 1), (10, 64), (512, 256)]
-    dense = [False, False, False, False, False, True]  # e.g. ignored linear layer: out of the budget
-    S = sparsities(dist, shapes, [False] * 5 + [True], density, ignore_linear_layers=True)
+    is_linear = [False] * 5 + [True]
+    n = [torch.Size(s).numel() for s in shapes]
+    # an ignored linear layer stays dense and out of the budget: the other five meet it alone
+    S = sparsities(dist, shapes, is_linear, density, ignore_linear_layers=True)
     assert S[5] == 0
-    n = [torch.Size(s).numel() for s in shapes[:5]]
-    nonzero = sum(k * (1 - s) for k, s in zip(n, S[:5]))
-    assert nonzero == pytest.approx(density * sum(n), rel=1e-9)
+    nonzero = sum(k * (1 - s) for k, s in zip(n[:5], S[:5]))
+    assert nonzero == pytest.approx(density * sum(n[:5]), rel=1e-9)
     assert all(0 <= s < 1 for s in S[:5])
-    assert dense[5]
+    # not ignored, the same layer joins the budget: all six meet it together, the large one sparse too
+    S = sparsities(dist, shapes, is_linear, density, ignore_linear_layers=False)
+    assert S[5] > 0
+    nonzero = sum(k * (1 - s) for k, s in zip(n, S))
+    assert nonzero == pytest.approx(density * sum(n), rel=1e-9)
 
 
 def test_er_uses_channel_dims_only():
