@@ -8,23 +8,30 @@ from rigl_fast.state import masks as sd_masks
 from helpers import MLP, SmallResNet, trained_model_and_adam
 
 
+def hooks(model, opt):
+    """The hooks on every parameter (gradient and post-accumulate ones, the two kinds the scheduler registers)
+    and on the optimizer, as new lists of handle ids: a later registration shows up as a difference."""
+    per_param = [(list(p._backward_hooks or {}), list(getattr(p, "_post_accumulate_grad_hooks", None) or {}))
+                 for p in model.parameters()]
+    return per_param, list(opt._optimizer_step_post_hooks)
+
+
 def snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
-    hooks = [(p._backward_hooks, getattr(p, "_rigl_fast_registered", False)) for p in model.parameters()]
-    return params, grads, state, hooks, len(opt._optimizer_step_post_hooks)
+    return params, grads, state, hooks(model, opt)
 
 
 def assert_untouched(model, opt, snap):
-    params, grads, state, hooks, n_post = snap
+    params, grads, state, hooks_before = snap
     for p, p0, g0 in zip(model.parameters(), params, grads):
         assert torch.equal(p, p0)
         assert (p.grad is None and g0 is None) or torch.equal(p.grad, g0)
+        assert opt.state[p].keys() == state[id(p)].keys()
         for k, v in opt.state[p].items():
             assert torch.equal(v, state[id(p)][k])
-    assert [(p._backward_hooks, getattr(p, "_rigl_fast_registered", False)) for p in model.parameters()] == hooks
-    assert len(opt._optimizer_step_post_hooks) == n_post
+    assert hooks(model, opt) == hooks_before, "a failed construction left a hook registered"
 
 
 BAD = [
@@ -60,7 +67,20 @@ def test_bad_argument_raises_before_anything_changes(kwargs, exc, name):
 
 def test_static_topo_needs_no_T_end():
     model, opt = trained_model_and_adam()
-    RigLScheduler(model, opt, dense_allocation=0.1, static_topo=True)
+    pruner = RigLScheduler(model, opt, dense_allocation=0.1, static_topo=True, delta=2)
+    assert pruner.T_end is None
+    sparse = [(w, m, n) for w, m, n in zip(pruner.W, pruner.backward_masks, pruner.N) if m is not None]
+    assert len(sparse) == 5  # all but the first conv and the linear head (rigl-torch's uniform rule)
+    for w, m, n in sparse:
+        assert int(m.sum()) == n - int(0.9 * n) and bool((w[~m] == 0).all())
+    assert all(pruner() for _ in range(4)) and pruner.rigl_steps == 0  # steps 2 and 4 would be updates
+    # its checkpoint has no T_end either, and resumes as it was
+    sd = pruner.state_dict()
+    assert sd["hyperparams"]["T_end"] is None
+    model2, opt2 = trained_model_and_adam()
+    resumed = RigLScheduler(model2, opt2, state_dict=sd)
+    assert resumed.T_end is None and resumed.static_topo and resumed.step == 4
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(pruner.backward_masks, resumed.backward_masks))
 
 
 def test_model_without_candidates():
