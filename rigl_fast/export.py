@@ -9,7 +9,17 @@ the attention projections of HF transformers) computes y = x W^T + b from its ac
 - "semi_structured": 2:4 layers on a CUDA device with sparse tensor cores, through
   torch.sparse.to_sparse_semi_structured; elsewhere a clear error;
 - "auto": per layer, the fastest that applies on the model's device.
-Conv layers stay as they are: dense, with their zeros.
+Conv layers stay as they are: dense, with their zeros. Which modules are Linear-like is layers.py's candidate
+rule (`layers.kind`), the one training uses; a candidate whose forward is not its base type's (a subclass with its
+own forward, a forward set on the instance, forward hooks: `layers.own_forward`) stays as it is too, since a
+replacement would compute another function. Every module with a sparse weight that stays is listed, with the
+reason, in `exported.rigl_fast_kept`, and all but the convolutions in one warning.
+
+Saving: the modules here are registered with torch.serialization.add_safe_globals when this file is imported, so
+a model saved whole loads with torch.load's default weights_only=True once the caller allows the model's own
+classes: `import rigl_fast.export` then `with torch.serialization.safe_globals([MyNet, nn.Linear, ...]):
+torch.load(path)` (torch.serialization.get_unsafe_globals_in_checkpoint(path) lists the ones needed). Not tried
+for semi_structured (its weight is a tensor subclass; no GPU to save one on).
 
 nn.MultiheadAttention (whose projections are parameters read by F.multi_head_attention_forward, not modules it
 calls) is replaced as a whole by `SparseMultiheadAttention` when any of its projection weights is sparse: the q, k
@@ -22,7 +32,7 @@ stays a dense nn.Linear. rigl_fast_formats lists the sparse projections as '<att
 same calls in the same order): batch_first, unbatched inputs, key_padding_mask and attn_mask (bool or float,
 2-D or 3-D), is_causal, need_weights / average_attn_weights; dropout as torch applies it (in train mode only).
 Not supported, left dense with a warning naming the layer: add_bias_kv, add_zero_attn, subclasses of
-nn.MultiheadAttention (their forward may differ). NestedTensor inputs raise. nn.TransformerEncoderLayer /
+nn.MultiheadAttention with their own forward (the rule above). NestedTensor inputs raise. nn.TransformerEncoderLayer /
 nn.TransformerEncoder holding a replaced module (the attention, or only linear1/linear2) get their fused fast
 paths turned off (they read .weight tensors the sparse modules do not have): `activation_relu_or_gelu = 0` on
 the layer (it only selects that fused kernel) and `use_nested_tensor = False` on the encoder, so they run their
@@ -45,6 +55,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from . import layers as _layers
 
 FORMATS = ("auto", "csr", "fan_in", "semi_structured")
 
@@ -421,8 +433,9 @@ def _dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Line
 
 def _mha_unsupported(module: nn.Module) -> Optional[str]:
     """None if SparseMultiheadAttention computes what `module` computes, else why not."""
-    if type(module) is not nn.MultiheadAttention:
-        return f"it is a subclass ({type(module).__name__}) whose forward may differ from nn.MultiheadAttention's"
+    why = _layers.own_forward(module)
+    if why is not None:
+        return why
     if module.bias_k is not None or module.bias_v is not None:
         return "add_bias_kv=True is not supported"
     if module.add_zero_attn:
@@ -506,10 +519,10 @@ def _pick(fmt: str, name: str, weight: torch.Tensor, mask: torch.Tensor) -> str:
 
 
 MODULES = {"fan_in": FanInLinear, "csr": CSRLinear, "semi_structured": SemiStructuredLinear}
-
-
-def _is_conv1d(module) -> bool:
-    return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
+for _cls in (FanInLinear, CSRLinear, SemiStructuredLinear, SparseMultiheadAttention):
+    # data only (buffers, shapes, formats), nothing run at load: a model saved whole loads under torch.load's
+    # default weights_only=True once this module is imported, with the model's own classes allowed by the caller
+    torch.serialization.add_safe_globals([_cls])
 
 
 def _turn_off_fused_paths(model: nn.Module, replaced) -> None:
@@ -526,13 +539,68 @@ def _turn_off_fused_paths(model: nn.Module, replaced) -> None:
             module.use_nested_tensor = False
 
 
+def _plan_attention(fmt: str, modules: dict, masks: dict, kept: dict):
+    """[(name, module, blocks)] of the nn.MultiheadAttention modules with a sparse projection that
+    SparseMultiheadAttention computes exactly; the others go into `kept` with the reason."""
+    attention = []
+    for name, module in modules.items():
+        if _layers.kind(module) != _layers.ATTENTION:
+            continue
+        prefix = f"{name}." if name else ""
+        if not any(prefix + a in masks for a in _layers.MHA_WEIGHTS + ("out_proj.weight",)):
+            continue  # nothing sparse: left as it is
+        why = _mha_unsupported(module)
+        if why is not None:
+            kept[name] = f"{type(module).__name__}: {why}"
+            continue
+        attention.append((name, module, _mha_plan(fmt, name, module, masks)))
+    return attention
+
+
+def _plan_linear(fmt: str, modules: dict, masks: dict, kept: dict):
+    """[(owner, format, weight (out, in), mask (out, in), bias)] of the sparse Linear-like layers to replace
+    (the candidate rule of layers.py); convolutions and layers with their own forward go into `kept`."""
+    plan = []
+    for name, mask in masks.items():
+        if name != "weight" and not name.endswith(".weight"):
+            continue  # an attention's packed projection: _plan_attention's
+        owner = name[:-len("weight")].rstrip(".")
+        module = modules[owner]
+        parent, _, child = owner.rpartition(".")
+        if child == "out_proj" and _layers.kind(modules.get(parent)) == _layers.ATTENTION:
+            continue  # part of its SparseMultiheadAttention, or kept with its attention
+        k = _layers.kind(module)
+        if k == _layers.CONV:
+            kept[owner] = "a convolution: exported as it is, dense with its zeros"
+            continue
+        why = _layers.own_forward(module)
+        if why is not None:
+            kept[owner] = why
+            continue
+        weight, m = (module.weight.t(), mask.t()) if k == _layers.CONV1D else (module.weight, mask)  # Conv1D: (in, out)
+        plan.append((owner, _pick(fmt, name, weight, m), weight, m, module.bias))
+    return plan
+
+
+def _warn_kept(kept: dict) -> None:
+    """One warning for the sparse modules export leaves as they are, convolutions (documented) aside."""
+    odd = [f"{n!r} ({why})" for n, why in kept.items() if not why.startswith("a convolution")]
+    if odd:
+        more = f" and {len(odd) - 4} more" if len(odd) > 4 else ""
+        warnings.warn(f"export: {len(odd)} sparse module(s) stay as they are, dense with their zeros (listed in "
+                      f"exported.rigl_fast_kept): {'; '.join(odd[:4])}{more}", UserWarning, stacklevel=3)
+
+
 @torch.no_grad()
 def export(pruner, format: str = "auto") -> nn.Module:
     """A new module computing what pruner.model computes, its sparse Linear-like layers and attention replaced
     (module doc). The training model and the scheduler are not modified. `exported.rigl_fast_formats` maps each
     sparse module's name in the export to the format it got; for a replaced nn.MultiheadAttention 'attn' these
     are its sparse projections 'attn.q_proj', 'attn.k_proj', 'attn.v_proj', 'attn.out_proj' (dense ones are
-    not listed; `exported.attn.formats` lists all four)."""
+    not listed; `exported.attn.formats` lists all four). `exported.rigl_fast_kept` maps each module with a
+    sparse weight that stays as it is (dense, with its zeros) to why: a convolution, a subclass whose forward
+    is not its base type's (or with forward hooks), an attention configuration SparseMultiheadAttention does not
+    compute; all but the convolutions are also named in a warning."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if getattr(pruner, "_sharded", False):
@@ -542,55 +610,29 @@ def export(pruner, format: str = "auto") -> nn.Module:
     model = copy.deepcopy(pruner.model)
     modules = dict(model.named_modules())
     masks = {n: m for n, m in zip(pruner.names, pruner.backward_masks) if m is not None}
-    attention, unsupported = [], []
-    for name, module in modules.items():
-        if not isinstance(module, nn.MultiheadAttention):
-            continue
-        prefix = f"{name}." if name else ""
-        if not any(prefix + a in masks for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
-                                                 "v_proj_weight", "out_proj.weight")):
-            continue  # nothing sparse: left as it is
-        why = _mha_unsupported(module)
-        if why is not None:
-            unsupported.append((name, why))
-            continue
-        attention.append((name, module, _mha_plan(format, name, module, masks)))
-    plan = []
-    for name, mask in zip(pruner.names, pruner.backward_masks):
-        if mask is None or not name.endswith(".weight"):
-            continue
-        owner = name[:-len(".weight")]
-        module = modules.get(owner)
-        parent, _, child = owner.rpartition(".")
-        if child == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
-            continue  # part of its SparseMultiheadAttention, or dense with its attention
-        if isinstance(module, nn.Linear) and type(module).__name__ != "NonDynamicallyQuantizableLinear":
-            weight, m = module.weight, mask
-        elif _is_conv1d(module):  # stores (in, out)
-            weight, m = module.weight.t(), mask.t()
-        else:  # convolutions: left dense, with their zeros
-            continue
-        fmt = _pick(format, name, weight, m)
-        plan.append((owner, fmt, weight, m, module.bias))
-    for name, why in unsupported:  # warned only once every layer was checked: an error above comes first
-        warnings.warn(f"export: nn.MultiheadAttention {name!r} stays dense (with its zeros): {why}", stacklevel=3)
+    kept = {}
+    attention = _plan_attention(format, modules, masks, kept)
+    plan = _plan_linear(format, modules, masks, kept)
+    _warn_kept(kept)  # only once every layer was checked: an error in _pick comes first
     formats = {}
 
     def put(owner, new):
+        nonlocal model
         parent_name, _, child = owner.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, new)
+        if not owner:
+            model = new
+        else:
+            setattr(modules[parent_name] if parent_name else model, child, new)
 
     for owner, fmt, weight, m, bias in plan:  # built only after every layer was checked: nothing half-done
         put(owner, MODULES[fmt](weight, m.to(weight.device), bias))
         formats[owner] = fmt
     for name, module, blocks in attention:
         new = _build_mha(module, blocks)
-        if name:
-            put(name, new)
-        else:
-            model = new
+        put(name, new)
         prefix = f"{name}." if name else ""
         formats.update({prefix + p: f for p, f in new.formats.items() if f != "dense"})
     _turn_off_fused_paths(model, formats)
     model.rigl_fast_formats = formats
+    model.rigl_fast_kept = kept
     return model

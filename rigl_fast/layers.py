@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
-CANDIDATE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CANDIDATE_TYPES = (nn.Linear,) + CONV_TYPES
 MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+ATTENTION, LINEAR, CONV1D, CONV = "attention", "linear", "conv1d", "conv"
 
 
 def is_conv1d_like(module: nn.Module) -> bool:
@@ -19,19 +21,62 @@ def is_conv1d_like(module: nn.Module) -> bool:
     its class name (in its MRO: FSDP2 subclasses it as FSDPConv1D) and `nf` attribute so that transformers is
     never imported."""
     w = getattr(module, "weight", None)
-    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf") and isinstance(w, torch.Tensor)
-            and w.dim() == 2)
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
+            and isinstance(w, torch.Tensor) and w.dim() == 2)
+
+
+def kind(module: nn.Module) -> Optional[str]:
+    """The candidate rule, one for training (`weight_slots`, `select`) and export: ATTENTION for
+    nn.MultiheadAttention, LINEAR for nn.Linear, CONV1D for transformers' Conv1D (weight stored (in, out)), CONV
+    for nn.Conv1d/2d/3d, subclasses included; None for any other module."""
+    if isinstance(module, nn.MultiheadAttention):
+        return ATTENTION
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, CONV_TYPES):
+        return CONV
+    if is_conv1d_like(module):
+        return CONV1D
+    return None
+
+
+def _base_type(module: nn.Module, k: str) -> type:
+    """The class whose forward defines what a candidate of kind `k` computes."""
+    if k == CONV1D:
+        return next(c for c in type(module).__mro__ if c.__name__ == "Conv1D")
+    if k == CONV:
+        return next(c for c in type(module).__mro__ if c in CONV_TYPES)
+    return nn.MultiheadAttention if k == ATTENTION else nn.Linear
+
+
+def own_forward(module: nn.Module) -> Optional[str]:
+    """None if the candidate `module` computes its base type's forward (nn.Linear's, Conv1D's, ...), else why
+    not: a subclass with another forward, a forward set on the instance, or forward hooks. Training masks
+    such a module's weight all the same; export keeps it as it is, since a replacement computing the base
+    type's function would change what it computes."""
+    k = kind(module)
+    if k is None:
+        return "it is not a candidate type"
+    base = _base_type(module, k)
+    if type(module).forward is not base.forward:
+        owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
+        return (f"it is a {type(module).__name__}, whose forward ({owner.__qualname__}.forward) is not "
+                f"{base.__qualname__}.forward")
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks, which a replacement would not run"
+    return None
 
 
 def weight_slots(module: nn.Module) -> List[Tuple[str, bool]]:
     """(attribute, is_linear) of each weight of `module` that can be sparse, by the type rules alone."""
-    if isinstance(module, nn.MultiheadAttention):
+    k = kind(module)
+    if k == ATTENTION:
         return [(a, True) for a in MHA_WEIGHTS if getattr(module, a, None) is not None]
-    if isinstance(module, CANDIDATE_TYPES):
-        return [("weight", isinstance(module, nn.Linear))]
-    if is_conv1d_like(module):
-        return [("weight", True)]
-    return []
+    if k is None:
+        return []
+    return [("weight", k != CONV)]
 
 
 @dataclass
@@ -143,7 +188,7 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
             out.names.append(name)
             out.weights.append(w)
             out.is_linear.append(linear)
-            out.transposed.append(is_conv1d_like(module))
+            out.transposed.append(kind(module) == CONV1D)
     return out
 
 

@@ -176,6 +176,13 @@ def test_trained_model_untouched_formats_save_load(tmp_path):
     with torch.no_grad():
         got = torch.load(tmp_path / "whole.pt", weights_only=False).attn(x, x, x, need_weights=True)
     assert torch.equal(got[0], want) and torch.equal(got[1], weights)
+    # torch.load's default, weights_only=True: rigl_fast's classes are allowed by importing rigl_fast.export;
+    # the caller allows the model's own (Attn) and torch's (nn.Linear, which the dense first layer still is)
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "whole.pt")) == {
+        f"{Attn.__module__}.Attn", "torch.nn.modules.linear.Linear"}
+    with torch.serialization.safe_globals([Attn, nn.Linear]), torch.no_grad():
+        got = torch.load(tmp_path / "whole.pt").attn(x, x, x, need_weights=True)
+    assert torch.equal(got[0], want) and torch.equal(got[1], weights)
     torch.save(exp.state_dict(), tmp_path / "sd.pt")
     fresh = _train(Attn(batch_first=True), "fan_in", steps=2)[1].export("auto").eval()  # other weights and masks
     with torch.no_grad():
@@ -313,7 +320,14 @@ def test_dropout_in_train_mode_as_torch():
 
 
 class MyAttention(nn.MultiheadAttention):
-    pass
+    """Its own forward (the same result here, but export cannot know that)."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+class PlainAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention's forward under another name: replaced like the base class."""
 
 
 @pytest.mark.parametrize("kind", ["add_bias_kv", "add_zero_attn", "subclass"])
@@ -327,9 +341,10 @@ def test_unsupported_configurations_warn_and_stay_dense(kind):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         exp = pruner.export("csr")
-    msgs = [str(w.message) for w in caught if "MultiheadAttention" in str(w.message)]
-    assert len(msgs) == 1 and "'attn' stays dense" in msgs[0]
-    assert {"add_bias_kv": "add_bias_kv", "add_zero_attn": "add_zero_attn", "subclass": "MyAttention"}[kind] in msgs[0]
+    msgs = [str(w.message) for w in caught if str(w.message).startswith("export:")]
+    why = {"add_bias_kv": "add_bias_kv", "add_zero_attn": "add_zero_attn", "subclass": "MyAttention.forward"}[kind]
+    assert len(msgs) == 1 and "'attn'" in msgs[0] and "stay as they are" in msgs[0] and why in msgs[0]
+    assert list(exp.rigl_fast_kept) == ["attn"] and why in exp.rigl_fast_kept["attn"]
     assert type(exp.attn) is type(model.attn) and type(exp.attn.out_proj) is type(model.attn.out_proj)
     assert exp.rigl_fast_formats == {}  # 'pre' is the dense first layer
     x = torch.randn(5, 3, E, generator=torch.Generator().manual_seed(8))
@@ -337,6 +352,22 @@ def test_unsupported_configurations_warn_and_stay_dense(kind):
     exp.eval()
     with torch.no_grad():
         assert torch.equal(exp(x, x, x), model(x, x, x))
+
+
+def test_subclass_with_the_base_forward_is_replaced():
+    torch.manual_seed(0)
+    model = Attn()
+    model.attn = PlainAttention(E, H)
+    model, pruner = _train(model, "unstructured")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exp = pruner.export("csr").eval()
+    assert not [w for w in caught if str(w.message).startswith("export:")] and exp.rigl_fast_kept == {}
+    assert isinstance(exp.attn, SparseMultiheadAttention) and len(exp.rigl_fast_formats) == 4
+    x = torch.randn(5, 3, E, generator=torch.Generator().manual_seed(8))
+    model.eval()
+    with torch.no_grad():
+        _close(exp(x, x, x), model(x, x, x))
 
 
 def test_errors():
