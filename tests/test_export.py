@@ -100,6 +100,12 @@ def test_save_load_and_compile(tmp_path):
     torch.save(exp, tmp_path / "whole.pt")
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(x), want)
+    # torch.load's default, weights_only=True, on the whole module: rigl_fast's modules (here FanInLinear) are
+    # allowed by importing rigl_fast.export, the model's own classes by the caller
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "whole.pt")) == {
+        f"{Odd.__module__}.Odd", "torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv1d"}
+    with torch.serialization.safe_globals([Odd, nn.Linear, nn.Conv1d]), torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "whole.pt")(x), want)
     # weights only: the state dict of buffers into a freshly exported skeleton
     torch.save(exp.state_dict(), tmp_path / "sd.pt")
     fresh = _trained("fan_in")[1].export("auto")
@@ -293,7 +299,7 @@ def test_export_bench_quick(tmp_path):
     import json
     import os
 
-    from bench import export as bench_export
+    from rigl_fast.bench import export as bench_export
     stem = bench_export.main(["--quick", "--out", str(tmp_path)])
     res = json.load(open(stem + ".json"))
     shapes, batches, sparsities = bench_export.settings(True)
