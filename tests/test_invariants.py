@@ -1,7 +1,5 @@
 """SPEC §3 invariants after every call of a real training loop, and the schedule of SPEC §1/§4."""
-import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -129,22 +127,33 @@ def test_static_topo_never_updates():
         assert torch.equal(a, b)
 
 
+# alpha / 2 * (1 + cos(pi t / T_end)) for alpha = 0.4, T_end = 60, at the t where the cosine is known exactly
+DROP_FRACTION_BY_HAND = {10: 0.2 * (1 + 3 ** 0.5 / 2), 20: 0.3, 30: 0.2, 40: 0.1, 50: 0.2 * (1 - 3 ** 0.5 / 2)}
+
+
 def test_drop_fraction_schedule_and_counts():
+    from rigl_torch_import import import_rigl_torch
     torch.manual_seed(0)
     model = MLP((64, 200, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    delta, T_end, alpha = 5, 50, 0.4
+    delta, T_end, alpha = 5, 60, 0.4
     pruner = RigLScheduler(model, opt, dense_allocation=0.25, T_end=T_end, delta=delta, alpha=alpha,
                            ignore_linear_layers=False)
-    seen = []
+    other = MLP((64, 200, 10))  # rigl-torch's scheduler, on a model of its own, gives the expected fractions
+    theirs = import_rigl_torch()(other, torch.optim.SGD(other.parameters(), lr=0.01), dense_allocation=0.25,
+                                 T_end=T_end, delta=delta, alpha=alpha, ignore_linear_layers=False)
+    seen, checked = [], []
 
     def on_step(where):
         if where == "after_backward":
             seen.append([None if m is None else m.clone() for m in pruner.backward_masks])
         elif where == "after_update":
-            t = pruner.step
-            f = alpha / 2 * (1 + math.cos(t * math.pi / T_end))
-            assert pruner.cosine_annealing() == pytest.approx(f, rel=1e-15)
+            t = theirs.step = pruner.step
+            f = theirs.cosine_annealing()
+            assert pruner.cosine_annealing() == f
+            if t in DROP_FRACTION_BY_HAND:
+                assert f == pytest.approx(DROP_FRACTION_BY_HAND[t], rel=1e-12)
+                checked.append(t)
             for old, new, w in zip(seen[-1], pruner.backward_masks, pruner.W):
                 if new is None:
                     continue
@@ -153,8 +162,8 @@ def test_drop_fraction_schedule_and_counts():
                 assert moved <= n_drop  # at most n_drop leave (a dropped one may be regrown)
                 assert int((new & ~old).sum()) == moved
 
-    train(model, opt, pruner, batches(45, seed=4, shape=(64,)), on_step=on_step)
-    assert pruner.rigl_steps == 9
+    train(model, opt, pruner, batches(T_end, seed=4, shape=(64,)), on_step=on_step)
+    assert pruner.rigl_steps == 11 and checked == sorted(DROP_FRACTION_BY_HAND)
 
 
 def test_grow_score_is_mean_of_last_n_dense_grads():
