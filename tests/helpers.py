@@ -130,3 +130,20 @@ def threaded_ranks(world, fn):
     if errors:
         raise errors[0]
     return results
+
+
+def selection_gap(w, mask, score, n_drop):
+    """At one topology update (SPEC §4), the smallest gap between a selected and the first unselected score:
+    among the active |w| at the keep boundary, and among the grow scores of the positions not kept at the grow
+    boundary. Two runs whose scores differ by less than half of it select the same masks whatever their
+    rounding; a test comparing masks across different arithmetic asserts that, so it cannot pass by luck."""
+    n_keep = int(mask.sum()) - n_drop
+    keep_key = torch.where(mask, w.abs(), -1.0).flatten()  # below every |w|: an inactive weight is never kept
+    order = torch.sort(keep_key, descending=True, stable=True)
+    kept = torch.zeros_like(keep_key, dtype=torch.bool)
+    kept[order.indices[:n_keep]] = True
+    grow = torch.sort(torch.where(kept, -1.0, score.abs().flatten()), descending=True).values
+
+    def gap(v, k):
+        return (v[k - 1] - v[k]).item() if 0 < k < v.numel() else float("inf")
+    return min(gap(order.values, n_keep), gap(grow, n_drop))
