@@ -147,3 +147,21 @@ def selection_gap(w, mask, score, n_drop):
     def gap(v, k):
         return (v[k - 1] - v[k]).item() if 0 < k < v.numel() else float("inf")
     return min(gap(order.values, n_keep), gap(grow, n_drop))
+
+
+def update_scores(pruner):
+    """Just before a topology update: each sparse layer's weight, mask and grow-score accumulator (None where
+    this process has none), cloned."""
+    return [(w.detach().clone(), m.clone(), None if h.dense_grad is None else h.dense_grad.clone())
+            for w, m, h in zip(pruner.W, pruner.backward_masks, pruner.backward_hook_objects) if m is not None]
+
+
+def assert_selection_margin(ref, other, drop_fraction, margin=1000):
+    """ref: update_scores() of a reference run before an update; other: (weight, grow score) per layer of a run
+    with other arithmetic (compiled, DDP, micro-batches) at the same update. Equal masks are asserted only where
+    every gap deciding them is over `margin` times the largest difference of the scores."""
+    assert len(ref) == len(other)
+    for i, ((w0, m0, g0), (w, g)) in enumerate(zip(ref, other)):
+        diff = max((w - w0).abs().max().item(), (g - g0).abs().max().item())
+        gap = selection_gap(w0, m0, g0, int(int(m0.sum()) * drop_fraction))
+        assert gap > margin * diff, f"layer {i}: equal masks would be luck: gap {gap:.3g}, scores differ {diff:.3g}"

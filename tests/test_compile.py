@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rigl_fast.scheduler as sched
-from helpers import SmallResNet, assert_same_updates, batches, selection_gap
+from helpers import SmallResNet, assert_same_updates, assert_selection_margin, batches, update_scores
 from rigl_fast import RigLScheduler
 
 STEPS = 14
@@ -43,8 +43,7 @@ def _train(compiled):
             if m is not None:
                 assert bool((w.grad[~m] == 0).all()), "gradient nonzero off the mask"
         if _due(pruner):
-            scores.append([(w.detach().clone(), m.clone(), h.dense_grad.clone()) for w, m, h in
-                           zip(pruner.W, pruner.backward_masks, pruner.backward_hook_objects) if m is not None])
+            scores.append(update_scores(pruner))
         if pruner():
             opt.step()
         else:
@@ -98,11 +97,7 @@ def test_compiled_matches_eager(compiled_run):
     updates, weights, scores, _ = compiled_run
     ref_updates, ref_weights, ref_scores = _train(compiled=False)
     for (f, layers), (_, ref_layers) in zip(scores, ref_scores):
-        for (w, m, g), (w0, m0, g0) in zip(layers, ref_layers):
-            assert torch.equal(m, m0)  # the same masks going in (checked for the previous update below)
-            diff = max((w - w0).abs().max().item(), (g - g0).abs().max().item())
-            gap = selection_gap(w0, m0, g0, int(int(m0.sum()) * f))
-            assert gap > MARGIN * diff, f"masks would agree by luck: gap {gap:.3g}, score difference {diff:.3g}"
+        assert_selection_margin(ref_layers, [(w, g) for w, _, g in layers], f, MARGIN)
     assert_same_updates(updates, ref_updates)
     # weights only close: inductor fuses and reorders float reductions
     for x, y in zip(weights, ref_weights):

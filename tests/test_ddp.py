@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import MLP, batches, selection_gap
+from helpers import MLP, assert_selection_margin, batches, update_scores
 from rigl_fast import RigLScheduler
 
 WORLD = 2
@@ -71,12 +71,6 @@ def _expected_reduces(step):
 
 def _data(seed, batch=GLOBAL_BATCH):
     return ((x.to(DTYPE), y) for x, y in batches(STEPS, seed=seed, batch=batch))
-
-
-def _scores(pruner):
-    """Before an update: each sparse layer's weight, mask and (this rank's) grow-score accumulator."""
-    return [(w.detach().clone(), m.clone(), None if h.dense_grad is None else h.dense_grad.clone())
-            for w, m, h in zip(pruner.W, pruner.backward_masks, pruner.backward_hook_objects) if m is not None]
 
 
 def _masks_cpu(pruner):
@@ -161,7 +155,7 @@ def _train(rank, scenario, out_dir):
                 for h in pruner.backward_hook_objects:  # rank 1 reaches the first update with nothing accumulated
                     h.dense_grad = None
             if _is_update(pruner.step + 1):
-                log["scores"].append(_scores(pruner))
+                log["scores"].append(update_scores(pruner))
             before = calls["all_reduce"]
             with warnings.catch_warnings(record=True) as rec:
                 warnings.simplefilter("always")
@@ -218,7 +212,7 @@ def _single_process(in_step=False, scenario=None):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         if _is_update(pruner.step + 1):
-            scores.append((_scores(pruner), None))
+            scores.append((update_scores(pruner), None))
         done = pruner.rigl_steps
         if in_step:
             opt.step()
@@ -298,12 +292,9 @@ def _assert_margin(rank_scores, ref_scores):
     ranks, over world_size) differ by far less than the gaps that decide the masks: equal masks are no luck."""
     assert len(ref_scores) == len(rank_scores[0]) >= 4
     for k, (ref, f) in enumerate(ref_scores):
-        for i, (w0, m0, g0) in enumerate(ref):
-            w = rank_scores[0][k][i][0]
-            g = sum(r[k][i][2] for r in rank_scores if r[k][i][2] is not None) / WORLD
-            diff = max((w - w0).abs().max().item(), (g - g0).abs().max().item())
-            gap = selection_gap(w0, m0, g0, int(int(m0.sum()) * f))
-            assert gap > MARGIN * diff, f"update {k}, layer {i}: gap {gap:.3g}, score difference {diff:.3g}"
+        summed = [(rank_scores[0][k][i][0], sum(r[k][i][2] for r in rank_scores if r[k][i][2] is not None) / WORLD)
+                  for i in range(len(ref))]
+        assert_selection_margin(ref, summed, f, MARGIN)
 
 
 def test_example_script_under_torchrun(tmp_path):
