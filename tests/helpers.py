@@ -1,4 +1,8 @@
 """Small models and a training loop shared by the tests (no torchvision)."""
+import importlib.util
+import os
+
+import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -165,3 +169,23 @@ def assert_selection_margin(ref, other, drop_fraction, margin=1000):
         diff = max((w - w0).abs().max().item(), (g - g0).abs().max().item())
         gap = selection_gap(w0, m0, g0, int(int(m0.sum()) * drop_fraction))
         assert gap > margin * diff, f"layer {i}: equal masks would be luck: gap {gap:.3g}, scores differ {diff:.3g}"
+
+
+NO_CPP_ENV = "RIGL_FAST_TESTS_NO_CPP"
+
+
+def backend_or_fail(name, device):
+    """The named backend for tests that compare it with the reference. A backend that cannot run fails the test,
+    with its reason: a broken C++ build or a broken kernels module must fail the suite, not turn into skips. Two
+    exceptions skip, saying why: triton not installed at all, and the C++ backend on a machine declared to have
+    no C++ toolchain (RIGL_FAST_TESTS_NO_CPP=1)."""
+    from rigl_fast.ops import get_backend
+    try:
+        return get_backend(name, torch.device(device))
+    except RuntimeError as e:
+        if name == "triton" and importlib.util.find_spec("triton") is None:
+            pytest.skip(f"triton is not installed: {e}")
+        if name == "cpp" and os.environ.get(NO_CPP_ENV) == "1":
+            pytest.skip(f"{NO_CPP_ENV}=1 (no C++ toolchain here): {e}")
+        hint = f"; on a machine without a C++ toolchain set {NO_CPP_ENV}=1" if name == "cpp" else ""
+        pytest.fail(f"the {name} backend cannot run: {e}{hint}", pytrace=False)

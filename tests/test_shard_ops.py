@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from rigl_fast import distributed as D
-from rigl_fast.ops import get_backend
 from rigl_fast.reference import ReferenceBackend, top_k_flags
 
-from helpers import threaded_ranks
+from helpers import backend_or_fail, threaded_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 7, 1023, 4097]
@@ -22,10 +21,7 @@ REF = ReferenceBackend()
 
 @pytest.fixture(params=["reference", "cpp", "triton"])
 def ops(request, device):
-    try:
-        return get_backend(request.param, torch.device(device))
-    except RuntimeError as e:  # pragma: no cover - a backend that cannot run here says why, visibly
-        pytest.skip(f"{request.param}: {e}")
+    return backend_or_fail(request.param, device)
 
 
 def _values(n, dtype, kind, seed, device, strided=False):

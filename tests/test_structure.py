@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_fast import RigLScheduler
-from rigl_fast.ops import Units, get_backend, units_of
+from rigl_fast.ops import Units, units_of
 from rigl_fast.reference import ReferenceBackend
 
-from helpers import batches, threaded_ranks
+from helpers import backend_or_fail, batches, threaded_ranks
 
 STRUCTURES = [("fan_in", 0.2), ("2:4", 0.5), ("1:3", 1 / 3)]
 
@@ -175,10 +175,7 @@ def test_reference_update_equals_the_oracle(u, ties):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_backends_bit_identical_to_reference(backend, dtype, device):
-    try:
-        ops = get_backend(backend, torch.device(device))
-    except RuntimeError as e:  # pragma: no cover
-        pytest.skip(f"{backend}: {e}")
+    ops = backend_or_fail(backend, device)
     ref = ReferenceBackend()
     for u, ties, seed in itertools.product(UNITS, (False, True), range(2)):
         w, m, s = _case(u, seed, ties)
@@ -282,10 +279,7 @@ def test_grow_across_shards_equals_one_process(backend, u, device):
     from rigl_fast import distributed as D
     from rigl_fast.reference import keep_flags, unit_grow
     from rigl_fast.sharding import plan_for
-    try:
-        ops = get_backend(backend, torch.device(device))
-    except RuntimeError as e:  # pragma: no cover
-        pytest.skip(f"{backend}: {e}")
+    ops = backend_or_fail(backend, device)
     shape = (u.fan_in, u.out) if u.transposed else (u.out, u.fan_in)
     width = shape[1]
     levels = torch.tensor([-1.0, -0.0, 0.0, 0.5, 1.0, -0.5])
