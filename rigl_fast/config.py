@@ -9,8 +9,10 @@ import warnings
 import numpy as np
 import torch
 
+from . import distributed as _dist
 from . import layers as _layers
 from . import ops as _ops
+from . import sharding as _sharding
 from . import structure as _structure
 
 GROW_MODES = ("gradient", "random")
@@ -136,6 +138,20 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
                       "the training steps", UserWarning, stacklevel=3)
 
 
+def check_keywords(*, after_step, sparsify_tied, in_step, process_group, sharded_init, backend, include,
+                   exclude) -> None:
+    """RigLScheduler's keyword-only arguments that need no model, checked alike by the scheduler and by the
+    wrappers that build it later; raises naming the first bad one."""
+    check_after_step(after_step)
+    check_flags(sparsify_tied=sparsify_tied, in_step=in_step)
+    _dist.check_group(process_group)
+    if sharded_init not in _sharding.INIT_DRAWS:
+        raise ValueError(f"sharded_init must be one of {_sharding.INIT_DRAWS}, got {sharded_init!r}")
+    _ops.check_name(backend)
+    _layers.check_patterns("include", include)
+    _layers.check_patterns("exclude", exclude)
+
+
 def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:
     """For wrappers that build the scheduler later (the framework callbacks): RigLScheduler's keyword names
     and every value that can be checked before a model exists, so bad input fails where it is written.
@@ -152,11 +168,11 @@ def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:
                             f"{', '.join(accepted)}")
     v = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     v.update(kwargs)
+    _structure.parse(v["structure"])  # as the scheduler: the argument itself named before how it fits the rest
     validate(dict(dense_allocation=v["dense_allocation"], T_end=1 if v["T_end"] is None else v["T_end"],
                   sparsity_distribution=v["sparsity_distribution"], ignore_linear_layers=v["ignore_linear_layers"],
                   delta_T=v["delta"], alpha=v["alpha"], static_topo=v["static_topo"],
                   grad_accumulation_n=v["grad_accumulation_n"], erk_power_scale=v["erk_power_scale"],
-                  grow_mode=v["grow_mode"]))  # T_end: a stand-in when the wrapper fills it in from the run
-    check_after_step(v["after_step"])
-    _ops.check_name(v["backend"])
-    check_flags(sparsify_tied=v["sparsify_tied"], in_step=v["in_step"])
+                  grow_mode=v["grow_mode"], structure=v["structure"]))  # T_end: a stand-in the wrapper fills in
+    check_keywords(**{k: v[k] for k in ("after_step", "sparsify_tied", "in_step", "process_group", "sharded_init",
+                                        "backend", "include", "exclude")})

@@ -97,7 +97,7 @@ class Candidates:
     n_tied: int = 0                                         # weights also held by a non-candidate module
 
 
-def _check_patterns(arg: str, patterns) -> List[str]:
+def check_patterns(arg: str, patterns) -> List[str]:
     if patterns is None:
         return []
     if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
@@ -136,8 +136,8 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
     mask: parametrized (computed, not a Parameter), lazy (uninitialised) or on the meta device. Nothing is
     modified.
     """
-    include = _check_patterns("include", include)
-    exclude = _check_patterns("exclude", exclude)
+    include = check_patterns("include", include)
+    exclude = check_patterns("exclude", exclude)
     owners = _param_owners(model)
     out, seen = Candidates(), set()
     slot_ids = set()

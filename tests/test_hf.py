@@ -139,6 +139,31 @@ def test_resume_without_rigl_state_is_refused(tmp_path):
     assert _resume_folder(_Args, _State) is None
 
 
+def test_a_failed_resume_keeps_the_live_scheduler(tmp_path):
+    """A resume that fails (the folder has no RigL state, or one that does not fit the model) raises and leaves
+    the scheduler of the earlier train() in place, hooked and with its masks, so the next train() continues from
+    them instead of drawing new masks over the trained weights."""
+    trainer, rigl, rec = _train(tmp_path / "run", max_steps=6)
+    live = [None if m is None else m.clone() for m in rigl.pruner.backward_masks]
+    bare, bad = tmp_path / "bare", tmp_path / "bad"
+    for folder in (bare, bad):
+        shutil.copytree(tmp_path / "run" / "checkpoint-5", folder)
+    os.remove(bare / STATE_FILE)
+    blob = torch.load(bad / STATE_FILE, weights_only=True)
+    blob["pruner"]["N"] = [n + 1 for n in blob["pruner"]["N"]]
+    torch.save(blob, bad / STATE_FILE)
+    for folder, err, match in ((bare, FileNotFoundError, STATE_FILE), (bad, ValueError, "does not fit the model")):
+        with pytest.raises(err, match=match):
+            trainer.train(resume_from_checkpoint=str(folder))
+        p = rigl.pruner
+        assert p is not None and p._handles and p.step == 6 and p.rigl_steps == 1
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(p.backward_masks, live))
+    rec.first_masks = None
+    trainer.train()
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(rec.first_masks, live))
+    assert rigl.pruner.step == 12
+
+
 def test_save_only_model_keeps_the_masks_not_the_accumulator(tmp_path):
     # a model-only checkpoint cannot resume training; it keeps what the weights do not tell (grown weights are 0)
     _, rigl, _ = _train(tmp_path, max_steps=5, targs=dict(save_only_model=True), grad_accumulation_n=2,
@@ -197,7 +222,18 @@ def test_bad_arguments_fail_at_construction():
         RigLCallback(backend="cuda")
     with pytest.raises(ValueError, match="after_step"):
         RigLCallback(after_step="never")
+    # every argument RigLScheduler checks without a model is checked here, by the same code (config.py)
+    for kw, err, name in [(dict(structure="bogus"), ValueError, "structure"),
+                          (dict(structure="2:4", dense_allocation=0.3), ValueError, "dense_allocation"),
+                          (dict(sharded_init="bogus"), ValueError, "sharded_init"),
+                          (dict(grow_mode="bogus"), ValueError, "grow_mode"),
+                          (dict(exclude="lm_head"), TypeError, "exclude"),
+                          (dict(process_group=object()), ValueError, "process_group"),
+                          (dict(in_step=True), TypeError, "in_step")]:
+        with pytest.raises(err, match=name):
+            RigLCallback(**{"dense_allocation": 0.1, **kw})
     RigLCallback(dense_allocation=0.1, T_end=100, sparsity_distribution="erk")  # a good one builds
+    RigLCallback(dense_allocation=0.5, structure="2:4", sharded_init="local", exclude=["lm_head"])
 
 
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

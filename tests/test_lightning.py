@@ -188,6 +188,45 @@ def test_resume_from_a_model_checkpoint_equals_the_uninterrupted_fit(tmp_path):
                for a, b in zip(full_cb.pruner.backward_masks, sd_masks(saved)))
 
 
+def test_a_checkpoint_without_rigl_state_is_refused_and_a_live_scheduler_kept(tmp_path):
+    """fit(ckpt_path=...) from a checkpoint saved without RigLCallback raises (as the HF callback refuses a folder
+    without its state file) instead of restarting the schedule with new masks over the trained weights; a
+    scheduler live from an earlier fit stays in place, also when the checkpoint's RigL state does not fit."""
+    pl.seed_everything(0, verbose=False)
+    dense = _trainer(tmp_path / "dense", [], max_steps=2)
+    dense.fit(LitNet(), _loader(2))
+    dense.save_checkpoint(tmp_path / "dense.ckpt")
+    msg = "holds no RigLCallback state"
+    fresh = RigLCallback(**CFG)
+    with pytest.raises(ValueError, match=msg):
+        _trainer(tmp_path / "a", [fresh], max_steps=4).fit(LitNet(), _loader(4), ckpt_path=tmp_path / "dense.ckpt")
+    assert fresh.pruner is None
+    # validate (and test) load only the weights: no RigL state needed there
+
+    class Val(LitNet):
+        def validation_step(self, batch, batch_idx):
+            return self.training_step(batch, batch_idx)
+
+    _trainer(tmp_path / "v", [RigLCallback(**CFG)]).validate(Val(), _loader(1), ckpt_path=tmp_path / "dense.ckpt",
+                                                            verbose=False)
+
+    model, cb, _, trainer = _fit(tmp_path / "live", 4, rigl_kwargs=dict(CFG, T_end=7), max_steps=4)
+    live, step = cb.pruner, cb.pruner.step
+    masks = [None if m is None else m.clone() for m in live.backward_masks]
+    trainer.save_checkpoint(tmp_path / "rigl.ckpt")
+    ck = torch.load(tmp_path / "rigl.ckpt", weights_only=False)
+    ck["callbacks"]["RigLCallback"]["pruner"]["N"] = [n + 1 for n in ck["callbacks"]["RigLCallback"]["pruner"]["N"]]
+    torch.save(ck, tmp_path / "bad.ckpt")
+    del ck["callbacks"]  # Lightning then calls no callback's on_load_checkpoint: caught when training starts
+    torch.save(ck, tmp_path / "nocallbacks.ckpt")
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    for path, match in (("dense.ckpt", msg), ("bad.ckpt", "does not fit the model"), ("nocallbacks.ckpt", msg)):
+        with pytest.raises(ValueError, match=match):
+            trainer.fit(model, _loader(8), ckpt_path=tmp_path / path)
+        assert cb.pruner is live and live._handles and live.step == step
+        assert all(m is None and r is None or torch.equal(m, r) for m, r in zip(live.backward_masks, masks))
+
+
 def test_metrics_are_logged(tmp_path):
     logger = pl.loggers.CSVLogger(tmp_path, name="logs")
     _, cb, _, trainer = _fit(tmp_path, 6, rigl_kwargs=dict(CFG, T_end=5), max_steps=6, logger=logger,
@@ -230,6 +269,19 @@ def test_bad_arguments_fail_in_init_and_two_optimizers_at_fit(tmp_path):
     for own in ("in_step", "state_dict", "optimizer"):
         with pytest.raises(TypeError, match=own):
             RigLCallback(dense_allocation=0.1, **{own: None})
+    # every argument RigLScheduler checks without a model is checked here, by the same code (config.py)
+    for kw, err, name in [(dict(structure="bogus"), ValueError, "structure"),
+                          (dict(structure="2:4", dense_allocation=0.3), ValueError, "dense_allocation"),
+                          (dict(sharded_init="bogus"), ValueError, "sharded_init"),
+                          (dict(grow_mode="bogus"), ValueError, "grow_mode"),
+                          (dict(include="net.*"), TypeError, "include"),
+                          (dict(process_group=object()), ValueError, "process_group"),
+                          (dict(erk_power_scale=float("nan")), ValueError, "erk_power_scale"),
+                          (dict(sparsify_tied=1), TypeError, "sparsify_tied")]:
+        with pytest.raises(err, match=name):
+            RigLCallback(**{"dense_allocation": 0.1, **kw})
+    with pytest.raises(TypeError, match="log_per_layer"):
+        RigLCallback(dense_allocation=0.1, log_per_layer="yes")
     cb = RigLCallback(dense_allocation=0.1)  # T_end may be left out: it comes from the Trainer
     assert cb.pruner is None and cb.state_dict() == {}
 

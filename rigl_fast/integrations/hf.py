@@ -27,6 +27,7 @@ except ImportError as e:  # missing, or installed but broken: say both
 
 from .. import config as _config
 from ..scheduler import RigLScheduler
+from .swap import swap
 
 STATE_FILE = "rigl_fast_state.pt"  # written into every checkpoint-<step> folder the Trainer saves
 T_END_FRACTION = 0.75              # T_end's default: this fraction of the run's optimizer steps (state.max_steps)
@@ -47,11 +48,14 @@ class RigLCallback(TrainerCallback):
       schedule.
     - Writes `pruner.state_dict()` into every checkpoint folder (`rigl_fast_state.pt`); on
       `trainer.train(resume_from_checkpoint=...)` it rebuilds the scheduler from that folder's file after the
-      Trainer has loaded the model and optimizer, so the resumed run equals the uninterrupted one.
+      Trainer has loaded the model and optimizer, so the resumed run equals the uninterrupted one. A folder
+      without that file, or with a state that does not fit the model, raises; a scheduler already live (from an
+      earlier train()) stays in place, so the next train() continues from its masks.
     - Adds `pruner.stats()` to every log as `rigl/density`, `rigl/regrown_fraction`, `rigl/updates` and
       `rigl/skipped_updates` (`log_per_layer=True` adds `rigl/density/<layer>` and `rigl/regrown/<layer>`).
 
-    Bad arguments raise here, before the Trainer is built.
+    Bad arguments (every RigLScheduler argument that can be checked without the model: structure,
+    sharded_init, dense_allocation, ...) raise here, before the Trainer is built.
     """
 
     def __init__(self, *, log_per_layer: bool = False, **scheduler_kwargs):
@@ -70,20 +74,19 @@ class RigLCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("RigLCallback.on_train_begin needs the Trainer's model and optimizer in its "
                                "keyword arguments (transformers' CallbackHandler passes them)")
-        previous = None
-        if self.pruner is not None:
-            # trainer.train() called again on the trained model: keep its masks and continue the schedule (new
-            # random masks would cut the trained weights), as the Lightning callback does on a second fit()
-            previous = self.pruner.state_dict()
-            self.pruner.remove()
-            self.pruner = None
+        # trainer.train() called again on the trained model: keep its masks and continue the schedule (new
+        # random masks would cut the trained weights), as the Lightning callback does on a second fit()
+        previous = None if self.pruner is None else self.pruner.state_dict()
         _run_first(self)
-        self.resumed_from = _resume_folder(args, state)
-        sd = previous if self.resumed_from is None else _load_state(self.resumed_from, state)
+        resumed_from = _resume_folder(args, state)
+        sd = previous if resumed_from is None else _load_state(resumed_from, state)  # may raise: nothing changed
         kw = dict(self.scheduler_kwargs)
         if kw.get("T_end") is None:  # a resumed state dict's T_end wins over this anyway
             kw["T_end"] = max(1, int(T_END_FRACTION * state.max_steps))
-        self.pruner = RigLScheduler(model, optimizer, **kw, state_dict=sd, in_step=True)
+        # a resumed state that does not fit raises here, the live scheduler (if any) kept: see swap
+        swap(self, lambda m, o, st: RigLScheduler(m, o, **kw, state_dict=st, in_step=True), model, optimizer, sd,
+             previous)
+        self.resumed_from = resumed_from
 
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs):
@@ -172,6 +175,8 @@ def _load_state(folder, state):
             "start RigL from a dense checkpoint, load its weights (from_pretrained) and call trainer.train() "
             "without resume_from_checkpoint")
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or not isinstance(blob.get("pruner"), dict):
+        raise ValueError(f"rigl_fast: {path} is not a RigLCallback state (a dict with 'global_step' and 'pruner')")
     if blob.get("global_step") != state.global_step:
         raise ValueError(f"rigl_fast: {path} was saved at step {blob.get('global_step')} but the Trainer resumes "
                          f"at step {state.global_step}: the folder holds another run's RigL state")
