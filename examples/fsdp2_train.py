@@ -3,6 +3,9 @@
     torchrun --nproc_per_node 2 examples/fsdp2_train.py            # gloo on CPU, NCCL when CUDA is present
     torchrun --nproc_per_node 2 examples/fsdp2_train.py --resume   # go on from the checkpoint of the run above
 
+The checkpoint goes to --ckpt, by default `rigl_fast_fsdp2_ckpt` in the system's temporary folder (not the
+working directory; the path is printed); on several nodes pass a folder every node sees.
+
 A small MLP learns a fixed random teacher (synthetic data: nothing to download). Each Linear is sharded, then
 the root; the scheduler is built after fully_shard, on every rank, and the loop is rigl-torch's two lines.
 Masks and accumulators are DTensors sharded like the weights, so torch.distributed.checkpoint saves each
@@ -12,6 +15,7 @@ trains on; the resumed run loads that checkpoint and must end with the same mask
 import argparse
 import hashlib
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -77,7 +81,8 @@ def masks_digest(pruner):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", default="fsdp2_ckpt", help="checkpoint folder (one file per rank, plus metadata)")
+    ap.add_argument("--ckpt", default=os.path.join(tempfile.gettempdir(), "rigl_fast_fsdp2_ckpt"),
+                    help="checkpoint folder (one file per rank, plus metadata); default: in the temporary folder")
     ap.add_argument("--save-at", type=int, default=None, help="step after which to save (default: half way)")
     ap.add_argument("--resume", action="store_true", help="load --ckpt and train on to --steps")
     ap.add_argument("--steps", type=int, default=300)
