@@ -140,7 +140,8 @@ def selection_gap(w, mask, score, n_drop):
     """At one topology update (SPEC §4), the smallest gap between a selected and the first unselected score:
     among the active |w| at the keep boundary, and among the grow scores of the positions not kept at the grow
     boundary. Two runs whose scores differ by less than half of it select the same masks whatever their
-    rounding; a test comparing masks across different arithmetic asserts that, so it cannot pass by luck."""
+    rounding; a test comparing masks across different arithmetic asserts that, so it cannot pass by luck. (For
+    generic data: an exact tie at a boundary gives 0, though ties resolve alike in every run.)"""
     n_keep = int(mask.sum()) - n_drop
     keep_key = torch.where(mask, w.abs(), -1.0).flatten()  # below every |w|: an inactive weight is never kept
     order = torch.sort(keep_key, descending=True, stable=True)
