@@ -15,9 +15,9 @@ own forward, a forward set on the instance, forward hooks: `layers.own_forward`)
 replacement would compute another function. Every module with a sparse weight that stays is listed, with the
 reason, in `exported.rigl_fast_kept`, and all but the convolutions in one warning.
 
-Saving: the modules here are registered with torch.serialization.add_safe_globals when this file is imported, so
-a model saved whole loads with torch.load's default weights_only=True once the caller allows the model's own
-classes: `import rigl_fast.export` then `with torch.serialization.safe_globals([MyNet, nn.Linear, ...]):
+Saving: the modules export() builds are registered with torch.serialization.add_safe_globals when this file is
+imported, so a model saved whole loads with torch.load's default weights_only=True once the caller allows the
+model's own classes: `import rigl_fast.export` then `with torch.serialization.safe_globals([MyNet, nn.Linear, ...]):
 torch.load(path)` (torch.serialization.get_unsafe_globals_in_checkpoint(path) lists the ones needed). Not tried
 for semi_structured (its weight is a tensor subclass; no GPU to save one on).
 
@@ -28,28 +28,20 @@ kdim/vdim differ from embed_dim), each a FanInLinear / CSRLinear / SemiStructure
 the weight and mask, the format picked once per trained weight by the same rule as a Linear layer's (fan_in only
 if every row of the whole in_proj_weight holds the same count); out_proj likewise; a projection without a mask
 stays a dense nn.Linear. rigl_fast_formats lists the sparse projections as '<attention>.q_proj', '.k_proj',
-'.v_proj', '.out_proj'. The attention is nn.MultiheadAttention's own (torch 2.x `multi_head_attention_forward`,
-same calls in the same order): batch_first, unbatched inputs, key_padding_mask and attn_mask (bool or float,
-2-D or 3-D), is_causal, need_weights / average_attn_weights; dropout as torch applies it (in train mode only).
-Not supported, left dense with a warning naming the layer: add_bias_kv, add_zero_attn, subclasses of
-nn.MultiheadAttention with their own forward (the rule above). NestedTensor inputs raise. nn.TransformerEncoderLayer /
-nn.TransformerEncoder holding a replaced module (the attention, or only linear1/linear2) get their fused fast
-paths turned off (they read .weight tensors the sparse modules do not have): `activation_relu_or_gelu = 0` on
-the layer (it only selects that fused kernel) and `use_nested_tensor = False` on the encoder, so they run their
-ordinary forward. One visible
-difference: torch's nested-tensor path zeroes the outputs at padded positions (src_key_padding_mask in eval),
-the ordinary forward computes them; the non-padded outputs agree.
+'.v_proj', '.out_proj'. The attention is nn.MultiheadAttention's own (export_attention.py). Not supported, left
+dense with a warning naming the layer: add_bias_kv, add_zero_attn, subclasses of nn.MultiheadAttention with
+their own forward (the rule above). nn.TransformerEncoderLayer / nn.TransformerEncoder holding a replaced module
+(the attention, or only linear1/linear2) get their fused fast paths turned off (they read .weight tensors the
+sparse modules do not have): `activation_relu_or_gelu = 0` on the layer (it only selects that fused kernel) and
+`use_nested_tensor = False` on the encoder, so they run their ordinary forward. One visible difference: torch's
+nested-tensor path zeroes the outputs at padded positions (src_key_padding_mask in eval), the ordinary forward
+computes them; the non-padded outputs agree.
 
-The products go through the custom ops `rigl_fast_export::fan_in_linear` / `csr_linear` (torch.compile sees
-them as single ops); their default implementation here is plain PyTorch (the reference), and faster kernels
-are registered per device: on CPU both run csrc/export_kernels.cpp's fused gather-multiply-reduce (when the
-C++ extension loads; else the reference); on CUDA fan_in runs kernels/export.py's Triton kernel and csr
-torch.sparse.
+The products are custom ops (export_ops.py: the reference and the CPU and CUDA kernels).
 """
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Optional
 
@@ -57,160 +49,19 @@ import torch
 from torch import nn
 
 from . import layers as _layers
+from .export_attention import SparseMultiheadAttention, dense_linear
+from .export_ops import csr_linear, fan_in_linear
+from .export_ops import _fan_in_linear_reference  # noqa: F401  (tests and bench import it from here)
 
 FORMATS = ("auto", "csr", "fan_in", "semi_structured")
 
 
-# ---------------------------------------------------------------- the products, as custom ops
-@torch.library.custom_op("rigl_fast_export::fan_in_linear", mutates_args=())
-def fan_in_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """(B, in) x, (out, k) values and indices -> (B, out): y[b, o] = sum_k values[o, k] * x[b, indices[o, k]],
-    accumulated in fp32 and rounded once to x's dtype (as a dense matmul rounds)."""
-    return _fan_in_linear_reference(x, values, indices)
-
-
-def _fan_in_linear_reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The default (plain PyTorch) implementation of fan_in_linear, any device."""
-    if values.numel() == 0:
-        return x.new_zeros(x.shape[0], values.shape[0])
-    xf = x.float()
-    out = torch.zeros(x.shape[0], values.shape[0], dtype=torch.float32, device=x.device)
-    for j in range(values.shape[1]):  # one column of the (out, k) table at a time: (B, out) memory, not (B, out, k)
-        out += xf[:, indices[:, j].long()] * values[:, j].float()
-    return out.to(x.dtype)
-
-
-@fan_in_linear.register_fake
-def _(x, values, indices):
-    return x.new_empty(x.shape[0], values.shape[0])
-
-
-def _fan_in_backward(ctx, grad):
-    """d/dx only (the tables are buffers): dx[b, i] = sum of values[o, k] * grad[b, o] over indices[o, k] == i."""
-    values, indices = ctx.saved_tensors
-    contrib = (grad.float()[:, :, None] * values.float()[None]).reshape(grad.shape[0], -1)
-    dx = torch.zeros(grad.shape[0], ctx.in_features, dtype=torch.float32, device=grad.device)
-    dx.index_add_(1, indices.reshape(-1).long(), contrib)
-    return dx.to(grad.dtype), None, None
-
-
-def _fan_in_setup(ctx, inputs, output):
-    x, values, indices = inputs
-    ctx.save_for_backward(values, indices)
-    ctx.in_features = x.shape[1]
-
-
-fan_in_linear.register_autograd(_fan_in_backward, setup_context=_fan_in_setup)
-
-_CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_CPP_INDEX = (torch.int16, torch.int32)
-_cpp_ops = {}  # name -> the C++ op (csrc/export_kernels.cpp), or None when the extension does not load
-
-
-def _cpp_op(name: str):
-    """torch.ops.rigl_fast.<name>, or None when the C++ extension does not load. Loaded on first use, not at
-    import: the first load may compile the extension."""
-    if name not in _cpp_ops:
-        op = None
-        try:
-            from ._cpp import load_library
-            load_library()
-            op = getattr(torch.ops.rigl_fast, name).default
-        except Exception:  # BackendUnavailable, or an extension built before the op existed
-            op = None
-        _cpp_ops[name] = op
-    return _cpp_ops[name]
-
-
-def _cpp_takes(x, values, *indices) -> bool:
-    return x.dim() == 2 and x.dtype in _CPP_DTYPES and values.dtype == x.dtype and all(
-        i.dtype in _CPP_INDEX for i in indices)
-
-
-def _fan_in_linear_cpu(x, values, indices):
-    """The CPU kernel: the fused C++ gather-multiply-reduce where it loads and takes these dtypes, else the
-    reference."""
-    op = _cpp_op("fan_in_linear")
-    if op is None or not _cpp_takes(x, values, indices):
-        return _fan_in_linear_reference(x, values, indices)
-    return op(x, values, indices)
-
-
-fan_in_linear.register_kernel("cpu")(_fan_in_linear_cpu)
-
-
-def _fan_in_linear_cuda(x, values, indices):
-    """The CUDA kernel: kernels/export.py's Triton gather-multiply-reduce where Triton imports and takes these
-    dtypes (fp32/fp16/bf16, int16/int32 indices), else the reference. An out-of-range index gives a NaN row
-    there (checking it would cost a device sync), where the CPU kernel raises."""
-    try:
-        from .kernels import export as triton_export
-    except ImportError:  # no triton
-        return _fan_in_linear_reference(x, values, indices)
-    if triton_export.supports(x, values, indices) is not None:
-        return _fan_in_linear_reference(x, values, indices)
-    return triton_export.fan_in_linear(x, values, indices)
-
-
-fan_in_linear.register_kernel("cuda")(_fan_in_linear_cuda)
-
-
-@torch.library.custom_op("rigl_fast_export::csr_linear", mutates_args=())
-def csr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-               out_features: int) -> torch.Tensor:
-    """(B, in) x and a CSR (out, in) weight -> (B, out), accumulated in fp32, rounded once to x's dtype."""
-    return _csr_linear_reference(x, crow, col, values, out_features)
-
-
-def _csr_linear_reference(x, crow, col, values, out_features):
-    """The default implementation (torch.sparse), any device."""
-    w = _csr(crow, col, values, (out_features, x.shape[1]))
-    return (w @ x.float().t()).t().contiguous().to(x.dtype)
-
-
-def _csr_linear_cpu(x, crow, col, values, out_features):
-    """The CPU kernel: the C++ gather-multiply-reduce over each row's range where it loads, else the reference."""
-    op = _cpp_op("csr_linear")
-    if op is None or not _cpp_takes(x, values, col) or crow.dtype not in _CPP_INDEX + (torch.int64,):
-        return _csr_linear_reference(x, crow, col, values, out_features)
-    return op(x, crow, col, values, out_features)
-
-
-csr_linear.register_kernel("cpu")(_csr_linear_cpu)
-
-
-def _csr(crow, col, values, shape):
-    with warnings.catch_warnings():  # torch's "CSR is in beta" notice: our tables are valid by construction
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow.long(), col.long(), values.float(), shape, check_invariants=False)
-
-
-@csr_linear.register_fake
-def _(x, crow, col, values, out_features):
-    return x.new_empty(x.shape[0], out_features)
-
-
-def _csr_backward(ctx, grad):
-    crow, col, values = ctx.saved_tensors
-    w = _csr(crow, col, values, (grad.shape[1], ctx.in_features))
-    return (w.t() @ grad.float().t()).t().to(grad.dtype), None, None, None, None
-
-
-def _csr_setup(ctx, inputs, output):
-    x, crow, col, values, _ = inputs
-    ctx.save_for_backward(crow, col, values)
-    ctx.in_features = x.shape[1]
-
-
-csr_linear.register_autograd(_csr_backward, setup_context=_csr_setup)
-
-
+# ---------------------------------------------------------------- the inference modules
 def _index_dtype(bound: int) -> torch.dtype:
     """The narrowest index dtype holding values < bound (int16 halves the file where the fan-in allows)."""
     return torch.int16 if bound <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
-# ---------------------------------------------------------------- the inference modules
 class _SparseLinear(nn.Module):
     """Shared parts: the shapes, the bias and the leading dimensions of x (any number, as nn.Linear takes)."""
 
@@ -279,158 +130,6 @@ class SemiStructuredLinear(_SparseLinear):
 
 
 # ---------------------------------------------------------------- attention
-def _float_mask(mask: Optional[torch.Tensor], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """torch's _canonical_mask: a bool mask becomes 0 / -inf in `dtype`, a float mask is added as it is."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
-    if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
-    return mask
-
-
-class SparseMultiheadAttention(nn.Module):
-    """nn.MultiheadAttention for inference with sparse projections (module doc): q_proj, k_proj, v_proj and
-    out_proj are FanInLinear / CSRLinear / SemiStructuredLinear where their weight was sparse, dense nn.Linear
-    elsewhere, each with its own bias. forward takes and returns what nn.MultiheadAttention's does, computed as
-    torch's multi_head_attention_forward computes it (scaled_dot_product_attention when need_weights is False, an
-    explicit softmax when the weights are returned); dropout only in train mode, as torch.
-
-    `in_proj_weight` and `in_proj_bias` are None: there is no packed in-projection here (the biases are inside
-    q_proj/k_proj/v_proj). `formats` maps each projection to 'fan_in', 'csr', 'semi_structured' or 'dense'."""
-
-    def __init__(self, mha: nn.MultiheadAttention, projections: dict, formats: dict):
-        super().__init__()
-        self.embed_dim, self.kdim, self.vdim = mha.embed_dim, mha.kdim, mha.vdim
-        self.num_heads, self.head_dim = mha.num_heads, mha.head_dim
-        self.batch_first, self.dropout = mha.batch_first, mha.dropout
-        self._qkv_same_embed_dim = mha._qkv_same_embed_dim
-        self.in_proj_weight = self.in_proj_bias = None
-        self.bias_k = self.bias_v = None
-        self.add_zero_attn = False
-        self.q_proj, self.k_proj, self.v_proj = projections["q_proj"], projections["k_proj"], projections["v_proj"]
-        self.out_proj = projections["out_proj"]
-        self.formats = dict(formats)
-        self.train(mha.training)
-
-    def extra_repr(self):
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
-                f"batch_first={self.batch_first}, dropout={self.dropout}")
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise ValueError("SparseMultiheadAttention does not take NestedTensor inputs (nn.MultiheadAttention "
-                             "takes them only on its fused fast path); pass padded tensors and key_padding_mask")
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got {query.dim()}-D")
-        batched = query.dim() == 3
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"key and value must be {query.dim()}-D like query, got {key.dim()}-D and "
-                             f"{value.dim()}-D")
-        if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
-            raise ValueError(f"key_padding_mask must be None or {2 if batched else 1}-D for a {query.dim()}-D query,"
-                             f" got {key_padding_mask.dim()}-D")
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise ValueError(f"attn_mask must be None, 2-D or 3-D, got {attn_mask.dim()}-D")
-        if is_causal and attn_mask is None:
-            raise ValueError("is_causal needs attn_mask too (as nn.MultiheadAttention): pass the causal mask, e.g. "
-                             "nn.Transformer.generate_square_subsequent_mask(L)")
-        key_padding_mask = _float_mask(key_padding_mask, "key_padding_mask", query.dtype)
-        if batched and self.batch_first:  # to (L, N, E)
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        tgt_len, bsz, embed_dim = query.shape
-        src_len = key.shape[0]
-        if embed_dim != self.embed_dim:
-            raise ValueError(f"query's last dimension must be embed_dim={self.embed_dim}, got {embed_dim}")
-        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-            raise ValueError(f"key and value's last dimensions must be kdim={self.kdim} and vdim={self.vdim}, got "
-                             f"{key.shape[-1]} and {value.shape[-1]}")
-        if key.shape[:2] != value.shape[:2] or key.shape[1] != bsz:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must match query "
-                             f"{tuple(query.shape)} in batch and each other in length")
-        # torch: with is_causal, no key padding and no weights wanted, SDPA's is_causal replaces the mask
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None
-        else:
-            attn_mask = _float_mask(attn_mask, "attn_mask", query.dtype)
-            if key_padding_mask is not None:
-                is_causal = False  # merged with the padding, the mask is no longer causal
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        H, D = self.num_heads, self.head_dim
-        if attn_mask is not None:
-            want = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * H, tgt_len, src_len)
-            if tuple(attn_mask.shape) != want:
-                raise ValueError(f"attn_mask of a {attn_mask.dim()}-D shape must be {want}, got "
-                                 f"{tuple(attn_mask.shape)}")
-            if attn_mask.dim() == 2:
-                attn_mask = attn_mask.unsqueeze(0)
-        q = q.view(tgt_len, bsz * H, D).transpose(0, 1)
-        k = k.view(src_len, bsz * H, D).transpose(0, 1)
-        v = v.view(src_len, bsz * H, D).transpose(0, 1)
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (bsz, src_len):
-                raise ValueError(f"key_padding_mask must have shape {(bsz, src_len)[int(not batched):]}, got "
-                                 f"{tuple(key_padding_mask.shape)[int(not batched):]}")
-            kpm = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, H, -1, -1).reshape(bsz * H, 1, src_len)
-            attn_mask = kpm if attn_mask is None else attn_mask + kpm
-        dropout_p = self.dropout if self.training else 0.0
-        F = torch.nn.functional
-        if need_weights:
-            q_scaled = q * math.sqrt(1.0 / float(D))
-            if attn_mask is not None:
-                weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
-            else:
-                weights = torch.bmm(q_scaled, k.transpose(-2, -1))
-            weights = F.softmax(weights, dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-            out = self.out_proj(out).view(tgt_len, bsz, -1)
-            weights = weights.view(bsz, H, tgt_len, src_len)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if not batched:
-                out, weights = out.squeeze(1), weights.squeeze(0)
-        else:
-            if attn_mask is not None:
-                if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
-                    attn_mask = attn_mask.unsqueeze(0)
-                else:
-                    attn_mask = attn_mask.view(bsz, H, -1, src_len)
-            out = F.scaled_dot_product_attention(q.view(bsz, H, tgt_len, D), k.view(bsz, H, src_len, D),
-                                                 v.view(bsz, H, src_len, D), attn_mask, dropout_p, is_causal)
-            out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-            out = self.out_proj(out).view(tgt_len, bsz, -1)
-            weights = None
-            if not batched:
-                out = out.squeeze(1)
-        if batched and self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
-
-
-def _dense_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    """An nn.Linear holding a copy of `weight` / `bias` (no initialisation run: the global RNG is not touched)."""
-    lin = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                                   device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    lin.weight.requires_grad_(weight.requires_grad)
-    if bias is not None:
-        lin.bias.requires_grad_(bias.requires_grad)
-    return lin
-
-
 def _mha_unsupported(module: nn.Module) -> Optional[str]:
     """None if SparseMultiheadAttention computes what `module` computes, else why not."""
     why = _layers.own_forward(module)
@@ -471,7 +170,7 @@ def _mha_plan(fmt: str, name: str, module: nn.MultiheadAttention, masks: dict):
 def _build_mha(module: nn.MultiheadAttention, blocks) -> SparseMultiheadAttention:
     projections, formats = {}, {}
     for p, f, w, m, b in blocks:
-        projections[p] = _dense_linear(w, b) if f == "dense" else MODULES[f](w, m.to(w.device), b)
+        projections[p] = dense_linear(w, b) if f == "dense" else MODULES[f](w, m.to(w.device), b)
         formats[p] = f
     return SparseMultiheadAttention(module, projections, formats)
 

@@ -143,7 +143,7 @@ def test_errors_name_the_argument_and_layer():
 
 def _fan_in_case(g, out, inp, k, idt, dt):
     """The C++ op's arguments, the reference's result maker and each output's sum |v x| (for the bound)."""
-    from rigl_fast.export import _fan_in_linear_reference
+    from rigl_fast.export_ops import _fan_in_linear_reference
     idx = torch.rand(out, inp, generator=g).argsort(1)[:, :k].sort(1).values
     values = torch.randn(out, k, generator=g).to(dt)
 
@@ -154,7 +154,7 @@ def _fan_in_case(g, out, inp, k, idt, dt):
 
 def _csr_case(g, out, inp, k, idt, dt):
     """A mask with uneven rows (some empty, some full), as CSRLinear stores it."""
-    from rigl_fast.export import _csr_linear_reference
+    from rigl_fast.export_ops import _csr_linear_reference
     density = torch.rand(out, 1, generator=g) * (k / inp) * 2
     mask = torch.rand(out, inp, generator=g) < density
     mask[0] = True
@@ -183,7 +183,7 @@ def test_cpp_kernels_match_the_reference(kind, isa, monkeypatch):
     Plus bad tables and opcheck. Both instruction sets: 'auto' is the AVX2 build (gathers) where the CPU has
     it, 'base' the baseline one (RIGL_FAST_CPU_ISA=base, read on every call)."""
     from rigl_fast._cpp import BackendUnavailable, load_library
-    from rigl_fast import export
+    from rigl_fast import export_ops as export
 
     try:
         load_library()
@@ -243,10 +243,10 @@ def test_cpp_kernels_match_the_reference(kind, isa, monkeypatch):
 
 
 def test_cuda_kernel_of_fan_in_runs_triton_and_falls_back(monkeypatch):
-    """The op's CUDA kernel (export._fan_in_linear_cuda) runs kernels/export.py's Triton kernel for the dtypes it
+    """The op's CUDA kernel (export_ops._fan_in_linear_cuda) runs kernels/export.py's Triton kernel for the dtypes it
     takes and the reference otherwise. Without a GPU the Triton kernel runs under the interpreter (conftest),
     on CPU tensors; tests/test_export_triton.py checks the kernel itself."""
-    from rigl_fast import export
+    from rigl_fast import export_ops as export
     from rigl_fast.kernels import export as triton_export
 
     calls = []
