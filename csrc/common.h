@@ -1,5 +1,5 @@
-// Declarations shared by the op registrations (rigl_ops.cpp) and the update kernels, which are compiled once
-// per instruction set (update_base.cpp, update_avx2.cpp) into namespaces of their own and picked at run time.
+// Declarations shared by the op registrations (rigl_ops.cpp, export_kernels.cpp) and the kernels, which are compiled
+// once per instruction set (*_base.cpp, *_avx2.cpp) into namespaces of their own and picked at run time.
 //
 // Everything defined in this header is compiled for the baseline instruction set: it is parsed before any
 // `#pragma GCC target`, so its out-of-line copies are the same in every translation unit; code inlined from
@@ -17,6 +17,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -37,8 +38,37 @@ class Tensor;
 namespace rigl_fast {
 
 constexpr int64_t kKeyMax = 0x7fffffff;
-// Elements per parallel task: below this a layer runs on one thread (the fork costs more than it saves).
+// Positions per span of the multi-tensor loops (spans): how finely work is cut, not how many threads run it.
 constexpr int64_t kGrain = 1 << 15;
+
+// ------------------------------------------------------------------------------------------ threads
+// Every parallel loop chooses its thread count by the size of its work: clamp(work / kThreadWork, 1, threads),
+// work counted in element passes (reading, masking and writing one element is about 1). kThreadWork is about half a
+// millisecond of one thread's masking, so a call under about a millisecond runs on the calling thread and opens no
+// OpenMP region. A region waits for every thread of the pool, and where another process's threads spin on the
+// cores, waking one costs milliseconds: sub-millisecond kernels took 6-30x their quiet time (issue 21).
+constexpr int64_t kThreadWork = 1 << 19;
+
+// The threads for `work` element passes in all.
+inline int64_t threads_for(int64_t work) {
+  return std::clamp<int64_t>(work / kThreadWork, 1, std::max(1, at::get_num_threads()));
+}
+
+// fn(first, last) over [0, n), items that take `work` element passes in all, on threads_for(work) threads: one
+// contiguous range each, or one call on this thread (at::parallel_for runs a range no longer than its grain inline).
+template <typename Fn>
+inline void parallel_tasks(int64_t n, int64_t work, const Fn& fn) {
+  if (n <= 0) return;
+  const int64_t threads = threads_for(work);
+  at::parallel_for(0, n, threads == 1 ? n : (n + threads - 1) / threads, fn);
+}
+
+// The same for n items of `work_per_item` element passes each.
+template <typename Fn>
+inline void parallel_work(int64_t n, int64_t work_per_item, const Fn& fn) {
+  const int64_t per = std::max<int64_t>(1, work_per_item);
+  parallel_tasks(n, n > std::numeric_limits<int64_t>::max() / per ? std::numeric_limits<int64_t>::max() : n * per, fn);
+}
 
 // Position i with key `key` is chosen iff key > T, or key == T and i is on the chosen side of `cutoff`
 // (i <= cutoff when ties go to lower indices, i >= cutoff otherwise).
@@ -156,6 +186,7 @@ struct LayerView {
   uint8_t* mask;
   int64_t n, n_keep, n_grow;
   bool exact = false;  // skip the band method: layers of more than kBandMaxNumel positions (or a test's knob)
+  bool check_score = true;  // false: rigl_ops.cpp checked the score's finiteness itself (an fp64 score made fp32)
   std::vector<std::pair<char*, int64_t>> states;  // (data, element size)
   char* grad = nullptr;
   int64_t grad_bytes = 0;
@@ -178,13 +209,6 @@ inline std::vector<Span> spans(const std::vector<int64_t>& numel) {
     for (int64_t b = 0; b < numel[l]; b += kGrain)
       out.push_back({static_cast<int64_t>(l), b, std::min(numel[l], b + kGrain)});
   return out;
-}
-
-// fn(first, last) over ranges of the indices of n tasks that cover `positions` positions in all, in parallel. Work
-// under one kGrain in all stays on this thread (waking the pool costs milliseconds when the other cores are busy).
-template <typename Fn>
-inline void parallel_tasks(int64_t n, int64_t positions, const Fn& fn) {
-  at::parallel_for(0, n, positions <= kGrain ? std::max<int64_t>(n, 1) : 1, fn);
 }
 
 // fn(first, last) over ranges of `sp`'s indices, in parallel.
@@ -230,10 +254,18 @@ struct ProductView {
   float* y;
 };
 
-// The instruction set whose kernels run: "avx2" or "base" (rigl_ops.cpp).
-const char* kernel_isa();
-// A float tensor's FloatType; other dtypes raise (rigl_ops.cpp).
-FloatType float_type(const at::Tensor& t);
+// The instruction set whose kernels run: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the
+// baseline build (read on every call, so tests can compare the two).
+inline const char* kernel_isa() {
+  const char* env = std::getenv("RIGL_FAST_CPU_ISA");
+  if (env != nullptr && std::strcmp(env, "base") == 0) return "base";
+#if RIGL_FAST_HAVE_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("bmi2");
+  if (avx2) return "avx2";
+#endif
+  return "base";
+}
 
 // The update kernels of one instruction set: select_layers decides both selections of every layer (and,
 // if asked, checks that weights and scores are finite: false if not, with nothing decided); write_layer

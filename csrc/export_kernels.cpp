@@ -5,7 +5,9 @@
 // weights: the row's range of (value, index) pairs is the only difference. The kernels are in product_kernels.h
 // (compiled per instruction set); the checks and the ops' schemas here; the fake implementations in
 // rigl_fast/_cpp.py.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "op_util.h"
 
 namespace rigl_fast {
 namespace {

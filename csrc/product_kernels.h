@@ -122,15 +122,16 @@ bool run_product(const ProductView& p, const Rows& rows) {
   // pairs per row, for the parallel grain (compressed rows: the mean)
   const int64_t per_row = std::max<int64_t>(1, p.crow ? (p.out ? p.crow[p.out] / p.out : 1) : p.k);
   std::atomic<bool> ok{true};
+  // threads by the work (common.h: threads_for), a (value, index) pair counted as one element pass; batched, a pair
+  // covers up to kBatchBlock lanes in vectors of 4 to 8
   if (p.B == 1) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / per_row);
-    at::parallel_for(0, p.out, grain, [&](int64_t o0, int64_t o1) {
+    parallel_work(p.out, per_row, [&](int64_t o0, int64_t o1) {
       if (!rows_b1<V, I>(p.x, v, ix, p.y, p.in, rows, o0, o1)) ok = false;
     });
   } else {
     const int64_t n_blocks = (p.B + kBatchBlock - 1) / kBatchBlock;
-    const int64_t grain = std::max<int64_t>(1, 32768 / (per_row * std::min(p.B, kBatchBlock)));
-    at::parallel_for(0, p.out * n_blocks, grain, [&](int64_t w0, int64_t w1) {
+    parallel_work(p.out * n_blocks, per_row * std::max<int64_t>(1, std::min(p.B, kBatchBlock) / 4),
+                  [&](int64_t w0, int64_t w1) {
       if (!rows_batched<V, I>(p.x, v, ix, p.y, p.in, rows, p.B, n_blocks, w0, w1)) ok = false;
     });
   }

@@ -4,9 +4,14 @@
 //
 // Masking is done on bit patterns (value & -(uint)mask): a select, never a multiply, so NaN/inf off the mask
 // become +0.0 and the code is the same for every dtype of a given width.
-#include <ATen/ATen.h>
+// Finer headers than <ATen/ATen.h> (every op's declaration): the build's time is mostly parsing.
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -27,6 +32,7 @@
 #include <vector>
 
 #include "common.h"
+#include "op_util.h"
 
 namespace rigl_fast {
 namespace {
@@ -123,7 +129,7 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, const std::
   const auto* mp = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   const bool stream = numel * bytes >= kStreamBytes;
   if (!acc.has_value()) {
-    at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) {
+    parallel_work(numel, 1, [&](int64_t b, int64_t e) {
       if (stream) select_stream(op + b * bytes, gp + b * bytes, mp + b, e - b, bytes);
       else select_any(op + b * bytes, gp + b * bytes, mp + b, e - b, bytes);
     });
@@ -135,7 +141,7 @@ at::Tensor mask_grad(const at::Tensor& grad, const at::Tensor& mask, const std::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "rigl_fast_mask_grad", [&] {
     auto* ap = a.mutable_data_ptr<scalar_t>();
     const auto* gs = reinterpret_cast<const scalar_t*>(gp);
-    at::parallel_for(0, numel, kGrain, [&](int64_t b, int64_t e) {
+    parallel_work(numel, 2, [&](int64_t b, int64_t e) {  // the accumulation and the masked copy
       for (int64_t s = b; s < e; s += kBlock) {
         const int64_t len = std::min(kBlock, e - s);
         accumulate<scalar_t>(ap + s, gs + s, len, n);
@@ -214,34 +220,6 @@ at::Tensor any_nonfinite(at::TensorList tensors) {
 }
 
 // ------------------------------------------------------------------------------------------ update
-}  // namespace
-
-FloatType float_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return FloatType::f32;
-    case at::kDouble: return FloatType::f64;
-    case at::kHalf: return FloatType::f16;
-    case at::kBFloat16: return FloatType::bf16;
-    default:
-      TORCH_CHECK(false, "rigl_fast (cpp): weights, scores and values must be float32/float64/float16/bfloat16, got ",
-                  t.scalar_type());
-  }
-}
-
-// The kernels' instruction set: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the
-// baseline build (read on every call, so tests can compare the two). Also export_kernels.cpp's (common.h).
-const char* kernel_isa() {
-  const char* env = std::getenv("RIGL_FAST_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "base") == 0) return "base";
-#if RIGL_FAST_HAVE_AVX2
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("bmi2");
-  if (avx2) return "avx2";
-#endif
-  return "base";
-}
-
-namespace {
 
 std::string cpu_isa() { return kernel_isa(); }
 
@@ -307,12 +285,29 @@ std::vector<LayerView> layer_views(at::TensorList weights, at::TensorList masks,
   return layers;
 }
 
-// The layers of an update (`update`, `structured_update`): layer_views, plus each layer's score (a contiguous copy
-// in `sc` where needed) and counts, checked.
+// A layer's score, contiguous, in a type the kernels are compiled for (update_kernels.h: dispatch_layer): its
+// weight's, or fp32 for an fp16/bf16 weight. Others are converted: exactly (fp16/bf16 to fp32, anything to an fp64
+// weight's fp64), or, an fp64 score of a narrower weight, to fp32, which keeps every key (|x| as fp32 either way) but
+// makes finite values beyond fp32's range inf: that score's finiteness is checked here, on its fp64 values
+// (`nonfinite`), and not by the kernel.
+at::Tensor kernel_score(const at::Tensor& score, const at::Tensor& weight, LayerView& v, bool& nonfinite) {
+  const at::ScalarType st = score.scalar_type(), wt = weight.scalar_type();
+  float_type(score);  // raises for a dtype that is not a float type
+  if (st == wt || (st == at::kFloat && weight.element_size() == 2)) return score.contiguous();
+  if (wt == at::kDouble) return score.contiguous().to(at::kDouble);
+  if (st != at::kDouble) return score.contiguous().to(at::kFloat);
+  const at::Tensor c = score.contiguous();
+  nonfinite |= piece_nonfinite(static_cast<const char*>(c.const_data_ptr()), at::kDouble, 0, c.numel());
+  v.check_score = false;
+  return c.to(at::kFloat);
+}
+
+// The layers of an update (`update`, `structured_update`): layer_views, plus each layer's score (kernel_score: a
+// contiguous copy in `sc` where needed; `nonfinite` set if a score checked there is not finite) and counts, checked.
 std::vector<LayerView> update_views(at::TensorList weights, at::TensorList masks, at::TensorList scores,
                                     at::IntArrayRef n_keep, at::IntArrayRef n_grow, at::TensorList states,
                                     at::IntArrayRef state_layer, at::TensorList grads, at::IntArrayRef grad_layer,
-                                    std::vector<Work>& ws, std::vector<at::Tensor>& sc) {
+                                    std::vector<Work>& ws, std::vector<at::Tensor>& sc, bool& nonfinite) {
   const size_t L = weights.size();
   TORCH_CHECK(scores.size() == L && n_keep.size() == L && n_grow.size() == L,
               "rigl_fast: an update needs one score and one count of each kind per weight");
@@ -327,8 +322,8 @@ std::vector<LayerView> update_views(at::TensorList weights, at::TensorList masks
                 "rigl_fast: layer ", i, " needs 0 <= n_keep, n_grow and n_keep + n_grow <= numel (", n,
                 "), got n_keep=", n_keep[i], " n_grow=", n_grow[i]);
     LayerView& v = layers[i];
-    v.s_type = float_type(scores[i]);
-    sc.push_back(scores[i].contiguous());
+    sc.push_back(kernel_score(scores[i], weights[i], v, nonfinite));
+    v.s_type = float_type(sc.back());
     v.score = sc.back().const_data_ptr();
     v.n_keep = n_keep[i];
     v.n_grow = n_grow[i];
@@ -338,11 +333,11 @@ std::vector<LayerView> update_views(at::TensorList weights, at::TensorList masks
 }
 
 // Every selection, and the finiteness check riding on it, comes before any write: a non-finite input leaves
-// everything as it was. Then write() and the write-back of working copies.
+// everything as it was (`nonfinite`: update_views found one). Then write() and the write-back of working copies.
 template <typename Write>
-at::Tensor select_then_write(std::vector<LayerView>& layers, std::vector<Work>& ws, bool check_finite,
+at::Tensor select_then_write(std::vector<LayerView>& layers, std::vector<Work>& ws, bool check_finite, bool nonfinite,
                              const Write& write) {
-  const bool ok = RIGL_FAST_KERNEL(select_layers)(layers, check_finite);
+  const bool ok = !(check_finite && nonfinite) && RIGL_FAST_KERNEL(select_layers)(layers, check_finite);
   if (ok) {
     write();
     for (auto& w : ws) w.finish();
@@ -355,9 +350,10 @@ at::Tensor update(at::TensorList weights, at::TensorList masks, at::TensorList s
                   at::IntArrayRef grad_layer, bool check_finite) {
   std::vector<Work> ws;  // weights, states, grads: contiguous working copies where needed
   std::vector<at::Tensor> sc;
-  std::vector<LayerView> layers =
-      update_views(weights, masks, scores, n_keep, n_grow, states, state_layer, grads, grad_layer, ws, sc);
-  return select_then_write(layers, ws, check_finite, [&] {
+  bool nonfinite = false;
+  std::vector<LayerView> layers = update_views(weights, masks, scores, n_keep, n_grow, states, state_layer, grads,
+                                               grad_layer, ws, sc, nonfinite);
+  return select_then_write(layers, ws, check_finite, nonfinite, [&] {
     const auto write = RIGL_FAST_KERNEL(write_layer);
     for (auto& v : layers) write(v);  // one after another, each parallel inside
   });
@@ -399,9 +395,11 @@ at::Tensor structured_update(at::TensorList weights, at::TensorList masks, at::T
   const std::vector<UnitLayout> lay = unit_layouts(units, numels(weights));
   std::vector<Work> ws;
   std::vector<at::Tensor> sc;
-  std::vector<LayerView> layers =
-      update_views(weights, masks, scores, n_keep, no_grow, states, state_layer, grads, grad_layer, ws, sc);
-  return select_then_write(layers, ws, check_finite, [&] { RIGL_FAST_KERNEL(structured_commit)(layers, lay); });
+  bool nonfinite = false;
+  std::vector<LayerView> layers = update_views(weights, masks, scores, n_keep, no_grow, states, state_layer, grads,
+                                               grad_layer, ws, sc, nonfinite);
+  return select_then_write(layers, ws, check_finite, nonfinite,
+                           [&] { RIGL_FAST_KERNEL(structured_commit)(layers, lay); });
 }
 
 // ------------------------------------------------------------------------------------------ the sharded update
@@ -499,7 +497,7 @@ void split_grad(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "rigl_fast_split_grad", [&] {
     auto* gp = g.work.mutable_data_ptr<scalar_t>();
     auto* op = o.work.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, grad.numel(), kGrain, [&](int64_t b, int64_t e) {
+    parallel_work(grad.numel(), 2, [&](int64_t b, int64_t e) {  // two tensors read and written
       alignas(64) uint8_t unmasked[kBlock];
       alignas(64) scalar_t part[kBlock];
       for (int64_t s = b; s < e; s += kBlock) {
@@ -529,7 +527,7 @@ void fold_grad(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& 
     auto* ap = a.work.mutable_data_ptr<scalar_t>();
     const auto* gp = g.const_data_ptr<scalar_t>();
     const auto* op = o.const_data_ptr<scalar_t>();
-    at::parallel_for(0, acc.numel(), kGrain, [&](int64_t b, int64_t e) {
+    parallel_work(acc.numel(), 2, [&](int64_t b, int64_t e) {  // three tensors read, one written
       alignas(64) scalar_t dense[kBlock];
       for (int64_t s = b; s < e; s += kBlock) {
         const int64_t len = std::min(kBlock, e - s);

@@ -100,7 +100,7 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
     const int next = shift - width;
     std::vector<int64_t> hist(nb, 0);
     std::mutex mu;
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    parallel_work(n, 1, [&](int64_t b, int64_t e) {
       std::vector<int64_t> h(nb + kSpareBins, 0);  // a thread's range can exceed 2^32 positions of one key
       digit_histogram(block_keys, b, e, prefix, shift, next, nb, h.data());
       std::lock_guard<std::mutex> lock(mu);
@@ -123,7 +123,7 @@ Sel radix_select(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys
   const int64_t chunk = 1 << 16;
   const int64_t nchunks = (n + chunk - 1) / chunk;
   std::vector<int64_t> ties(nchunks, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+  parallel_work(nchunks, chunk, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) ties[c] = count_key(block_keys, c * chunk, std::min(n, (c + 1) * chunk), T);
   });
   for (int64_t step = 0; step < nchunks; ++step) {
@@ -310,7 +310,7 @@ Sel select_top(int64_t n, int64_t k, bool tie_low, const BlockKeys& block_keys, 
   std::atomic<int64_t> total{0}, above{0};
   std::atomic<bool> overflow{false};
   std::mutex mu;
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  parallel_work(n, 1, [&](int64_t b, int64_t e) {
     std::vector<uint64_t> local;
     int64_t cnt = 0;
     alignas(64) int32_t keys[kKeyBlock];

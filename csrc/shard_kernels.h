@@ -1,12 +1,13 @@
 // The per-shard kernels of the sharded (FSDP2) update (ops.Backend.key_histograms, take_top, commit): the passes
 // of distributed.radix_top_k's radix select and the write after it. Each takes every layer at once and runs one
 // parallel loop over spans of all of them (common.h: spans). Compiled once per instruction set, after
-// update_kernels.h (whose key functor, write block and dispatch they share), by update_base.cpp and
-// update_avx2.cpp; nothing else includes it.
+// update_kernels.h (whose key functor, write block and dispatch they share), by shard_base.cpp and shard_avx2.cpp;
+// nothing else includes it.
 #pragma once
 
 #include "common.h"
 #include "select.h"
+#include "update_kernels.h"
 
 namespace rigl_fast {
 namespace RIGL_ISA {
@@ -129,7 +130,7 @@ void take_top(const std::vector<ShardValues>& values, bool flag_value, const int
     if (ties[p] >= need) cut.emplace_back(p, need);
     need -= ties[p];
   }
-  at::parallel_for(0, static_cast<int64_t>(cut.size()), 1, [&](int64_t b, int64_t e) {
+  parallel_work(static_cast<int64_t>(cut.size()), kGrain, [&](int64_t b, int64_t e) {  // a span each
     for (int64_t c = b; c < e; ++c) {
       const Span& S = tied[cut[c].first];
       with_keys(values, S.layer, flag_value, [&](const auto& keys) {

@@ -11,11 +11,13 @@
 // structured update reads and writes each position once.
 //
 // Compiled once per instruction set, after update_kernels.h and shard_kernels.h (whose key functors, write block
-// and dispatch it shares), by update_base.cpp and update_avx2.cpp; nothing else includes it.
+// and dispatch it shares), by shard_base.cpp and shard_avx2.cpp; nothing else includes it.
 #pragma once
 
 #include "common.h"
 #include "select.h"
+#include "shard_kernels.h"
+#include "update_kernels.h"
 
 namespace rigl_fast {
 namespace RIGL_ISA {
@@ -187,21 +189,19 @@ void for_each_tile(const std::vector<UnitLayout>& units, const Fn& fn) {
 void structured_commit(const std::vector<LayerView>& layers, const std::vector<UnitLayout>& units) {
   for_each_tile(units, [&](const Tile& T, TileScratch& s) {
     const LayerView& L = layers[T.layer];
-    dispatch(L.w_type, [&](auto w) {
+    dispatch_layer(L, [&](auto w, auto sc) {
       using W = decltype(w);
-      dispatch(L.s_type, [&](auto sc) {
-        using S = decltype(sc);
-        const GrowKeys<W, S> keys{static_cast<const W*>(L.w), static_cast<const S*>(L.score), L.mask, &L.keep};
-        const auto write = [&](int64_t p, int64_t len, const uint8_t* grow, const int32_t* k) {
-          alignas(64) uint8_t nw[kKeyBlock], both[kKeyBlock];
-          for (int64_t t = 0; t < len; ++t) {
-            nw[t] = grow[t] | static_cast<uint8_t>(k[t] < 0);  // a kept position's key is -1
-            both[t] = nw[t] & L.mask[p + t];
-          }
-          write_block<W>(L, p, len, nw, both);
-        };
-        grow_tile(units[T.layer], T, keys, write, s);
-      });
+      using S = decltype(sc);
+      const GrowKeys<W, S> keys{static_cast<const W*>(L.w), static_cast<const S*>(L.score), L.mask, &L.keep};
+      const auto write = [&](int64_t p, int64_t len, const uint8_t* grow, const int32_t* k) {
+        alignas(64) uint8_t nw[kKeyBlock], both[kKeyBlock];
+        for (int64_t t = 0; t < len; ++t) {
+          nw[t] = grow[t] | static_cast<uint8_t>(k[t] < 0);  // a kept position's key is -1
+          both[t] = nw[t] & L.mask[p + t];
+        }
+        write_block<W>(L, p, len, nw, both);
+      };
+      grow_tile(units[T.layer], T, keys, write, s);
     });
   });
 }

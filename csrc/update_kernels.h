@@ -1,6 +1,7 @@
-// The topology update kernels. Compiled once per instruction set: the including file defines RIGL_ISA (the
-// namespace) and may switch the target with `#pragma GCC target` before including this; nothing else
-// includes it.
+// The topology update's kernel templates. Compiled once per instruction set: the including file defines RIGL_ISA
+// (the namespace) and may switch the target with `#pragma GCC target` before including this. Included by the entry
+// points of each instruction set's translation units (update_ops.h, shard_kernels.h, unit_kernels.h), which share
+// its key functors, write block and dispatch; it defines templates only, so each unit instantiates what it uses.
 #pragma once
 
 #include "common.h"
@@ -152,11 +153,12 @@ template <typename W, typename S>
 void scan_t(LayerView& L, Pending& P) {
   using namespace detail;
   const auto [n, wp, sp, mp] = Typed<W, S>(L);
+  const uint32_t check_score = L.check_score;
   if (P.exact) {  // only the check
     std::atomic<bool> bad{false};
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    parallel_work(n, 1, [&](int64_t b, int64_t e) {
       uint32_t f = 0;
-      for (int64_t i = b; i < e; ++i) f |= nonfinite_bit(wp[i]) | nonfinite_bit(sp[i]);
+      for (int64_t i = b; i < e; ++i) f |= nonfinite_bit(wp[i]) | (nonfinite_bit(sp[i]) & check_score);
       if (f) bad.store(true);
     });
     P.bad = bad.load();
@@ -178,7 +180,7 @@ void scan_t(LayerView& L, Pending& P) {
   std::atomic<int64_t> k_above{0}, g_above{0};
   std::atomic<bool> overflow{false}, bad{false};
   std::mutex mu;
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  parallel_work(n, 2, [&](int64_t b, int64_t e) {  // reads weight, mask and score; computes three keys
     std::vector<uint64_t> kl, gl;
     std::vector<uint32_t> kls;
     int64_t kc = 0, gc = 0;
@@ -208,7 +210,7 @@ void scan_t(LayerView& L, Pending& P) {
         c2 += gk > g_hi;
         kflag[j] = (static_cast<uint32_t>(kw) - k_lo) <= k_width;
         gflag[j] = (static_cast<uint32_t>(gk) - g_lo) <= g_width;
-        nonfinite |= nonfinite_bit(w[j]) | nonfinite_bit(sc[j]);
+        nonfinite |= nonfinite_bit(w[j]) | (nonfinite_bit(sc[j]) & check_score);
       }
       kc += c1;
       gc += c2;
@@ -303,7 +305,9 @@ void write_layer_t(LayerView& L) {
   const auto [n, wp, sp, mp] = Typed<W, S>(L);
   const Keep& keep = L.keep;
   const Sel& grow = L.grow;
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+  // a pass over weight and score, each state and the grad
+  const int64_t passes = 2 + static_cast<int64_t>(L.states.size()) + (L.grad != nullptr);
+  parallel_work(n, passes, [&](int64_t b, int64_t e) {
     alignas(64) uint8_t both[kBlock], nw[kBlock];
     for (int64_t s = b; s < e; s += kBlock) {
       const int64_t len = std::min(kBlock, e - s);
@@ -344,42 +348,21 @@ decltype(auto) dispatch(FloatType t, F&& f) {
   TORCH_CHECK(false, "rigl_fast: unknown float type");
 }
 
-}  // namespace
-
-// Runs fn(i) for every layer i, the layers shared out dynamically among the threads (their sizes differ).
-template <typename Fn>
-void for_each_layer(size_t count, const Fn& fn) {
-  std::atomic<size_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(count));
-  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      for (size_t i = next++; i < count; i = next++) fn(i);
-  });
-}
-
-bool select_layers(std::vector<LayerView>& layers, bool check_finite) {
-  std::vector<Pending> pending(layers.size());
-  auto typed = [&](LayerView& L, auto phase) {
-    dispatch(L.w_type, [&](auto w) { dispatch(L.s_type, [&](auto s) { phase(w, s); }); });
-  };
-  for_each_layer(layers.size(), [&](size_t i) {
-    typed(layers[i], [&](auto w, auto s) { prepare_t<decltype(w), decltype(s)>(layers[i], pending[i]); });
-  });
-  for (size_t i = 0; i < layers.size(); ++i) {
-    typed(layers[i], [&](auto w, auto s) { scan_t<decltype(w), decltype(s)>(layers[i], pending[i]); });
-    if (check_finite && pending[i].bad) return false;
-  }
-  for_each_layer(layers.size(), [&](size_t i) {
-    typed(layers[i], [&](auto w, auto s) { resolve_t<decltype(w), decltype(s)>(layers[i], pending[i]); });
-  });
-  return true;
-}
-
-void write_layer(LayerView& L) {
+// f(W(), S()) for a layer's weight and score types. A score comes in its weight's type, or as fp32 for an fp16/bf16
+// weight (rigl_ops.cpp converts any other first): 6 pairs compiled, not 16, which halves the build's time.
+template <typename F>
+void dispatch_layer(const LayerView& L, F&& f) {
   dispatch(L.w_type, [&](auto w) {
-    dispatch(L.s_type, [&](auto s) { write_layer_t<decltype(w), decltype(s)>(L); });
+    using W = decltype(w);
+    if (L.s_type == L.w_type) return f(w, w);
+    if constexpr (sizeof(W) == 2) {
+      if (L.s_type == FloatType::f32) return f(w, float());
+    }
+    TORCH_CHECK(false, "rigl_fast: internal error: a score type the kernels are not compiled for");
   });
 }
+
+}  // namespace
 
 }  // namespace RIGL_ISA
 }  // namespace rigl_fast

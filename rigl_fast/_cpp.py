@@ -1,57 +1,88 @@
 """The C++ backend: the ops in `csrc/` (torch.library ops `torch.ops.rigl_fast.*`), CPU tensors.
 
-Loading, first match wins:
-1. a prebuilt `rigl_fast._C` (``RIGL_FAST_BUILD_CPP=1 pip install .``, see docs/cpp.md);
-2. a JIT build of csrc/*.cpp with torch.utils.cpp_extension.load + ninja, cached by torch (default
-   ~/.cache/torch_extensions/py<ver>_<cpu|cuXXX>, or $TORCH_EXTENSIONS_DIR); rebuilt only when the sources or
-   flags change. A build that runs (the first use, or after the sources changed) says so on stderr: one line
-   when it starts, one with the time taken when it ends.
+Two extensions: "core" (the training ops, built on the first use of the backend) and "export" (the exported
+models' products, built on their first use, so that the first build for training does not wait for them).
+Loading one, first match wins:
+1. a prebuilt `rigl_fast._C` holding both (``RIGL_FAST_BUILD_CPP=1 pip install .``, see docs/cpp.md);
+2. a JIT build with torch.utils.cpp_extension.load + ninja, cached in a folder named after a hash of the sources'
+   contents, the flags, and the torch and Python builds (`build_dir`), under torch's extension root (default
+   ~/.cache/torch_extensions/py<ver>_<cpu|cuXXX>, or $TORCH_EXTENSIONS_DIR): checkouts of the same sources share one
+   build, other sources never load it. The sources are copied into the folder and built there, so the build does not
+   depend on where they came from. A build says so on stderr: a line when it starts, one per compiled unit (ninja
+   compiles them in parallel), and one with the time taken.
 If neither works, `CppBackend()` raises `BackendUnavailable` with a one-line reason, so `auto` falls back
 and an explicit `backend='cpp'` raises.
 """
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import importlib
 import os
+import platform
 import shutil
 import sys
+import tempfile
 import threading
 import time
-from typing import Callable, Optional, Sequence, TextIO
+from typing import Callable, Dict, Optional, Sequence, TextIO
 
 import torch
 
 from .ops import Backend, BackendUnavailable
 
 _LOCK = threading.Lock()
-_STATE: dict = {}
-EXT_NAME = "rigl_fast_cpp"
+_STATE: Dict[str, dict] = {}
+# The translation units of each extension (every csrc/*.cpp is in one; setup.py's prebuilt module takes them all);
+# the headers (csrc/*.h) go with both. Split so that ninja compiles them in parallel; *_base/*_avx2 are one set of
+# kernels compiled for two instruction sets.
+PARTS = {"core": ("rigl_ops.cpp", "update_base.cpp", "update_avx2.cpp", "shard_base.cpp", "shard_avx2.cpp"),
+         "export": ("export_kernels.cpp", "product_base.cpp", "product_avx2.cpp")}
+_WHAT = {"core": "the C++ ops", "export": "the C++ export kernels"}
+_PROBE = {"core": "update", "export": "fan_in_linear"}  # an op that each extension registers
 # The C++ standard the sources need (<bit>: std::bit_width, std::countr_zero, std::endian), set explicitly:
 # older torch releases pass -std=c++17 themselves. setup.py's prebuilt extension uses the same flags.
 # -std last, so it overrides whatever standard torch puts before it.
 CFLAGS = ("-O3", "-fopenmp", "-std=c++20")
 LDFLAGS = ("-fopenmp",)  # at::parallel_for is inline in the headers and runs serially without OpenMP
+_LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"
 
 
-def _sources():
+def source_dir() -> str:
+    """The folder holding csrc's sources: rigl_fast/csrc in an installed package, csrc beside it in a checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
-    # an installed package holds csrc as rigl_fast/csrc; an editable checkout has it beside the package
     for d in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
-        srcs = sorted(glob.glob(os.path.join(d, "*.cpp")))
-        if srcs:
-            return d, srcs
+        if glob.glob(os.path.join(d, "*.cpp")):
+            return d
     raise BackendUnavailable("the csrc/*.cpp sources are not installed with rigl_fast")
 
 
-def _registered() -> bool:
-    return hasattr(torch.ops, "rigl_fast") and hasattr(torch.ops.rigl_fast, "update")
+def _inputs(part: str, src_dir: str):
+    """The files an extension is built from: its units, then every header, by name."""
+    missing = [f for f in PARTS[part] if not os.path.isfile(os.path.join(src_dir, f))]
+    if missing:
+        raise BackendUnavailable(f"the C++ sources {missing} are missing from {src_dir}")
+    return [os.path.join(src_dir, f) for f in PARTS[part]] + sorted(glob.glob(os.path.join(src_dir, "*.h")))
 
 
-def build_dir() -> str:
-    """The folder the JIT build is cached in: torch's rule, written out so it is the same on every torch
-    version and can be named in the build message ($TORCH_EXTENSIONS_DIR/<name>, else
-    <torch's default root>/py<major><minor>_<cpu|cuXXX|rocmXXX>/<name>)."""
+def build_key(part: str = "core", src_dir: Optional[str] = None) -> str:
+    """A hash of what the build depends on: the files' names and contents (not their paths), our flags, the
+    compiler's name, and the torch and Python builds it links against."""
+    h = hashlib.sha256()
+    for path in _inputs(part, src_dir or source_dir()):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    abi = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    for word in (part, *CFLAGS, "|", *LDFLAGS, os.environ.get("CXX", "c++"), torch.__version__, str(abi),
+                 str(torch.version.cuda), str(torch.version.hip), sys.version, sys.platform, platform.machine()):
+        h.update(word.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_root() -> str:
+    """Where the JIT builds are cached: torch's rule, written out so it is the same on every torch version
+    ($TORCH_EXTENSIONS_DIR, else <torch's default root>/py<major><minor>_<cpu|cuXXX|rocmXXX>)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -64,114 +95,163 @@ def build_dir() -> str:
             accel = "cpu"
         py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
         root = os.path.join(cpp_extension.get_default_build_root(), f"{py}_{accel}")
-    return os.path.join(root, EXT_NAME)
+    return root
 
 
-def cached_build_is_current(out_dir: str, inputs: Sequence[str], words: Sequence[str]) -> bool:
-    """Whether loading from `out_dir` will find a finished build it can use without compiling: the library
-    exists, is newer than every input (sources and headers), and the build file the last build wrote mentions
-    every one of `words` (our flags, the source paths, torch's include folder), so flags, sources and torch
-    are the same. A cheap guess that errs towards "not current"; a rebuild it misses is still reported, by
-    time (`build_with_messages`)."""
-    lib = os.path.join(out_dir, EXT_NAME + (".pyd" if sys.platform == "win32" else ".so"))
-    ninja = os.path.join(out_dir, "build.ninja")
+def build_dir(part: str = "core", src_dir: Optional[str] = None) -> str:
+    """The folder one build of `part` from these sources is cached in: rigl_fast_<part>_<build_key>."""
+    return os.path.join(build_root(), f"rigl_fast_{part}_{build_key(part, src_dir)}")
+
+
+def _stage(inputs: Sequence[str], dest: str):
+    """Copies the inputs into dest (each written to a temporary name and renamed, so a concurrent build never reads
+    half a file); returns the copies' paths. Files already there are left alone: the folder's name is their hash."""
+    os.makedirs(dest, exist_ok=True)
+    out = []
+    for path in inputs:
+        target = os.path.join(dest, os.path.basename(path))
+        if not os.path.exists(target):
+            fd, tmp = tempfile.mkstemp(dir=dest, suffix=".part")
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        out.append(target)
+    return out
+
+
+def _stamp(out_dir: str, unit: str) -> Optional[float]:
+    """When the object file of `unit` was last written, None if there is none."""
     try:
-        built = os.path.getmtime(lib)
-        if any(os.path.getmtime(p) > built for p in inputs):
-            return False
-        with open(ninja) as f:
-            text = f.read()
+        return os.path.getmtime(os.path.join(out_dir, os.path.splitext(unit)[0] + ".o"))
     except OSError:
-        return False
-    return all(w in text for w in words)
+        return None
 
 
-def build_with_messages(build: Callable[[], object], out_dir: str, inputs: Sequence[str], words: Sequence[str],
+def _progress(out_dir: str, units: Sequence[str], before: dict, err: TextIO, clock: Callable[[], float], t0: float,
+              stop: threading.Event, poll_s: float, quiet_s: float) -> None:
+    """Says which units have compiled (their .o appeared, or changed since `before`) while `stop` is not set, and
+    that the build is still running after quiet_s without one; a last look after `stop`, so that none is missed."""
+    stamp = functools.partial(_stamp, out_dir)
+    done, last = [], clock()
+    while True:
+        stopping = stop.wait(poll_s)
+        for u in units:
+            if u not in done and stamp(u) not in (None, before[u]):
+                done.append(u)
+                last = clock()
+                print(f"rigl_fast:   [{len(done)}/{len(units)}] compiled {u} ({last - t0:.0f} s)", file=err, flush=True)
+        if stopping:
+            return
+        if clock() - last >= quiet_s:
+            last = clock()
+            print(f"rigl_fast:   still compiling ({last - t0:.0f} s, {len(done)}/{len(units)} units done)", file=err,
+                  flush=True)
+
+
+def build_with_messages(build: Callable[[], object], out_dir: str, units: Sequence[str], what: str = "the C++ ops",
                         err: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
-                        slow_s: float = 10.0) -> None:
-    """Runs `build` (which loads from the cache when it can), saying on stderr when it compiles: a line
-    before, when the cache is not current, and one with the time taken after. Silent on a cache hit; a load
-    that was expected to hit but took `slow_s` or more (a rebuild the guess missed) is reported after."""
+                        poll_s: float = 0.5, quiet_s: float = 15.0) -> None:
+    """Runs `build`, a compile of `units` into out_dir, saying so on stderr: a line before, one per compiled unit
+    as it finishes (or, after quiet_s without one, that it is still running), and one with the time taken after."""
     err = sys.stderr if err is None else err
-    expect_build = not cached_build_is_current(out_dir, inputs, words)
-    if expect_build:
-        print(f"rigl_fast: building the C++ ops (first use only, about a minute; cached in {out_dir})...",
-              file=err, flush=True)
-    t0 = clock()
+    print(f"rigl_fast: building {what} (once for these sources, {len(units)} units; cached in {out_dir})...",
+          file=err, flush=True)
+    t0, stop = clock(), threading.Event()
+    before = {u: _stamp(out_dir, u) for u in units}
+    watcher = threading.Thread(target=_progress, args=(out_dir, units, before, err, clock, t0, stop, poll_s, quiet_s),
+                               daemon=True)
+    watcher.start()
     try:
         build()
     except Exception:
-        if expect_build:
-            print(f"rigl_fast: building the C++ ops failed after {clock() - t0:.0f} s", file=err, flush=True)
+        stop.set()
+        watcher.join()
+        print(f"rigl_fast: building {what} failed after {clock() - t0:.0f} s", file=err, flush=True)
         raise
-    took = clock() - t0
-    if expect_build:
-        print(f"rigl_fast: C++ ops built in {took:.0f} s", file=err, flush=True)
-    elif took >= slow_s:
-        print(f"rigl_fast: C++ ops rebuilt in {took:.0f} s (the cached build in {out_dir} was out of date)",
-              file=err, flush=True)
+    stop.set()
+    watcher.join()
+    print(f"rigl_fast: {what} built in {clock() - t0:.0f} s", file=err, flush=True)
 
 
-def _jit_build():
+def _jit_build(part: str) -> None:
+    """Loads `part` from its cached build, building it first if there is none."""
     from torch.utils import cpp_extension
 
+    src_dir = source_dir()
+    out_dir = build_dir(part, src_dir)
+    name = os.path.basename(out_dir)
+    lib, done = os.path.join(out_dir, name + _LIB_EXT), os.path.join(out_dir, "built")
+    if os.path.exists(done) and os.path.exists(lib):  # a finished build: load it, no compiler or ninja involved
+        torch.ops.load_library(lib)
+        return
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise BackendUnavailable(f"no C++ compiler ({cxx!r} not found on PATH); install one (e.g. g++) or "
                                  "prebuild with RIGL_FAST_BUILD_CPP=1 pip install .")
     if not cpp_extension.is_ninja_available():
         raise BackendUnavailable("ninja is not installed (pip install ninja); it is needed to build the C++ ops")
-    src_dir, srcs = _sources()
-    out_dir = build_dir()
-    os.makedirs(out_dir, exist_ok=True)
-    inputs = srcs + sorted(glob.glob(os.path.join(src_dir, "*.h")))
-    # torch ends build.ninja's cflags line with our flags: the whole tail must match, since torch's own
-    # flags may contain some of ours
-    words = [" ".join(CFLAGS) + "\n", " ".join(LDFLAGS) + " ", *srcs, *cpp_extension.include_paths()[:1]]
+    staged = _stage(_inputs(part, src_dir), os.path.join(out_dir, "src"))
+    units = staged[:len(PARTS[part])]
 
     def build():
         # copies: torch appends its own flags to the lists it is given
-        cpp_extension.load(name=EXT_NAME, sources=srcs, extra_include_paths=[src_dir], extra_cflags=list(CFLAGS),
-                           extra_ldflags=list(LDFLAGS), build_directory=out_dir, is_python_module=False,
-                           verbose=os.environ.get("RIGL_FAST_VERBOSE_BUILD") == "1")
+        cpp_extension.load(name=name, sources=units, extra_include_paths=[os.path.dirname(units[0])],
+                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=out_dir,
+                           is_python_module=False, verbose=os.environ.get("RIGL_FAST_VERBOSE_BUILD") == "1")
     try:
-        build_with_messages(build, out_dir, inputs, words)
+        build_with_messages(build, out_dir, PARTS[part], _WHAT[part])
     except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError with long logs
         lines = str(e).strip().splitlines() or [e.__class__.__name__]
         first = next((ln.strip() for ln in lines if "error" in ln.lower() and ":" in ln), lines[0])
-        raise BackendUnavailable(f"building the C++ ops failed ({first}); set RIGL_FAST_VERBOSE_BUILD=1 "
+        raise BackendUnavailable(f"building {_WHAT[part]} failed ({first}); set RIGL_FAST_VERBOSE_BUILD=1 "
                                  "for the compiler output") from e
+    with open(done, "w") as f:
+        f.write("built\n")
 
 
-def load_library() -> str:
-    """Make sure the ops are registered; returns how ('prebuilt', 'jit' or 'already loaded')."""
+def _registered(part: str) -> bool:
+    return hasattr(torch.ops, "rigl_fast") and hasattr(torch.ops.rigl_fast, _PROBE[part])
+
+
+def load_library(part: str = "core") -> str:
+    """Make sure the ops of `part` ("core": the training ops; "export": the exported models' products) are
+    registered; returns how ('prebuilt', 'jit' or 'already loaded')."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {sorted(PARTS)}, got {part!r}")
     with _LOCK:
-        if "how" in _STATE:
-            return _STATE["how"]
-        if "error" in _STATE:
-            raise BackendUnavailable(_STATE["error"])
+        state = _STATE.setdefault(part, {})
+        if "how" in state:
+            return state["how"]
+        if "error" in state:
+            raise BackendUnavailable(state["error"])
         try:
-            if _registered():
+            if _registered(part):
                 how = "already loaded"
             else:
                 try:
                     importlib.import_module("rigl_fast._C")
                     how = "prebuilt"
                 except ImportError:
-                    _jit_build()
+                    how = None
+                if not _registered(part):  # no prebuilt module, or one built before these ops existed
+                    _jit_build(part)
                     how = "jit"
-            if not _registered():
-                raise BackendUnavailable("the C++ extension loaded but did not register torch.ops.rigl_fast")
-            _register_fakes()
+            if not _registered(part):
+                raise BackendUnavailable(f"{_WHAT[part]} loaded but did not register torch.ops.rigl_fast."
+                                         f"{_PROBE[part]}")
+            _register_fakes(part)
         except BackendUnavailable as e:
-            _STATE["error"] = str(e)
+            state["error"] = str(e)
             raise
-        _STATE["how"] = how
+        state["how"] = how
         return how
 
 
-def _register_fakes():
+def _register_fakes(part: str) -> None:
     """Fake (meta) implementations: shapes only, so torch.compile and opcheck can trace the ops."""
+    if part == "export":
+        _register_export_fakes()
+        return
 
     @torch.library.register_fake("rigl_fast::mask_grad")
     def _mask_grad(grad, mask, acc, n):
@@ -218,15 +298,16 @@ def _register_fakes():
     def _unit_grow(scores, keep, units):
         return [s.new_empty((s.numel(),), dtype=torch.bool) for s in scores]
 
-    if hasattr(torch.ops.rigl_fast, "fan_in_linear"):  # csrc/export_kernels.cpp
-        @torch.library.register_fake("rigl_fast::fan_in_linear")
-        def _fan_in_linear(x, values, indices):
-            return x.new_empty((x.shape[0], values.shape[0]))
 
-    if hasattr(torch.ops.rigl_fast, "csr_linear"):
-        @torch.library.register_fake("rigl_fast::csr_linear")
-        def _csr_linear(x, crow, col, values, out_features):
-            return x.new_empty((x.shape[0], out_features))
+
+def _register_export_fakes() -> None:
+    @torch.library.register_fake("rigl_fast::fan_in_linear")  # csrc/export_kernels.cpp
+    def _fan_in_linear(x, values, indices):
+        return x.new_empty((x.shape[0], values.shape[0]))
+
+    @torch.library.register_fake("rigl_fast::csr_linear")
+    def _csr_linear(x, crow, col, values, out_features):
+        return x.new_empty((x.shape[0], out_features))
 
 
 class CppBackend(Backend):

@@ -64,7 +64,7 @@ def _cpp_op(name: str):
         op = None
         try:
             from ._cpp import load_library
-            load_library()
+            load_library("export")  # the export kernels: their own extension, built on first use
             op = getattr(torch.ops.rigl_fast, name).default
         except Exception:  # BackendUnavailable, or an extension built before the op existed
             op = None

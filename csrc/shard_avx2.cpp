@@ -1,0 +1,13 @@
+// The sharded update's and the structured update's kernels,
+// for x86-64 CPUs with AVX2, FMA and BMI2, picked at run time (common.h: kernel_isa).
+#include "common.h"
+
+#if RIGL_FAST_HAVE_AVX2
+// common.h, parsed above, stays baseline; only what the headers below define (in namespace rigl_fast::avx2) is AVX2.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2,popcnt,lzcnt")
+#define RIGL_ISA avx2
+#include "shard_kernels.h"
+#include "unit_kernels.h"
+#pragma GCC pop_options
+#endif
