@@ -1,10 +1,15 @@
-"""The C++ backend: the path of layers above 2**32 positions, forced on small layers; the first-use build's
-messages on stderr (with a stand-in builder, and once for real in a fresh build folder)."""
+"""The C++ backend: the path of layers above 2**32 positions, forced on small layers; the build: its folder named
+after the sources' contents, its messages on stderr (with a stand-in builder, and once for real in a fresh build
+folder)."""
+import glob
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
+from unittest import mock
 
 import pytest
 import torch
@@ -97,7 +102,46 @@ def test_no_size_limit(cpp):
     assert cpp.max_numel() is None
 
 
-# ------------------------------------------------------------------------------------------------ build messages
+# ------------------------------------------------------------------------------------------------ the build
+def test_parts_cover_every_source():
+    """Every csrc/*.cpp is in exactly one extension (setup.py's prebuilt module compiles them all)."""
+    units = [u for part in _cpp.PARTS.values() for u in part]
+    assert len(units) == len(set(units))
+    assert set(units) == {os.path.basename(p) for p in glob.glob(os.path.join(_cpp.source_dir(), "*.cpp"))}
+
+
+def copy_sources(dest):
+    shutil.copytree(_cpp.source_dir(), dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return str(dest)
+
+
+def test_build_folder_follows_the_sources_contents_not_their_paths(tmp_path):
+    """Two copies of the sources (two checkouts) share one build folder; a changed source gets another one, for
+    the extensions it is part of."""
+    here, a, b = _cpp.source_dir(), copy_sources(tmp_path / "a" / "csrc"), copy_sources(tmp_path / "b" / "csrc")
+    for part in _cpp.PARTS:
+        assert _cpp.build_dir(part, a) == _cpp.build_dir(part, b) == _cpp.build_dir(part, here)
+        assert os.path.dirname(_cpp.build_dir(part, a)) == _cpp.build_root()
+    assert _cpp.build_dir("core", a) != _cpp.build_dir("export", a)
+    core, export = _cpp.build_dir("core", a), _cpp.build_dir("export", a)
+    with open(os.path.join(b, "update_base.cpp"), "a") as f:  # a unit of the core extension
+        f.write("// edited\n")
+    assert _cpp.build_dir("core", b) != core and _cpp.build_dir("export", b) == export
+    with open(os.path.join(a, "common.h"), "a") as f:  # a header: both
+        f.write("// edited\n")
+    assert _cpp.build_dir("core", a) not in (core, _cpp.build_dir("core", b))
+    assert _cpp.build_dir("export", a) != export
+
+
+def test_build_folder_follows_flags_and_compiler(monkeypatch):
+    before = _cpp.build_dir()
+    monkeypatch.setattr(_cpp, "CFLAGS", _cpp.CFLAGS + ("-DX",))
+    assert _cpp.build_dir() != before
+    monkeypatch.undo()
+    monkeypatch.setenv("CXX", "clang++")
+    assert _cpp.build_dir() != before
+
+
 class Clock:
     def __init__(self):
         self.t = 100.0
@@ -106,132 +150,80 @@ class Clock:
         return self.t
 
 
-def fake_inputs(tmp_path):
-    src = tmp_path / "csrc"
-    src.mkdir()
-    inputs = []
-    for name in ("ops.cpp", "ops.h"):
-        (src / name).write_text("// source\n")
-        os.utime(src / name, (1000, 1000))
-        inputs.append(str(src / name))
-    return inputs
-
-
-def ninja_text(flags):
-    return f"cflags = -DTORCH_EXTENSION_NAME=x -fPIC -std=c++20 {' '.join(flags)}\nldflags = -shared -fopenmp -L/t\n"
-
-
-def fake_builder(out_dir, clock, seconds, flags=_cpp.CFLAGS, fail=False):
-    """Stands in for cpp_extension.load: takes `seconds` of the fake clock and leaves what a build leaves."""
-    calls = []
-
+def fake_build(out_dir, clock, units, fail=False):
+    """Stands in for cpp_extension.load: compiles `units` one after another, each taking 20 s of the fake clock
+    (a unit's .o appears when it is done), then fails if asked."""
     def build():
-        calls.append(1)
-        clock.t += seconds
+        for u in units:
+            clock.t += 20
+            time.sleep(0.3)  # the watcher polls every 0.01 s: it sees the clock move before the .o appears
+            with open(os.path.join(out_dir, os.path.splitext(u)[0] + ".o"), "w") as f:
+                f.write("o")
+            time.sleep(0.3)
         if fail:
             raise RuntimeError("error: it did not compile")
-        lib = os.path.join(out_dir, _cpp.EXT_NAME + ".so")
-        if seconds >= 1:  # a real compile writes the library and the build file
-            with open(lib, "w") as f:
-                f.write("lib")
-            os.utime(lib, (2000, 2000))
-            with open(os.path.join(out_dir, "build.ninja"), "w") as f:
-                f.write(ninja_text(flags))
-    return build, calls
+    return build
 
 
-# what _cpp._jit_build checks in the build file: our flags at the end of the cflags line, and in ldflags
-WORDS = [" ".join(_cpp.CFLAGS) + "\n", " ".join(_cpp.LDFLAGS) + " "]
-
-
-def lines(err):
-    return err.getvalue().splitlines()
-
-
-def test_first_build_says_so_and_a_cache_hit_is_silent(tmp_path):
-    inputs = fake_inputs(tmp_path)
-    out = str(tmp_path / "build")
-    os.makedirs(out)
-    clock = Clock()
-    build, calls = fake_builder(out, clock, 63)
-    err = io.StringIO()
-    _cpp.build_with_messages(build, out, inputs, WORDS, err=err, clock=clock)
-    assert calls == [1]
-    assert lines(err) == [f"rigl_fast: building the C++ ops (first use only, about a minute; cached in {out})...",
-                          "rigl_fast: C++ ops built in 63 s"]
-    # the next process loads the cached build: no message (the loader still runs: it registers the ops)
-    build, calls = fake_builder(out, clock, 0.4)
-    err = io.StringIO()
-    _cpp.build_with_messages(build, out, inputs, WORDS, err=err, clock=clock)
-    assert calls == [1] and lines(err) == []
-
-
-def _built_once(tmp_path, seconds):
-    """Fake sources and one fake build of them that took `seconds`: (inputs, build folder, clock)."""
-    inputs = fake_inputs(tmp_path)
-    out = str(tmp_path / "build")
-    os.makedirs(out)
-    clock = Clock()
-    _cpp.build_with_messages(fake_builder(out, clock, seconds)[0], out, inputs, WORDS, err=io.StringIO(),
-                             clock=clock)
-    return inputs, out, clock
-
-
-def test_changed_sources_or_flags_announce_a_rebuild(tmp_path):
-    inputs, out, clock = _built_once(tmp_path, 70)
-    assert _cpp.cached_build_is_current(out, inputs, WORDS)
-    os.utime(inputs[1], (3000, 3000))  # a header edited after the build
-    assert not _cpp.cached_build_is_current(out, inputs, WORDS)
-    err = io.StringIO()
-    _cpp.build_with_messages(fake_builder(out, clock, 41)[0], out, inputs, WORDS, err=err, clock=clock)
-    assert len(lines(err)) == 2 and lines(err)[1] == "rigl_fast: C++ ops built in 41 s"
-    # the last build used other flags (the old ones, without -std): torch's own -std=c++20 must not pass for ours
-    _cpp.build_with_messages(fake_builder(out, clock, 5, flags=["-O3", "-fopenmp"])[0], out, inputs,
-                             WORDS, err=io.StringIO(), clock=clock)
-    os.utime(inputs[1], (1000, 1000))
-    assert not _cpp.cached_build_is_current(out, inputs, WORDS)
-
-
-def test_unforeseen_rebuild_is_reported_after(tmp_path):
-    """The cache looked current, but the load took long (torch's headers changed, say): one line after."""
-    inputs, out, clock = _built_once(tmp_path, 60)
-    err = io.StringIO()
-    _cpp.build_with_messages(fake_builder(out, clock, 30)[0], out, inputs, WORDS, err=err, clock=clock)
-    assert lines(err) == [f"rigl_fast: C++ ops rebuilt in 30 s (the cached build in {out} was out of date)"]
+def test_build_says_when_it_starts_each_unit_it_compiles_and_when_it_ends(tmp_path):
+    out, clock, err = str(tmp_path), Clock(), io.StringIO()
+    units = ["a.cpp", "b.cpp"]
+    _cpp.build_with_messages(fake_build(out, clock, units), out, units, "the C++ ops", err=err, clock=clock,
+                             poll_s=0.01, quiet_s=15)
+    assert err.getvalue().splitlines() == [
+        f"rigl_fast: building the C++ ops (once for these sources, 2 units; cached in {out})...",
+        "rigl_fast:   still compiling (20 s, 0/2 units done)",
+        "rigl_fast:   [1/2] compiled a.cpp (20 s)",
+        "rigl_fast:   still compiling (40 s, 1/2 units done)",
+        "rigl_fast:   [2/2] compiled b.cpp (40 s)",
+        "rigl_fast: the C++ ops built in 40 s"]
 
 
 def test_failed_build_says_so_and_raises(tmp_path):
-    inputs = fake_inputs(tmp_path)
-    out = str(tmp_path / "build")
-    os.makedirs(out)
-    clock = Clock()
-    err = io.StringIO()
+    out, clock, err = str(tmp_path), Clock(), io.StringIO()
     with pytest.raises(RuntimeError, match="did not compile"):
-        _cpp.build_with_messages(fake_builder(out, clock, 12, fail=True)[0], out, inputs, WORDS, err=err,
-                                 clock=clock)
-    assert lines(err)[1:] == ["rigl_fast: building the C++ ops failed after 12 s"]
+        _cpp.build_with_messages(fake_build(out, clock, ["a.cpp"], fail=True), out, ["a.cpp"], err=err, clock=clock,
+                                 poll_s=0.01, quiet_s=100)
+    assert err.getvalue().splitlines()[1:] == ["rigl_fast:   [1/1] compiled a.cpp (20 s)",
+                                               "rigl_fast: building the C++ ops failed after 20 s"]
 
 
-def test_real_first_build_in_a_fresh_folder(tmp_path):
-    """The real JIT build (about a minute on 2 cores) into an empty TORCH_EXTENSIONS_DIR: the two lines, the
-    C++ standard on the compiler's command line; then a second process loads it silently."""
+def load_in_subprocess(env, part="core", src_dir=None):
     code = ("import sys\n"
             "sys.modules['rigl_fast._C'] = None\n"  # as if no prebuilt module were installed
             "from rigl_fast import _cpp\n"
-            "print(_cpp.load_library())\n")
+            + (f"_cpp.source_dir = lambda: {src_dir!r}\n" if src_dir else "")
+            + f"print(_cpp.load_library({part!r}))\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["jit"]
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("rigl_fast:")]
+
+
+def test_real_first_build_in_a_fresh_folder(tmp_path):
+    """The real JIT build into an empty TORCH_EXTENSIONS_DIR: the start line, one line per unit, the end line, the
+    C++ standard on the compiler's command line; the export kernels are not built with it. Then a second process,
+    and one whose sources are a copy elsewhere (another checkout), load it silently; the export kernels build
+    on their own."""
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     env.pop("RIGL_FAST_VERBOSE_BUILD", None)
-    out = str(tmp_path / "ext" / _cpp.EXT_NAME)
-    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.split() == ["jit"]
-    said = [ln for ln in first.stderr.splitlines() if ln.startswith("rigl_fast:")]
-    assert said[0] == f"rigl_fast: building the C++ ops (first use only, about a minute; cached in {out})..."
-    assert re.fullmatch(r"rigl_fast: C\+\+ ops built in \d+ s", said[1]), said
-    assert len(said) == 2
+    env.pop("CXX", None)
+    with mock.patch.dict(os.environ, {"TORCH_EXTENSIONS_DIR": env["TORCH_EXTENSIONS_DIR"]}):
+        out = _cpp.build_dir("core")
+    said = load_in_subprocess(env)
+    units = _cpp.PARTS["core"]
+    assert said[0] == (f"rigl_fast: building the C++ ops (once for these sources, {len(units)} units; cached in "
+                       f"{out})...")
+    compiled = [re.fullmatch(r"rigl_fast:   \[(\d+)/(\d+)\] compiled (\S+) \(\d+ s\)", ln) for ln in said[1:-1]
+                if "still compiling" not in ln]
+    assert all(compiled) and sorted(m.group(3) for m in compiled) == sorted(units), said
+    assert [int(m.group(1)) for m in compiled] == list(range(1, len(units) + 1))
+    assert re.fullmatch(r"rigl_fast: the C\+\+ ops built in \d+ s", said[-1]), said
     with open(os.path.join(out, "build.ninja")) as f:
         cflags = next(ln for ln in f if ln.startswith("cflags"))
     assert cflags.rstrip().endswith("-std=c++20")
-    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert [ln for ln in second.stderr.splitlines() if ln.startswith("rigl_fast:")] == []
+    assert [d for d in os.listdir(tmp_path / "ext") if d.startswith("rigl_fast_export")] == []
+    assert load_in_subprocess(env) == []
+    assert load_in_subprocess(env, src_dir=copy_sources(tmp_path / "checkout2" / "csrc")) == []
+    said = load_in_subprocess(env, "export")
+    assert said[0].startswith("rigl_fast: building the C++ export kernels") and "built in" in said[-1]

@@ -209,6 +209,46 @@ def test_update_noncontiguous_and_mixed(cpp):
     assert torch.equal(st2, args_r[5][0][0]) and torch.equal(gr2, args_r[6][0])
 
 
+ALL_FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("w_dtype", ALL_FLOATS)
+@pytest.mark.parametrize("s_dtype", ALL_FLOATS)
+def test_update_every_weight_and_score_dtype(cpp, w_dtype, s_dtype):
+    """The kernels are compiled for a score of the weight's dtype (or fp32 beside fp16/bf16) and convert others: every
+    pair equals the reference, plain and structured, checked or not. An fp64 score beside a narrower weight holds
+    finite values past fp32's range (keys of fp32's inf, yet finite: the checked update runs), then a NaN (it stops)."""
+    g = torch.Generator().manual_seed(seed_of(w_dtype, s_dtype))
+
+    def score_of(s, m):
+        s = s.to(s_dtype)
+        if s_dtype == torch.float64:
+            s.view(-1)[torch.nonzero(~m.view(-1))[:5, 0]] = 1e300  # grown first, tied: by index
+        return s
+
+    w, m, s = make_layer((40, 50), 0.3, "generic", w_dtype, g)
+    s = score_of(s, m)
+    a = int(m.sum())
+    states = [[torch.randn(w.shape, generator=g).to(w_dtype)]]
+    args_c, args_r = run_both(cpp, [w], [m], [s], [a - 150], [150], states, [None])
+    assert_same(args_c, args_r, [a])
+    args = ([w.clone()], [m.clone()], [s], [a - 150], [150], [[states[0][0].clone()]], [None])
+    assert cpp.checked_update(*args) is True
+    assert_same(args, args_r, [a])
+    u = rops.Units(40, 50, False, 50, 12)
+    sw, sm, ss = structured_layer(u, "generic", w_dtype, g)
+    layer = (sw, sm, score_of(ss, sm))
+    n_keep = [int(sm.sum()) - 100]
+    got = run_structured(cpp, [layer], [u], n_keep, [[]], [None], checked=True)
+    assert got[4] is True
+    assert_structured_same(got, run_structured(REF, [layer], [u], n_keep, [[]], [None]), [u])
+    bad = s.clone()
+    bad.view(-1)[3] = float("nan")
+    args = ([w.clone()], [m.clone()], [bad], [a - 150], [150], [[]], [None])
+    assert cpp.checked_update(*args) is False
+    assert torch.equal(args[1][0], m) and torch.equal(args[0][0], w)
+
+
 def test_update_ties_take_lower_index(cpp):
     w = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 0.0])
     m = torch.tensor([True, True, True, True, False, False])
