@@ -49,6 +49,13 @@ constexpr int64_t kGrain = 1 << 15;
 // cores, waking one costs milliseconds: sub-millisecond kernels took 6-30x their quiet time (issue 21).
 constexpr int64_t kThreadWork = 1 << 19;
 
+// How many parallel loops asked for more than one thread (an OpenMP region) since this library loaded: diagnostics,
+// the tests check that small calls open none (torch.ops.rigl_fast.parallel_regions). One counter per library: inline.
+inline std::atomic<int64_t>& parallel_regions() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
 // The threads for `work` element passes in all.
 inline int64_t threads_for(int64_t work) {
   return std::clamp<int64_t>(work / kThreadWork, 1, std::max(1, at::get_num_threads()));
@@ -60,6 +67,7 @@ template <typename Fn>
 inline void parallel_tasks(int64_t n, int64_t work, const Fn& fn) {
   if (n <= 0) return;
   const int64_t threads = threads_for(work);
+  if (threads > 1) parallel_regions().fetch_add(1, std::memory_order_relaxed);
   at::parallel_for(0, n, threads == 1 ? n : (n + threads - 1) / threads, fn);
 }
 

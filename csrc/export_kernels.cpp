@@ -99,7 +99,11 @@ at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const a
 
 }  // namespace
 
+int64_t product_parallel_regions() { return parallel_regions().load(); }
+
 TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
+  // the products' loops that opened an OpenMP region since load (rigl_ops.cpp's parallel_regions, this library's)
+  m.def("product_parallel_regions() -> int", &product_parallel_regions);
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
 }

@@ -241,6 +241,8 @@ int64_t band_max_numel() {
   return std::min<int64_t>(v, kBandMaxNumel);
 }
 
+int64_t parallel_regions_op() { return parallel_regions().load(); }
+
 std::vector<int64_t> select_paths_op() {
   return {select_paths().band.load(), select_paths().exact.load()};
 }
@@ -545,6 +547,8 @@ TORCH_LIBRARY(rigl_fast, m) {
   m.def("cpu_isa() -> str", &cpu_isa);  // the build of the update kernels that runs here: 'avx2' or 'base'
   // [band, exact]: selections resolved by the band method and by the exact radix path since load
   m.def("select_paths() -> int[]", &select_paths_op);
+  // parallel loops that opened an OpenMP region since load (common.h: parallel_tasks; small calls open none)
+  m.def("parallel_regions() -> int", &parallel_regions_op);
   m.def("mask_grad(Tensor grad, Tensor mask, Tensor(a!)? acc, int n) -> Tensor");
   m.def("apply_masks(Tensor(a!)[] tensors, Tensor[] masks) -> ()");
   m.def("any_nonfinite(Tensor[] tensors) -> Tensor");

@@ -16,7 +16,7 @@ void for_each_layer(const std::vector<LayerView>& layers, const Fn& fn) {
   for (const LayerView& L : layers) positions += L.n;
   std::atomic<size_t> next{0};
   const int64_t workers = std::min<int64_t>(threads_for(positions), static_cast<int64_t>(count));
-  at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
+  parallel_tasks(workers, positions, [&](int64_t b, int64_t e) {  // one worker a thread
     for (int64_t t = b; t < e; ++t)
       for (size_t i = next++; i < count; i = next++) fn(i);
   });

@@ -827,6 +827,45 @@ def test_training_identical_to_reference(cpp, opt_name, accum, after_step):
 
 
 # ------------------------------------------------------------------------------------------------ selection, build
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_calls_open_no_parallel_region(cpp, two_threads):
+    """Threads by the work's size (issue 21 item 7): a call of well under a millisecond runs on the calling thread,
+    with no OpenMP region (one waits for every thread, milliseconds where other processes' threads hold the cores);
+    a large one still runs in parallel. Here on 2 threads, for the per-step ops, the update and the products."""
+    from rigl_fast._cpp import load_library
+    load_library("export")
+    g = torch.Generator().manual_seed(5)
+    ops = torch.ops.rigl_fast
+    regions = ops.parallel_regions
+    start = regions()
+    w, m, s = make_layer((200, 300), 0.2, "generic", torch.float32, g)  # 60000 positions: ~0.05 ms a pass
+    cpp.mask_grad(s, m, torch.zeros_like(s), 2)
+    cpp.apply_masks([w.clone() for _ in range(4)], [m] * 4)
+    a = int(m.sum())
+    cpp.update([w.clone()], [m.clone()], [s], [a - 1000], [1000], [[torch.randn(w.shape, generator=g)]], [None])
+    assert regions() == start
+    big = torch.randn(4_000_000, generator=g)  # a few milliseconds a pass: worth two threads
+    cpp.mask_grad(big, big > 0, None, 1)
+    assert regions() > start
+    # the exported fan_in product of issue 21's measurement: 2048x2048 at 90%, batch 1 (~0.3 ms on one thread)
+    values = torch.randn(2048, 205, generator=g)
+    indices = torch.randint(0, 2048, (2048, 205), generator=g, dtype=torch.int32)
+    start = ops.product_parallel_regions()
+    ops.fan_in_linear(torch.randn(1, 2048, generator=g), values, indices)
+    ops.csr_linear(torch.randn(1, 2048, generator=g), torch.arange(0, 2049 * 205, 205, dtype=torch.int32),
+                   indices.view(-1), values.view(-1), 2048)
+    assert ops.product_parallel_regions() == start
+    ops.fan_in_linear(torch.randn(256, 2048, generator=g), values, indices)
+    assert ops.product_parallel_regions() > start
+
+
 def test_auto_picks_cpp_on_cpu(cpp):
     assert rops.get_backend("auto", torch.device("cpu")).name == "cpp"
     assert rops.get_backend("cpp", torch.device("cpu")).name == "cpp"
