@@ -141,3 +141,30 @@ def test_one_rule_for_training_and_export():
             torch.testing.assert_close(exp(x), model(x), rtol=1e-5, atol=1e-5)
     assert layers.kind(nn.Conv2d(1, 1, 1)) == layers.CONV and layers.kind(nn.LayerNorm(3)) is None
     assert layers.kind(nn.MultiheadAttention(8, 2)) == layers.ATTENTION
+
+
+def test_gpt2_with_a_conv1d_subclass_of_its_own_forward():
+    """The real transformers Conv1D: GPT-2's Conv1D layers are replaced, one swapped for a subclass with its own
+    forward is trained sparse and kept, and the exported logits equal the model's."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+
+    class Gated(HFConv1D):
+        def forward(self, x):
+            return torch.sigmoid(super().forward(x))
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.transformer.h[0].mlp.c_fc = Gated(128, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = RigLScheduler(model, opt, dense_allocation=0.25, T_end=8, delta=2, ignore_linear_layers=False)
+    name = "transformer.h.0.mlp.c_fc"
+    assert pruner.S[pruner.names.index(name + ".weight")] > 0
+    exp, msgs = _export(pruner)
+    assert set(exp.rigl_fast_kept) == {name} and "Gated" in exp.rigl_fast_kept[name] and len(msgs) == 1
+    assert set(exp.rigl_fast_formats) == {"transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"}
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(exp(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
