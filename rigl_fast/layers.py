@@ -149,47 +149,52 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
     for mname, module in model.named_modules():
         for attr, linear in weight_slots(module):
             name = f"{mname}.{attr}" if mname else attr
-            if include and not _matches(mname, include):
-                out.skipped.append(Skipped(name, _shape(module, attr), "not matched by include"))
+            skip = _left_out(module, mname, attr, name, include, exclude)
+            if skip is not None:
+                out.skipped.append(skip)
                 continue
-            if exclude and _matches(mname, exclude):
-                out.skipped.append(Skipped(name, _shape(module, attr), "excluded"))
-                continue
-            if parametrize.is_parametrized(module, attr) or attr not in module._parameters:
-                computed = getattr(module, attr)
-                if isinstance(computed, torch.Tensor) and not computed.requires_grad:
-                    out.skipped.append(Skipped(name, tuple(computed.shape), "frozen"))
-                    continue
-                raise ValueError(f"layer {name!r}: its weight is computed (a parametrization such as weight norm), "
-                                 "not a Parameter, so rigl_fast cannot mask it; remove the parametrization or "
-                                 f"keep the layer dense with exclude=[{mname!r}]")
             w = module._parameters[attr]
-            if isinstance(w, nn.parameter.UninitializedParameter):
-                raise ValueError(f"layer {name!r} is lazy (uninitialized): run one forward pass to materialise it "
-                                 "before creating the RigLScheduler")
-            if not w.requires_grad:
-                out.skipped.append(Skipped(name, tuple(w.shape), "frozen"))
-                continue
-            if not w.is_floating_point():
-                out.skipped.append(Skipped(name, tuple(w.shape), f"not floating point ({w.dtype})"))
-                continue
-            if w.device.type == "meta":
-                raise ValueError(f"layer {name!r} is on the meta device: materialise the model (to_empty() and "
-                                 "initialise or load its weights) before creating the RigLScheduler")
             if id(w) in seen:
                 continue
+            seen.add(id(w))
             tied = [o for o, mod, a in owners.get(id(w), []) if (id(mod), a) not in slot_ids]
             out.n_tied += bool(tied)
             if tied and not sparsify_tied:
                 out.skipped.append(Skipped(name, tuple(w.shape), f"tied to {tied[0]}"))
-                seen.add(id(w))
                 continue
-            seen.add(id(w))
             out.names.append(name)
             out.weights.append(w)
             out.is_linear.append(linear)
             out.transposed.append(kind(module) == CONV1D)
     return out
+
+
+def _left_out(module, mname, attr, name, include, exclude) -> Optional[Skipped]:
+    """Why the weight `attr` of the candidate `module` stays out of the candidates (its Skipped entry), or None
+    if it is in; raises ValueError naming the layer for a weight rigl_fast cannot mask."""
+    if include and not _matches(mname, include):
+        return Skipped(name, _shape(module, attr), "not matched by include")
+    if exclude and _matches(mname, exclude):
+        return Skipped(name, _shape(module, attr), "excluded")
+    if parametrize.is_parametrized(module, attr) or attr not in module._parameters:
+        computed = getattr(module, attr)
+        if isinstance(computed, torch.Tensor) and not computed.requires_grad:
+            return Skipped(name, tuple(computed.shape), "frozen")
+        raise ValueError(f"layer {name!r}: its weight is computed (a parametrization such as weight norm), "
+                         "not a Parameter, so rigl_fast cannot mask it; remove the parametrization or "
+                         f"keep the layer dense with exclude=[{mname!r}]")
+    w = module._parameters[attr]
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        raise ValueError(f"layer {name!r} is lazy (uninitialized): run one forward pass to materialise it "
+                         "before creating the RigLScheduler")
+    if not w.requires_grad:
+        return Skipped(name, tuple(w.shape), "frozen")
+    if not w.is_floating_point():
+        return Skipped(name, tuple(w.shape), f"not floating point ({w.dtype})")
+    if w.device.type == "meta":
+        raise ValueError(f"layer {name!r} is on the meta device: materialise the model (to_empty() and "
+                         "initialise or load its weights) before creating the RigLScheduler")
+    return None
 
 
 def unmatched_patterns(model: nn.Module, include=None, exclude=None) -> List[str]:
