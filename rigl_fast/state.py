@@ -10,13 +10,21 @@ torch.distributed.checkpoint can reshard them. Bool masks (format 1, rigl-torch'
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from . import config as _config
 from . import sharding as _sharding
 
-FORMAT_VERSION = 2  # 2: masks bit-packed (1 bit per weight); 1 and rigl-torch's bool masks still load
+# Path components that wrappers add to module names (DDP's `module.`, torch.compile's `_orig_mod.`, FSDP1 and
+# activation checkpointing, Lightning's strategy wrapper): a state dict saved through a wrapper fits the bare
+# model and the other way round.
+WRAPPER_NAMES = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module")
+
+# 3: each sparse layer's name recorded (`rigl_fast_names`); 2: masks bit-packed (1 bit per weight). Formats 1
+# and 2 and rigl-torch's state dicts still load, matched to the layers by position.
+FORMAT_VERSION = 3
 REQUIRED_KEYS = ("dense_allocation", "S", "N", "hyperparams", "step", "rigl_steps", "backward_masks")
 HYPERPARAM_KEYS = ("delta_T", "alpha", "T_end", "ignore_linear_layers", "static_topo", "sparsity_distribution",
                    "grad_accumulation_n", "erk_power_scale", "grow_mode", "structure")
@@ -66,6 +74,7 @@ def build(pruner) -> dict:
                                   for m in pruner.backward_masks],
         "_linear_layers_mask": list(pruner._linear_layers_mask),
         "rigl_fast_format": FORMAT_VERSION,
+        "rigl_fast_names": list(pruner.names),
         "rigl_fast_skipped_updates": pruner.skipped_updates,
         "rigl_fast_dense_grads": accs,
         "rigl_fast_rng": None if pruner._generator is None else pruner._generator.get_state(),
@@ -104,8 +113,13 @@ def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float
     if not (len(S) == len(N) == len(masks_) == len(W)):
         raise ValueError(f"state_dict does not fit the model: it has {len(S)} layers, the model has {len(W)} "
                          f"candidate weights ({list(names)})")
+    check_names(sd, names)
     out = []
     for i, (name, w) in enumerate(zip(names, W)):
+        if not _config.is_real(S[i]) or not 0 <= S[i] < 1:
+            raise ValueError(f"state_dict: 'S' of layer {i} ({name}) must be a sparsity in [0, 1), got {S[i]!r}")
+        if not _config.is_int(N[i]):
+            raise ValueError(f"state_dict: 'N' of layer {i} ({name}) must be an integer, got {N[i]!r}")
         if int(N[i]) != w.numel():
             raise ValueError(f"state_dict does not fit the model: layer {i} ({name}) has {N[i]} weights in the "
                              f"state dict but {w.numel()} (shape {tuple(w.shape)}) in the model")
@@ -125,9 +139,12 @@ def fit(sd, names: Sequence[str], W: Sequence[torch.Tensor]) -> Tuple[List[float
             out.append(m.detach().to(device=w.device, dtype=torch.bool).clone().contiguous())
     accs = sd.get("rigl_fast_dense_grads")
     if accs is not None:
-        if len(accs) != len(W):
+        if not isinstance(accs, (list, tuple)) or len(accs) != len(W):
             raise ValueError("state_dict: 'rigl_fast_dense_grads' has the wrong number of layers")
         for i, (name, w, a) in enumerate(zip(names, W, accs)):
+            if a is not None and not (isinstance(a, torch.Tensor) and a.is_floating_point()):
+                raise ValueError(f"state_dict: dense gradient of layer {i} ({name}) must be a floating-point "
+                                 f"tensor or None, got {type(a).__name__}")
             if a is not None and tuple(a.shape) != tuple(w.shape):
                 raise ValueError(f"state_dict does not fit the model: dense gradient of layer {i} ({name}) has "
                                  f"shape {tuple(a.shape)}, the weight has shape {tuple(w.shape)}")
@@ -168,15 +185,81 @@ def _checked_unpack(packed, shapes):
 
 
 def counters(sd) -> Tuple[int, int, int, Optional[torch.Tensor]]:
-    """(step, rigl_steps, skipped updates, SET generator state or None)."""
-    return (int(sd["step"]), int(sd["rigl_steps"]), int(sd.get("rigl_fast_skipped_updates", 0)),
-            sd.get("rigl_fast_rng"))
+    """(step, rigl_steps, skipped updates, SET generator state or None), each checked."""
+    step, rigl_steps = sd["step"], sd["rigl_steps"]
+    skipped = sd.get("rigl_fast_skipped_updates", 0)
+    for key, v in (("step", step), ("rigl_steps", rigl_steps), ("rigl_fast_skipped_updates", skipped)):
+        if not _config.is_int(v) or v < 0:
+            raise ValueError(f"state_dict[{key!r}] must be an integer >= 0, got {v!r}")
+    if skipped > rigl_steps:
+        raise ValueError(f"state_dict: 'rigl_fast_skipped_updates' ({skipped}) exceeds 'rigl_steps' ({rigl_steps})")
+    rng = sd.get("rigl_fast_rng")
+    if rng is not None:
+        try:
+            torch.Generator().set_state(rng)
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"state_dict['rigl_fast_rng'] is not a CPU generator state ({e})") from None
+    return int(step), int(rigl_steps), int(skipped), rng
 
 
-def last_update(sd):
-    """[(layer, n_grow, n_active)] of the last applied update (for `stats()`), or None."""
+def last_update(sd, n_layers: int):
+    """[(layer, n_grow, n_active)] of the last applied update (for `stats()`), or None; checked."""
     got = sd.get("rigl_fast_last_update")
-    return None if got is None else [tuple(int(v) for v in t) for t in got]
+    if got is None:
+        return None
+    ok = isinstance(got, (list, tuple)) and all(
+        isinstance(t, (list, tuple)) and len(t) == 3 and all(_config.is_int(v) and v >= 0 for v in t) and t[0] < n_layers
+        for t in got)
+    if not ok:
+        raise ValueError(f"state_dict['rigl_fast_last_update'] must be a list of [layer, n_grow, n_active] integers "
+                         f"with layer < {n_layers}, got {got!r}")
+    return [tuple(int(v) for v in t) for t in got]
+
+
+def check_names(sd, names: Sequence[str]) -> None:
+    """Format 3 records each layer's name: a state dict of other layers (same shapes, e.g. another exclude=)
+    is refused, naming both. Wrapper prefixes are ignored (WRAPPER_NAMES); older state dicts load by position."""
+    saved = sd.get("rigl_fast_names")
+    if saved is None:
+        return
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(names) or not all(isinstance(n, str) for n in saved):
+        raise ValueError(f"state_dict['rigl_fast_names'] must list one name per layer ({len(names)}), got {saved!r}")
+    for i, (a, b) in enumerate(zip(saved, names)):
+        if _bare(a) != _bare(b):
+            raise ValueError(f"state_dict does not fit the model: its layer {i} is {a!r}, the model's layer {i} is "
+                             f"{b!r} (the candidates differ, e.g. another include=/exclude=); load it into a model "
+                             "whose sparse candidates are the same layers")
+
+
+def _bare(name: str) -> str:
+    return ".".join(c for c in name.split(".") if c not in WRAPPER_NAMES)
+
+
+class Loaded(NamedTuple):
+    """A state dict read and checked whole (`read`): nothing here is live yet."""
+    hp: dict
+    S: List[float]
+    masks: List[Optional[torch.Tensor]]
+    counters: Tuple[int, int, int, Optional[torch.Tensor]]
+    last_update: Optional[list]
+    dense_grads: List[Optional[torch.Tensor]]
+
+
+def read(sd, names: Sequence[str], W: Sequence[torch.Tensor], hp: dict) -> Loaded:
+    """Everything a state dict holds, validated (types, counts, shapes, hyperparameters) before any of it is
+    used; raises naming the first bad entry. `hp`: the hyperparameters it overrides."""
+    hp = dict(hp)
+    hp.update(hyperparams(sd))
+    _config.validate(hp)
+    version = sd.get("rigl_fast_format", 1)
+    if not _config.is_int(version) or version > FORMAT_VERSION:
+        raise ValueError(f"state_dict has format {version!r}, this rigl_fast reads formats up to {FORMAT_VERSION}: "
+                         "it was written by a newer rigl_fast")
+    S, masks_ = fit(sd, names, W)
+    live = sd.get("rigl_fast_dense_grads_live")
+    if live is not None and (not isinstance(live, (list, tuple)) or len(live) != len(W)):
+        raise ValueError("state_dict['rigl_fast_dense_grads_live'] must hold one flag per layer")
+    return Loaded(hp, S, masks_, counters(sd), last_update(sd, len(W)), dense_grads(sd, W))
 
 
 def dense_grads(sd, W: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
