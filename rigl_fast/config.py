@@ -1,8 +1,10 @@
 """The scheduler's arguments: validation and the optimizer it hooks (both before anything is changed), and
-the warnings for configurations that would do nothing (after a successful construction)."""
+the warnings for configurations that would do nothing and the note on a model far denser than asked (after a
+successful construction)."""
 from __future__ import annotations
 
 import inspect
+import logging
 import numbers
 import warnings
 
@@ -150,6 +152,37 @@ def check_keywords(*, after_step, sparsify_tied, in_step, process_group, sharded
     _ops.check_name(backend)
     _layers.check_patterns("include", include)
     _layers.check_patterns("exclude", exclude)
+
+
+# The density note is a log line (logger "rigl_fast", level WARNING: printed on stderr unless logging is
+# configured otherwise), not a Python warning: the configuration is legitimate (rigl-torch's rule), the user
+# only needs to know, and a warning would turn into an error under warnings filters set to "error".
+log = logging.getLogger("rigl_fast")
+DENSITY_NOTE_RATIO = 1.5  # overall density above this many times dense_allocation gets the one-line note
+
+
+def note_density(pruner) -> None:
+    """At construction: one line when the candidates' overall density is far above dense_allocation, naming
+    the share of the weights that the layers kept dense hold, by reason (summary.dense_reason)."""
+    from .summary import dense_reason
+    total = sum(pruner.N)
+    active = sum(n if m is None else a for n, m, a in zip(pruner.N, pruner.backward_masks, pruner._n_active))
+    if all(m is None for m in pruner.backward_masks) or active <= DENSITY_NOTE_RATIO * pruner.dense_allocation * total:
+        return
+    share = {}
+    for i, (n, m) in enumerate(zip(pruner.N, pruner.backward_masks)):
+        if m is None:
+            why = dense_reason(pruner, i)
+            share.setdefault(why, []).append((pruner.names[i], n))
+    parts = []
+    for why, layers in sorted(share.items(), key=lambda kv: -sum(n for _, n in kv[1])):
+        names = ", ".join(name for name, _ in layers[:2]) + (f" and {len(layers) - 2} more" if len(layers) > 2 else "")
+        parts.append(f"{why}: {names}, {100.0 * sum(n for _, n in layers) / total:.1f}%")
+    kept = sum(n for ls in share.values() for _, n in ls)
+    log.warning(f"rigl_fast: the sparse candidates are {100.0 * active / total:.1f}% dense overall, not "
+                f"dense_allocation={pruner.dense_allocation}: the layers kept dense hold {100.0 * kept / total:.1f}% "
+                f"of the weights ({'; '.join(parts)}); see pruner.summary(), and sparsity_distribution='erk' or "
+                "ignore_linear_layers=False to spread the budget")
 
 
 def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:

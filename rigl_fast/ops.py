@@ -100,6 +100,13 @@ class Backend:
         """True if any element of any tensor is NaN or +-inf. The one host sync of an update."""
         raise NotImplementedError
 
+    def any_nonzero(self, tensors: Sequence[torch.Tensor]) -> List[bool]:
+        """Per tensor, whether any element is not zero (NaN and inf count as not zero): which layers' grow
+        scores carry a gradient at all. One host sync for all tensors; a backend may override it."""
+        if not len(tensors):
+            return []
+        return torch.stack([t.ne(0).any() for t in tensors]).tolist()
+
     def update(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                scores: Sequence[torch.Tensor], n_keep: Sequence[int], n_grow: Sequence[int],
                states: Sequence[Sequence[torch.Tensor]], grads: Sequence[Optional[torch.Tensor]]) -> None:

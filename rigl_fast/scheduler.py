@@ -5,6 +5,7 @@ over weights goes through `self._ops`, a backend from `ops.py`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List
 
 import numpy as np
@@ -89,6 +90,7 @@ class RigLScheduler:
             torch.random.set_rng_state(rng)
             raise
         _config.warn_if_idle(self, model, include, exclude, sparsify_tied, plan.found.n_tied)
+        _config.note_density(self)
 
     def _build(self, model, optimizer, plan):
         self.model = model
@@ -101,6 +103,9 @@ class RigLScheduler:
         self.skipped_updates = 0
         self._generator = None
         self._warned_swap = False
+        self._warned_no_grad = False
+        self._warned_no_pruner = False
+        self._steps_without_pruner = 0
         self.backward_masks = _construct.random_masks(self) if plan.masks is None else plan.masks
         self._seed_generator(None if plan.loaded is None else plan.loaded.counters[3])
         if plan.loaded is not None:
@@ -135,6 +140,7 @@ class RigLScheduler:
         sparse_w = [w for w, s_ in zip(self.W, plan.S) if s_ > 0]
         self.process_group = _sharding.group(sparse_w) if plan.sharded else plan.process_group
         self._last_update = None  # [(layer, n_grow, n_active)] of the last applied update, for stats()
+        self._layers_without_grad = []  # the layers the last applied update left as they were (update.py)
         self.S = list(plan.S)
         self._units = plan.units
         self._cuts = plan.cuts  # FSDP2: per layer, every rank's shard boundaries along dim 0 (Conv1D only), or None
@@ -195,6 +201,7 @@ class RigLScheduler:
     def _load_counters(self, loaded):
         self.step, self.rigl_steps, self.skipped_updates, rng = loaded.counters
         self._last_update = loaded.last_update
+        self._layers_without_grad = loaded.layers_without_grad
         if rng is not None and self._generator is not None:
             self._generator.set_state(rng)
 
@@ -263,6 +270,19 @@ class RigLScheduler:
             self._mask_after_step()
         if self.in_step:
             self._advance()  # this step counts; on an update step the update follows the optimizer's step
+        else:
+            self._count_step_without_pruner()
+
+    def _count_step_without_pruner(self):
+        """Two-line mode: pruner() advances the schedule. An optimizer that steps twice with no pruner() call
+        between means a loop that never calls it: the schedule would stay put, silently."""
+        self._steps_without_pruner += 1
+        if self._steps_without_pruner == 2 and not self._warned_no_pruner:
+            self._warned_no_pruner = True
+            warnings.warn(f"rigl_fast: the optimizer stepped twice without a pruner() call between, so the RigL "
+                          f"schedule is stuck at step {self.step}: call `if pruner(): optimizer.step()` after every "
+                          "loss.backward(), or pass in_step=True where a framework calls optimizer.step() (this "
+                          "warning is shown once)", UserWarning, stacklevel=5)
 
     @torch.no_grad()
     def _mask_after_step(self):
@@ -292,6 +312,7 @@ class RigLScheduler:
         if self.in_step:
             raise RuntimeError("pruner() is not called with in_step=True: every optimizer.step() advances the "
                                "schedule and runs the topology update when one is due; just call optimizer.step()")
+        self._steps_without_pruner = 0
         if self._reattach_hooks():
             self.apply_mask_to_gradients()  # the backward just run had no hook: mask its gradient now
         return self._advance()
@@ -326,7 +347,9 @@ class RigLScheduler:
     def stats(self) -> Dict[str, float]:
         """Plain numbers for any logger: `density` (active / all candidate weights) and `density/<layer>`,
         `updates` (applied) and `skipped_updates`, `step`, and `regrown_fraction` (and `regrown/<layer>`):
-        the fraction of active weights the last applied update dropped and regrew (0.0 before the first)."""
+        the fraction of active weights the last applied update dropped and regrew (0.0 before the first);
+        `layers_without_grad` (and `no_grad/<layer>` = 1.0 for each): the sparse layers that update kept as
+        they were because they got no gradient in its window (update.py)."""
         out: Dict[str, float] = {}
         active = 0
         for name, n, m, a in zip(self.names, self.N, self.backward_masks, self._n_active):
@@ -341,6 +364,9 @@ class RigLScheduler:
         out["regrown_fraction"] = sum(g for _, g, _ in last) / max(sum(a for _, _, a in last), 1)
         for i, g, a in last:
             out[f"regrown/{self.names[i]}"] = g / max(a, 1)
+        out["layers_without_grad"] = len(self._layers_without_grad)
+        for i in self._layers_without_grad:
+            out[f"no_grad/{self.names[i]}"] = 1.0
         return out
 
     # ------------------------------------------------------------------ checkpoints

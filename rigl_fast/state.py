@@ -79,6 +79,7 @@ def build(pruner) -> dict:
         "rigl_fast_dense_grads": accs,
         "rigl_fast_rng": None if pruner._generator is None else pruner._generator.get_state(),
         "rigl_fast_last_update": None if pruner._last_update is None else [list(t) for t in pruner._last_update],
+        "rigl_fast_layers_without_grad": list(pruner._layers_without_grad),
         **extra,
     }
 
@@ -242,6 +243,7 @@ class Loaded(NamedTuple):
     masks: List[Optional[torch.Tensor]]
     counters: Tuple[int, int, int, Optional[torch.Tensor]]
     last_update: Optional[list]
+    layers_without_grad: List[int]
     dense_grads: List[Optional[torch.Tensor]]
 
 
@@ -259,7 +261,12 @@ def read(sd, names: Sequence[str], W: Sequence[torch.Tensor], hp: dict) -> Loade
     live = sd.get("rigl_fast_dense_grads_live")
     if live is not None and (not isinstance(live, (list, tuple)) or len(live) != len(W)):
         raise ValueError("state_dict['rigl_fast_dense_grads_live'] must hold one flag per layer")
-    return Loaded(hp, S, masks_, counters(sd), last_update(sd, len(W)), dense_grads(sd, W))
+    quiet = sd.get("rigl_fast_layers_without_grad", [])
+    if not isinstance(quiet, (list, tuple)) or not all(_config.is_int(i) and 0 <= i < len(W) for i in quiet):
+        raise ValueError(f"state_dict['rigl_fast_layers_without_grad'] must list layer indices < {len(W)}, got "
+                         f"{quiet!r}")
+    return Loaded(hp, S, masks_, counters(sd), last_update(sd, len(W)), [int(i) for i in quiet],
+                  dense_grads(sd, W))
 
 
 def dense_grads(sd, W: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:

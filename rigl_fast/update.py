@@ -1,6 +1,13 @@
 """The topology update (SPEC section 4) and the dense-gradient window it reads: one path for every layout,
 with the selection as a strategy: `_Whole` (each rank holds whole layers: one process, DDP) calls the
-backend's update; `_Sharded` (FSDP2) runs the exact global selection on the shards (distributed.py)."""
+backend's update; `_Sharded` (FSDP2) runs the exact global selection on the shards (distributed.py).
+
+A layer without gradient: a sparse layer whose grow score is zero everywhere (after the DDP sum, or on every
+shard under FSDP2: the same decision on every rank) got no gradient in the window: its hook never ran (an
+unused branch, an MoE expert no token reached) or every gradient it saw was exactly zero. It has no signal to
+grow by (all its scores would tie at 0 and it would regrow at its lowest free indices), so it keeps its mask
+at that update, drop and grow both skipped, while the other layers update; `stats()` counts it. If no sparse
+layer has a gradient, the whole update is skipped (and counted in `skipped_updates`)."""
 from __future__ import annotations
 
 import warnings
@@ -11,9 +18,20 @@ from . import distributed as _dist
 from . import sharding as _sharding
 
 NO_GRAD = "no gradient was accumulated: call loss.backward() before pruner()"
+ALL_ZERO = "every sparse layer's accumulated gradient is zero"
 
 
-class _Whole:
+class _Way:
+    """What both strategies share: the layers of this update (`idx`, positions in the scheduler's lists) and
+    their weights, masks and scores, all local tensors; `quiet`: per layer, no gradient in the window."""
+
+    def keep_only(self, keep):
+        """Drop the layers not in `keep` (positions in idx) from this update."""
+        for name in ("idx", "weights", "masks", "scores"):
+            setattr(self, name, [x for k, x in enumerate(getattr(self, name)) if k in keep])
+
+
+class _Whole(_Way):
     """Whole layers on every rank. Under DDP the grow scores are summed over the ranks (one all-reduce); the
     non-finite check is folded into the backend's update (`checked_update`)."""
     nonfinite_why = "non-finite weights or gradients, e.g. an fp16 overflow"
@@ -25,6 +43,7 @@ class _Whole:
         self.weights = [p.W[i] for i in idx]
         self.masks = [p.backward_masks[i] for i in idx]
         self.scores = None
+        self.quiet = [False] * len(idx)
 
     def random_scores(self):
         g = self.p._generator
@@ -37,6 +56,8 @@ class _Whole:
             self.scores = [torch.zeros_like(w) if a is None else a for w, a in zip(self.weights, accs)]
         if distributed:  # every rank must reach the all-reduce, so the skip decision is taken after it
             have_grad = _dist.sum_scores(self.scores, have_grad, self.p.process_group)
+        if have_grad:  # on the summed scores: every rank decides alike
+            self.quiet = [not x for x in self.p._ops.any_nonzero(self.scores)]
         return have_grad
 
     def nonfinite(self) -> bool:
@@ -52,7 +73,7 @@ class _Whole:
         return p._ops.checked_update(self.weights, self.masks, self.scores, n_keep, n_grow, states, grads)
 
 
-class _Sharded:
+class _Sharded(_Way):
     """FSDP2: the same selection over the whole of each layer, computed on the shards
     (distributed.sharded_top_k). The accumulators hold the global gradient already: no all-reduce of scores.
     Every rank takes every decision from all-reduced flags, so all skip together."""
@@ -64,6 +85,7 @@ class _Sharded:
         self.masks = [p._local_mask(i) for i in idx]
         self.scores = None
         self.bad = False
+        self.quiet = [False] * len(idx)
 
     def random_scores(self):
         seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, generator=self.p._generator))
@@ -72,12 +94,15 @@ class _Sharded:
 
     def gradient_scores(self, accs) -> bool:
         self.scores = [torch.zeros_like(w) if a is None else _sharding.local(a) for w, a in zip(self.weights, accs)]
-        have_grad, self.bad = self._agree(any(a is not None for a in accs))
+        nonzero = self.p._ops.any_nonzero(self.scores)
+        have_grad, self.bad, *nonzero = self._agree(any(a is not None for a in accs), nonzero)
+        self.quiet = [not x for x in nonzero]
         return have_grad
 
-    def _agree(self, have_grad):
+    def _agree(self, have_grad, more=()):
+        """[have_grad, bad, *more], each true if it is on any rank: one all-reduce."""
         bad = self.p._ops.any_nonfinite(self.weights + self.scores)
-        return _dist.any_rank([have_grad, bad], self.weights[0].device, self.p.process_group)
+        return _dist.any_rank([have_grad, bad, *more], self.weights[0].device, self.p.process_group)
 
     def nonfinite(self) -> bool:
         return self.bad
@@ -112,10 +137,23 @@ def rigl_step(p) -> None:
             return skip(p, NO_GRAD)
     if way.nonfinite():
         return skip(p, way.nonfinite_why)
-    n_keep, n_grow = drop_counts(p, idx, p.cosine_annealing())
+    quiet = [i for i, q in zip(idx, way.quiet) if q]
+    if len(quiet) == len(idx):
+        return skip(p, ALL_ZERO)
+    if quiet:
+        way.keep_only({k for k, q in enumerate(way.quiet) if not q})
+    n_keep, n_grow = drop_counts(p, way.idx, p.cosine_annealing())
     if not way.apply(n_keep, n_grow):
         return skip(p, way.nonfinite_why)
-    p._last_update = [(i, g, p._n_active[i]) for i, g in zip(idx, n_grow)]
+    p._last_update = [(i, g, p._n_active[i]) for i, g in zip(way.idx, n_grow)]
+    p._layers_without_grad = quiet
+    if quiet and not p._warned_no_grad:
+        p._warned_no_grad = True
+        names = ", ".join(p.names[i] for i in quiet[:4]) + (", ..." if len(quiet) > 4 else "")
+        warnings.warn(f"rigl_fast: at the topology update of step {p.step}, {len(quiet)} sparse layer(s) got no "
+                      f"gradient in the window ({names}): they keep their masks, the others update; "
+                      "stats()['layers_without_grad'] counts them at every update (this warning is shown once)",
+                      RuntimeWarning, stacklevel=4)
 
 
 def drop_counts(p, idx, drop_fraction):
