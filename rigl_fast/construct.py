@@ -29,12 +29,7 @@ def plan(model, optimizer, hp, state_dict, opts) -> SimpleNamespace:
     if state_dict is not None:
         hp.update(_state.hyperparams(state_dict))  # the state dict's values win
     _config.validate(hp)
-    _config.check_after_step(opts["after_step"])
-    _config.check_flags(sparsify_tied=opts["sparsify_tied"], in_step=opts["in_step"])
-    _dist.check_group(opts["process_group"])
-    if opts["sharded_init"] not in _sharding.INIT_DRAWS:
-        raise ValueError(f"sharded_init must be one of {_sharding.INIT_DRAWS}, got {opts['sharded_init']!r}")
-    _ops.check_name(opts["backend"])
+    _config.check_keywords(**opts)  # the checks the framework callbacks run too
     found = _find(model, opts)
     p = SimpleNamespace(inner=inner, hp=hp, found=found, names=found.names, W=found.weights, **opts)
     _plan_layers(p, state_dict)
