@@ -219,14 +219,24 @@ def last_update(sd, n_layers: int):
 
 def check_names(sd, names: Sequence[str]) -> None:
     """Format 3 records each layer's name: a state dict of other layers (same shapes, e.g. another exclude=)
-    is refused, naming both. Wrapper prefixes are ignored (WRAPPER_NAMES); older state dicts load by position."""
+    is refused, naming both. The same layers seen through a wrapper or a containing module match: wrapper
+    components (WRAPPER_NAMES) are ignored, and one side's names may all carry the same extra leading path
+    (a LightningModule's `net.conv1.weight` is the bare network's `conv1.weight`). Older state dicts load by
+    position."""
     saved = sd.get("rigl_fast_names")
     if saved is None:
         return
     if not isinstance(saved, (list, tuple)) or len(saved) != len(names) or not all(isinstance(n, str) for n in saved):
         raise ValueError(f"state_dict['rigl_fast_names'] must list one name per layer ({len(names)}), got {saved!r}")
+    prefix = None  # (which side, the leading path it has beyond the other's), fixed by the first layer
     for i, (a, b) in enumerate(zip(saved, names)):
-        if _bare(a) != _bare(b):
+        got = _extra_path(_bare(a), _bare(b))
+        if prefix is None:
+            prefix = got
+        if got is not None and got != prefix:
+            raise ValueError(f"state_dict does not fit the model: its layer {i} {a!r} and the model's {b!r} differ by "
+                             f"another leading path than layer 0 ({saved[0]!r} / {names[0]!r})")
+        if got is None:
             raise ValueError(f"state_dict does not fit the model: its layer {i} is {a!r}, the model's layer {i} is "
                              f"{b!r} (the candidates differ, e.g. another include=/exclude=); load it into a model "
                              "whose sparse candidates are the same layers")
@@ -234,6 +244,17 @@ def check_names(sd, names: Sequence[str]) -> None:
 
 def _bare(name: str) -> str:
     return ".".join(c for c in name.split(".") if c not in WRAPPER_NAMES)
+
+
+def _extra_path(a: str, b: str):
+    """("", "") if a == b; (p, "") if a is p + b; ("", p) if b is p + a (p ends with "."); else None."""
+    if a == b:
+        return ("", "")
+    if a.endswith("." + b):
+        return (a[:-len(b)], "")
+    if b.endswith("." + a):
+        return ("", b[:-len(a)])
+    return None
 
 
 class Loaded(NamedTuple):

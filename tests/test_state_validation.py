@@ -116,11 +116,18 @@ def test_state_dicts_name_their_layers_and_refuse_other_layers():
     old = {k: v for k, v in sd.items() if k != "rigl_fast_names"}
     other.load_state_dict(dict(old, rigl_fast_format=2))
     assert torch.equal(other.backward_masks[1], sd_masks(sd)[1])
-    # a wrapper's prefix (DDP's module., torch.compile's _orig_mod.) is not a different layer
-    wrapped = dict(sd, rigl_fast_names=["module._orig_mod." + n for n in sd["rigl_fast_names"]])
+    # a wrapper's prefix (DDP's module., torch.compile's _orig_mod.) is not a different layer, nor is a
+    # containing module's path on every name (a LightningModule's net.a.weight is the bare network's a.weight)
     other.remove()
-    again = RigLScheduler(model, opt, exclude=["b"], state_dict=wrapped)
-    assert torch.equal(again.backward_masks[1], sd_masks(sd)[1])
+    for prefix in ("module._orig_mod.", "net.", "module.net."):
+        again = RigLScheduler(model, opt, exclude=["b"], state_dict=dict(
+            sd, rigl_fast_names=[prefix + n for n in sd["rigl_fast_names"]]))
+        assert torch.equal(again.backward_masks[1], sd_masks(sd)[1])
+        again.remove()
+    # but the extra path must be the same on every layer
+    mixed = dict(sd, rigl_fast_names=["net." + sd["rigl_fast_names"][0]] + sd["rigl_fast_names"][1:])
+    with pytest.raises(ValueError, match=r"its layer 1 'a.weight' and the model's 'a.weight' differ by another leading path"):
+        RigLScheduler(model, opt, exclude=["b"], state_dict=mixed)
 
 
 def test_resuming_random_growth_draws_nothing_from_the_global_rng():
