@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch), 100 otherwise")
     t.add_argument("--alpha", type=_alpha, default=0.3, help="initial drop fraction (cosine-decayed)")
     t.add_argument("--backend", choices=_BACKENDS, default="auto", help="rigl_fast backend for the mask ops")
+    _add_run_arguments(t)
+    t.set_defaults(func=_cmd_train)
+    parser.commands = {"train": t}  # main() reports errors with the subcommand's usage
+    return parser
+
+
+def _add_run_arguments(t: argparse.ArgumentParser) -> None:
+    """train's options for the data, the device and what is written: the rest of the training set-up."""
     t.add_argument("--data", choices=_DATASETS, default="digits",
                    help="digits needs no download; mnist1d is generated locally (4000 train / 1000 test) and "
                         "needs the mnist1d package; mnist/cifar10 need torchvision and the data under --data-dir")
@@ -150,9 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers as fan_in/csr modules, Conv layers dense) to PATH with torch.save, and print its "
                         "size and batch-1 latency beside the dense model's")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    t.set_defaults(func=_cmd_train)
-    parser.commands = {"train": t}  # main() reports errors with the subcommand's usage
-    return parser
 
 
 def main(argv=None) -> int:
