@@ -136,22 +136,54 @@ def threaded_ranks(world, fn):
     return results
 
 
-def selection_gap(w, mask, score, n_drop):
-    """At one topology update (SPEC §4), the smallest gap between a selected and the first unselected score:
-    among the active |w| at the keep boundary, and among the grow scores of the positions not kept at the grow
-    boundary. Two runs whose scores differ by less than half of it select the same masks whatever their
-    rounding; a test comparing masks across different arithmetic asserts that, so it cannot pass by luck. (For
-    generic data: an exact tie at a boundary gives 0, though ties resolve alike in every run.)"""
-    n_keep = int(mask.sum()) - n_drop
-    keep_key = torch.where(mask, w.abs(), -1.0).flatten()  # below every |w|: an inactive weight is never kept
-    order = torch.sort(keep_key, descending=True, stable=True)
-    kept = torch.zeros_like(keep_key, dtype=torch.bool)
-    kept[order.indices[:n_keep]] = True
-    grow = torch.sort(torch.where(kept, -1.0, score.abs().flatten()), descending=True).values
+def _boundaries(keys, need):
+    """keys (rows, n), each row selecting its `need` largest (ties to the lower index, as every backend). Returns
+    the least gap deciding a row's selection, less the float32 rounding that could close it (the backends
+    compare |values| rounded to float32: an ulp on each side), and per position the id of the boundary
+    tie it is in (-1 if none). An exact tie across a boundary is decided by index: its gap is the tied value's
+    distance to the nearest other values above and below, and the run compared must tie those positions too."""
+    v = torch.sort(keys, dim=1, descending=True).values
+    rows = ((need > 0) & (need < keys.shape[1])).nonzero().flatten()
+    k = need[rows].unsqueeze(1)
+    v, r_keys = v[rows], keys[rows]
+    a, b = v.gather(1, k - 1), v.gather(1, k)
+    tied = a == b
+    inf = torch.tensor(float("inf"))
+    above = torch.where(v > a, v, inf).min(1, keepdim=True).values - a
+    below = a - torch.where(v < a, v, -inf).max(1, keepdim=True).values
+    eps = torch.finfo(torch.float32).eps  # a float32 ulp of x is at most eps * x: less eps * (upper + lower)
+    gaps = torch.where(tied, torch.minimum(above * (1 - eps) - 2 * eps * a, below * (1 + eps) - 2 * eps * a),
+                       a * (1 - eps) - b * (1 + eps))  # written so that an infinite gap stays inf, not nan
+    ids = torch.full_like(keys, -1, dtype=torch.long)
+    ids[rows] = torch.where(tied & (r_keys == a), rows.unsqueeze(1), -1)
+    return (gaps.min().item() if gaps.numel() else float("inf")), ids
 
-    def gap(v, k):
-        return (v[k - 1] - v[k]).item() if 0 < k < v.numel() else float("inf")
-    return min(gap(order.values, n_keep), gap(grow, n_drop))
+
+def _selection(w, mask, score, n_drop, units=None):
+    """(gap, keep tie ids, grow tie ids) of one topology update (SPEC §4, §8): the keep boundary among the
+    active |w| of the whole layer, the grow boundary among the scores of the positions not kept (with a
+    structure, ops.Units `units`: each unit's own). Tie ids are flat, in the layer's order."""
+    from rigl_fast.ops import from_units, units_of
+    n_keep = int(mask.sum()) - n_drop
+    keep_key = torch.where(mask, w.abs().float(), -1.0).flatten()  # below every |w|: an inactive one is never kept
+    kept = torch.zeros_like(keep_key, dtype=torch.bool)
+    kept[torch.sort(keep_key, descending=True, stable=True).indices[:n_keep]] = True
+    keep_gap, keep_ties = _boundaries(keep_key[None], torch.tensor([n_keep]))
+    grow_key = torch.where(kept, -1.0, score.abs().float().flatten())
+    if units is None:
+        grow_gap, grow_ties = _boundaries(grow_key[None], torch.tensor([n_drop]))
+        return min(keep_gap, grow_gap), keep_ties[0], grow_ties[0]
+    need = units.target - units_of(kept, units).sum(1)  # each unit grows to its target
+    grow_gap, grow_ties = _boundaries(units_of(grow_key, units), need)
+    return min(keep_gap, grow_gap), keep_ties[0], from_units(grow_ties, units)
+
+
+def selection_gap(w, mask, score, n_drop, units=None):
+    """At one topology update, the least gap deciding the masks (`_boundaries`): between a selected and the
+    first unselected |value|, as the backends compare them, less their rounding to float32. Two runs whose
+    scores differ by less than half of it, and that tie exactly where this run ties at a boundary, select the
+    same masks; a test comparing masks across different arithmetic asserts that, so it cannot pass by luck."""
+    return _selection(w, mask, score, n_drop, units)[0]
 
 
 def update_scores(pruner):
@@ -161,15 +193,34 @@ def update_scores(pruner):
             for w, m, h in zip(pruner.W, pruner.backward_masks, pruner.backward_hook_objects) if m is not None]
 
 
-def assert_selection_margin(ref, other, drop_fraction, margin=1000):
+def _same_within(values, ids):
+    """Whether the values at the positions of each tie id (>= 0) are all equal."""
+    at = ids >= 0
+    if not at.any():
+        return True
+    v, i = values.flatten()[at], ids[at]
+    top = torch.full((int(i.max()) + 1,), -float("inf"), dtype=v.dtype).scatter_reduce(0, i, v, "amax")
+    low = torch.full_like(top, float("inf")).scatter_reduce(0, i, v, "amin")
+    return bool((top[i] == low[i]).all())
+
+
+def assert_selection_margin(ref, other, drop_fraction, margin=1000, units=None):
     """ref: update_scores() of a reference run before an update; other: (weight, grow score) per layer of a run
-    with other arithmetic (compiled, DDP, micro-batches) at the same update. Equal masks are asserted only where
-    every gap deciding them is over `margin` times the largest difference of the scores."""
+    with other arithmetic (compiled, DDP, micro-batches, FSDP2) at the same update; units: per layer, its
+    ops.Units under a structure. Equal masks are asserted only where every gap deciding them is over `margin`
+    times the largest difference of the scores, and `other` ties exactly where `ref` ties at a boundary.
+    Returns the least ratio gap / difference (for reports)."""
     assert len(ref) == len(other)
+    least = float("inf")
     for i, ((w0, m0, g0), (w, g)) in enumerate(zip(ref, other)):
         diff = max((w - w0).abs().max().item(), (g - g0).abs().max().item())
-        gap = selection_gap(w0, m0, g0, int(int(m0.sum()) * drop_fraction))
+        gap, keep_ties, grow_ties = _selection(w0, m0, g0, int(int(m0.sum()) * drop_fraction),
+                                               None if units is None else units[i])
         assert gap > margin * diff, f"layer {i}: equal masks would be luck: gap {gap:.3g}, scores differ {diff:.3g}"
+        assert _same_within(w.abs().float(), keep_ties) and _same_within(g.abs().float(), grow_ties), \
+            f"layer {i}: a tie at a selection boundary is not a tie in the other run"
+        least = min(least, gap / diff if diff else float("inf"))
+    return least
 
 
 NO_CPP_ENV = "RIGL_FAST_TESTS_NO_CPP"
