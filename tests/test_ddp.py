@@ -221,7 +221,8 @@ def _single_process(in_step=False, scenario=None):
         if pruner.rigl_steps != done:
             updates.append(_masks_cpu(pruner))
             scores[-1] = (scores[-1][0], pruner.cosine_annealing())
-    return updates, [w.detach().clone() for w in pruner.W], scores
+    units = [u for u, m in zip(pruner._units, pruner.backward_masks) if m is not None]
+    return updates, [w.detach().clone() for w in pruner.W], scores, units
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +267,7 @@ def test_non_finite_on_one_rank_skips_the_update_on_all(ddp_logs):
 
 @pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step", *STRUCTURED])
 def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
-    ref_updates, ref_weights, ref_scores = _single_process(in_step=scenario == "in_step", scenario=scenario)
+    ref_updates, ref_weights, ref_scores, units = _single_process(in_step=scenario == "in_step", scenario=scenario)
     assert all(log[scenario]["skipped"] == 0 and log[scenario]["warnings"] == [] for log in ddp_logs)
     got = ddp_logs[0][scenario]["updates"]
     assert len(got) == len(ref_updates) == sum(_is_update(s) for s in range(1, STEPS + 1))
@@ -281,20 +282,20 @@ def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
             changed += any(not torch.equal(x, y) for x, y in zip(a, prev) if x is not None)
         prev = a
     assert changed == len(got) - 1, "some update did not move the topology: the comparison would be vacuous"
-    if scenario not in STRUCTURED:  # selection_gap knows the unstructured selection; structured: float64 alone
-        _assert_margin([log[scenario]["scores"] for log in ddp_logs], ref_scores)
+    _assert_margin([log[scenario]["scores"] for log in ddp_logs], ref_scores,
+                   units if scenario in STRUCTURED else None)
     for a, b in zip(ddp_logs[0][scenario]["weights"], ref_weights):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def _assert_margin(rank_scores, ref_scores):
+def _assert_margin(rank_scores, ref_scores, units=None):
     """At every update, the single process's scores and the ranks' (weights; accumulators summed over the
     ranks, over world_size) differ by far less than the gaps that decide the masks: equal masks are no luck."""
     assert len(ref_scores) == len(rank_scores[0]) >= 4
     for k, (ref, f) in enumerate(ref_scores):
         summed = [(rank_scores[0][k][i][0], sum(r[k][i][2] for r in rank_scores if r[k][i][2] is not None) / WORLD)
                   for i in range(len(ref))]
-        assert_selection_margin(ref, summed, f, MARGIN)
+        assert_selection_margin(ref, summed, f, MARGIN, units)
 
 
 def test_example_script_under_torchrun(tmp_path):
