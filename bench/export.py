@@ -15,12 +15,16 @@ its length (the block is sized once per shape and batch so the dense contender t
 calls are too short for one perf_counter reading each). Contenders alternate inside every repeat, in an order
 rotated per repeat, so the machine's drift lands in the min-max spread and not in the ratios; the ratios
 (dense / contender: > 1 means faster than dense) are of medians from the same run.
+Every configuration is measured twice: quiet, then loaded, while one other PyTorch process runs small matmuls on
+its default threads (bench/contention.py), the load under which kernels that open an OpenMP region for
+sub-millisecond work lose their speed (issue 21); the tables show both side by side.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import time
 import warnings
 
@@ -30,7 +34,7 @@ from torch import nn
 from rigl_fast import structure as _structure
 from rigl_fast.export import CSRLinear, FanInLinear
 
-from . import report, timing
+from . import contention, report, timing
 from .suite import _rotate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +46,8 @@ def settings(quick: bool):
     """(shapes as (out, in), batch sizes, sparsities)."""
     if quick:
         return [(64, 96)], [1, 3], [0.9]
-    return [(1024, 1024), (4096, 1024), (1024, 4096), (4096, 4096)], [1, 64, 512], [0.8, 0.9, 0.95, 0.98]
+    # 2048x2048: the layer of issue 21's contention report
+    return [(1024, 1024), (2048, 2048), (4096, 1024), (1024, 4096), (4096, 4096)], [1, 64, 512], [0.8, 0.9, 0.95, 0.98]
 
 
 def _modules(out, inp, sparsity, gen):
@@ -74,6 +79,14 @@ def _block(fn, x, n):
 
 
 def run(quick: bool, repeats: int) -> dict:
+    """The quiet pass, then the same under a competing process (rows tagged load='quiet' / 'loaded')."""
+    rows = measure(quick, repeats, "quiet")
+    with contention.competing_process():
+        rows += measure(quick, repeats, "loaded")
+    return {"meta": report.meta(torch.device("cpu")), "repeats": repeats, "rows": rows, "notes": [contention.NOTE]}
+
+
+def measure(quick: bool, repeats: int, load: str) -> list:
     shapes, batches, sparsities = settings(quick)
     rows = []
     with torch.inference_mode(), warnings.catch_warnings():
@@ -98,8 +111,9 @@ def run(quick: bool, repeats: int) -> dict:
                     for c in CONTENDERS:
                         s = timing.stats(samples[c])
                         rows.append({"out": out, "in": inp, "batch": batch, "sparsity": sparsity, "k": k,
-                                     "contender": c, "block": n, **s, "speedup_vs_dense": dense / s["median"]})
-    return {"meta": report.meta(torch.device("cpu")), "repeats": repeats, "rows": rows}
+                                     "contender": c, "block": n, **s, "speedup_vs_dense": dense / s["median"],
+                                     "load": load})
+    return rows
 
 
 def markdown(res) -> str:
@@ -108,7 +122,8 @@ def markdown(res) -> str:
              f"{m['date']}, torch {m['torch']}, python {m['python']}, {m['torch_threads']} threads, commit "
              f"{m['git_commit']}, {res['repeats']} interleaved repeats. Median microseconds per call (min-max), "
              "and in brackets the speed-up over the dense layer from the same run (> 1: faster than dense). "
-             "fp32, constant fan-in masks (bench/export.py says what each contender is).", ""]
+             "fp32, constant fan-in masks (bench/export.py says what each contender is). Each cell: quiet · "
+             "loaded (one competing PyTorch process, bench/contention.py) and loaded / quiet.", ""]
     keys = sorted({(r["out"], r["in"], r["batch"]) for r in res["rows"]}, key=lambda t: (t[2], t[0] * t[1], t))
     for out, inp, batch in keys:
         lines += [f"## {out}x{inp} (out x in), batch {batch}", "",
@@ -117,12 +132,20 @@ def markdown(res) -> str:
         for sp in sorted({r["sparsity"] for r in group}):
             cells = []
             for c in CONTENDERS:
-                r = next(r for r in group if r["sparsity"] == sp and r["contender"] == c)
-                cells.append(f"{r['median'] * 1e6:.0f} ({r['min'] * 1e6:.0f}-{r['max'] * 1e6:.0f})"
-                             + ("" if c == "dense" else f" [{r['speedup_vs_dense']:.2f}x]"))
+                rs = {r.get("load", "quiet"): r for r in group if r["sparsity"] == sp and r["contender"] == c}
+                cell = " · ".join(_cell(rs[load], c) for load in ("quiet", "loaded") if load in rs)
+                if len(rs) == 2:
+                    cell += f" ({rs['loaded']['median'] / rs['quiet']['median']:.1f}x)"
+                cells.append(cell)
             lines.append(f"| {sp:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += [f"- {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
+
+
+def _cell(r, contender) -> str:
+    return (f"{r['median'] * 1e6:.0f} ({r['min'] * 1e6:.0f}-{r['max'] * 1e6:.0f})"
+            + ("" if contender == "dense" else f" [{r['speedup_vs_dense']:.2f}x]"))
 
 
 def plot(res, path) -> None:
@@ -137,7 +160,8 @@ def plot(res, path) -> None:
             ax = axes[bi][ki]
             for c in CONTENDERS:
                 rs = sorted((r for r in res["rows"] if (r["out"], r["in"], r["batch"], r["contender"])
-                             == (out, inp, batch, c)), key=lambda r: r["sparsity"])
+                             == (out, inp, batch, c) and r.get("load", "quiet") == "quiet"),
+                            key=lambda r: r["sparsity"])
                 ax.plot([100 * r["sparsity"] for r in rs], [r["median"] * 1e6 for r in rs], marker="o", label=c)
             ax.set_yscale("log")
             ax.set_title(f"{out}x{inp}, batch {batch}", fontsize=9)
@@ -157,11 +181,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--tag", default=None, help="suffix of the result files' names (<device>-export-<tag>.*), to "
+                    "keep an earlier run beside a new one")
     a = ap.parse_args(argv)
+    if a.tag is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", a.tag):
+        ap.error("--tag: lower-case letters, digits and '-' only")
     res = run(a.quick, a.repeats or (2 if a.quick else 7))
     out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
     os.makedirs(out, exist_ok=True)
-    stem = os.path.join(out, report.device_slug(torch.device("cpu")) + "-export")
+    stem = os.path.join(out, report.device_slug(torch.device("cpu")) + "-export" + (f"-{a.tag}" if a.tag else ""))
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(stem + ".md", "w") as f:

@@ -149,6 +149,13 @@ def markdown(res: dict) -> str:
         L += ["", "Minor page faults per step (median), where over 1000: fresh pages of a large gradient faulting "
               "in on first touch, a cost of the allocator that lands in whichever op touches them first. "
               + "; ".join(f"{k[0]} {k[2]} {k[3]}: " + ", ".join(v) for k, v in by_cfg.items()) + "."]
+    loaded = [r for r in res["step"] if "loaded_total" in r]
+    if loaded:
+        L += ["", "## Per-step overhead with one competing process, ms: loaded median (min-max) and loaded / quiet "
+              "median", "", "The same contenders while one other PyTorch process runs 64x64 matmuls on its default "
+              "threads (bench/contention.py).", ""]
+        L += _grid(loaded, _cfg, ["weights", "sparse", "sparsity", "dtype"],
+                   lambda r: f"{_ms(r['loaded_total'])} [{r['loaded_total']['median'] / r['total']['median']:.2f}x]")
     cost = _grid(_safe_default_cost(res["step"]), _cfg, ["weights", "sparse", "sparsity", "dtype"],
                  lambda r: f"{r['ratio']:.2f}x ({r['extra_ms']:+.3g} ms)")
     if len(cost) > 2:

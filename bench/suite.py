@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import contenders as C
-from . import timing, weightsets
+from . import contention, timing, weightsets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,6 +35,8 @@ class Plan:
     scaling_rigl_torch_max_weights: int
     copy_bytes: int
     scaling_width: int = 1024
+    # per-step repeats again under one competing process (bench/contention.py); 0: not measured
+    loaded_step_repeats: int = 0
     notes: List[str] = field(default_factory=list)
 
 
@@ -45,6 +47,7 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
                     step_repeats=2, update_repeats=2, e2e=[("resnet18", 32, 4, 3, 2)], e2e_base=8,
                     scaling_layers=[1, 2, 4], scaling_extra=["tiny-mlp"], scaling_repeats=1,
                     scaling_rigl_torch_max_weights=10 ** 9, copy_bytes=16 << 20, scaling_width=128,
+                    loaded_step_repeats=1,
                     notes=["--quick: tiny weight sets, a reduced-width ResNet-18 and 1-2 repeats; a smoke test, "
                            "not a measurement"])
     if device.type == "cuda":
@@ -63,6 +66,7 @@ def plan_for(device: torch.device, quick: bool) -> Plan:
                 # per-step ops take milliseconds: 7 interleaved repeats keep their medians (and the
                 # always/trusted ratio) steady on a shared 2-vCPU machine at little cost
                 step_repeats=7, update_repeats=3, e2e=[("resnet18", 64, 16, 10, 3)], e2e_base=64,
+                loaded_step_repeats=5,
                 scaling_layers=[1, 4, 16, 64, 128], scaling_extra=[], scaling_repeats=1,
                 scaling_rigl_torch_max_weights=5_000_000, copy_bytes=256 << 20,
                 notes=["CPU set: rigl-torch's update is not timed on gpt2-small (tens of seconds per update: "
@@ -121,18 +125,12 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     masters.restore()
     for c in cs:
         c.grad_op(), c.after_step()  # warm-up (and first-touch of the hooks' output pages)
-    samples: Dict[str, Dict[str, list]] = {c.name: {"grad_op": [], "after_step": [], "total": []} for c in cs}
-    faults: Dict[str, list] = {c.name: [] for c in cs}
     bws = []
-    for r in range(plan.step_repeats):
-        bws.append(bw.sample())
-        for c in _rotate(cs, r):
-            f0 = timing.minor_faults()
-            g = clock.repeatable(c.grad_op)
-            a = clock.repeatable(c.after_step)
-            faults[c.name].append(timing.minor_faults() - f0)
-            s = samples[c.name]
-            s["grad_op"].append(g), s["after_step"].append(a), s["total"].append(g + a)
+    samples, faults = _step_samples(cs, plan.step_repeats, clock, lambda: bws.append(bw.sample()))
+    loaded = None
+    if plan.loaded_step_repeats:  # the same under a competing process (the bandwidth is not sampled then)
+        with contention.competing_process():
+            loaded, _ = _step_samples(cs, plan.loaded_step_repeats, clock, lambda: None)
     floors = timing.step_floor_bytes(n_sparse, b)
     step_rows = []
     for c in cs:
@@ -141,6 +139,8 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
         # move only the gradient op's bytes: its floor leaves the after-step part out
         parts = dict(floors, after_step=0) if c.skips_after_step else floors
         step_rows.append(dict(base, contender=c.name, **{k: timing.stats(v) for k, v in s.items()},
+                              **({} if loaded is None else
+                                 {"loaded_" + k: timing.stats(v) for k, v in loaded[c.name].items()}),
                               skips_after_step=c.skips_after_step,
                               minor_faults_per_step=statistics.median(faults[c.name]),
                               floor_bytes=parts["grad_op"] + parts["after_step"], floor_parts_bytes=parts))
@@ -210,6 +210,23 @@ def measure_config(set_name, sparsity, dtype_name, rt_reps, device, plan: Plan, 
     del cs, ucs, masters
     _free(device)
     return step_rows, update_rows
+
+
+def _step_samples(cs, repeats, clock, each_repeat):
+    """Interleaved repeats of every contender's gradient op and after-step pass: ({name: {grad_op, after_step,
+    total: [s]}}, {name: [minor faults per step]}); each_repeat() runs before each repeat."""
+    samples: Dict[str, Dict[str, list]] = {c.name: {"grad_op": [], "after_step": [], "total": []} for c in cs}
+    faults: Dict[str, list] = {c.name: [] for c in cs}
+    for r in range(repeats):
+        each_repeat()
+        for c in _rotate(cs, r):
+            f0 = timing.minor_faults()
+            g = clock.repeatable(c.grad_op)
+            a = clock.repeatable(c.after_step)
+            faults[c.name].append(timing.minor_faults() - f0)
+            s = samples[c.name]
+            s["grad_op"].append(g), s["after_step"].append(a), s["total"].append(g + a)
+    return samples, faults
 
 
 def measure_scaling(device, plan: Plan, backends, log, sparsity=0.9, dtype_name="fp32", peers=(C.RIGL_TORCH,)) -> list:
@@ -322,7 +339,7 @@ def run(device: torch.device, quick: bool, log=print) -> dict:
     plan = plan_for(device, quick)
     backends = C.available_backends(device)
     peers = peers_available()
-    notes = list(plan.notes)
+    notes = list(plan.notes) + ([contention.NOTE] if plan.loaded_step_repeats else [])
     if C.SPARSIMONY in peers:
         notes.append(SPARSIMONY_NOTE)
     else:
