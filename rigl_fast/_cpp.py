@@ -234,7 +234,11 @@ def load_library(part: str = "core") -> str:
                 except ImportError:
                     how = None
                 if not _registered(part):  # no prebuilt module, or one built before these ops existed
-                    _jit_build(part)
+                    try:
+                        _jit_build(part)
+                    except OSError as e:  # an unwritable cache folder, a cached library that does not load
+                        raise BackendUnavailable(f"{_WHAT[part]}: {e} (under {build_root()}; set "
+                                                 "TORCH_EXTENSIONS_DIR to another folder)") from e
                     how = "jit"
             if not _registered(part):
                 raise BackendUnavailable(f"{_WHAT[part]} loaded but did not register torch.ops.rigl_fast."

@@ -227,3 +227,21 @@ def test_real_first_build_in_a_fresh_folder(tmp_path):
     assert load_in_subprocess(env, src_dir=copy_sources(tmp_path / "checkout2" / "csrc")) == []
     said = load_in_subprocess(env, "export")
     assert said[0].startswith("rigl_fast: building the C++ export kernels") and "built in" in said[-1]
+
+
+def test_unusable_cache_folder_makes_the_backend_unavailable(tmp_path):
+    """A cache root that cannot hold the build (here a file) is a one-line BackendUnavailable, so backend='auto'
+    falls back, not an OSError out of the backend's constructor."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    code = ("import sys\n"
+            "sys.modules['rigl_fast._C'] = None\n"
+            "from rigl_fast import _cpp\n"
+            "try:\n"
+            "    _cpp.load_library()\n"
+            "except _cpp.BackendUnavailable as e:\n"
+            "    print('UNAVAILABLE', str(e).count(chr(10)))\n")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(blocker))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["UNAVAILABLE", "0"]
