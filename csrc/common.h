@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -19,9 +20,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -44,13 +48,15 @@ constexpr int64_t kGrain = 1 << 15;
 // ------------------------------------------------------------------------------------------ threads
 // Every parallel loop chooses its thread count by the size of its work: clamp(work / kThreadWork, 1, threads),
 // work counted in element passes (reading, masking and writing one element is about 1). kThreadWork is about half a
-// millisecond of one thread's masking, so a call under about a millisecond runs on the calling thread and opens no
-// OpenMP region. A region waits for every thread of the pool, and where another process's threads spin on the
-// cores, waking one costs milliseconds: sub-millisecond kernels took 6-30x their quiet time (issue 21).
+// millisecond of one thread's masking, so a call under about a millisecond runs on the calling thread alone. Larger
+// calls share chunks with helper threads that the caller never waits for (ChunkState), not an OpenMP region: a
+// region waits for every thread of the pool, and where another process's threads spin on the cores, waking one
+// costs a scheduler time slice (milliseconds). Sub-millisecond kernels took 6-30x their quiet time that way, and
+// calls of a few milliseconds stalled at 8 or 16 ms (issue 21).
 constexpr int64_t kThreadWork = 1 << 19;
 
-// How many parallel loops asked for more than one thread (an OpenMP region) since this library loaded: diagnostics,
-// the tests check that small calls open none (torch.ops.rigl_fast.parallel_regions). One counter per library: inline.
+// How many parallel loops ran on more than one thread since this library loaded: diagnostics, the tests check that
+// small calls open none (torch.ops.rigl_fast.parallel_regions). One counter per library: inline.
 inline std::atomic<int64_t>& parallel_regions() {
   static std::atomic<int64_t> count{0};
   return count;
@@ -61,14 +67,50 @@ inline int64_t threads_for(int64_t work) {
   return std::clamp<int64_t>(work / kThreadWork, 1, std::max(1, at::get_num_threads()));
 }
 
-// fn(first, last) over [0, n), items that take `work` element passes in all, on threads_for(work) threads: one
-// contiguous range each, or one call on this thread (at::parallel_for runs a range no longer than its grain inline).
+// Shares the work of a parallel call: chunks claimed one at a time from a counter by the calling thread and by
+// helpers from torch's inter-op pool. Unlike an OpenMP region, nothing waits for a helper that has not started: the
+// caller runs whatever chunks are left, and waits only for chunks already claimed (each a small part of the call).
+// A helper that starts after the call has returned finds no chunk and leaves without touching the call's data; the
+// state it reads is shared, kept alive by the helper's own reference.
+struct ChunkState {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t chunks = 0;
+  std::function<void(int64_t)> run;  // the call's chunk c: only called on a claimed chunk, while the call waits
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+
+  void work() {
+    c10::ParallelGuard guard(true);  // parallel loops inside a chunk run inline, as inside an OpenMP region
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      try {
+        run(c);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// fn(first, last) over [0, n), items that take `work` element passes in all, on up to threads_for(work) threads
+// (ChunkState), or in one call on this thread.
 template <typename Fn>
 inline void parallel_tasks(int64_t n, int64_t work, const Fn& fn) {
   if (n <= 0) return;
-  const int64_t threads = threads_for(work);
-  if (threads > 1) parallel_regions().fetch_add(1, std::memory_order_relaxed);
-  at::parallel_for(0, n, threads == 1 ? n : (n + threads - 1) / threads, fn);
+  const int64_t threads = std::min(threads_for(work), n);
+  if (threads == 1 || c10::ParallelGuard::is_enabled() || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  parallel_regions().fetch_add(1, std::memory_order_relaxed);
+  auto st = std::make_shared<ChunkState>();
+  st->chunks = std::min(n, 8 * threads);  // small enough for the caller to take over a late helper's share
+  st->run = [&fn, n, chunks = st->chunks](int64_t c) { fn(c * n / chunks, (c + 1) * n / chunks); };
+  for (int64_t t = 1; t < threads; ++t) at::launch([st] { st->work(); });
+  st->work();
+  while (st->done.load(std::memory_order_acquire) < st->chunks) std::this_thread::yield();
+  st->run = nullptr;
+  if (st->failed.load()) std::rethrow_exception(st->error);
 }
 
 // The same for n items of `work_per_item` element passes each.
