@@ -836,9 +836,9 @@ def two_threads():
 
 
 def test_small_calls_open_no_parallel_region(cpp, two_threads):
-    """Threads by the work's size (issue 21 item 7): a call of well under a millisecond runs on the calling thread,
-    with no OpenMP region (one waits for every thread, milliseconds where other processes' threads hold the cores);
-    a large one still runs in parallel. Here on 2 threads, for the per-step ops, the update and the products."""
+    """Threads by the work's size (issue 21 item 7): a call of well under a millisecond runs on the calling thread
+    alone (waking other threads costs milliseconds where other processes' threads hold the cores); a large one still
+    runs in parallel. Here on 2 threads, for the per-step ops, the update and the products."""
     from rigl_fast._cpp import load_library
     load_library("export")
     g = torch.Generator().manual_seed(5)
