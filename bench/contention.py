@@ -5,25 +5,28 @@ Python loop does not do this."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 
 NOTE = ("loaded: measured again while one other PyTorch process ran 64x64 matmuls in a loop on its default threads "
         "(bench/contention.py), started before the loaded repeats and stopped after them")
 
-_CODE = ("import torch\n"
+# it stops by itself when the bench that started it is gone (killed before it could stop it): its parent changes
+_CODE = ("import os, sys, torch\n"
          "a, b = torch.randn(64, 64), torch.randn(64, 64)\n"
          "a @ b\n"
          "print('ready', flush=True)\n"
-         "while True:\n"
-         "    for _ in range(1000):\n"
+         "while os.getppid() == int(sys.argv[1]):\n"
+         "    for _ in range(100):\n"
          "        a @ b\n")
 
 
 @contextlib.contextmanager
 def competing_process():
     """Runs the competitor for the duration of the block (from its first matmul on); stops it after."""
-    p = subprocess.Popen([sys.executable, "-c", _CODE], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _CODE, str(os.getpid())], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
     try:
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError("the competing process did not start")

@@ -49,3 +49,30 @@ def suite_markdown(steps):
            "backends": ["reference"], "quick": True, "step": steps, "update": [], "scaling": [], "e2e": [],
            "notes": [], "peers": []}
     return report.markdown(res)
+
+
+def test_competing_process_stops_when_its_bench_is_killed(tmp_path):
+    """A bench killed before it could stop its competitor (SIGKILL/SIGTERM skip the `finally`) leaves no process
+    loading the machine: the competitor notices that its parent is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    code = ("from rigl_fast.bench import contention\n"
+            "import time\n"
+            "with contention.competing_process() as p:\n"
+            "    print(p.pid, flush=True)\n"
+            "    time.sleep(60)\n")
+    bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(bench.stdout.readline())
+    os.kill(bench.pid, signal.SIGKILL)
+    bench.wait()
+    bench.stdout.close()
+    for _ in range(600):  # it checks after every 100 matmuls: well under a second, even on a loaded machine
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the competing process outlived its bench")
