@@ -104,6 +104,18 @@ def trained_model_and_adam(seed=0, data_seed=0):
     return model, opt
 
 
+def init_gloo(rank, port, world, timeout_s=60):
+    """A spawned rank's gloo process group on the loopback, one thread per rank (ranks share a small CPU:
+    oversubscribed threads only slow them down), with a bounded timeout: a rank left waiting in a collective
+    fails the test instead of hanging the suite."""
+    import datetime
+    import torch.distributed as dist
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def threaded_ranks(world, fn):
     """fn(rank, all_sum, ties_before) on `world` threads standing in for ranks, the results in rank order:
     all_sum(t) sums t over the ranks, ties_before(c) sums c over the ranks before this one (the two collectives

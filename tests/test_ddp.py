@@ -10,7 +10,6 @@ gradient differ by a uniform factor of world_size and rounding: the runs are in 
 that the gaps deciding each mask are far above the rounding, tests/helpers.selection_gap), and a run resumed
 inside an accumulation window from rank 0's checkpoint equal to the uninterrupted run bit for bit.
 """
-import datetime
 import functools
 import os
 import re
@@ -26,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import MLP, assert_selection_margin, batches, update_scores
+from helpers import MLP, assert_selection_margin, batches, init_gloo, update_scores
 from rigl_fast import RigLScheduler
 
 WORLD = 2
@@ -189,11 +188,7 @@ SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "r
 
 
 def _worker(rank, port, out_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)  # two ranks on a small shared CPU: oversubscribed threads only slow them down
-    # a bounded timeout: a rank left waiting in a collective fails the test instead of hanging the suite
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, port, WORLD, 60)
     try:
         torch.save({sc: _train(rank, sc, out_dir) for sc in SCENARIOS}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -340,10 +335,7 @@ def test_resume_inside_an_accumulation_window_is_exact(ddp_logs):
 
 def _group_worker(rank, port, out_dir):
     """4 ranks, two data-parallel groups {0, 1} and {2, 3}, each training on its own data stream."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, port, 4, 60)
     try:
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
         group = groups[rank // 2]

@@ -15,7 +15,6 @@ torch.distributed.checkpoint inside an accumulation window resumes bit for bit, 
 non-finite gradient on one rank skips the update on both; errors for layouts rigl_fast does not handle.
 """
 import copy
-import datetime
 import functools
 import os
 import socket
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_selection_margin, update_scores
+from helpers import assert_selection_margin, init_gloo, update_scores
 from rigl_fast import RigLScheduler
 from rigl_fast.distributed import RADIX_PASSES, UNIT_RADIX_PASSES
 from rigl_fast.ops import units_of
@@ -451,10 +450,7 @@ def _conv1d_extras(mesh):
 
 
 def _worker(rank, port, out_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    init_gloo(rank, port, WORLD, 120)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (WORLD,))
     try:
@@ -663,11 +659,8 @@ def _hsdp_worker(rank, port, out_dir, name):
     """HSDP: a 2-D mesh, weights replicated over dim 0 and sharded over dim 1; the global batch split 4 ways.
     `name`: the scenario whose model, optimizer and structure run (the plain MLP, or Conv1D's split units)."""
     from torch.distributed.device_mesh import init_device_mesh
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
     world = HSDP[0] * HSDP[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    init_gloo(rank, port, world, 120)
     try:
         mesh = init_device_mesh("cpu", HSDP, mesh_dim_names=("replicate", "shard"))
         _, wrapping, optim, _, _ = SCENARIOS[name]

@@ -2,7 +2,6 @@
 MoE expert no token reached; or only exactly-zero gradients) keeps its mask at that update, while the other
 layers update; stats() counts it. Every backend, and under DDP and FSDP2 (decided on the globally reduced
 score, so every rank decides alike)."""
-import datetime
 import os
 import socket
 import warnings
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_fast import RigLScheduler
+from helpers import init_gloo
 
 CFG = dict(dense_allocation=0.3, T_end=20, delta=3, grad_accumulation_n=2, ignore_linear_layers=False, alpha=0.5)
 
@@ -141,10 +141,7 @@ def _fsdp_run(rank, mesh):
 
 
 def _worker(rank, port, out_dir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
+    init_gloo(rank, port, 2, 120)
     from torch.distributed.device_mesh import init_device_mesh
     try:
         out = {"ddp_one_rank": _ddp_run(rank, ("both", "a")), "ddp_none": _ddp_run(rank, ("a", "a")),
