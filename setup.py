@@ -41,7 +41,19 @@ if os.environ.get("RIGL_FAST_BUILD_CPP") == "1":
     ext_modules = [CppExtension("rigl_fast._C", sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
                                 include_dirs=[os.path.join(here, "csrc")],
                                 extra_compile_args=["-O3", "-fopenmp", "-std=c++20"], extra_link_args=["-fopenmp"])]
-    cmdclass["build_ext"] = BuildExtension
+
+    class BuildExtWithKey(BuildExtension):
+        """Also writes _C.key beside the module: the build keys of the sources it holds, so that rigl_fast._cpp
+        loads it only while the installed sources are these (docs/cpp.md)."""
+
+        def run(self):
+            super().run()
+            from rigl_fast._cpp import PREBUILT_KEY_FILE, prebuilt_key
+            out = os.path.join(os.path.dirname(self.get_ext_fullpath("rigl_fast._C")), PREBUILT_KEY_FILE)
+            with open(out, "w") as f:
+                f.write(prebuilt_key(os.path.join(here, "csrc")) + "\n")
+
+    cmdclass["build_ext"] = BuildExtWithKey
 
 setup(
     name="rigl_fast",

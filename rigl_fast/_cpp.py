@@ -3,15 +3,14 @@
 Two extensions: "core" (the training ops, built on the first use of the backend) and "export" (the exported
 models' products, built on their first use, so that the first build for training does not wait for them).
 Loading one, first match wins:
-1. a prebuilt `rigl_fast._C` holding both (``RIGL_FAST_BUILD_CPP=1 pip install .``, see docs/cpp.md);
+1. a prebuilt `rigl_fast._C` holding both (``RIGL_FAST_BUILD_CPP=1 pip install .``, docs/cpp.md), if its key matches;
 2. a JIT build with torch.utils.cpp_extension.load + ninja, cached in a folder named after a hash of the sources'
    contents, the flags, and the torch and Python builds (`build_dir`), under torch's extension root (default
    ~/.cache/torch_extensions/py<ver>_<cpu|cuXXX>, or $TORCH_EXTENSIONS_DIR): checkouts of the same sources share one
    build, other sources never load it. The sources are copied into the folder and built there, so the build does not
    depend on where they came from. A build says so on stderr: a line when it starts, one per compiled unit (ninja
    compiles them in parallel), and one with the time taken.
-If neither works, `CppBackend()` raises `BackendUnavailable` with a one-line reason, so `auto` falls back
-and an explicit `backend='cpp'` raises.
+If neither works, `CppBackend()` raises `BackendUnavailable` (one line), so `auto` falls back and `'cpp'` raises.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import functools
 import glob
 import hashlib
 import importlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -78,6 +78,25 @@ def build_key(part: str = "core", src_dir: Optional[str] = None) -> str:
                  str(torch.version.cuda), str(torch.version.hip), sys.version, sys.platform, platform.machine()):
         h.update(word.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+PREBUILT_KEY_FILE = "_C.key"  # beside a prebuilt rigl_fast._C (setup.py): the build keys of the sources it holds
+
+
+def prebuilt_key(src_dir: Optional[str] = None) -> str:
+    """The key setup.py writes beside a prebuilt rigl_fast._C: build_key() of every part of these sources."""
+    return " ".join(build_key(part, src_dir) for part in sorted(PARTS))
+
+
+def prebuilt_is_current(key_path: Optional[str] = None) -> bool:
+    """Whether the prebuilt rigl_fast._C was built from the sources installed now (a checkout edited after
+    `RIGL_FAST_BUILD_CPP=1 pip install -e .` must not load the old build)."""
+    path = key_path or os.path.join(os.path.dirname(os.path.abspath(__file__)), PREBUILT_KEY_FILE)
+    try:
+        with open(path) as f:
+            return f.read().strip() == prebuilt_key()
+    except (OSError, BackendUnavailable):
+        return False
 
 
 def build_root() -> str:
@@ -228,11 +247,16 @@ def load_library(part: str = "core") -> str:
             if _registered(part):
                 how = "already loaded"
             else:
-                try:
-                    importlib.import_module("rigl_fast._C")
-                    how = "prebuilt"
-                except ImportError:
-                    how = None
+                how = None
+                if prebuilt_is_current():
+                    try:
+                        importlib.import_module("rigl_fast._C")
+                        how = "prebuilt"
+                    except ImportError:
+                        pass
+                elif part == "core" and importlib.util.find_spec("rigl_fast._C") is not None:
+                    print(f"rigl_fast: rigl_fast._C was built from other sources ({PREBUILT_KEY_FILE}); building these",
+                          file=sys.stderr)
                 if not _registered(part):  # no prebuilt module, or one built before these ops existed
                     try:
                         _jit_build(part)

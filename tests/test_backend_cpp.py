@@ -142,6 +142,21 @@ def test_build_folder_follows_flags_and_compiler(monkeypatch):
     assert _cpp.build_dir() != before
 
 
+def test_prebuilt_module_loads_only_with_the_key_of_these_sources(tmp_path, monkeypatch):
+    """setup.py writes prebuilt_key() beside a prebuilt rigl_fast._C; it is current only while the installed sources
+    are the ones it was built from (a checkout edited after RIGL_FAST_BUILD_CPP=1 pip install -e . is not)."""
+    key = tmp_path / _cpp.PREBUILT_KEY_FILE
+    assert not _cpp.prebuilt_is_current(str(key))  # no key file: a module without one is not trusted
+    key.write_text(_cpp.prebuilt_key() + "\n")
+    assert _cpp.prebuilt_is_current(str(key))
+    src = copy_sources(tmp_path / "csrc")
+    assert _cpp.prebuilt_key(src) == _cpp.prebuilt_key()  # the key follows contents, not paths
+    with open(os.path.join(src, "product_base.cpp"), "a") as f:  # a unit of either extension changes it
+        f.write("// edited\n")
+    monkeypatch.setattr(_cpp, "source_dir", lambda: src)
+    assert not _cpp.prebuilt_is_current(str(key))
+
+
 class Clock:
     def __init__(self):
         self.t = 100.0
