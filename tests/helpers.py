@@ -235,6 +235,21 @@ def assert_selection_margin(ref, other, drop_fraction, margin=1000, units=None):
     return least
 
 
+# Every argument RigLScheduler checks without a model, badly set: (keywords, error type, the name the error says).
+# The framework callbacks must raise these at construction, through the same code (config.check_keywords).
+BAD_SCHEDULER_KEYWORDS = [
+    (dict(structure="bogus"), ValueError, "structure"),
+    (dict(structure="2:4", dense_allocation=0.3), ValueError, "dense_allocation"),
+    (dict(sharded_init="bogus"), ValueError, "sharded_init"),
+    (dict(grow_mode="bogus"), ValueError, "grow_mode"),
+    (dict(include="net.*"), TypeError, "include"),
+    (dict(exclude="lm_head"), TypeError, "exclude"),
+    (dict(process_group=object()), ValueError, "process_group"),
+    (dict(erk_power_scale=float("nan")), ValueError, "erk_power_scale"),
+    (dict(sparsify_tied=1), TypeError, "sparsify_tied"),
+]
+
+
 NO_CPP_ENV = "RIGL_FAST_TESTS_NO_CPP"
 
 

@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 from rigl_fast.integrations.hf import STATE_FILE, RigLCallback, _resume_folder  # noqa: E402
 from rigl_fast.state import masks as sd_masks  # noqa: E402
+from helpers import BAD_SCHEDULER_KEYWORDS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CB = dict(dense_allocation=0.3, delta=3, alpha=0.3, ignore_linear_layers=False)
@@ -223,13 +224,7 @@ def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError, match="after_step"):
         RigLCallback(after_step="never")
     # every argument RigLScheduler checks without a model is checked here, by the same code (config.py)
-    for kw, err, name in [(dict(structure="bogus"), ValueError, "structure"),
-                          (dict(structure="2:4", dense_allocation=0.3), ValueError, "dense_allocation"),
-                          (dict(sharded_init="bogus"), ValueError, "sharded_init"),
-                          (dict(grow_mode="bogus"), ValueError, "grow_mode"),
-                          (dict(exclude="lm_head"), TypeError, "exclude"),
-                          (dict(process_group=object()), ValueError, "process_group"),
-                          (dict(in_step=True), TypeError, "in_step")]:
+    for kw, err, name in BAD_SCHEDULER_KEYWORDS + [(dict(in_step=True), TypeError, "in_step")]:
         with pytest.raises(err, match=name):
             RigLCallback(**{"dense_allocation": 0.1, **kw})
     RigLCallback(dense_allocation=0.1, T_end=100, sparsity_distribution="erk")  # a good one builds

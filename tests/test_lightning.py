@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from helpers import SmallResNet, batches  # noqa: E402
+from helpers import BAD_SCHEDULER_KEYWORDS, SmallResNet, batches  # noqa: E402
 from rigl_fast import RigLScheduler  # noqa: E402
 from rigl_fast.integrations.lightning import RigLCallback  # noqa: E402
 from rigl_fast.state import masks as sd_masks  # noqa: E402
@@ -270,14 +270,7 @@ def test_bad_arguments_fail_in_init_and_two_optimizers_at_fit(tmp_path):
         with pytest.raises(TypeError, match=own):
             RigLCallback(dense_allocation=0.1, **{own: None})
     # every argument RigLScheduler checks without a model is checked here, by the same code (config.py)
-    for kw, err, name in [(dict(structure="bogus"), ValueError, "structure"),
-                          (dict(structure="2:4", dense_allocation=0.3), ValueError, "dense_allocation"),
-                          (dict(sharded_init="bogus"), ValueError, "sharded_init"),
-                          (dict(grow_mode="bogus"), ValueError, "grow_mode"),
-                          (dict(include="net.*"), TypeError, "include"),
-                          (dict(process_group=object()), ValueError, "process_group"),
-                          (dict(erk_power_scale=float("nan")), ValueError, "erk_power_scale"),
-                          (dict(sparsify_tied=1), TypeError, "sparsify_tied")]:
+    for kw, err, name in BAD_SCHEDULER_KEYWORDS:
         with pytest.raises(err, match=name):
             RigLCallback(**{"dense_allocation": 0.1, **kw})
     with pytest.raises(TypeError, match="log_per_layer"):
