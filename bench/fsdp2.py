@@ -9,7 +9,7 @@ leave it at the first update step (masked weights, momentum and .grad, a dense a
 times the contenders, interleaved, from that same restored state, for the requested backend and for the
 reference (one armed model each, identical):
 
-- `rigl_fast[<backend>]`: `pruner._rigl_step()`, i.e. the scheduler's `_sharded_rigl_step`;
+- `rigl_fast[<backend>]`: `pruner._rigl_step()`, i.e. `update.rigl_step` with its sharded strategy;
 - `gather[<backend>]`: what one writes without it: per layer, gather the weight, mask and score shards to
   rank 0, run `<backend>`'s whole-layer update there, scatter the new mask's shards back, and let every rank
   apply them to its own shards (weights, momentum, .grad).
