@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import torch
 
+from . import compute as _compute
 from . import distributed as _dist
 from . import layers as _layers
 from . import ops as _ops
@@ -141,7 +142,7 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
 
 
 def check_keywords(*, after_step, sparsify_tied, in_step, process_group, sharded_init, backend, include,
-                   exclude) -> None:
+                   exclude, compute="dense") -> None:
     """RigLScheduler's keyword-only arguments that need no model, checked alike by the scheduler and by the
     wrappers that build it later; raises naming the first bad one."""
     check_after_step(after_step)
@@ -152,6 +153,7 @@ def check_keywords(*, after_step, sparsify_tied, in_step, process_group, sharded
     _ops.check_name(backend)
     _layers.check_patterns("include", include)
     _layers.check_patterns("exclude", exclude)
+    _compute.check_mode(compute)
 
 
 # The density note is a log line (logger "rigl_fast", level WARNING: printed on stderr unless logging is
@@ -208,4 +210,4 @@ def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:
                   grad_accumulation_n=v["grad_accumulation_n"], erk_power_scale=v["erk_power_scale"],
                   grow_mode=v["grow_mode"], structure=v["structure"]))  # T_end: a stand-in the wrapper fills in
     check_keywords(**{k: v[k] for k in ("after_step", "sparsify_tied", "in_step", "process_group", "sharded_init",
-                                        "backend", "include", "exclude")})
+                                        "backend", "include", "exclude", "compute")})

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from . import compute as _compute
 from . import config as _config
 from . import devices as _devices
 from . import distributed as _dist
@@ -72,6 +73,7 @@ def _plan_layers(p, state_dict) -> None:
 def _plan_devices(p) -> None:
     """FSDP2 layout, the backend for the sparse weights' device, and (FSDP2) the shard cuts and unit plans."""
     p.sharded = _sharding.check_layout(p.names, p.W, [s > 0 for s in p.S])
+    _compute.check_layout([n for n, w in zip(p.names, p.W) if _sharding.is_sharded(w)], p.sharded, p.compute)
     if p.sharded and p.process_group is not None:
         raise ValueError("process_group is for DDP; under FSDP2 the weights' device mesh is the group")
     if p.sharded_init != "global" and not p.sharded:

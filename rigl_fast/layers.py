@@ -62,7 +62,7 @@ def own_forward(module: nn.Module) -> Optional[str]:
         owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
         return (f"it is a {type(module).__name__}, whose forward ({owner.__qualname__}.forward) is not "
                 f"{base.__qualname__}.forward")
-    if "forward" in vars(module):
+    if "forward" in vars(module) and not getattr(vars(module)["forward"], "_rigl_fast_compute", False):
         return "its forward is replaced on the instance"
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks, which a replacement would not run"

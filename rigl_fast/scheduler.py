@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import compute as _compute
 from . import config as _config
 from . import construct as _construct
 from . import devices as _devices
@@ -52,7 +53,9 @@ class RigLScheduler:
     layers too large for that: same counts, a different draw), `structure` ('unstructured', the default;
     'fan_in': every output unit keeps the same number of active weights, as SRigL; or an 'N:M' string such as
     '2:4': N active in every M consecutive weights along the fan-in, every sparse layer N/M dense, which
-    dense_allocation must equal; see structure.py).
+    dense_allocation must equal; see structure.py), `compute` ('dense', the default; 'sparse': the sparse
+    nn.Linear / Conv1D layers compute forward and backward over their active weights only, the dense weight
+    gradient only in the window before an update; see compute.py).
 
     FSDP2: create the scheduler after `fully_shard` (a 1-D mesh, or HSDP's 2-D one; FSDP2's dim-0 sharding), on
     every rank. Masks
@@ -66,14 +69,14 @@ class RigLScheduler:
                  ignore_linear_layers=True, delta=100, alpha=0.3, static_topo=False, grad_accumulation_n=1,
                  state_dict=None, *, backend="auto", erk_power_scale=1.0, grow_mode="gradient",
                  after_step="always", include=None, exclude=None, sparsify_tied=False, in_step=False, process_group=None,
-                 sharded_init="global", structure="unstructured"):
+                 sharded_init="global", structure="unstructured", compute="dense"):
         hp = dict(dense_allocation=dense_allocation, T_end=T_end, sparsity_distribution=sparsity_distribution,
                   ignore_linear_layers=ignore_linear_layers, delta_T=delta, alpha=alpha, static_topo=static_topo,
                   grad_accumulation_n=grad_accumulation_n, erk_power_scale=erk_power_scale, grow_mode=grow_mode,
                   structure=structure)
         opts = dict(backend=backend, after_step=after_step, include=include, exclude=exclude,
                     sparsify_tied=sparsify_tied, in_step=in_step, process_group=process_group,
-                    sharded_init=sharded_init)
+                    sharded_init=sharded_init, compute=compute)
         plan = _construct.plan(model, optimizer, hp, state_dict, opts)  # every check, before any change
 
         # ---- from here on, state changes; any failure undoes what was done (and the RNG's draws) ----
@@ -83,6 +86,7 @@ class RigLScheduler:
         try:
             self._build(model, optimizer, plan)
         except BaseException:
+            _compute.uninstall(self)
             for h in self._handles:
                 h.remove()
             self._handles = []
@@ -115,6 +119,7 @@ class RigLScheduler:
         self._handles.append(plan.inner.register_step_post_hook(self._after_optimizer_step))
         self.backward_hook_objects: List[IndexMaskHook] = _hooks.attach(self)
         _hooks.register(self)
+        self._compute_layers = _compute.install(self, plan.compute)
         self._impls = [w._cdata for w in self.W]
         if plan.loaded is not None:
             self._load_dense_grads(plan.loaded)
@@ -407,10 +412,12 @@ class RigLScheduler:
         self.apply_mask_to_gradients()
 
     def remove(self):
-        """Unregister every hook, so the model can be given to another scheduler. Masks stay applied."""
+        """Unregister every hook (and compute='sparse''s forwards), so the model can be given to another
+        scheduler. Masks stay applied."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        _compute.uninstall(self)  # the layers compute densely again
         self._free_dense_grads()
         self._unregister()
 

@@ -1,6 +1,8 @@
 """What `print(pruner)` shows: rigl-torch's fields verbatim, then one line per layer of a candidate type."""
 from __future__ import annotations
 
+from .compute import note as compute_note
+
 
 def dense_reason(pruner, i) -> str:
     if pruner.S[i] > 0:
@@ -21,7 +23,7 @@ def layer_table(pruner) -> str:
     rows = []
     for i, (name, w, m) in enumerate(zip(pruner.names, pruner.W, pruner.backward_masks)):
         density = "%.2f%%" % (100.0 * pruner._n_active[i] / pruner.N[i]) if m is not None else "100.00%"
-        note = "" if m is not None else "dense: " + dense_reason(pruner, i)
+        note = compute_note(pruner, i) if m is not None else "dense: " + dense_reason(pruner, i)
         rows.append((name, str(tuple(w.shape)), density, note))
     for k in pruner.skipped_layers:
         rows.append((k.name, str(k.shape), "100.00%", "dense: " + k.reason))

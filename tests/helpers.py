@@ -247,6 +247,7 @@ BAD_SCHEDULER_KEYWORDS = [
     (dict(process_group=object()), ValueError, "process_group"),
     (dict(erk_power_scale=float("nan")), ValueError, "erk_power_scale"),
     (dict(sparsify_tied=1), TypeError, "sparsify_tied"),
+    (dict(compute="bogus"), ValueError, "compute"),
 ]
 
 

@@ -52,6 +52,8 @@ def _free_port():
 
 # scenarios with a structure (structure.py): their keyword arguments over CFG
 STRUCTURED = {"fan_in": dict(structure="fan_in"), "two_four": dict(structure="2:4", dense_allocation=0.5)}
+# compute="sparse" (compute.py) under DDP: compared with the single process computing densely
+COMPUTE = {"sparse_compute": dict(compute="sparse")}
 RESUME_AT = 7  # after the fold of the window's first backward pass, before its second one
 
 
@@ -96,7 +98,7 @@ def _build(rank, scenario, ckpt=None):
         opt.load_state_dict(ckpt["opt"])
     # a different global RNG on each rank: without rank 0's masks being adopted at init they would differ
     torch.manual_seed(MASK_SEED + rank)
-    pruner = RigLScheduler(model, opt, **{**CFG, **STRUCTURED.get(scenario, {})},
+    pruner = RigLScheduler(model, opt, **{**CFG, **STRUCTURED.get(scenario, {}), **COMPUTE.get(scenario, {})},
                            state_dict=None if ckpt is None else ckpt["pruner"], in_step=scenario == "in_step")
     if scenario == "wrap_after":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -184,7 +186,8 @@ def _train(rank, scenario, out_dir):
     return log
 
 
-SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "in_step", *STRUCTURED)
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "in_step", *STRUCTURED,
+             *COMPUTE)
 
 
 def _worker(rank, port, out_dir):
@@ -260,7 +263,7 @@ def test_non_finite_on_one_rank_skips_the_update_on_all(ddp_logs):
     assert any(not torch.equal(a, b) for a, b in zip(logs[0]["updates"][0], clean["updates"][0]) if a is not None)
 
 
-@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step", *STRUCTURED])
+@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step", *STRUCTURED, *COMPUTE])
 def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
     ref_updates, ref_weights, ref_scores, units = _single_process(in_step=scenario == "in_step", scenario=scenario)
     assert all(log[scenario]["skipped"] == 0 and log[scenario]["warnings"] == [] for log in ddp_logs)

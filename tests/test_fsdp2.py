@@ -363,7 +363,8 @@ def _errors(mesh):
             out[key] = str(e)
     model = _shard(_model(), mesh, "per_module")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for key, kw in (("process_group", {"process_group": dist.group.WORLD}), ("sharded_init", {"sharded_init": "x"})):
+    for key, kw in (("process_group", {"process_group": dist.group.WORLD}), ("sharded_init", {"sharded_init": "x"}),
+                    ("compute", {"compute": "sparse"})):
         try:
             RigLScheduler(model, opt, **CFG, **kw)
             out[key] = None
@@ -632,6 +633,7 @@ def test_layouts_it_cannot_handle_raise_naming_the_cause(fsdp_logs):
     assert e["mixed"] and "fully_shard" in e["mixed"] and "4.weight" in e["mixed"]
     assert e["process_group"] and "process_group" in e["process_group"]
     assert e["sharded_init"] and "sharded_init" in e["sharded_init"]
+    assert e["compute"] and "compute='sparse'" in e["compute"] and "FSDP2" in e["compute"] and ".weight" in e["compute"]
 
 
 def test_sharded_init_local_keeps_exact_counts(fsdp_logs):

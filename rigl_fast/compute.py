@@ -1,0 +1,223 @@
+"""Sparse compute in training (`RigLScheduler(..., compute="sparse")`): the sparse nn.Linear and Conv1D layers'
+forward and backward over their active weights only.
+
+Each such module gets a forward on the instance (`_SparseForward`; `uninstall`, which `pruner.remove()` calls,
+deletes it), so the module and its parameters stay the same objects and optimizers, state dicts, DDP and the
+gradient hooks see nothing new. The forward runs `_SparseLinear`, an autograd function over the layer's tables
+(`Tables`: the active entries as compressed rows, or (out, k) rows under structure="fan_in", plus the column
+structure for the transposed product), rebuilt only when the mask changed (a topology update, a loaded state
+dict, a device move), never per step; the active values are gathered from the dense weight at every call.
+
+    forward      y  = x W_active^T          export's product (csr_linear / fan_in_linear)
+    input grad   dx = g W_active            the same product over the column tables
+    weight grad  dW = g^T x at the active positions only (sampled_grad), 0 elsewhere; inside the dense-gradient
+                 window before a topology update, the dense g^T x, which the hooks read for the growth scores.
+
+Kernels (`compute_ops.py`): the C++ ones on CPU for fp32/fp16/bf16, the Triton ones on CUDA, else the plain-
+PyTorch reference, which defines the result and accumulates in fp32 (fp64 for fp64 inputs). Outputs are
+accumulated in fp32 and rounded once, as a dense matmul rounds, in another summation order.
+
+Dense-computed (their forward unchanged; `summary()` says which and why): convolutions, nn.MultiheadAttention's
+projections, N:M layers, subclasses whose forward is not nn.Linear's / Conv1D's, and dense layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import compute_ops as _kops
+from . import layers as _layers
+
+MODES = ("dense", "sparse")
+
+
+def check_mode(compute) -> None:
+    if compute not in MODES:
+        raise ValueError(f"compute must be one of {MODES}, got {compute!r}")
+
+
+def check_layout(names, sharded, compute) -> None:
+    """FSDP2 layers are refused at construction: FSDP2 gathers each weight for the forward and reduce-scatters a
+    dense gradient, which sparse compute has no shards of tables for."""
+    if compute == "sparse" and sharded:
+        raise ValueError(f"compute='sparse' does not support FSDP2-sharded layers (layer {names[0]!r} is "
+                         "sharded): use compute='dense' with fully_shard, or DDP")
+
+
+class Tables:
+    """One layer's active entries at one topology. `rows`/`cols` (int32, row-major: compressed rows),
+    `crow`, `flat` (positions in the weight's storage); the column structure `ccol`, `t_rows`/`t_cols` (the
+    entries column-major) and `t_flat`; `k` when every row has the same count (fan_in), else None."""
+
+    def __init__(self, mask, transposed: bool, fan_in: bool):
+        m = mask.t() if transposed else mask  # the logical (out, in) mask
+        out, n_in = m.shape
+        nz = m.nonzero()
+        self.out, self.n_in = out, n_in
+        self.rows, self.cols = nz[:, 0].to(torch.int32), nz[:, 1].to(torch.int32)
+        self.flat = _storage_pos(nz[:, 0], nz[:, 1], out, n_in, transposed)
+        counts = torch.bincount(nz[:, 0], minlength=out)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.k = None
+        if fan_in and out > 0 and bool((counts == counts[0]).all()):
+            self.k = int(counts[0])
+        nzt = m.t().nonzero()  # (in, out) order: the entries by column
+        self.t_rows, self.t_cols = nzt[:, 1].to(torch.int32), nzt[:, 0].to(torch.int32)
+        self.t_flat = _storage_pos(nzt[:, 1], nzt[:, 0], out, n_in, transposed)
+        ccounts = torch.bincount(nzt[:, 0], minlength=n_in)
+        self.ccol = torch.cat([ccounts.new_zeros(1), ccounts.cumsum(0)])
+
+
+def _storage_pos(o, i, out, n_in, transposed):
+    return i * out + o if transposed else o * n_in + i
+
+
+class _LayerState:
+    """What a sparse-computed layer reads at each call: its scheduler, its position there, the tables."""
+
+    def __init__(self, pruner, layer: int, transposed: bool):
+        self.p, self.i, self.transposed = pruner, layer, transposed
+        self._tables = None
+        self._key = None
+
+    def tables(self) -> Tables:
+        mask = self.p.backward_masks[self.i]
+        # rebuilt when the mask changes: replaced (state dict, device move), written in place (the version
+        # counter), or through an update (rigl_steps counts every update run, the C++ ones included)
+        key = (mask._version, self.p.rigl_steps)
+        if self._tables is None or self._mask is not mask or self._key != key:
+            self._tables = Tables(mask, self.transposed, self.p.structure == "fan_in")
+            self._mask, self._key = mask, key
+        return self._tables
+
+    def dense_window(self) -> bool:
+        return self.p.check_if_backward_hook_should_accumulate_grad()
+
+
+class _SparseLinear(torch.autograd.Function):
+    """(x (B, in), weight) -> x W_active^T (B, out); the layer's tables fixed at the call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, st, t):
+        values = weight.reshape(-1)[t.flat].to(x.dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.st, ctx.t = st, t
+        return _kops.forward(x, t, values)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        st, t = ctx.st, ctx.t
+        g = g.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _kops.transposed(g, t, weight.reshape(-1)[t.t_flat].to(g.dtype))
+        if ctx.needs_input_grad[1]:
+            if st.dense_window():  # the dense gradient, for the growth scores the hooks accumulate
+                full = g.t().to(x.dtype) @ x  # (out, in), as F.linear's backward computes it
+                dw = (full.t() if st.transposed else full).to(weight.dtype)
+            else:
+                dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+                dw.view(-1)[t.flat] = _kops.sampled(x, g, t).to(weight.dtype)
+        return dx, dw, None, None
+
+
+class _SparseForward:
+    """The forward put on a sparse-computed module's instance."""
+    _rigl_fast_compute = True  # layers.own_forward: not a user's replacement
+
+    def __init__(self, module, state):
+        self.module, self.state = module, state
+
+    @torch.compiler.disable  # a graph break under torch.compile: the tables are Python state
+    def __call__(self, input):
+        m, st = self.module, self.state
+        w = m.weight
+        dt = _compute_dtype(input, w)
+        if dt is None or st.p.backward_masks[st.i] is None:
+            return type(m).forward(m, input)  # what the layer computes densely (and its error, if any)
+        lead = input.shape[:-1]
+        x = input.reshape(-1, input.shape[-1]).to(dt)
+        y = _SparseLinear.apply(x, w, st, st.tables())
+        if m.bias is not None:
+            y = y + m.bias.to(dt)
+        return y.reshape(*lead, y.shape[-1])
+
+    def __reduce_ex__(self, protocol):  # a copied or pickled model computes densely: it has no scheduler
+        return (_Detached, (self.module,))
+
+
+class _Detached:
+    """A copy's forward: the module's class forward."""
+    _rigl_fast_compute = True
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def _compute_dtype(x, w):
+    """The product's dtype as F.linear picks it (autocast's, else x's), or None where the dense forward must
+    run (mismatched dtypes outside autocast: F.linear raises; non-floating input)."""
+    if not x.is_floating_point():
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype == w.dtype else None
+
+
+def dense_reason(pruner, module_kind: str, module) -> str:
+    """Why a sparse layer of this kind is dense-computed, or "" where it is sparse-computed."""
+    if module_kind not in (_layers.LINEAR, _layers.CONV1D):
+        return {"conv": "convolution", "attention": "nn.MultiheadAttention projection"}.get(module_kind, module_kind)
+    if pruner.structure not in ("unstructured", "fan_in"):
+        return f"structure={pruner.structure!r}"
+    base = _layers.own_forward(module)
+    if base is not None and not base.startswith("it has forward hooks"):
+        return base
+    return ""
+
+
+def install(pruner, compute: str):
+    """Puts the sparse forward on every sparse nn.Linear / Conv1D of the pruner's model; returns
+    {layer: (module, reason)} with reason "" for the sparse-computed layers. compute="dense": {}."""
+    if compute != "sparse":
+        return {}
+    owner = {}
+    for _, module in pruner.model.named_modules():
+        w = module._parameters.get("weight") if _layers.kind(module) is not None else None
+        if w is not None:
+            owner.setdefault(id(w), module)
+    out = {}
+    for i, (w, m) in enumerate(zip(pruner.W, pruner.backward_masks)):
+        module = owner.get(id(w))
+        if m is None or module is None:  # dense layers; attention's projections have no "weight"
+            if m is not None:
+                out[i] = (None, "nn.MultiheadAttention projection")
+            continue
+        why = dense_reason(pruner, _layers.kind(module), module)
+        if not why:
+            module.forward = _SparseForward(module, _LayerState(pruner, i, pruner._transposed[i]))
+        out[i] = (module, why)
+    return out
+
+
+def uninstall(pruner) -> None:
+    for module, why in getattr(pruner, "_compute_layers", {}).values():
+        if module is not None and not why and isinstance(vars(module).get("forward"), _SparseForward):
+            del module.forward
+    pruner._compute_layers = {}
+
+
+def note(pruner, i) -> str:
+    """summary()'s word on layer i under compute='sparse': how it is computed."""
+    layers = getattr(pruner, "_compute_layers", {})
+    if i not in layers:
+        return ""
+    module, why = layers[i]
+    if why:
+        return f"dense compute: {why}"
+    t = _kops.layout_name(pruner.structure)
+    return f"sparse compute ({t})"

@@ -1,0 +1,98 @@
+"""The three products of sparse compute in training (compute.py), per device: the C++ kernels on CPU (export's
+products and `sampled_grad`, csrc/), the Triton ones on CUDA (kernels/compute.py), and the plain-PyTorch
+reference, which defines the results and runs where no kernel takes the inputs (fp64, other devices).
+
+    forward(x, t, values)      (B, in)  -> (B, out): y[b, o]  = sum over o's active entries of v * x[b, i]
+    transposed(g, t, values)   (B, out) -> (B, in):  dx[b, i] = sum over i's active entries of v * g[b, o]
+    sampled(x, g, t)           -> (nnz,) fp32 (fp64 for fp64): sum_b g[b, o] * x[b, i] per active (o, i)
+
+`t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
+(transposed). Products accumulate in fp32 (fp64 for fp64 inputs) and round once to the input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+_CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK = 1 << 22  # reference: elements of one (B, pairs) intermediate
+
+
+def layout_name(structure) -> str:
+    return "fan_in rows" if structure == "fan_in" else "compressed rows"
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- the reference
+def reference_product(x, rows, cols, values, n_out):
+    """y (B, n_out): y[b, rows[p]] += values[p] * x[b, cols[p]], accumulated in fp32 (fp64), rounded once."""
+    acc = _acc(x.dtype)
+    y = torch.zeros(x.shape[0], n_out, dtype=acc, device=x.device)
+    step = max(1, _CHUNK // max(1, x.shape[0]))
+    for s in range(0, values.numel(), step):
+        r, c = rows[s:s + step].long(), cols[s:s + step].long()
+        y.index_add_(1, r, x[:, c].to(acc) * values[s:s + step].to(acc))
+    return y.to(x.dtype)
+
+
+def reference_sampled(x, g, rows, cols):
+    """(nnz,) in fp32 (fp64): out[p] = sum_b g[b, rows[p]] * x[b, cols[p]]."""
+    acc = _acc(x.dtype)
+    out = torch.empty(rows.numel(), dtype=acc, device=x.device)
+    step = max(1, _CHUNK // max(1, x.shape[0]))
+    for s in range(0, rows.numel(), step):
+        r, c = rows[s:s + step].long(), cols[s:s + step].long()
+        out[s:s + step] = (g[:, r].to(acc) * x[:, c].to(acc)).sum(0)
+    return out
+
+
+# ---------------------------------------------------------------- dispatch
+def _cpp(name, *tensors):
+    if not all(t.device.type == "cpu" and t.dtype in _CPP_DTYPES for t in tensors):
+        return None
+    from . import export_ops  # defines the export ops: imported on the first sparse product
+    return export_ops._cpp_op(name)
+
+
+def _triton(*tensors):
+    if not all(t.is_cuda and t.dtype in _CPP_DTYPES for t in tensors):
+        return None
+    try:
+        from .kernels import compute as triton_compute
+    except ImportError:  # no triton
+        return None
+    return triton_compute
+
+
+def forward(x, t, values):
+    op = _cpp("fan_in_linear" if t.k is not None else "csr_linear", x, values)
+    if op is not None and t.k is not None:
+        return op(x, values.view(t.out, t.k), t.cols.view(t.out, t.k))
+    if op is not None:
+        return op(x, t.crow, t.cols, values, t.out)
+    tri = _triton(x, values)
+    if tri is not None and tri.supports(x, t.crow, t.cols, values) is None:
+        return tri.csr_product(x, t.crow, t.cols, values, t.out)
+    return reference_product(x, t.rows, t.cols, values, t.out)
+
+
+def transposed(g, t, values):
+    op = _cpp("csr_linear", g, values)
+    if op is not None:
+        return op(g, t.ccol, t.t_rows, values, t.n_in)
+    tri = _triton(g, values)
+    if tri is not None and tri.supports(g, t.ccol, t.t_rows, values) is None:
+        return tri.csr_product(g, t.ccol, t.t_rows, values, t.n_in)
+    return reference_product(g, t.t_cols, t.t_rows, values, t.n_in)
+
+
+def sampled(x, g, t):
+    op = _cpp("sampled_grad", x, g)
+    if op is not None:
+        return op(x, g, t.rows, t.cols)
+    tri = _triton(x, g)
+    if tri is not None and tri.supports(x, t.crow, t.cols, None) is None:
+        return tri.sampled_dot(x, g, t.rows, t.cols)
+    return reference_sampled(x, g, t.rows, t.cols)

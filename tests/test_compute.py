@@ -1,0 +1,360 @@
+"""compute="sparse" (rigl_fast/compute.py): the sparse layers' forward and backward over the active weights.
+
+The contract (issue 22): in float64 the same masks at every step and weights within 1e-9 (relative) of
+compute="dense", for SGD and AdamW, grad_accumulation_n 1 and 2, unstructured and fan_in, an MLP and GPT-2
+(transformers' Conv1D); in fp32 / bf16 each product within the rounding bound of the dense layer's own
+(BOUND below); the autograd function passes gradcheck; parameters, hooks, invariants, remove(), copies,
+torch.compile and autocast work as with dense compute.
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rigl_fast import RigLScheduler
+from rigl_fast import compute as C
+from rigl_fast import compute_ops as K
+
+CFG = dict(dense_allocation=0.3, T_end=10, delta=3, ignore_linear_layers=False, sparsity_distribution="erk")
+
+
+def _mlp(dtype):
+    return nn.Sequential(nn.Linear(13, 40), nn.ReLU(), nn.Linear(40, 33), nn.ReLU(), nn.Linear(33, 5)).to(dtype)
+
+
+def _gpt2(dtype):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype)
+
+
+def _loss(model, kind, gen, dtype):
+    if kind == "mlp":
+        x = torch.randn(17, 13, generator=gen, dtype=dtype)
+        y = torch.randint(0, 5, (17,), generator=gen)
+        return F.cross_entropy(model(x), y)
+    ids = torch.randint(0, 64, (3, 12), generator=gen)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _run(compute, kind="mlp", opt="sgd", acc=1, structure="unstructured", steps=11, dtype=torch.float64):
+    torch.manual_seed(1)
+    model = (_mlp if kind == "mlp" else _gpt2)(dtype)
+    o = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt == "sgd"
+         else torch.optim.AdamW(model.parameters(), lr=1e-2))
+    p = RigLScheduler(model, o, **CFG, grad_accumulation_n=acc, structure=structure, compute=compute)
+    gen = torch.Generator().manual_seed(2)
+    masks = []
+    for _ in range(steps):
+        for _ in range(acc):
+            (_loss(model, kind, gen, dtype) / acc).backward()
+        if p():
+            o.step()
+        o.zero_grad()
+        masks.append([None if m is None else m.clone() for m in p.backward_masks])
+    return model, p, masks
+
+
+def _sparse_computed(p):
+    return [i for i, (m, why) in p._compute_layers.items() if not why]
+
+
+# the MLP in every combination; GPT-2 (slower) in two optimizer/window pairs per structure
+RUNS = ([("mlp", s, o, a) for s in ("unstructured", "fan_in") for o, a in (("sgd", 1), ("sgd", 2), ("adamw", 1),
+                                                                           ("adamw", 2))]
+        + [("gpt2", s, o, a) for s in ("unstructured", "fan_in") for o, a in (("sgd", 1), ("adamw", 2))])
+
+
+@pytest.mark.parametrize("kind,structure,opt,acc", RUNS)
+def test_float64_same_masks_every_step_and_weights_as_dense_compute(kind, structure, opt, acc):
+    md, pd, masks_d = _run("dense", kind, opt, acc, structure)
+    ms, ps, masks_s = _run("sparse", kind, opt, acc, structure)
+    assert ps.rigl_steps == 3 and ps.skipped_updates == 0
+    assert len(_sparse_computed(ps)) == sum(m is not None for m in ps.backward_masks) > 0
+    moved = 0
+    for step, (a, b) in enumerate(zip(masks_d, masks_s)):
+        for x, y in zip(a, b):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.equal(x, y), f"masks differ after step {step + 1}"
+    for x, y in zip(masks_d[0], masks_d[-1]):
+        moved += x is not None and not torch.equal(x, y)
+    assert moved, "the topology never changed: the comparison would be vacuous"
+    for (name, a), b in zip(md.named_parameters(), ms.parameters()):
+        scale = a.abs().max().clamp_min(1e-30)
+        assert float((a - b).abs().max().detach() / scale) <= 1e-9, name
+
+
+def test_sparse_compute_actually_runs_and_the_window_is_dense(monkeypatch):
+    """The sparse path runs on every step; the dense weight gradient only inside the windows."""
+    calls = {"sampled": 0, "forward": 0}
+    for name in calls:
+        real = getattr(K, name)
+
+        def counting(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+        monkeypatch.setattr(K, name, counting)
+    _, p, _ = _run("sparse", steps=9, acc=1)
+    n = len(_sparse_computed(p))
+    assert calls["forward"] == 9 * n
+    assert calls["sampled"] == (9 - 3) * n  # steps 3, 6, 9 are update steps: their backward is dense
+
+
+def test_gradcheck_both_layouts_and_conv1d_orientation():
+    torch.manual_seed(3)
+    for transposed in (False, True):
+        for fan_in in (False, True):
+            shape = (7, 5) if not transposed else (5, 7)  # logical (out=7, in=5)
+            mask = torch.zeros(35, dtype=torch.bool)
+            if fan_in:
+                m = torch.zeros(7, 5, dtype=torch.bool)
+                for o in range(7):
+                    m[o, torch.randperm(5)[:2]] = True
+                mask = m.t().contiguous() if transposed else m
+            else:
+                mask[torch.randperm(35)[:12]] = True
+                mask = mask.view(shape)
+            t = C.Tables(mask, transposed, fan_in)
+            assert (t.k == 2) if fan_in else True
+            st = _FixedState(transposed)
+            w = (torch.randn(shape, dtype=torch.float64) * mask).requires_grad_()
+            x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda a, b: C._SparseLinear.apply(a, b, st, t), (x, w))
+            ref = x @ (w.t() if transposed else w).t()
+            torch.testing.assert_close(C._SparseLinear.apply(x, w, st, t), ref, rtol=1e-12, atol=1e-12)
+
+
+class _FixedState:
+    def __init__(self, transposed, window=False):
+        self.transposed, self.window = transposed, window
+
+    def dense_window(self):
+        return self.window
+
+
+# fp32 / bf16: each product against F.linear's, within BOUND: |sparse - dense| <= BOUND * eps * sum |w||x| (both
+# sum the same products in fp32 (bf16 inputs: F.linear accumulates in fp32 too) in different orders; n terms of
+# size s give at most n * eps * s apart, BOUND covers the few terms the 10%-dense rows sum), plus the output
+# dtype's rounding of each result (one ulp of the larger).
+BOUND = 4.0
+
+
+def _check_close(got, want, absprod, dtype):
+    eps32 = torch.finfo(torch.float32).eps
+    tol = BOUND * eps32 * absprod + 2 * torch.finfo(dtype).eps * want.abs().float()
+    assert bool(((got.float() - want.float()).abs() <= tol + 1e-30).all()), float((got.float() - want.float()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fan_in", [False, True])
+@pytest.mark.parametrize("B", [1, 3, 65, 130])
+def test_kernels_match_the_dense_layer_within_its_rounding(dtype, fan_in, B):
+    torch.manual_seed(4)
+    out, n_in = 67, 45
+    m = torch.zeros(out, n_in, dtype=torch.bool)
+    for o in range(out):
+        m[o, torch.randperm(n_in)[: 6 if fan_in else int(torch.randint(0, 12, ()))]] = True
+    w = (torch.randn(out, n_in) * m).to(dtype)
+    x = torch.randn(B, n_in * 2).to(dtype)[:, ::2]  # not contiguous
+    g = torch.randn(out, B).to(dtype).t()           # not contiguous
+    t = C.Tables(m, False, fan_in)
+    y = K.forward(x, t, w.reshape(-1)[t.flat])
+    dx = K.transposed(g, t, w.reshape(-1)[t.t_flat])
+    dw = K.sampled(x, g, t)
+    xf, wf, gf = x.float(), w.float(), g.float()
+    _check_close(y, (xf @ wf.t()).to(dtype), xf.abs() @ wf.abs().t(), dtype)
+    _check_close(dx, (gf @ wf).to(dtype), gf.abs() @ wf.abs(), dtype)
+    _check_close(dw, (gf.t() @ xf).reshape(-1)[t.flat], (gf.abs().t() @ xf.abs()).reshape(-1)[t.flat], torch.float32)
+    assert y.dtype == dx.dtype == dtype and dw.dtype == torch.float32
+
+
+def test_reference_equals_the_cpu_kernels():
+    """The plain-PyTorch reference defines the results: the C++ kernels agree with it within fp32 rounding."""
+    torch.manual_seed(5)
+    m = torch.rand(50, 70) < 0.2
+    w, x, g = torch.randn(50, 70) * m, torch.randn(33, 70), torch.randn(33, 50)
+    t = C.Tables(m, False, False)
+    v, vt = w.reshape(-1)[t.flat], w.reshape(-1)[t.t_flat]
+    torch.testing.assert_close(K.forward(x, t, v), K.reference_product(x, t.rows, t.cols, v, 50), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.transposed(g, t, vt), K.reference_product(g, t.t_cols, t.t_rows, vt, 70),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.sampled(x, g, t), K.reference_sampled(x, g, t.rows, t.cols), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_training_stays_within_rounding_of_dense_compute():
+    md, _, masks_d = _run("dense", dtype=torch.float32, steps=2)  # before the first update: same masks
+    ms, _, masks_s = _run("sparse", dtype=torch.float32, steps=2)
+    for a, b in zip(md.parameters(), ms.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_hooks_and_invariants_unchanged():
+    torch.manual_seed(6)
+    model = _mlp(torch.float32)
+    params = {n: p for n, p in model.named_parameters()}
+    modules = list(model.modules())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    p = RigLScheduler(model, opt, **CFG, compute="sparse")
+    assert {n: q for n, q in model.named_parameters()} == params and list(model.modules()) == modules
+    assert list(model.state_dict()) == list(model.state_dict().keys())
+    for step in range(7):
+        F.cross_entropy(model(torch.randn(9, 13)), torch.randint(0, 5, (9,))).backward()
+        for w, m in zip(p.W, p.backward_masks):
+            if m is not None:
+                assert bool((w.grad[~m] == 0).all())
+        if p():
+            opt.step()
+        opt.zero_grad()
+        for w, m in zip(p.W, p.backward_masks):
+            if m is not None:
+                assert bool((w[~m] == 0).all())
+                assert all(bool((s[~m] == 0).all()) for s in opt.state[w].values() if s.shape == w.shape)
+
+
+def test_tables_rebuilt_only_when_the_topology_changes():
+    torch.manual_seed(7)
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = RigLScheduler(model, opt, **CFG, compute="sparse")
+    states = [model[0].forward.state, model[2].forward.state]
+    seen = []
+    for step in range(7):
+        F.cross_entropy(model(torch.randn(9, 13)), torch.randint(0, 5, (9,))).backward()
+        if p():
+            opt.step()
+        opt.zero_grad()
+        seen.append([id(s._tables) for s in states])
+    # steps 1, 2 share the construction's tables; the update at step 3 rebuilds them (used from step 4)
+    assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4] == seen[5] and seen[3] != seen[2]
+    for s in states:
+        t = s.tables()
+        m = p.backward_masks[s.i]
+        assert torch.equal(t.flat.sort().values, m.reshape(-1).nonzero().squeeze(1))
+    sd = p.state_dict()
+    p.load_state_dict(sd)  # new mask tensors: rebuilt on the next call
+    old = states[0]._tables
+    model(torch.randn(2, 13))
+    assert states[0]._tables is not old
+
+
+def test_remove_restores_dense_compute_and_copies_compute_densely():
+    torch.manual_seed(8)
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = RigLScheduler(model, opt, **CFG, compute="sparse")
+    x = torch.randn(5, 13)
+    assert "forward" in vars(model[0])
+    y_sparse = model(x)
+    twin = copy.deepcopy(model)
+    assert isinstance(vars(twin[0])["forward"], C._Detached)
+    torch.testing.assert_close(twin(x), y_sparse, rtol=1e-5, atol=1e-6)
+    loaded = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(loaded(x), y_sparse, rtol=1e-5, atol=1e-6)
+    exported = p.export("csr")
+    torch.testing.assert_close(exported(x), y_sparse, rtol=1e-5, atol=1e-5)
+    p.remove()
+    assert all("forward" not in vars(m) for m in model.modules())
+    torch.testing.assert_close(model(x), y_sparse, rtol=1e-5, atol=1e-6)
+
+
+def test_summary_says_which_layers_compute_sparsely():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.fc = nn.Linear(8, 16)
+            self.head = nn.Linear(16, 4)
+    net = Net()
+    p = RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), **{**CFG, "dense_allocation": 0.5},
+                      compute="sparse")
+    s = p.summary()
+    lines = {ln.split()[0]: ln for ln in s.splitlines()[1:]}
+    assert "dense compute: convolution" in lines["conv.weight"]
+    assert "dense compute: nn.MultiheadAttention projection" in lines["attn.in_proj_weight"]
+    assert "sparse compute (compressed rows)" in lines["fc.weight"]
+
+
+def test_structure_nm_and_custom_forward_stay_dense_computed():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    net = nn.Sequential(nn.Linear(8, 16), Scaled(16, 16), nn.Linear(16, 4))
+    p = RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), **{**CFG, "sparsity_distribution": "uniform"},
+                      compute="sparse")
+    assert "forward" not in vars(net[1]) and "dense compute: it is a Scaled" in p.summary()
+    p.remove()
+    net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+    p = RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1),
+                      **{**CFG, "dense_allocation": 0.5, "sparsity_distribution": "uniform"}, structure="2:4",
+                      compute="sparse")
+    assert all("forward" not in vars(m) for m in net.modules()) and "dense compute: structure='2:4'" in p.summary()
+
+
+def test_bad_compute_raises_naming_it_before_any_change():
+    net = _mlp(torch.float32)
+    before = [w.clone() for w in net.parameters()]
+    with pytest.raises(ValueError, match="compute"):
+        RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), **CFG, compute="fast")
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all("forward" not in vars(m) for m in net.modules())
+    with pytest.raises(TypeError):
+        RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), 0.3, 10, "erk", False, 3, 0.3, False, 1,
+                      None, "sparse")  # keyword-only
+
+
+def test_autocast_bf16_and_no_grad():
+    torch.manual_seed(9)
+    model = _mlp(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = RigLScheduler(model, opt, **CFG, compute="sparse")
+    x = torch.randn(6, 13)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        assert y.dtype == torch.bfloat16
+        F.cross_entropy(y.float(), torch.randint(0, 5, (6,))).backward()
+    assert all(w.grad is not None and w.grad.dtype == torch.float32 for w in p.W)
+    with torch.no_grad():
+        want = model(x)
+    p.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x).float(), y.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_torch_compile_trains_with_a_graph_break():
+    """In float64, so that equal masks after the update are no luck of the rounding."""
+    torch.manual_seed(10)
+    model = _mlp(torch.float64)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(11)
+    p = RigLScheduler(model, opt, **CFG, compute="sparse")
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    torch.manual_seed(11)  # the same masks
+    p_r = RigLScheduler(ref, opt_r, **CFG, compute="sparse")
+    compiled = torch.compile(model)
+    for step in range(4):
+        x, y = torch.randn(8, 13, dtype=torch.float64), torch.randint(0, 5, (8,))
+        for m, pr, o in ((compiled, p, opt), (ref, p_r, opt_r)):
+            F.cross_entropy(m(x), y).backward()
+            if pr():
+                o.step()
+            o.zero_grad()
+    assert p.rigl_steps == 1 and all(torch.equal(a, b) for a, b in zip(p.backward_masks, p_r.backward_masks))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_callbacks_take_compute():
+    hf = pytest.importorskip("rigl_fast.integrations.hf")
+    cb = hf.RigLCallback(dense_allocation=0.3, compute="sparse")
+    assert cb is not None
+    with pytest.raises(ValueError, match="compute"):
+        hf.RigLCallback(dense_allocation=0.3, compute="bogus")
