@@ -4,24 +4,45 @@ The interpreter runs kernels as Python, so it accepts code the GPU compiler reje
 in the branches of a runtime `if`, an int argument that Triton specialises into a constexpr because it equals
 1, ...). This runs each backend op on small CPU tensors with kernel launches replaced by ahead-of-time
 compilation (down to a cubin with the ptxas bundled in the triton wheel), using the argument types and
-specialisations a real launch would use. It must run without TRITON_INTERPRET=1. Prints one line per compiled
-kernel variant and exits non-zero on the first failure.
+specialisations a real launch would use (divisibility by 16 included). It must run without TRITON_INTERPRET=1.
+Prints one line per compiled kernel variant (with the forms of its global loads, `ld.global.v*` for vector
+loads) and exits non-zero on the first failure. `aot_check 90 compute` compiles one group only (groups:
+backend, the TritonBackend ops; compute, kernels/compute.py's sparse training products).
 """
 from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 
 
-def main(arch: int = 90) -> int:
+GROUPS = ("backend", "compute")
+
+
+def main(arch: int = 90, groups=GROUPS) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)", file=sys.stderr)
         return 2
-    import torch
+    unknown = [grp for grp in groups if grp not in GROUPS]
+    if unknown:
+        print(f"aot_check: unknown group(s) {unknown}; groups: {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    compiled = _compile_launches(arch)
+    if "backend" in groups:
+        _backend_ops()
+    if "compute" in groups:
+        _compute_ops()
+    print(f"aot_check: {len(compiled)} kernel variants compiled for sm_{arch}")
+    return 0
+
+
+def _compile_launches(arch: int) -> dict:
+    """Replace Triton's launcher with compilation for sm_`arch`; returns the dict the compiled variants go in."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
@@ -32,27 +53,35 @@ def main(arch: int = 90) -> int:
         params = inspect.signature(self.fn).parameters
         options = {k: v for k, v in kwargs.items() if k not in params}
         bound = inspect.signature(self.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
-        signature, consts = {}, {}
-        for p, (name, value) in zip(self.params, bound.arguments.items()):
+        signature, consts, attrs = {}, {}, {}
+        for i, (p, (name, value)) in enumerate(zip(self.params, bound.arguments.items())):
             if p.is_constexpr:
                 signature[name], consts[name] = "constexpr", value
                 continue
-            ty, _ = native_specialize_impl(BaseBackend, value, p.is_const, not p.do_not_specialize, True)
+            ty, desc = native_specialize_impl(BaseBackend, value, p.is_const, not p.do_not_specialize, True)
             if ty == "constexpr":  # e.g. an int equal to 1
                 signature[name], consts[name] = "constexpr", value
-            else:
-                signature[name] = ty
+                continue
+            signature[name] = ty
+            if isinstance(desc, str) and CUDABackend.parse_attr(desc):  # divisible by 16, as a launch sees it
+                attrs[(i,)] = CUDABackend.parse_attr(desc)
         key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(consts.items())),
-               tuple(sorted(options.items())))
+               tuple(sorted(options.items())), tuple(sorted(attrs)))
         if key not in compiled:
-            kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=consts), target=target,
-                                    options=options or None)
+            kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=consts, attrs=attrs),
+                                    target=target, options=options or None)
             compiled[key] = kernel
+            loads = sorted(set(re.findall(r"ld\.global[.\w]*", kernel.asm.get("ptx", ""))))
             print(f"ok {self.fn.__name__} {signature} {consts} {options} -> "
-                  f"{', '.join(sorted(kernel.asm))}", flush=True)
+                  f"{', '.join(sorted(kernel.asm))} loads {loads}", flush=True)
 
     JITFunction.run = compile_instead  # this process only compiles; nothing reads the kernels' outputs
+    return compiled
 
+
+def _backend_ops() -> None:
+    """Every TritonBackend op on small CPU tensors: the variants a training run launches."""
+    import torch
     from rigl_fast.kernels import TritonBackend
 
     b = TritonBackend()
@@ -106,9 +135,42 @@ def main(arch: int = 90) -> int:
     for strided in (False, True):
         _mask_grad_kernel[(4,)](g32, m8, g32, g32, 1.0, big, 1, 1, 2, big, 0, 0, 0, big, 1, STRIDED=strided,
                                 HAS_ACC=True, DT=0, RECIP=False, BLOCK=1024)
-    print(f"aot_check: {len(compiled)} kernel variants compiled for sm_{arch}")
-    return 0
+
+
+def _compute_ops() -> None:
+    """kernels/compute.py's csr_product and sampled_dot: batch 1 (read in place) and batched (padded tables),
+    every float dtype, both crow and index dtypes, strided tables; then 64-bit offsets on stand-ins."""
+    import torch
+    from rigl_fast.kernels import compute as C
+
+    C._device_reason = lambda device: None  # CPU tensors stand in for CUDA ones
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(129, 300, generator=g) < 0.1
+    rows, cols = m.nonzero().t()
+    crow = torch.zeros(130, dtype=torch.int64)
+    crow[1:] = m.sum(1).cumsum(0)
+    i16, i32, i64 = torch.int16, torch.int32, torch.int64
+    for n_sm in (132, 1):  # the blocks an H100 launch picks for this small layer (1-row blocks), and wider ones
+        C._sm_count = lambda device: n_sm
+        for B, dt, ct, it in [(1, torch.float32, i32, i32), (1, torch.bfloat16, i64, i16), (7, torch.float16, i32, i16),
+                              (64, torch.float16, i64, i32), (64, torch.bfloat16, i32, i16),
+                              (64, torch.float32, i64, i32)]:
+            x = torch.randn(B, 300, generator=g).to(dt)
+            gr = torch.randn(B, 129, generator=g).to(dt)
+            v = torch.randn(rows.numel(), generator=g).to(dt)
+            C.csr_product(x, crow.to(ct), cols.to(it), v, 129)
+            C.sampled_dot(x, gr, rows.to(it), cols.to(it))
+    # strided crow, col and values (views of wider tables)
+    C.csr_product(x, crow.to(i32).repeat_interleave(2)[::2], cols.to(i16).repeat_interleave(2)[::2],
+                  v.repeat_interleave(2)[1::2], 129)
+    # 64-bit offsets (a tensor of 2**31+ elements): small tensors stand in for the pointers, nothing runs
+    big, f, i32 = 2 ** 31 + 1, torch.zeros(4), torch.zeros(4, dtype=i32)
+    for bb in (1, 64):
+        C._csr_kernel[(1,)](f, torch.zeros(4, dtype=torch.int64), i32, f, f, big, 300, 129, big, 1, big, 1, 1, 1, 129,
+                            1, 1, DT=0, WIDE=True, BLOCK_R=8, BLOCK_K=8, BLOCK_B=bb, num_warps=4)
+        C._sampled_dot_kernel[(1,)](f, f, i32, i32, f, big, 64 if bb > 1 else 1, 300, 129, 1, big, 1, big, 1, 1, DT=0,
+                                    WIDE=True, BLOCK_P=64, BLOCK_B=bb, num_warps=4)
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90, tuple(sys.argv[2:]) or GROUPS))
