@@ -134,8 +134,11 @@ class _SparseForward:
         m, st = self.module, self.state
         w = m.weight
         dt = _compute_dtype(input, w)
-        if dt is None or st.p.backward_masks[st.i] is None:
+        mask = st.p.backward_masks[st.i]
+        if dt is None or mask is None:
             return type(m).forward(m, input)  # what the layer computes densely (and its error, if any)
+        if mask.device != w.device:  # the model was moved after construction: the masks follow (devices.py)
+            st.p._follow_devices()
         lead = input.shape[:-1]
         x = input.reshape(-1, input.shape[-1]).to(dt)
         y = _SparseLinear.apply(x, w, st, st.tables())

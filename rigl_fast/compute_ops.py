@@ -11,6 +11,8 @@ reference, which defines the results and runs where no kernel takes the inputs (
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,15 +51,30 @@ def reference_sampled(x, g, rows, cols):
 
 
 # ---------------------------------------------------------------- dispatch
+_only = None  # tests: "reference" or "triton" (CPU tensors under TRITON_INTERPRET=1) instead of the device's
+
+
+@contextlib.contextmanager
+def only(kernels: str):
+    """Tests: run the products with `kernels` ('reference', 'triton') whatever the device."""
+    global _only
+    old, _only = _only, kernels
+    try:
+        yield
+    finally:
+        _only = old
+
+
 def _cpp(name, *tensors):
-    if not all(t.device.type == "cpu" and t.dtype in _CPP_DTYPES for t in tensors):
+    if _only is not None or not all(t.device.type == "cpu" and t.dtype in _CPP_DTYPES for t in tensors):
         return None
     from . import export_ops  # defines the export ops: imported on the first sparse product
     return export_ops._cpp_op(name)
 
 
 def _triton(*tensors):
-    if not all(t.is_cuda and t.dtype in _CPP_DTYPES for t in tensors):
+    on = _only == "triton" or (_only is None and all(t.is_cuda for t in tensors))
+    if not on or not all(t.dtype in _CPP_DTYPES for t in tensors):
         return None
     try:
         from .kernels import compute as triton_compute
@@ -73,7 +90,7 @@ def forward(x, t, values):
     if op is not None:
         return op(x, t.crow, t.cols, values, t.out)
     tri = _triton(x, values)
-    if tri is not None and tri.supports(x, t.crow, t.cols, values) is None:
+    if tri is not None and tri.supports_csr_product(x, t.crow, t.cols, values) is None:
         return tri.csr_product(x, t.crow, t.cols, values, t.out)
     return reference_product(x, t.rows, t.cols, values, t.out)
 
@@ -83,7 +100,7 @@ def transposed(g, t, values):
     if op is not None:
         return op(g, t.ccol, t.t_rows, values, t.n_in)
     tri = _triton(g, values)
-    if tri is not None and tri.supports(g, t.ccol, t.t_rows, values) is None:
+    if tri is not None and tri.supports_csr_product(g, t.ccol, t.t_rows, values) is None:
         return tri.csr_product(g, t.ccol, t.t_rows, values, t.n_in)
     return reference_product(g, t.t_cols, t.t_rows, values, t.n_in)
 
@@ -93,6 +110,6 @@ def sampled(x, g, t):
     if op is not None:
         return op(x, g, t.rows, t.cols)
     tri = _triton(x, g)
-    if tri is not None and tri.supports(x, t.crow, t.cols, None) is None:
+    if tri is not None and tri.supports_sampled_dot(x, g, t.rows, t.cols) is None:
         return tri.sampled_dot(x, g, t.rows, t.cols)
     return reference_sampled(x, g, t.rows, t.cols)

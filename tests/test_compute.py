@@ -358,3 +358,17 @@ def test_callbacks_take_compute():
     assert cb is not None
     with pytest.raises(ValueError, match="compute"):
         hf.RigLCallback(dense_allocation=0.3, compute="bogus")
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_every_kernel_set_trains_as_the_cpu_kernels(kernels):
+    """The same fp32 training through the plain-PyTorch reference and through the Triton kernels (CUDA's; here
+    under the interpreter) as through the C++ ones, within fp32 rounding (before the first update)."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    base, _, _ = _run("sparse", dtype=torch.float32, steps=2, structure="fan_in")
+    with K.only(kernels):
+        assert (K._triton(torch.zeros(1)) is not None) == (kernels == "triton") and K._cpp("csr_linear", torch.zeros(1)) is None
+        other, _, _ = _run("sparse", dtype=torch.float32, steps=2, structure="fan_in")
+    for a, b in zip(base.parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
