@@ -304,6 +304,19 @@ struct ProductView {
   float* y;
 };
 
+// One sampled dense-dense product (export_kernels.cpp's sampled_grad, product_kernels.h): y[p] = sum_b gt[rows[p], b] *
+// xt[cols[p], b] for each pair p < nnz, accumulated in fp32: the weight gradient of y = x W^T at W's active
+// positions. xt is x transposed, (in, B) fp32, gt the output gradient transposed, (out, B) fp32, both contiguous.
+struct SampledView {
+  const float* xt;
+  const float* gt;
+  const void* rows;
+  const void* cols;
+  bool rows16, cols16;  // int16 indices, else int32
+  int64_t nnz, B, in, out;
+  float* y;
+};
+
 // The instruction set whose kernels run: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the
 // baseline build (read on every call, so tests can compare the two).
 inline const char* kernel_isa() {
@@ -340,6 +353,7 @@ inline const char* kernel_isa() {
   void unit_grow(const std::vector<ShardValues>& scores, const std::vector<UnitLayout>& units,               \
                  const std::vector<uint8_t*>& outs);                                                         \
   bool sparse_product(const ProductView& p);                                                                 \
+  bool sampled_product(const SampledView& s);                                                                \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

@@ -2,9 +2,11 @@
 //   fan_in_linear (`rigl_fast_export::fan_in_linear`): y[b, o] = sum_j values[o, j] * x[b, indices[o, j]];
 //   csr_linear (`rigl_fast_export::csr_linear`): y[b, o] = sum_{p in [crow[o], crow[o+1])} values[p] * x[b, col[p]];
 // accumulated in fp32 and rounded once to x's dtype. Both are one gather-multiply-reduce over a row's active
-// weights: the row's range of (value, index) pairs is the only difference. The kernels are in product_kernels.h
-// (compiled per instruction set); the checks and the ops' schemas here; the fake implementations in
-// rigl_fast/_cpp.py.
+// weights: the row's range of (value, index) pairs is the only difference. And the sparse training's weight
+// gradient (rigl_fast/compute.py):
+//   sampled_grad: out[p] = sum_b grad[b, rows[p]] * x[b, cols[p]], fp32, at the active positions (rows[p], cols[p]).
+// The kernels are in product_kernels.h (compiled per instruction set); the checks and the ops' schemas here; the
+// fake implementations in rigl_fast/_cpp.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -97,6 +99,54 @@ at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const a
   return product("csr_linear", x, values, col, cp, out_features);
 }
 
+// fp32 t^T, contiguous: the (cols, rows) transpose of a (rows, cols) t, converted and transposed in one copy (none
+// when t is an fp32 transposed view already).
+at::Tensor transposed_f32(const at::Tensor& t) {
+  const at::Tensor tt = t.t();
+  if (tt.scalar_type() == at::kFloat && tt.is_contiguous()) return tt;
+  at::Tensor out = at::empty(tt.sizes(), t.options().dtype(at::kFloat));
+  out.copy_(tt);
+  return out;
+}
+
+at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows_in,
+                        const at::Tensor& cols_in) {
+  TORCH_CHECK(x.dim() == 2 && grad.dim() == 2 && x.size(0) == grad.size(0), "rigl_fast::sampled_grad: x (B, in) ",
+              "and grad (B, out) must be 2-D with the same B, got shapes ", x.sizes(), " and ", grad.sizes());
+  TORCH_CHECK(rows_in.dim() == 1 && cols_in.dim() == 1 && rows_in.numel() == cols_in.numel(),
+              "rigl_fast::sampled_grad: rows and cols must be 1-D of the same length, got shapes ", rows_in.sizes(),
+              " and ", cols_in.sizes());
+  TORCH_CHECK(x.device().is_cpu() && grad.device().is_cpu() && rows_in.device().is_cpu() &&
+              cols_in.device().is_cpu(), "rigl_fast::sampled_grad: the C++ kernel takes CPU tensors");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "rigl_fast::sampled_grad: x must be fp32/fp64/fp16/bf16, got ", dt);
+  TORCH_CHECK(grad.scalar_type() == dt, "rigl_fast::sampled_grad: grad (", grad.scalar_type(),
+              ") must have x's dtype (", dt, ")");
+  const auto rt = rows_in.scalar_type(), ct = cols_in.scalar_type();
+  TORCH_CHECK((rt == at::kShort || rt == at::kInt) && (ct == at::kShort || ct == at::kInt),
+              "rigl_fast::sampled_grad: rows and cols must be int16 or int32, got ", rt, " and ", ct);
+  const int64_t B = x.size(0), in = x.size(1), out = grad.size(1), nnz = rows_in.numel();
+  TORCH_CHECK(in < (int64_t{1} << 31) && out < (int64_t{1} << 31), "rigl_fast::sampled_grad: ", in, " inputs or ",
+              out, " outputs, more than 32-bit indices reach");
+  at::Tensor y = at::empty({nnz}, x.options().dtype(at::kFloat));
+  if (nnz == 0) return y;
+  // (in, B) and (out, B): each pair's two factors are contiguous B-vectors. B == 0: empty, the pairs' sums are 0
+  const at::Tensor xt = transposed_f32(x), gt = transposed_f32(grad);
+  const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
+  const SampledView s{xt.const_data_ptr<float>(), gt.const_data_ptr<float>(), rows.const_data_ptr(),
+                      cols.const_data_ptr(), rt == at::kShort, ct == at::kShort, nnz, B, in, out,
+                      y.mutable_data_ptr<float>()};
+#if RIGL_FAST_HAVE_AVX2
+  const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
+#else
+  const bool ok = base::sampled_product(s);
+#endif
+  TORCH_CHECK(ok, "rigl_fast::sampled_grad: a pair is out of range (rows must be in [0, ", out, "), cols in [0, ",
+              in, "))");
+  return y;
+}
+
 }  // namespace
 
 int64_t product_parallel_regions() { return parallel_regions().load(); }
@@ -106,11 +156,13 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("product_parallel_regions() -> int", &product_parallel_regions);
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
+  m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("fan_in_linear", &fan_in_linear);
   m.impl("csr_linear", &csr_linear);
+  m.impl("sampled_grad", &sampled_grad);
 }
 
 }  // namespace rigl_fast

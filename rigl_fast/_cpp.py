@@ -1,15 +1,12 @@
 """The C++ backend: the ops in `csrc/` (torch.library ops `torch.ops.rigl_fast.*`), CPU tensors.
 
-Two extensions: "core" (the training ops, built on the first use of the backend) and "export" (the exported
-models' products, built on their first use, so that the first build for training does not wait for them).
-Loading one, first match wins:
+Two extensions, each built on its first use: "core" (the training ops) and "export" (the sparse products of exported
+models and of compute="sparse"; apart, so that the core build does not wait for them). Loading one, first match wins:
 1. a prebuilt `rigl_fast._C` holding both (``RIGL_FAST_BUILD_CPP=1 pip install .``, docs/cpp.md), if its key matches;
 2. a JIT build with torch.utils.cpp_extension.load + ninja, cached in a folder named after a hash of the sources'
-   contents, the flags, and the torch and Python builds (`build_dir`), under torch's extension root (default
-   ~/.cache/torch_extensions/py<ver>_<cpu|cuXXX>, or $TORCH_EXTENSIONS_DIR): checkouts of the same sources share one
-   build, other sources never load it. The sources are copied into the folder and built there, so the build does not
-   depend on where they came from. A build says so on stderr: a line when it starts, one per compiled unit (ninja
-   compiles them in parallel), and one with the time taken.
+   contents, the flags, and the torch and Python builds (`build_dir`, under torch's extension root: `build_root`):
+   checkouts of the same sources share one build, other sources never load it. The sources are copied into the
+   folder and built there (the build does not depend on where they came from), its progress said on stderr.
 If neither works, `CppBackend()` raises `BackendUnavailable` (one line), so `auto` falls back and `'cpp'` raises.
 """
 from __future__ import annotations
@@ -327,7 +324,6 @@ def _register_fakes(part: str) -> None:
         return [s.new_empty((s.numel(),), dtype=torch.bool) for s in scores]
 
 
-
 def _register_export_fakes() -> None:
     @torch.library.register_fake("rigl_fast::fan_in_linear")  # csrc/export_kernels.cpp
     def _fan_in_linear(x, values, indices):
@@ -336,6 +332,10 @@ def _register_export_fakes() -> None:
     @torch.library.register_fake("rigl_fast::csr_linear")
     def _csr_linear(x, crow, col, values, out_features):
         return x.new_empty((x.shape[0], out_features))
+
+    @torch.library.register_fake("rigl_fast::sampled_grad")  # fp32, one per (row, col) pair
+    def _sampled_grad(x, grad, rows, cols):
+        return x.new_empty((rows.shape[0],), dtype=torch.float32)
 
 
 class CppBackend(Backend):
