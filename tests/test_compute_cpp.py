@@ -1,0 +1,181 @@
+"""torch.ops.rigl_fast.sampled_grad (csrc/export_kernels.cpp, kernel in csrc/product_kernels.h): the sparse
+training's weight gradient at the active positions only, out[p] = sum_b grad[b, rows[p]] * x[b, cols[p]] in fp32.
+
+Bound: inputs are converted to fp32 (exact for fp16/bf16, whose products are exact in fp32 too) and each pair's
+B products are summed in fp32 (32 partial sums and a fixed tree), so |out - exact| <= 1e-5 |exact| + 32 eps32 *
+sum_b |grad x| (the worst case is about (B / 32 + 7) eps32 * sum |grad x| for the B <= 130 here). The two builds
+(AVX2, RIGL_FAST_CPU_ISA=base) sum in the same order but only AVX2 fuses multiply-adds: equal within that bound,
+not bitwise. Thread count changes nothing (a pair is one thread's): bitwise equal.
+"""
+import pytest
+import torch
+
+from helpers import cpp_unavailable
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def op():
+    from rigl_fast._cpp import BackendUnavailable, load_library
+    try:
+        load_library("export")  # sampled_grad is in the export extension
+    except BackendUnavailable as e:
+        cpp_unavailable(e)  # a broken build fails the suite
+    return torch.ops.rigl_fast.sampled_grad.default
+
+
+@pytest.fixture(params=["auto", "base"])
+def isa(request, monkeypatch):
+    """Both builds: 'auto' is the AVX2 one where the CPU has it, 'base' the baseline (read on every call)."""
+    if request.param == "base":
+        monkeypatch.setenv("RIGL_FAST_CPU_ISA", "base")
+    else:
+        monkeypatch.delenv("RIGL_FAST_CPU_ISA", raising=False)
+    return request.param
+
+
+def pairs(g, out, inp, density, shuffle=False):
+    """Active positions of a random (out, inp) mask as int64 (rows, cols), in CSR order unless shuffled."""
+    rows, cols = (torch.rand(out, inp, generator=g) < density).nonzero().t()
+    if shuffle:
+        perm = torch.randperm(rows.numel(), generator=g)
+        rows, cols = rows[perm], cols[perm]
+    return rows, cols
+
+
+def reference(x, grad, rows, cols):
+    """The exact result (float64) and each pair's sum |grad x|, for the bound."""
+    gr, xc = grad.double()[:, rows.long()], x.double()[:, cols.long()]
+    return (gr * xc).sum(0), (gr * xc).abs().sum(0)
+
+
+def assert_within_bound(y, x, grad, rows, cols):
+    exact, scale = reference(x, grad, rows, cols)
+    assert y.dtype == torch.float32 and y.shape == (rows.numel(),)
+    err = (y.double() - exact).abs()
+    bound = 1e-5 * exact.abs() + 32 * EPS32 * scale
+    assert (err <= bound).all(), float((err - bound).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_matches_the_reference(op, isa, dtype):
+    """Odd shapes and batch sizes (below, at and over the 32-lane block and the 8-lane vector), int16 and int32
+    indices (mixed too); small calls open no parallel region."""
+    g = torch.Generator().manual_seed(2201)
+    start = torch.ops.rigl_fast.product_parallel_regions()
+    checked = 0
+    for out, inp, density in ((37, 100, 0.3), (100, 37, 0.5), (1, 1, 1.0), (5, 300, 0.1)):
+        rows, cols = pairs(g, out, inp, density)
+        for B in (1, 3, 7, 8, 31, 63, 64, 65, 130):
+            x = torch.randn(B, inp, generator=g).to(dtype)
+            grad = torch.randn(B, out, generator=g).to(dtype)
+            for rt, ct in ((torch.int32, torch.int32), (torch.int16, torch.int16), (torch.int16, torch.int32)):
+                y = op(x, grad, rows.to(rt), cols.to(ct))
+                assert_within_bound(y, x, grad, rows, cols)
+                checked += 1
+    assert checked == 4 * 9 * 3
+    assert torch.ops.rigl_fast.product_parallel_regions() == start
+
+
+def test_non_contiguous_inputs_and_any_order(op, isa):
+    """Transposed views and slices give the contiguous inputs' result bitwise; so does any order of the pairs
+    (each pair's sum depends on nothing else)."""
+    g = torch.Generator().manual_seed(2202)
+    for dtype in (torch.float32, torch.bfloat16):
+        rows, cols = pairs(g, 37, 100, 0.3)
+        r32, c32 = rows.int(), cols.int()
+        for B in (1, 65, 130):
+            x = torch.randn(B, 100, generator=g).to(dtype)
+            grad = torch.randn(B, 37, generator=g).to(dtype)
+            y = op(x, grad, r32, c32)
+            assert_within_bound(y, x, grad, rows, cols)
+            xt_view = x.t().contiguous().t()  # (B, in) with strides (1, B)
+            g_slice = torch.stack([grad, -grad], 2)[:, :, 0]  # strides (2 * out, 2)
+            x_slice = torch.cat([x, -x], 1)[:, :100]  # strides (200, 1)
+            assert B == 1 or not (xt_view.is_contiguous() or x_slice.is_contiguous())
+            assert not g_slice.is_contiguous()
+            for xs, gs in ((xt_view, grad), (x, g_slice), (x_slice, g_slice), (xt_view, grad.t().contiguous().t())):
+                torch.testing.assert_close(op(xs, gs, r32, c32), y, rtol=0, atol=0)
+            # strided indices and a shuffled order
+            perm = torch.randperm(rows.numel(), generator=g)
+            torch.testing.assert_close(op(x, grad, r32[perm], c32[perm]), y[perm], rtol=0, atol=0)
+            r2 = torch.stack([r32, r32], 1)[:, 0]
+            assert not r2.is_contiguous()
+            torch.testing.assert_close(op(x, grad, r2, c32), y, rtol=0, atol=0)
+    rows, cols = pairs(g, 37, 100, 0.3, shuffle=True)
+    x, grad = torch.randn(63, 100, generator=g), torch.randn(63, 37, generator=g)
+    assert_within_bound(op(x, grad, rows.int(), cols.int()), x, grad, rows, cols)
+
+
+def test_both_builds_agree_and_threads_change_nothing(op, monkeypatch):
+    """AVX2 against the baseline build on the same inputs: within the bound (not bitwise: only AVX2 fuses
+    multiply-adds). One thread against two on a call large enough to run in parallel: bitwise."""
+    g = torch.Generator().manual_seed(2203)
+    rows, cols = pairs(g, 100, 37, 0.4)
+    r32, c32 = rows.int(), cols.int()
+    for B in (1, 3, 64, 65, 130):
+        x, grad = torch.randn(B, 37, generator=g), torch.randn(B, 100, generator=g)
+        monkeypatch.delenv("RIGL_FAST_CPU_ISA", raising=False)
+        auto = op(x, grad, r32, c32)
+        monkeypatch.setenv("RIGL_FAST_CPU_ISA", "base")
+        base = op(x, grad, r32, c32)
+        _, scale = reference(x, grad, rows, cols)
+        assert ((auto.double() - base.double()).abs() <= 64 * EPS32 * scale).all()
+        assert_within_bound(base, x, grad, rows, cols)
+    monkeypatch.delenv("RIGL_FAST_CPU_ISA", raising=False)
+    # 60000 pairs of B = 256: a few milliseconds, worth two threads
+    rows, cols = pairs(g, 300, 300, 2 / 3)
+    x, grad = torch.randn(256, 300, generator=g), torch.randn(256, 300, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x, grad, rows.int(), cols.int())
+        torch.set_num_threads(2)
+        start = torch.ops.rigl_fast.product_parallel_regions()
+        two = op(x, grad, rows.int(), cols.int())
+        assert torch.ops.rigl_fast.product_parallel_regions() > start
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    keep = torch.arange(0, rows.numel(), 97)  # the reference on a subset of the pairs (its memory is B x nnz)
+    assert_within_bound(one[keep], x, grad, rows[keep], cols[keep])
+
+
+def test_empty_and_out_of_range(op, isa):
+    """nnz == 0 gives an empty fp32 result, B == 0 zeros; an index out of range (either side, negative too)
+    and bad arguments raise naming the op."""
+    x, grad = torch.randn(4, 10), torch.randn(4, 6)
+    r, c = torch.tensor([0, 5, 2], dtype=torch.int32), torch.tensor([9, 0, 3], dtype=torch.int32)
+    empty = torch.zeros(0, dtype=torch.int32)
+    y = op(x, grad, empty, empty)
+    assert y.shape == (0,) and y.dtype == torch.float32
+    for dtype in (torch.float32, torch.bfloat16):
+        y = op(torch.zeros(0, 10, dtype=dtype), torch.zeros(0, 6, dtype=dtype), r, c.short())
+        assert y.dtype == torch.float32 and torch.equal(y, torch.zeros(3))
+    for bad_r, bad_c in (([0, 6, 2], [9, 0, 3]), ([0, 5, 2], [10, 0, 3]), ([-1, 5, 2], [9, 0, 3]),
+                         ([0, 5, 2], [9, 0, -1])):
+        for idt in (torch.int16, torch.int32):
+            with pytest.raises(RuntimeError, match="sampled_grad: a pair is out of range"):
+                op(x, grad, torch.tensor(bad_r, dtype=idt), torch.tensor(bad_c, dtype=idt))
+        with pytest.raises(RuntimeError, match="sampled_grad: a pair is out of range"):  # checked with B == 0 too
+            op(x[:0], grad[:0], torch.tensor(bad_r, dtype=torch.int32), torch.tensor(bad_c, dtype=torch.int32))
+    bad_args = [((x, grad[:3], r, c), "same B"), ((x, grad.double(), r, c), "x's dtype"),
+                ((x, grad, r.long(), c), "int16 or int32"), ((x.int(), grad.int(), r, c), "fp32/fp64/fp16/bf16"),
+                ((x, grad, r, c[:2]), "same length"), ((x[0], grad, r, c), "2-D")]
+    for args, msg in bad_args:
+        with pytest.raises(RuntimeError, match=f"rigl_fast::sampled_grad: .*{msg}"):
+            op(*args)
+
+
+def test_opcheck_and_the_export_ops_helper(op):
+    """torch.library.opcheck (the fake implementation in rigl_fast/_cpp.py included), and export_ops._cpp_op,
+    through which rigl_fast/compute.py calls it."""
+    from rigl_fast.export_ops import _cpp_op
+    assert _cpp_op("sampled_grad") is op
+    g = torch.Generator().manual_seed(2204)
+    for B, dtype, idt in ((1, torch.float32, torch.int16), (7, torch.bfloat16, torch.int32),
+                          (64, torch.float64, torch.int32), (0, torch.float16, torch.int32)):
+        rows, cols = pairs(g, 9, 50, 0.2)
+        x, grad = torch.randn(B, 50, generator=g).to(dtype), torch.randn(B, 9, generator=g).to(dtype)
+        torch.library.opcheck(op, (x, grad, rows.to(idt), cols.to(idt)))
