@@ -127,6 +127,9 @@ def test_train_with_er_distribution(capsys):
     (["--compare", "--export", "m.pt"], "--export"),
     (["--method", "dense", "--export", "m.pt"], "--export"),
     (["--export", "/no/such/folder/m.pt"], "--export"),
+    (["--compute", "fast"], "argument --compute: invalid choice: 'fast'"),
+    (["--compute", "Sparse"], "argument --compute: invalid choice"),
+    (["--method", "dense", "--compute", "sparse"], "--compute"),  # no scheduler: nothing to compute sparsely
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -137,6 +140,48 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys):
     # train's own usage and prefix, not the top-level "usage: rigl-fast [-h] COMMAND ..."
     assert err.startswith("usage: rigl-fast train [-h] "), err
     assert "\nrigl-fast train: error: " in err, err
+
+
+def test_compute_sparse_builds_the_scheduler_with_it_and_trains_as_dense(capsys, monkeypatch):
+    """--compute sparse: the scheduler is built with compute='sparse' (its sparse Linear layers run the sparse
+    forward during training), the table says how each layer is computed, and the run ends where --compute dense
+    ends (the same training, fp32 summation order aside)."""
+    from rigl_fast.compute import _SparseForward
+    seen = []
+    real_run = cli_demo.run
+
+    def run(cfg, data, progress=None, trained=None):
+        def look(model, pruner):
+            seen.append((cfg.compute, [type(vars(m).get("forward")).__name__ for m in model.layers]))
+            trained(model, pruner)
+        return real_run(cfg, data, progress, trained=look)
+
+    monkeypatch.setattr(cli_demo, "run", run)
+    argv = ["train", "--model", "mlp", "--epochs", "3", "--no-progress", "--backend", "reference"]
+    assert cli.main(argv + ["--compute", "sparse"]) == 0
+    out = capsys.readouterr().out
+    assert cli.main(argv) == 0  # --compute dense is the default
+    dense_out = capsys.readouterr().out
+    # The first layer stays dense under the uniform rule; the other two compute over their active weights.
+    assert seen == [("sparse", ["NoneType", _SparseForward.__name__, _SparseForward.__name__]),
+                    ("dense", ["NoneType"] * 3)]
+    assert "backend reference, compute sparse" in out and "backend reference, compute dense" in dense_out
+    assert re.search(r"layers\.0\.weight\s+300x64 .*100\.00%\s+64\s+dense layer\s*\n", out), out
+    for name, shape in (("layers\\.1", "100x300"), ("layers\\.2", "10x100")):
+        assert re.search(rf"{name}\.weight\s+{shape} .*10\.00%\s+\d+-\d+\s+sparse compute \(compressed rows\)\s*\n",
+                         out), (name, out)
+    assert "compute" not in dense_out.split("\n\n")[1]  # no compute column under dense compute
+    loss = [float(re.search(r"final train loss: ([0-9.]+)", o).group(1)) for o in (out, dense_out)]
+    assert abs(loss[0] - loss[1]) < 1e-3, loss
+    assert _accuracy(out) == pytest.approx(_accuracy(dense_out), abs=1.0)
+
+
+def test_compute_sparse_layer_table_names_dense_computed_convolutions(capsys):
+    rc = cli.main(["train", "--compute", "sparse", "--epochs", "1", "--no-progress", "--backend", "reference"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"features\.3\.weight\s+64x32x3x3 .*10\.00%\s+\d+-\d+\s+dense compute: convolution\s*\n", out), out
+    assert re.search(r"fc\.weight\s+10x64 .*sparse compute \(compressed rows\)\s*\n", out), out
 
 
 def test_unknown_option_before_the_command_gets_the_top_level_usage(capsys):

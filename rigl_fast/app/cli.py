@@ -8,6 +8,7 @@
     rigl-fast train --data mnist1d --model mlp --structure 2:4 --density 0.5
     rigl-fast train --data mnist --data-dir ~/data --download
     rigl-fast train --model mlp --structure fan_in --export model.pt   # save the sparse inference model
+    rigl-fast train --model mlp --compute sparse   # the sparse Linear layers compute over their active weights
 
 Needs the 'cli' extra (scikit-learn, tqdm, matplotlib, mnist1d); they are imported only when a command runs, so
 `import rigl_fast` never pays for them.
@@ -22,6 +23,7 @@ import sys
 import time
 import warnings
 
+from ..compute import MODES as _COMPUTE_MODES
 from ..layers import DISTRIBUTIONS as _DISTRIBUTIONS  # the library's lists, so the CLI accepts what it accepts
 from ..ops import BACKENDS as _BACKENDS
 
@@ -132,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch), 100 otherwise")
     t.add_argument("--alpha", type=_alpha, default=0.3, help="initial drop fraction (cosine-decayed)")
     t.add_argument("--backend", choices=_BACKENDS, default="auto", help="rigl_fast backend for the mask ops")
+    t.add_argument("--compute", choices=_COMPUTE_MODES, default="dense",
+                   help="RigLScheduler(compute=): sparse = the sparse Linear layers' forward and backward skip the "
+                        "inactive weights (convolutions stay dense-computed), the same training; dense = full "
+                        "dense products, zeros included")
     _add_run_arguments(t)
     t.set_defaults(func=_cmd_train)
     parser.commands = {"train": t}  # main() reports errors with the subcommand's usage
@@ -201,6 +207,9 @@ def _resolve(args, parser):
         folder = os.path.dirname(os.path.abspath(args.export))
         if not os.path.isdir(folder):
             parser.error(f"argument --export: folder {folder} does not exist")
+    if args.compute != "dense" and args.method == ["dense"]:
+        parser.error("argument --compute: --method dense has no scheduler and no sparse layers to compute "
+                     "sparsely: use --method static, set or rigl")
     args.model = args.model or ("mlp" if args.compare else "cnn1d" if args.data == "mnist1d" else "cnn")
     if args.model == "cnn" and args.data == "mnist1d":
         parser.error("argument --model: cnn is a 2-D CNN for images; mnist1d is a sequence: use cnn1d or mlp")
@@ -225,7 +234,7 @@ def _configs(args):
     from .demo import RunConfig
     base = dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, delta=args.delta,
                 alpha=args.alpha, backend=args.backend, device=args.device)
-    sparse = dict(base, structure=args.structure)
+    sparse = dict(base, structure=args.structure, compute=args.compute)
     seeds = range(args.seed, args.seed + args.seeds) if args.compare else [args.seed]
     out = []
     for seed in seeds:
@@ -241,28 +250,32 @@ def _configs(args):
 
 def _layer_table(result, structure="unstructured") -> str:
     """Per layer: weights, active, density, and active weights per output unit (one number when every unit
-    has the same: the tell of structure='fan_in'); with N:M also per run of M weights."""
+    has the same: the tell of structure='fan_in'); with N:M also per run of M weights; under --compute sparse,
+    how each layer is computed (sparse over its active weights, or dense and why)."""
     from ..structure import parse
     m = parse(structure)[2]
+    how = any("compute" in layer for layer in result.layers)
 
     def span(lo_hi):
         return str(lo_hi[0]) if lo_hi[0] == lo_hi[1] else f"{lo_hi[0]}-{lo_hi[1]}"
 
     rows = [("layer", "shape", "weights", "active", "density", "active per unit")
-            + ((f"per {m} (N:M)",) if m else ())]
+            + ((f"per {m} (N:M)",) if m else ()) + (("compute",) if how else ())]
     tot_n = tot_a = 0
     for layer in result.layers:
         rows.append((layer["name"], "x".join(map(str, layer["shape"])), str(layer["numel"]), str(layer["active"]),
                      f"{100 * layer['active'] / layer['numel']:.2f}%", span(layer["unit_active"]))
-                    + ((span(layer["group_active"]) if "group_active" in layer else "-",) if m else ()))
+                    + ((span(layer["group_active"]) if "group_active" in layer else "-",) if m else ())
+                    + ((layer.get("compute") or "dense layer",) if how else ()))
         tot_n += layer["numel"]
         tot_a += layer["active"]
     rows.append(("total (Linear/Conv weights)", "", str(tot_n), str(tot_a), f"{100 * tot_a / tot_n:.2f}%", "")
-                + (("",) if m else ()))
+                + (("",) if m else ()) + (("",) if how else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append("  ".join(c.ljust(w) if i < 2 or (how and i == len(r) - 1) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0 or k == len(rows) - 2:
             lines.append("-" * len(lines[-1]))
     return "\n".join(lines)
@@ -313,7 +326,7 @@ def _single(args, cfg, data, demo, tqdm) -> int:
     print(f"method: {cfg.method}" + ("" if cfg.method == "dense" else
                                      f", density {cfg.density:g} ({cfg.distribution}), structure {cfg.structure}, "
                                      f"delta {cfg.delta}, "
-                                     f"alpha {cfg.alpha}, backend {cfg.backend}"))
+                                     f"alpha {cfg.alpha}, backend {cfg.backend}, compute {cfg.compute}"))
     bar = tqdm(total=1, desc=f"{cfg.method} d={cfg.density:g}", unit="step", disable=args.no_progress,
                dynamic_ncols=True)
 

@@ -5,7 +5,8 @@ One run = one (model, method, density, distribution, structure, seed). Methods:
   static  RigLScheduler(static_topo=True): a fixed random mask;
   set     RigLScheduler(grow_mode='random'): drop by magnitude, regrow at random (SET, Mocanu et al. 2018);
   rigl    RigLScheduler(): drop by magnitude, regrow by dense gradient (Evci et al. 2020).
-`structure` ('unstructured', 'fan_in', 'N:M') is passed to the scheduler of every sparse method.
+`structure` ('unstructured', 'fan_in', 'N:M') and `compute` ('dense', 'sparse') are passed to the scheduler of
+every sparse method.
 The loop is rigl-torch's: backward, then `if pruner(): optimizer.step()`.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Data
+from .. import compute as _compute
 from .. import structure as _structure
 from ..scheduler import RigLScheduler
 
@@ -128,6 +130,7 @@ class RunConfig:
     backend: str = "auto"
     device: str = "cpu"
     sparse_linear: bool = True   # ignore_linear_layers=False, as rigl-torch's README example passes
+    compute: str = "dense"       # RigLScheduler(compute=): 'sparse' computes the sparse Linear layers sparsely
 
     def validate(self):
         if self.method not in METHODS:
@@ -141,6 +144,7 @@ class RunConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         _structure.parse(self.structure)
+        _compute.check_mode(self.compute)
         if self.method != "dense":  # before training starts, not at the scheduler's construction
             _structure.check(self.structure, dict(sparsity_distribution=self.distribution,
                                                   dense_allocation=self.density))
@@ -171,11 +175,11 @@ def make_scheduler(cfg: RunConfig, model, optimizer, total_steps: int, scheduler
                 sparsity_distribution=cfg.distribution, ignore_linear_layers=not cfg.sparse_linear,
                 delta=cfg.delta, alpha=cfg.alpha, static_topo=cfg.method == "static")
     if scheduler_cls is not None:
-        if cfg.method == "set" or cfg.structure != "unstructured":
-            raise ValueError("rigl-torch has no SET (random growth) mode and no structure=")
+        if cfg.method == "set" or cfg.structure != "unstructured" or cfg.compute != "dense":
+            raise ValueError("rigl-torch has no SET (random growth) mode, no structure= and no compute=")
         return scheduler_cls(model, optimizer, **args)
     return RigLScheduler(model, optimizer, **args, backend=cfg.backend, structure=cfg.structure,
-                         grow_mode="random" if cfg.method == "set" else "gradient")
+                         grow_mode="random" if cfg.method == "set" else "gradient", compute=cfg.compute)
 
 
 def _unit_counts(mask: torch.Tensor, group: int = 0) -> dict:
@@ -193,7 +197,8 @@ def _unit_counts(mask: torch.Tensor, group: int = 0) -> dict:
 
 def layer_table(model: nn.Module, pruner, structure: str = "unstructured") -> List[dict]:
     """Per candidate layer: name, shape, numel, active, and the per-unit counts of `_unit_counts` (with
-    structure 'N:M', per run of M too)."""
+    structure 'N:M', per run of M too); under compute='sparse', `compute`: how each sparse layer is computed
+    (summary()'s word, e.g. 'sparse compute (compressed rows)' or 'dense compute: convolution')."""
     kind, _, m = _structure.parse(structure)
     group = m if kind == "N:M" else 0
     if pruner is None:
@@ -203,11 +208,13 @@ def layer_table(model: nn.Module, pruner, structure: str = "unstructured") -> Li
     else:
         names = getattr(pruner, "names", [f"W[{i}]" for i in range(len(pruner.W))])
         W, masks = pruner.W, pruner.backward_masks
+    computed = getattr(pruner, "_compute_layers", None)  # {} under compute='dense'; rigl-torch has none
     table = []
-    for n, w, mask in zip(names, W, masks):
+    for i, (n, w, mask) in enumerate(zip(names, W, masks)):
+        how = _compute.note(pruner, i) if computed else ""
         mask = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.reshape(w.shape).bool()
         table.append(dict(name=n, shape=list(w.shape), numel=w.numel(), active=int(mask.sum()),
-                          **_unit_counts(mask, group)))
+                          **_unit_counts(mask, group), **({"compute": how} if computed else {})))
     return table
 
 
