@@ -307,3 +307,17 @@ def test_example_script_runs(tmp_path):
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "density" in r.stdout and "updates 2" in r.stdout, r.stdout
+
+
+def test_compute_sparse_through_the_callback(tmp_path):
+    """RigLCallback(compute="sparse") under Lightning: the Linear head computes sparsely, the convolutions densely
+    (summary() says so), the updates run and the invariants hold."""
+    model, cb, rec, trainer = _fit(tmp_path, 8, rigl_kwargs={**CFG, "compute": "sparse", "ignore_linear_layers": False},
+                                   max_steps=8)
+    pruner = cb.pruner
+    assert pruner.rigl_steps == 1 and pruner.skipped_updates == 0  # T_end = 6: the update at step 3
+    assert "forward" in vars(model.net.fc) and not any("forward" in vars(m) for m in model.net.modules()
+                                                       if isinstance(m, torch.nn.Conv2d))
+    s = pruner.summary()
+    assert "sparse compute (compressed rows)" in s and "dense compute: convolution" in s
+    _assert_invariants(pruner)
