@@ -315,6 +315,8 @@ struct SampledView {
   bool rows16, cols16;  // int16 indices, else int32
   int64_t nnz, B, in, out;
   float* y;
+  const int64_t* out_index;  // nullptr: pair p's sum goes to y[p]; else to y[out_index[p]] (a dense gradient)
+  int64_t y_size;            // y's length (out_index checked against it)
 };
 
 // The instruction set whose kernels run: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the

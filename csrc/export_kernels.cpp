@@ -109,41 +109,66 @@ at::Tensor transposed_f32(const at::Tensor& t) {
   return out;
 }
 
-at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows_in,
-                        const at::Tensor& cols_in) {
-  TORCH_CHECK(x.dim() == 2 && grad.dim() == 2 && x.size(0) == grad.size(0), "rigl_fast::sampled_grad: x (B, in) ",
+// The checks and the kernel run of sampled_grad and sampled_grad_dense; `y` receives pair p's sum at p, or at
+// flat[p] when `flat` is given (y then zeroed first, on threads by its size).
+void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows_in,
+                  const at::Tensor& cols_in, const at::Tensor* flat, at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && grad.dim() == 2 && x.size(0) == grad.size(0), "rigl_fast::", op, ": x (B, in) ",
               "and grad (B, out) must be 2-D with the same B, got shapes ", x.sizes(), " and ", grad.sizes());
   TORCH_CHECK(rows_in.dim() == 1 && cols_in.dim() == 1 && rows_in.numel() == cols_in.numel(),
-              "rigl_fast::sampled_grad: rows and cols must be 1-D of the same length, got shapes ", rows_in.sizes(),
+              "rigl_fast::", op, ": rows and cols must be 1-D of the same length, got shapes ", rows_in.sizes(),
               " and ", cols_in.sizes());
   TORCH_CHECK(x.device().is_cpu() && grad.device().is_cpu() && rows_in.device().is_cpu() &&
-              cols_in.device().is_cpu(), "rigl_fast::sampled_grad: the C++ kernel takes CPU tensors");
+              cols_in.device().is_cpu(), "rigl_fast::", op, ": the C++ kernel takes CPU tensors");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "rigl_fast::sampled_grad: x must be fp32/fp64/fp16/bf16, got ", dt);
-  TORCH_CHECK(grad.scalar_type() == dt, "rigl_fast::sampled_grad: grad (", grad.scalar_type(),
+              "rigl_fast::", op, ": x must be fp32/fp64/fp16/bf16, got ", dt);
+  TORCH_CHECK(grad.scalar_type() == dt, "rigl_fast::", op, ": grad (", grad.scalar_type(),
               ") must have x's dtype (", dt, ")");
   const auto rt = rows_in.scalar_type(), ct = cols_in.scalar_type();
   TORCH_CHECK((rt == at::kShort || rt == at::kInt) && (ct == at::kShort || ct == at::kInt),
-              "rigl_fast::sampled_grad: rows and cols must be int16 or int32, got ", rt, " and ", ct);
+              "rigl_fast::", op, ": rows and cols must be int16 or int32, got ", rt, " and ", ct);
   const int64_t B = x.size(0), in = x.size(1), out = grad.size(1), nnz = rows_in.numel();
-  TORCH_CHECK(in < (int64_t{1} << 31) && out < (int64_t{1} << 31), "rigl_fast::sampled_grad: ", in, " inputs or ",
+  TORCH_CHECK(in < (int64_t{1} << 31) && out < (int64_t{1} << 31), "rigl_fast::", op, ": ", in, " inputs or ",
               out, " outputs, more than 32-bit indices reach");
-  at::Tensor y = at::empty({nnz}, x.options().dtype(at::kFloat));
-  if (nnz == 0) return y;
+  at::Tensor fl;
+  if (flat != nullptr) {
+    TORCH_CHECK(flat->dim() == 1 && flat->numel() == nnz && flat->scalar_type() == at::kLong && flat->device().is_cpu(),
+                "rigl_fast::", op, ": flat must be 1-D int64 with one position per pair, got shape ", flat->sizes(),
+                " of ", flat->scalar_type());
+    fl = flat->contiguous();
+    float* yp = y.mutable_data_ptr<float>();
+    parallel_work(y.numel(), 1, [&](int64_t a, int64_t b) { std::fill(yp + a, yp + b, 0.f); });
+  }
+  if (nnz == 0) return;
   // (in, B) and (out, B): each pair's two factors are contiguous B-vectors. B == 0: empty, the pairs' sums are 0
   const at::Tensor xt = transposed_f32(x), gt = transposed_f32(grad);
   const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
   const SampledView s{xt.const_data_ptr<float>(), gt.const_data_ptr<float>(), rows.const_data_ptr(),
                       cols.const_data_ptr(), rt == at::kShort, ct == at::kShort, nnz, B, in, out,
-                      y.mutable_data_ptr<float>()};
+                      y.mutable_data_ptr<float>(), flat ? fl.const_data_ptr<int64_t>() : nullptr, y.numel()};
 #if RIGL_FAST_HAVE_AVX2
   const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
 #else
   const bool ok = base::sampled_product(s);
 #endif
-  TORCH_CHECK(ok, "rigl_fast::sampled_grad: a pair is out of range (rows must be in [0, ", out, "), cols in [0, ",
-              in, "))");
+  TORCH_CHECK(ok, "rigl_fast::", op, ": a pair is out of range (rows must be in [0, ", out, "), cols in [0, ",
+              in, ")", flat ? ", flat in [0, numel)" : "", ")");
+}
+
+at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& cols) {
+  at::Tensor y = at::empty({rows.numel()}, x.options().dtype(at::kFloat));
+  sampled_into("sampled_grad", x, grad, rows, cols, nullptr, y);
+  return y;
+}
+
+// The dense (numel) fp32 gradient: 0 but at flat[p], which gets pair p's sum (compute.py's weight gradient
+// outside the dense window, written in one pass with no (nnz) intermediate).
+at::Tensor sampled_grad_dense(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows,
+                              const at::Tensor& cols, const at::Tensor& flat, int64_t numel) {
+  TORCH_CHECK(numel >= 0, "rigl_fast::sampled_grad_dense: numel must be >= 0, got ", numel);
+  at::Tensor y = at::empty({numel}, x.options().dtype(at::kFloat));
+  sampled_into("sampled_grad_dense", x, grad, rows, cols, &flat, y);
   return y;
 }
 
@@ -157,12 +182,14 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
   m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
+  m.def("sampled_grad_dense(Tensor x, Tensor grad, Tensor rows, Tensor cols, Tensor flat, int numel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("fan_in_linear", &fan_in_linear);
   m.impl("csr_linear", &csr_linear);
   m.impl("sampled_grad", &sampled_grad);
+  m.impl("sampled_grad_dense", &sampled_grad_dense);
 }
 
 }  // namespace rigl_fast

@@ -73,16 +73,18 @@ bool rows_b1(const float* x, const V* values, const I* indices, float* y, int64_
 }
 
 // B > 1: xt is x transposed, (in, B) fp32, so each gathered input is a contiguous B-vector; yt is (out, B).
-// Work item w = (row o, batch block): acc[b] += v * xt[idx, b0 + b] (vectorised by the compiler; fused
+// Work item w = (batch block, row o): acc[b] += v * xt[idx, b0 + b] (vectorised by the compiler; fused
 // multiply-adds where the instruction set has them).
 template <typename V, typename I, typename Rows>
 bool rows_batched(const float* xt, const V* values, const I* indices, float* yt, int64_t in, const Rows& rows,
-                  int64_t B, int64_t n_blocks, int64_t w0, int64_t w1) {
+                  int64_t B, int64_t n_rows, int64_t w0, int64_t w1) {
   bool ok = true;
   float acc[kBatchBlock];
   for (int64_t w = w0; w < w1; ++w) {
-    const int64_t o = w / n_blocks;
-    const int64_t b0 = (w % n_blocks) * kBatchBlock;
+    // block-major: a thread's consecutive items share one batch block, whose (in, kBatchBlock) slice of xt
+    // (in * 256 bytes) stays in its L2 while the rows are walked; row-major items cycled through all of xt (L3)
+    const int64_t o = w % n_rows;
+    const int64_t b0 = (w / n_rows) * kBatchBlock;
     const int64_t nb = std::min(kBatchBlock, B - b0);
     const V* v = values + rows.begin(o);
     const I* ix = indices + rows.begin(o);
@@ -133,7 +135,7 @@ bool run_product(const ProductView& p, const Rows& rows) {
     const int64_t n_blocks = (p.B + kBatchBlock - 1) / kBatchBlock;
     parallel_work(p.out * n_blocks, per_row * std::max<int64_t>(1, std::min(p.B, kBatchBlock) / 4),
                   [&](int64_t w0, int64_t w1) {
-      if (!rows_batched<V, I>(p.x, v, ix, p.y, p.in, rows, p.B, n_blocks, w0, w1)) ok = false;
+      if (!rows_batched<V, I>(p.x, v, ix, p.y, p.in, rows, p.B, p.out, w0, w1)) ok = false;
     });
   }
   return ok.load();
@@ -198,7 +200,7 @@ inline float dot_lanes(const float* __restrict__ a, const float* __restrict__ b,
   return ((r0 + r2) + (r1 + r3)) + tail;
 }
 
-// Pairs [p0, p1); an out-of-range pair is left at 0 and makes the result false.
+// Pairs [p0, p1); an out-of-range pair (or output position) is skipped and makes the result false.
 template <typename IR, typename IC>
 bool sampled_pairs(const SampledView& s, int64_t p0, int64_t p1) {
   const IR* rows = static_cast<const IR*>(s.rows);
@@ -206,12 +208,12 @@ bool sampled_pairs(const SampledView& s, int64_t p0, int64_t p1) {
   bool ok = true;
   for (int64_t p = p0; p < p1; ++p) {
     const uint32_t r = index_at(rows, p), c = index_at(cols, p);
-    if (r >= s.out || c >= s.in) {
+    const int64_t at = s.out_index ? s.out_index[p] : p;
+    if (r >= s.out || c >= s.in || static_cast<uint64_t>(at) >= static_cast<uint64_t>(s.y_size)) {
       ok = false;
-      s.y[p] = 0.f;
-      continue;
+      continue;  // the op raises
     }
-    s.y[p] = dot_lanes(s.gt + static_cast<int64_t>(r) * s.B, s.xt + static_cast<int64_t>(c) * s.B, s.B);
+    s.y[at] = dot_lanes(s.gt + static_cast<int64_t>(r) * s.B, s.xt + static_cast<int64_t>(c) * s.B, s.B);
   }
   return ok;
 }

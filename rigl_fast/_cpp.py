@@ -4,9 +4,8 @@ Two extensions, each built on its first use: "core" (the training ops) and "expo
 models and of compute="sparse"; apart, so that the core build does not wait for them). Loading one, first match wins:
 1. a prebuilt `rigl_fast._C` holding both (``RIGL_FAST_BUILD_CPP=1 pip install .``, docs/cpp.md), if its key matches;
 2. a JIT build with torch.utils.cpp_extension.load + ninja, cached in a folder named after a hash of the sources'
-   contents, the flags, and the torch and Python builds (`build_dir`, under torch's extension root: `build_root`):
-   checkouts of the same sources share one build, other sources never load it. The sources are copied into the
-   folder and built there (the build does not depend on where they came from), its progress said on stderr.
+   contents, the flags, and the torch and Python builds (`build_dir`, under `build_root`): checkouts of the same
+   sources share one build, other sources never load it; the sources are copied there and built (progress on stderr).
 If neither works, `CppBackend()` raises `BackendUnavailable` (one line), so `auto` falls back and `'cpp'` raises.
 """
 from __future__ import annotations
@@ -329,13 +328,13 @@ def _register_export_fakes() -> None:
     def _fan_in_linear(x, values, indices):
         return x.new_empty((x.shape[0], values.shape[0]))
 
-    @torch.library.register_fake("rigl_fast::csr_linear")
-    def _csr_linear(x, crow, col, values, out_features):
-        return x.new_empty((x.shape[0], out_features))
+    torch.library.register_fake("rigl_fast::csr_linear")(lambda x, crow, col, values, n: x.new_empty((x.shape[0], n)))
 
-    @torch.library.register_fake("rigl_fast::sampled_grad")  # fp32, one per (row, col) pair
-    def _sampled_grad(x, grad, rows, cols):
-        return x.new_empty((rows.shape[0],), dtype=torch.float32)
+    @torch.library.register_fake("rigl_fast::sampled_grad")  # fp32, one per (row, col) pair; _dense: numel
+    def _sampled_grad(x, grad, rows, cols, flat=None, numel=None):
+        return x.new_empty((rows.shape[0] if numel is None else numel,), dtype=torch.float32)
+
+    torch.library.register_fake("rigl_fast::sampled_grad_dense")(_sampled_grad)
 
 
 class CppBackend(Backend):

@@ -99,7 +99,7 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, st, t):
-        values = weight.reshape(-1)[t.flat].to(x.dtype)
+        values = _take(weight, t.flat).to(x.dtype)
         ctx.save_for_backward(x, weight)
         ctx.st, ctx.t = st, t
         return _kops.forward(x, t, values)
@@ -111,15 +111,19 @@ class _SparseLinear(torch.autograd.Function):
         g = g.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _kops.transposed(g, t, weight.reshape(-1)[t.t_flat].to(g.dtype))
+            dx = _kops.transposed(g, t, _take(weight, t.t_flat).to(g.dtype))
         if ctx.needs_input_grad[1]:
             if st.dense_window():  # the dense gradient, for the growth scores the hooks accumulate
                 full = g.t().to(x.dtype) @ x  # (out, in), as F.linear's backward computes it
                 dw = (full.t() if st.transposed else full).to(weight.dtype)
             else:
-                dw = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-                dw.view(-1)[t.flat] = _kops.sampled(x, g, t).to(weight.dtype)
+                dw = _kops.sampled_dense(x, g, t, weight.numel()).view(weight.shape).to(weight.dtype)
         return dx, dw, None, None
+
+
+def _take(weight, flat):
+    """The weight's entries at storage positions `flat` (index_select: faster than indexing)."""
+    return torch.index_select(weight.reshape(-1), 0, flat)
 
 
 class _SparseForward:

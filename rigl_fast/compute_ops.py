@@ -5,6 +5,7 @@ reference, which defines the results and runs where no kernel takes the inputs (
     forward(x, t, values)      (B, in)  -> (B, out): y[b, o]  = sum over o's active entries of v * x[b, i]
     transposed(g, t, values)   (B, out) -> (B, in):  dx[b, i] = sum over i's active entries of v * g[b, o]
     sampled(x, g, t)           -> (nnz,) fp32 (fp64 for fp64): sum_b g[b, o] * x[b, i] per active (o, i)
+    sampled_dense(x, g, t, n)  -> the same written at t.flat of a zeroed (n,) vector: the dense weight gradient
 
 `t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
 (transposed). Products accumulate in fp32 (fp64 for fp64 inputs) and round once to the input's dtype.
@@ -113,3 +114,13 @@ def sampled(x, g, t):
     if tri is not None and tri.supports_sampled_dot(x, g, t.rows, t.cols) is None:
         return tri.sampled_dot(x, g, t.rows, t.cols)
     return reference_sampled(x, g, t.rows, t.cols)
+
+
+def sampled_dense(x, g, t, numel):
+    """The dense weight gradient (numel,): `sampled` at t.flat, 0 elsewhere (the C++ kernel writes it in one
+    pass; elsewhere zeros and a scatter)."""
+    op = _cpp("sampled_grad_dense", x, g)
+    if op is not None:
+        return op(x, g, t.rows, t.cols, t.flat, numel)
+    out = torch.zeros(numel, dtype=_acc(x.dtype), device=x.device)
+    return out.index_copy_(0, t.flat, sampled(x, g, t).to(out.dtype))

@@ -179,3 +179,23 @@ def test_opcheck_and_the_export_ops_helper(op):
         rows, cols = pairs(g, 9, 50, 0.2)
         x, grad = torch.randn(B, 50, generator=g).to(dtype), torch.randn(B, 9, generator=g).to(dtype)
         torch.library.opcheck(op, (x, grad, rows.to(idt), cols.to(idt)))
+
+
+def test_dense_variant_writes_the_sums_at_flat_and_zeros_elsewhere(op, isa):
+    """sampled_grad_dense: the dense weight gradient compute.py returns outside the window, bitwise the pairs'
+    sums at `flat` (any order) and 0 elsewhere; a position outside [0, numel) raises naming the op; opcheck."""
+    dense = torch.ops.rigl_fast.sampled_grad_dense.default
+    g = torch.Generator().manual_seed(2205)
+    for B, dtype in ((1, torch.float32), (37, torch.bfloat16), (130, torch.float32), (0, torch.float16)):
+        rows, cols = pairs(g, 23, 41, 0.3, shuffle=True)
+        flat = rows * 41 + cols
+        x, grad = torch.randn(B, 41, generator=g).to(dtype), torch.randn(B, 23, generator=g).to(dtype)
+        got = dense(x, grad, rows.int(), cols.int(), flat, 23 * 41)
+        want = torch.zeros(23 * 41).index_copy_(0, flat, op(x, grad, rows.int(), cols.int()))
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        torch.library.opcheck(dense, (x, grad, rows.int(), cols.int(), flat, 23 * 41))
+    x, grad = torch.randn(4, 41, generator=g), torch.randn(4, 23, generator=g)
+    with pytest.raises(RuntimeError, match="sampled_grad_dense: a pair is out of range"):
+        dense(x, grad, rows.int(), cols.int(), flat + 23 * 41, 23 * 41)
+    with pytest.raises(RuntimeError, match="sampled_grad_dense: flat must be 1-D int64"):
+        dense(x, grad, rows.int(), cols.int(), flat.int(), 23 * 41)
