@@ -91,7 +91,12 @@ class _LayerState:
         return self._tables
 
     def dense_window(self) -> bool:
-        return self.p.check_if_backward_hook_should_accumulate_grad()
+        """The dense weight gradient is needed: this backward fills the window of an update that will run (the
+        window before T_end, when delta divides it, leads to none)."""
+        p = self.p
+        if not p.check_if_backward_hook_should_accumulate_grad():
+            return False
+        return p.step + p.delta_T - p.step % p.delta_T < p.T_end
 
 
 class _SparseLinear(torch.autograd.Function):

@@ -183,8 +183,8 @@ def note_density(pruner) -> None:
     kept = sum(n for ls in share.values() for _, n in ls)
     log.warning(f"rigl_fast: the sparse candidates are {100.0 * active / total:.1f}% dense overall, not "
                 f"dense_allocation={pruner.dense_allocation}: the layers kept dense hold {100.0 * kept / total:.1f}% "
-                f"of the weights ({'; '.join(parts)}); see pruner.summary(), and sparsity_distribution='erk' or "
-                "ignore_linear_layers=False to spread the budget")
+                f"of the weights ({'; '.join(parts)}); see pruner.summary(), and sparsity_distribution='erk'"
+                + (" or ignore_linear_layers=False" if pruner.ignore_linear_layers else "") + " to spread the budget")
 
 
 def check_scheduler_kwargs(kwargs, reserved, who: str) -> None:

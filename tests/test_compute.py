@@ -89,9 +89,12 @@ def test_float64_same_masks_every_step_and_weights_as_dense_compute(kind, struct
         assert float((a - b).abs().max().detach() / scale) <= 1e-9, name
 
 
-def test_sparse_compute_actually_runs_and_the_window_is_dense(monkeypatch):
-    """The sparse path runs on every step; the dense weight gradient only inside the windows."""
-    calls = {"sampled": 0, "forward": 0}
+@pytest.mark.parametrize("T_end", [10, 9])
+def test_sparse_compute_actually_runs_and_the_window_is_dense(monkeypatch, T_end):
+    """The sparse path runs on every step; the dense weight gradient only inside the windows of the updates
+    that run (T_end=9: the window before step 9 leads to no update, so it stays sparse)."""
+    monkeypatch.setitem(CFG, "T_end", T_end)
+    calls = {"sampled_dense": 0, "forward": 0}
     for name in calls:
         real = getattr(K, name)
 
@@ -102,7 +105,9 @@ def test_sparse_compute_actually_runs_and_the_window_is_dense(monkeypatch):
     _, p, _ = _run("sparse", steps=9, acc=1)
     n = len(_sparse_computed(p))
     assert calls["forward"] == 9 * n
-    assert calls["sampled"] == (9 - 3) * n  # steps 3, 6, 9 are update steps: their backward is dense
+    dense_steps = 3 if T_end == 10 else 2  # the backward before the updates at steps 3, 6 (and 9 when 9 < T_end)
+    assert p.rigl_steps == dense_steps
+    assert calls["sampled_dense"] == (9 - dense_steps) * n
 
 
 def test_gradcheck_both_layouts_and_conv1d_orientation():
