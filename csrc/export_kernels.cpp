@@ -38,6 +38,55 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
               " must be int16 or int32, got ", it);
 }
 
+// dst (cols, rows), contiguous = src (rows, cols, any strides) transposed and converted, in 32x32 tiles on threads
+// by the size (common.h's parallel_work): ATen's copy_ opens an OpenMP region for any copy past its grain, which
+// stalls when another process's threads hold the cores (issue 21's contention), where this stays on one thread
+// for small copies.
+template <typename S, typename D>
+void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst) {
+  constexpr int64_t T = 32;
+  const int64_t nr = (rows + T - 1) / T, nc = (cols + T - 1) / T;
+  parallel_work(nr * nc, T * T, [&](int64_t a, int64_t b) {
+    for (int64_t w = a; w < b; ++w) {
+      const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
+      const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
+    }
+  });
+}
+
+// fp32 t^T, contiguous: the (cols, rows) transpose of a 2-D t of any float dtype and strides, in one pass (none
+// when t is an fp32 transposed view already).
+at::Tensor transposed_f32(const at::Tensor& t) {
+  const at::Tensor tt = t.t();
+  if (tt.scalar_type() == at::kFloat && tt.is_contiguous()) return tt;
+  at::Tensor out = at::empty(tt.sizes(), t.options().dtype(at::kFloat));
+  const int64_t rows = t.size(0), cols = t.size(1), rs = t.stride(0), cs = t.stride(1);
+  float* o = out.mutable_data_ptr<float>();
+  switch (t.scalar_type()) {
+    case at::kFloat: transpose_cast(t.const_data_ptr<float>(), rows, cols, rs, cs, o); break;
+    case at::kDouble: transpose_cast(t.const_data_ptr<double>(), rows, cols, rs, cs, o); break;
+    case at::kHalf: transpose_cast(t.const_data_ptr<c10::Half>(), rows, cols, rs, cs, o); break;
+    default: transpose_cast(t.const_data_ptr<c10::BFloat16>(), rows, cols, rs, cs, o); break;
+  }
+  return out;
+}
+
+// y (B, out) of dtype dt = yt (out, B) fp32 transposed, rounded once.
+at::Tensor untransposed(const at::Tensor& yt, const at::TensorOptions& opts) {
+  const int64_t out = yt.size(0), B = yt.size(1);
+  at::Tensor y = at::empty({B, out}, opts);
+  const float* src = yt.const_data_ptr<float>();
+  switch (y.scalar_type()) {
+    case at::kFloat: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<float>()); break;
+    case at::kDouble: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<double>()); break;
+    case at::kHalf: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<c10::Half>()); break;
+    default: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<c10::BFloat16>()); break;
+  }
+  return y;
+}
+
 // Runs the product (product_kernels.h, the instruction set kernel_isa() picks) into an fp32 buffer and returns
 // it as (B, out) in x's dtype, rounded once. crow: nullptr for constant fan-in rows of values.size(1) pairs.
 at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
@@ -47,7 +96,7 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
   if (B == 0 || out == 0) return at::zeros({B, out}, x.options());
   // fp32 x: (in) for B == 1, else transposed (in, B), so each gathered input is a contiguous B-vector; fp32
   // result: (B, out) for B == 1 (the same memory as (out, 1)), else (out, B), transposed at the end
-  const at::Tensor xf = B == 1 ? x.to(at::kFloat).contiguous() : x.t().to(at::kFloat).contiguous();
+  const at::Tensor xf = B == 1 ? x.to(at::kFloat).contiguous() : transposed_f32(x);
   at::Tensor yf = at::empty(B == 1 ? std::vector<int64_t>{1, out} : std::vector<int64_t>{out, B},
                             x.options().dtype(at::kFloat));
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
@@ -61,9 +110,7 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
   const auto dt = x.scalar_type();
   if (B == 1) return dt == at::kFloat ? yf : yf.to(dt);
-  at::Tensor y = at::empty({B, out}, x.options());
-  y.copy_(yf.t());  // transposes and rounds once to x's dtype
-  return y;
+  return untransposed(yf, x.options());  // transposes and rounds once to x's dtype
 }
 
 at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& indices_in) {
@@ -97,16 +144,6 @@ at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const a
     TORCH_CHECK(cp[o] <= cp[o + 1], "rigl_fast::csr_linear: crow must not decrease (row ", o, ")");
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), col = col_in.contiguous();
   return product("csr_linear", x, values, col, cp, out_features);
-}
-
-// fp32 t^T, contiguous: the (cols, rows) transpose of a (rows, cols) t, converted and transposed in one copy (none
-// when t is an fp32 transposed view already).
-at::Tensor transposed_f32(const at::Tensor& t) {
-  const at::Tensor tt = t.t();
-  if (tt.scalar_type() == at::kFloat && tt.is_contiguous()) return tt;
-  at::Tensor out = at::empty(tt.sizes(), t.options().dtype(at::kFloat));
-  out.copy_(tt);
-  return out;
 }
 
 // The checks and the kernel run of sampled_grad and sampled_grad_dense; `y` receives pair p's sum at p, or at
