@@ -72,6 +72,47 @@ bool rows_b1(const float* x, const V* values, const I* indices, float* y, int64_
   return ok;
 }
 
+using Float8 = float __attribute__((vector_size(32)));
+
+inline Float8 load8(const float* p) {
+  Float8 v;
+  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+
+inline void store8(float* p, Float8 v) { std::memcpy(p, &v, sizeof v); }
+
+// One full block of kBatchBlock = 64 lanes of one row: eight 8-lane accumulators held in registers across the
+// row's pairs (a float[64] array here was kept in memory, a load and a store per vector and pair: 2-3x slower).
+// False when an index is out of range (out then untouched).
+template <typename V, typename I>
+inline bool row_block64(const float* xt, const V* v, const I* ix, int64_t k, int64_t in, int64_t B, float* out) {
+  Float8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+  for (int64_t j = 0; j < k; ++j) {
+    const uint32_t i = index_at(ix, j);
+    if (i >= in) return false;
+    const float vj = static_cast<float>(v[j]);
+    const float* xr = xt + static_cast<int64_t>(i) * B;
+    a0 += vj * load8(xr);
+    a1 += vj * load8(xr + 8);
+    a2 += vj * load8(xr + 16);
+    a3 += vj * load8(xr + 24);
+    a4 += vj * load8(xr + 32);
+    a5 += vj * load8(xr + 40);
+    a6 += vj * load8(xr + 48);
+    a7 += vj * load8(xr + 56);
+  }
+  store8(out, a0);
+  store8(out + 8, a1);
+  store8(out + 16, a2);
+  store8(out + 24, a3);
+  store8(out + 32, a4);
+  store8(out + 40, a5);
+  store8(out + 48, a6);
+  store8(out + 56, a7);
+  return true;
+}
+
 // B > 1: xt is x transposed, (in, B) fp32, so each gathered input is a contiguous B-vector; yt is (out, B).
 // Work item w = (batch block, row o): acc[b] += v * xt[idx, b0 + b] (vectorised by the compiler; fused
 // multiply-adds where the instruction set has them).
@@ -90,7 +131,14 @@ bool rows_batched(const float* xt, const V* values, const I* indices, float* yt,
     const I* ix = indices + rows.begin(o);
     const int64_t k = rows.size(o);
     float* out = yt + o * B + b0;
-    std::fill(acc, acc + nb, 0.f);
+    if (nb == kBatchBlock) {  // the common case
+      if (!row_block64(xt + b0, v, ix, k, in, B, out)) {
+        ok = false;
+        std::fill(out, out + nb, 0.f);
+      }
+      continue;
+    }
+    std::fill(acc, acc + nb, 0.f);  // the last, partial block
     bool row_ok = true;
     for (int64_t j = 0; j < k; ++j) {
       const uint32_t i = index_at(ix, j);
@@ -100,13 +148,8 @@ bool rows_batched(const float* xt, const V* values, const I* indices, float* yt,
       }
       const float vj = static_cast<float>(v[j]);
       const float* __restrict__ xr = xt + static_cast<int64_t>(i) * B + b0;
-      if (nb == kBatchBlock) {  // the common case: a fixed trip count the compiler vectorises fully
 #pragma GCC ivdep
-        for (int64_t b = 0; b < kBatchBlock; ++b) acc[b] += vj * xr[b];
-      } else {
-#pragma GCC ivdep
-        for (int64_t b = 0; b < nb; ++b) acc[b] += vj * xr[b];
-      }
+      for (int64_t b = 0; b < nb; ++b) acc[b] += vj * xr[b];
     }
     if (!row_ok) {
       ok = false;
@@ -162,14 +205,6 @@ bool run_values(const ProductView& p, const Rows& rows) {
 // only on b and B, so the result is the same on any thread count (a pair is one thread's) and, but for the fusing
 // of multiply-adds (AVX2 fuses, the baseline does not), on either instruction set. The accumulators stay in
 // registers: a float[32] array here was spilled around the tail and reduction (3x slower at B = 64).
-using Float8 = float __attribute__((vector_size(32)));
-
-inline Float8 load8(const float* p) {
-  Float8 v;
-  std::memcpy(&v, p, sizeof v);  // an unaligned vector load
-  return v;
-}
-
 inline float dot_lanes(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
   Float8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t i = 0;
