@@ -205,34 +205,38 @@ bool run_values(const ProductView& p, const Rows& rows) {
 // only on b and B, so the result is the same on any thread count (a pair is one thread's) and, but for the fusing
 // of multiply-adds (AVX2 fuses, the baseline does not), on either instruction set. The accumulators stay in
 // registers: a float[32] array here was spilled around the tail and reduction (3x slower at B = 64).
-inline float dot_lanes(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  Float8 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+// Q dot products g . xs[q] of n lanes sharing g (pairs of one row of the weight): per pair, chunk c of 8 lanes goes to
+// accumulator c % 2, the last n % 8 lanes to a scalar sum, then a fixed tree. Each pair's arithmetic is the same for
+// any Q, so grouping (which depends on where a thread's range starts) never changes a result. Loads per multiply-
+// add: (1 + Q) / Q, 2 for a single pair; 2 Q vector accumulators (16 registers at Q = 4 with the two of g).
+template <int Q>
+inline void dot_group(const float* __restrict__ g, const float* const* xs, int64_t n, float* sums) {
+  Float8 a[Q], b[Q];
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) a[q] = b[q] = Float8{};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 += load8(a + i) * load8(b + i);
-    s1 += load8(a + i + 8) * load8(b + i + 8);
-    s2 += load8(a + i + 16) * load8(b + i + 16);
-    s3 += load8(a + i + 24) * load8(b + i + 24);
-  }
-  if (i + 8 <= n) {  // up to three more vectors of 8, into s0, s1, s2 (lane b % 32, as in the loop)
-    s0 += load8(a + i) * load8(b + i);
-    i += 8;
-    if (i + 8 <= n) {
-      s1 += load8(a + i) * load8(b + i);
-      i += 8;
-      if (i + 8 <= n) {
-        s2 += load8(a + i) * load8(b + i);
-        i += 8;
-      }
+  for (; i + 16 <= n; i += 16) {
+    const Float8 g0 = load8(g + i), g1 = load8(g + i + 8);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      a[q] += g0 * load8(xs[q] + i);
+      b[q] += g1 * load8(xs[q] + i + 8);
     }
   }
-  float tail = 0.f;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  s0 += s2;
-  s1 += s3;
-  s0 += s1;
-  const float r0 = s0[0] + s0[4], r1 = s0[1] + s0[5], r2 = s0[2] + s0[6], r3 = s0[3] + s0[7];
-  return ((r0 + r2) + (r1 + r3)) + tail;
+  if (i + 8 <= n) {
+    const Float8 g0 = load8(g + i);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) a[q] += g0 * load8(xs[q] + i);
+    i += 8;
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) {
+    float tail = 0.f;
+    for (int64_t j = i; j < n; ++j) tail += g[j] * xs[q][j];
+    const Float8 t = a[q] + b[q];
+    const float r0 = t[0] + t[4], r1 = t[1] + t[5], r2 = t[2] + t[6], r3 = t[3] + t[7];
+    sums[q] = ((r0 + r2) + (r1 + r3)) + tail;
+  }
 }
 
 // Pairs [p0, p1); an out-of-range pair (or output position) is skipped and makes the result false.
@@ -248,7 +252,23 @@ bool sampled_pairs(const SampledView& s, int64_t p0, int64_t p1) {
       ok = false;
       continue;  // the op raises
     }
-    s.y[at] = dot_lanes(s.gt + static_cast<int64_t>(r) * s.B, s.xt + static_cast<int64_t>(c) * s.B, s.B);
+    const float* g = s.gt + static_cast<int64_t>(r) * s.B;
+    // up to four pairs of this row at once (compressed rows keep a row's pairs together), all in range
+    int q = 1;
+    while (q < 4 && p + q < p1 && index_at(rows, p + q) == r && index_at(cols, p + q) < s.in &&
+           static_cast<uint64_t>(s.out_index ? s.out_index[p + q] : p + q) < static_cast<uint64_t>(s.y_size))
+      ++q;
+    if (q < 4) {
+      const float* x1[1] = {s.xt + static_cast<int64_t>(c) * s.B};
+      dot_group<1>(g, x1, s.B, &s.y[at]);
+      continue;
+    }
+    const float* xs[4];
+    float sums[4];
+    for (int u = 0; u < 4; ++u) xs[u] = s.xt + static_cast<int64_t>(index_at(cols, p + u)) * s.B;
+    dot_group<4>(g, xs, s.B, sums);
+    for (int u = 0; u < 4; ++u) s.y[s.out_index ? s.out_index[p + u] : p + u] = sums[u];
+    p += 3;
   }
   return ok;
 }
