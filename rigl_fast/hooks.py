@@ -80,6 +80,8 @@ class IndexMaskHook:
             self.dense_grad = acc
         else:
             self.dense_grad = None
+            if getattr(grad, "_rigl_fast_masked", False):  # compute="sparse"'s own gradient, the only one this
+                return None                                # backward gave the weight: 0 off the mask already
         return s._ops.mask_grad(grad, mask, acc, s.grad_accumulation_n)
 
 
