@@ -42,47 +42,51 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
 // by the size (common.h's parallel_work): ATen's copy_ opens an OpenMP region for any copy past its grain, which
 // stalls when another process's threads hold the cores (issue 21's contention), where this stays on one thread
 // for small copies.
+// ld: dst's row stride (>= rows); the lanes [rows, ld) of each dst row are zeroed.
 template <typename S, typename D>
-void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst) {
+void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst, int64_t ld) {
   constexpr int64_t T = 32;
   const int64_t nr = (rows + T - 1) / T, nc = (cols + T - 1) / T;
   parallel_work(nr * nc, T * T, [&](int64_t a, int64_t b) {
     for (int64_t w = a; w < b; ++w) {
       const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
       const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
+        if (r1 == rows) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
+      }
     }
   });
 }
 
-// fp32 t^T, contiguous: the (cols, rows) transpose of a 2-D t of any float dtype and strides, in one pass (none
-// when t is an fp32 transposed view already).
-at::Tensor transposed_f32(const at::Tensor& t) {
-  const at::Tensor tt = t.t();
-  if (tt.scalar_type() == at::kFloat && tt.is_contiguous()) return tt;
-  at::Tensor out = at::empty(tt.sizes(), t.options().dtype(at::kFloat));
+// fp32 t^T, contiguous: the (cols, ld) transpose of a 2-D (rows, cols) t of any float dtype and strides, lanes past
+// rows zero, in one pass (none when t is an fp32 transposed view already and ld == rows).
+at::Tensor transposed_f32(const at::Tensor& t, int64_t ld = -1) {
   const int64_t rows = t.size(0), cols = t.size(1), rs = t.stride(0), cs = t.stride(1);
+  ld = ld < 0 ? rows : ld;
+  const at::Tensor tt = t.t();
+  if (tt.scalar_type() == at::kFloat && tt.is_contiguous() && ld == rows) return tt;
+  at::Tensor out = at::empty({cols, ld}, t.options().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
   switch (t.scalar_type()) {
-    case at::kFloat: transpose_cast(t.const_data_ptr<float>(), rows, cols, rs, cs, o); break;
-    case at::kDouble: transpose_cast(t.const_data_ptr<double>(), rows, cols, rs, cs, o); break;
-    case at::kHalf: transpose_cast(t.const_data_ptr<c10::Half>(), rows, cols, rs, cs, o); break;
-    default: transpose_cast(t.const_data_ptr<c10::BFloat16>(), rows, cols, rs, cs, o); break;
+    case at::kFloat: transpose_cast(t.const_data_ptr<float>(), rows, cols, rs, cs, o, ld); break;
+    case at::kDouble: transpose_cast(t.const_data_ptr<double>(), rows, cols, rs, cs, o, ld); break;
+    case at::kHalf: transpose_cast(t.const_data_ptr<c10::Half>(), rows, cols, rs, cs, o, ld); break;
+    default: transpose_cast(t.const_data_ptr<c10::BFloat16>(), rows, cols, rs, cs, o, ld); break;
   }
   return out;
 }
 
-// y (B, out) of dtype dt = yt (out, B) fp32 transposed, rounded once.
-at::Tensor untransposed(const at::Tensor& yt, const at::TensorOptions& opts) {
-  const int64_t out = yt.size(0), B = yt.size(1);
+// y (B, out) in opts' dtype = the first B lanes of yt (out, ld) fp32, transposed and rounded once.
+at::Tensor untransposed(const at::Tensor& yt, int64_t B, const at::TensorOptions& opts) {
+  const int64_t out = yt.size(0), ld = yt.size(1);
   at::Tensor y = at::empty({B, out}, opts);
   const float* src = yt.const_data_ptr<float>();
   switch (y.scalar_type()) {
-    case at::kFloat: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<float>()); break;
-    case at::kDouble: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<double>()); break;
-    case at::kHalf: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<c10::Half>()); break;
-    default: transpose_cast(src, out, B, B, 1, y.mutable_data_ptr<c10::BFloat16>()); break;
+    case at::kFloat: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<float>(), out); break;
+    case at::kDouble: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<double>(), out); break;
+    case at::kHalf: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<c10::Half>(), out); break;
+    default: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<c10::BFloat16>(), out); break;
   }
   return y;
 }
@@ -96,12 +100,16 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
   if (B == 0 || out == 0) return at::zeros({B, out}, x.options());
   // fp32 x: (in) for B == 1, else transposed (in, B), so each gathered input is a contiguous B-vector; fp32
   // result: (B, out) for B == 1 (the same memory as (out, 1)), else (out, B), transposed at the end
-  const at::Tensor xf = B == 1 ? x.to(at::kFloat).contiguous() : transposed_f32(x);
-  at::Tensor yf = at::empty(B == 1 ? std::vector<int64_t>{1, out} : std::vector<int64_t>{out, B},
+  // the lanes of xt and yt rows: B, or B + 64 (a block of zero lanes computed in vain) where B is a multiple of
+  // 1024: rows 4 KiB or more apart share cache sets, and the gathered rows of xt then evict each other (1.4x
+  // slower at B = 1024, not measurably at 256)
+  const int64_t ld = B > 1 && B % 1024 == 0 ? B + 64 : B;  // 64: product_kernels.h kBatchBlock
+  const at::Tensor xf = B == 1 ? x.to(at::kFloat).contiguous() : transposed_f32(x, ld);
+  at::Tensor yf = at::empty(B == 1 ? std::vector<int64_t>{1, out} : std::vector<int64_t>{out, ld},
                             x.options().dtype(at::kFloat));
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
                       indices.const_data_ptr(), indices.scalar_type() == at::kShort, crow,
-                      values.dim() == 2 ? values.size(1) : 0, B, in, out, yf.mutable_data_ptr<float>()};
+                      values.dim() == 2 ? values.size(1) : 0, ld, in, out, yf.mutable_data_ptr<float>()};
 #if RIGL_FAST_HAVE_AVX2
   const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sparse_product(p) : base::sparse_product(p);
 #else
@@ -110,7 +118,7 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
   const auto dt = x.scalar_type();
   if (B == 1) return dt == at::kFloat ? yf : yf.to(dt);
-  return untransposed(yf, x.options());  // transposes and rounds once to x's dtype
+  return untransposed(yf, B, x.options());  // transposes and rounds once to x's dtype
 }
 
 at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& indices_in) {

@@ -157,7 +157,7 @@ def _check_close(got, want, absprod, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fan_in", [False, True])
-@pytest.mark.parametrize("B", [1, 3, 65, 130])
+@pytest.mark.parametrize("B", [1, 3, 65, 130, 1024])  # 1024: the padded row stride (export_kernels.cpp)
 def test_kernels_match_the_dense_layer_within_its_rounding(dtype, fan_in, B):
     torch.manual_seed(4)
     out, n_in = 67, 45
