@@ -93,6 +93,14 @@ inline bool row_block64(const float* xt, const V* v, const I* ix, int64_t k, int
     if (i >= in) return false;
     const float vj = static_cast<float>(v[j]);
     const float* xr = xt + static_cast<int64_t>(i) * B;
+    if (j + 8 < k) {  // the row of xt eight pairs ahead, its four cache lines (~10% at 2048x2048; clamped: a bad
+                      // index is reported by its own pair)
+      const float* nx = xt + static_cast<int64_t>(std::min<uint32_t>(index_at(ix, j + 8), in - 1)) * B;
+      __builtin_prefetch(nx);
+      __builtin_prefetch(nx + 16);
+      __builtin_prefetch(nx + 32);
+      __builtin_prefetch(nx + 48);
+    }
     a0 += vj * load8(xr);
     a1 += vj * load8(xr + 8);
     a2 += vj * load8(xr + 16);
