@@ -19,6 +19,7 @@ import torch
 
 import rigl_fast.kernels as kernels_pkg
 from rigl_fast.kernels import TritonBackend
+from rigl_fast.kernels import compute as co
 from rigl_fast.kernels import elementwise as ew
 from rigl_fast.kernels import export as ex
 from rigl_fast.kernels import shard as sh
@@ -43,7 +44,7 @@ def dev(device):
 def jit_kernels():
     """Every @triton.jit function of the kernel modules that is launched with a grid (name ends in _kernel)."""
     out = {}
-    for mod in (ew, up, sh, su, ex):
+    for mod in (ew, up, sh, su, ex, co):
         for name, obj in vars(mod).items():
             if name.endswith("_kernel") and hasattr(obj, "add_pre_run_hook"):
                 out[name] = obj
@@ -114,6 +115,20 @@ def run_every_op(backend, dev):
     from rigl_fast.export import _fan_in_linear_reference
     product = ex.fan_in_linear if isinstance(backend, TritonBackend) else _fan_in_linear_reference
     out["fan_in_linear"] = [product(x[:1], v, ix), product(x, v, ix)]
+    # compute="sparse"'s products (kernels/compute.py; the reference is compute_ops'), integer-valued as above
+    from rigl_fast import compute_ops
+    rows = torch.tensor([0, 0, 2, 3, 3, 3], dtype=torch.int32).to(dev)
+    cols = torch.tensor([1, 39, 5, 0, 7, 38], dtype=torch.int32).to(dev)
+    crow = torch.tensor([0, 2, 2, 3, 6], dtype=torch.int64).to(dev)
+    cv = torch.randint(-3, 4, (6,), generator=gen).float().to(dev)
+    g4 = torch.randint(-3, 4, (5, 4), generator=gen).float().to(dev)
+    if isinstance(backend, TritonBackend):
+        out["csr_product"] = [co.csr_product(x[:1], crow, cols, cv, 4), co.csr_product(x, crow, cols, cv, 4)]
+        out["sampled_dot"] = co.sampled_dot(x, g4, rows, cols)
+    else:
+        out["csr_product"] = [compute_ops.reference_product(x[:1], rows, cols, cv, 4),
+                              compute_ops.reference_product(x, rows, cols, cv, 4)]
+        out["sampled_dot"] = compute_ops.reference_sampled(x, g4, rows, cols)
     return out
 
 
