@@ -79,8 +79,7 @@ class _LayerState:
 
     def __init__(self, pruner, layer: int, transposed: bool):
         self.p, self.i, self.transposed = pruner, layer, transposed
-        self._tables = None
-        self._key = None
+        self._tables = self._mask = self._key = None
 
     def tables(self) -> Tables:
         mask = self.p.backward_masks[self.i]
@@ -200,11 +199,13 @@ def install(pruner, compute: str):
     {layer: (module, reason)} with reason "" for the sparse-computed layers. compute="dense": {}."""
     if compute != "sparse":
         return {}
-    owner = {}
+    owner, functional = {}, set()
     for _, module in pruner.model.named_modules():
         w = module._parameters.get("weight") if _layers.kind(module) is not None else None
         if w is not None:
             owner.setdefault(id(w), module)
+        if _layers.kind(module) == _layers.ATTENTION and isinstance(getattr(module, "out_proj", None), nn.Linear):
+            functional.add(id(module.out_proj))  # F.multi_head_attention_forward reads its weight, never calls it
     out = {}
     for i, (w, m) in enumerate(zip(pruner.W, pruner.backward_masks)):
         module = owner.get(id(w))
@@ -213,6 +214,8 @@ def install(pruner, compute: str):
                 out[i] = (None, "nn.MultiheadAttention projection")
             continue
         why = dense_reason(pruner, _layers.kind(module), module)
+        if not why and id(module) in functional:
+            why = "nn.MultiheadAttention's out_proj (its attention uses the weight directly)"
         if not why:
             module.forward = _SparseForward(module, _LayerState(pruner, i, pruner._transposed[i]))
         out[i] = (module, why)

@@ -284,6 +284,8 @@ def test_summary_says_which_layers_compute_sparsely():
     assert "dense compute: convolution" in lines["conv.weight"]
     assert "dense compute: nn.MultiheadAttention projection" in lines["attn.in_proj_weight"]
     assert "sparse compute (compressed rows)" in lines["fc.weight"]
+    assert "dense compute: nn.MultiheadAttention's out_proj" in lines["attn.out_proj.weight"]
+    assert "forward" not in vars(net.attn.out_proj)
 
 
 def test_structure_nm_and_custom_forward_stay_dense_computed():
