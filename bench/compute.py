@@ -281,7 +281,8 @@ def measure_training(part, cfg, load, memory, log=print):
                 rows.append(dict(part=part, sparsity=sparsity, kind=kind, contender=m, load=load,
                                  density=runs[m].sched.stats()["density"], speedup=med["dense"] / med[m], **extra,
                                  **timing.stats(per_mode[m])))
-        notes.append(_dense_note(part, runs["sparse"].sched))
+        note = _dense_note(part, runs["sparse"].sched)
+        notes += [note] if note not in notes else []
         if memory:
             mem += _memory(part, sparsity, runs, c["delta"])
         log(f"  {part} {sparsity:.0%} {load}: " + ", ".join(
