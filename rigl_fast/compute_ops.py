@@ -84,26 +84,27 @@ def _triton(*tensors):
     return triton_compute
 
 
-def forward(x, t, values):
-    op = _cpp("fan_in_linear" if t.k is not None else "csr_linear", x, values)
-    if op is not None and t.k is not None:
-        return op(x, values.view(t.out, t.k), t.cols.view(t.out, t.k))
+def _csr(x, crow, col, pairs, values, n_rows):
+    """The compressed-row product (C++, Triton, else the reference over `pairs`, the same entries as (row,
+    col) of the output and input)."""
+    op = _cpp("csr_linear", x, values)
     if op is not None:
-        return op(x, t.crow, t.cols, values, t.out)
+        return op(x, crow, col, values, n_rows)
     tri = _triton(x, values)
-    if tri is not None and tri.supports_csr_product(x, t.crow, t.cols, values) is None:
-        return tri.csr_product(x, t.crow, t.cols, values, t.out)
-    return reference_product(x, t.rows, t.cols, values, t.out)
+    if tri is not None and tri.supports_csr_product(x, crow, col, values) is None:
+        return tri.csr_product(x, crow, col, values, n_rows)
+    return reference_product(x, *pairs, values, n_rows)
+
+
+def forward(x, t, values):
+    op = _cpp("fan_in_linear", x, values) if t.k is not None else None
+    if op is not None:  # fan_in: export's (out, k) rows
+        return op(x, values.view(t.out, t.k), t.cols.view(t.out, t.k))
+    return _csr(x, t.crow, t.cols, (t.rows, t.cols), values, t.out)
 
 
 def transposed(g, t, values):
-    op = _cpp("csr_linear", g, values)
-    if op is not None:
-        return op(g, t.ccol, t.t_rows, values, t.n_in)
-    tri = _triton(g, values)
-    if tri is not None and tri.supports_csr_product(g, t.ccol, t.t_rows, values) is None:
-        return tri.csr_product(g, t.ccol, t.t_rows, values, t.n_in)
-    return reference_product(g, t.t_cols, t.t_rows, values, t.n_in)
+    return _csr(g, t.ccol, t.t_rows, (t.t_cols, t.t_rows), values, t.n_in)
 
 
 def sampled(x, g, t):
