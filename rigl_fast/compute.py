@@ -194,10 +194,12 @@ def dense_reason(pruner, module_kind: str, module) -> str:
     return ""
 
 
-def install(pruner, compute: str):
-    """Puts the sparse forward on every sparse nn.Linear / Conv1D of the pruner's model; returns
-    {layer: (module, reason)} with reason "" for the sparse-computed layers. compute="dense": {}."""
-    if compute != "sparse":
+def install(pruner):
+    """Puts the sparse forward on every sparse nn.Linear / Conv1D of the pruner's model (after taking off any it
+    put there before); returns {layer: (module, reason)} with reason "" for the sparse-computed layers.
+    pruner.compute == "dense": {}."""
+    uninstall(pruner)
+    if pruner.compute != "sparse":
         return {}
     owner, functional = {}, set()
     for _, module in pruner.model.named_modules():

@@ -119,7 +119,8 @@ class RigLScheduler:
         self._handles.append(plan.inner.register_step_post_hook(self._after_optimizer_step))
         self.backward_hook_objects: List[IndexMaskHook] = _hooks.attach(self)
         _hooks.register(self)
-        self._compute_layers = _compute.install(self, plan.compute)
+        self.compute = plan.compute
+        self._compute_layers = _compute.install(self)
         self._impls = [w._cdata for w in self.W]
         if plan.loaded is not None:
             self._load_dense_grads(plan.loaded)
@@ -402,6 +403,7 @@ class RigLScheduler:
         self._plans = plans
         self._dense_why = dense_why
         self.backward_masks = loaded.masks
+        self._compute_layers = _compute.install(self)  # which layers are sparse may have changed
         self._count_active()
         if self.grow_mode == "random" and (self._generator is None or loaded.counters[3] is not None):
             self._seed_generator(loaded.counters[3])

@@ -241,11 +241,13 @@ def test_tables_rebuilt_only_when_the_topology_changes():
         t = s.tables()
         m = p.backward_masks[s.i]
         assert torch.equal(t.flat.sort().values, m.reshape(-1).nonzero().squeeze(1))
-    sd = p.state_dict()
-    p.load_state_dict(sd)  # new mask tensors: rebuilt on the next call
     old = states[0]._tables
+    states[0].p.backward_masks[0] = states[0].p.backward_masks[0].clone()  # a new mask tensor (as .to() makes)
     model(torch.randn(2, 13))
     assert states[0]._tables is not old
+    p.load_state_dict(p.state_dict())  # the forwards are put on again, with fresh tables
+    model(torch.randn(2, 13))
+    assert model[0].forward.state is not states[0] and model[0].forward.state._tables is not None
 
 
 def test_remove_restores_dense_compute_and_copies_compute_densely():
@@ -380,3 +382,21 @@ def test_every_kernel_set_trains_as_the_cpu_kernels(kernels):
         other, _, _ = _run("sparse", dtype=torch.float32, steps=2, structure="fan_in")
     for a, b in zip(base.parameters(), other.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_reinstalls_for_the_layers_it_makes_sparse():
+    """A state dict whose hyperparameters make another set of layers sparse (here ERK makes the first layer
+    sparse, which 'uniform' keeps dense): after loading, exactly the sparse layers compute sparsely."""
+    torch.manual_seed(12)
+    src = _mlp(torch.float32)
+    sd = RigLScheduler(src, torch.optim.SGD(src.parameters(), lr=0.1), **CFG).state_dict()  # erk: all sparse
+    net = _mlp(torch.float32)
+    p = RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), **{**CFG, "sparsity_distribution": "uniform"},
+                      compute="sparse")
+    assert p.backward_masks[0] is None and "forward" not in vars(net[0]) and "forward" in vars(net[2])
+    p.load_state_dict(sd)
+    assert p.backward_masks[0] is not None and all("forward" in vars(net[i]) for i in (0, 2, 4))
+    assert p.summary().count("sparse compute") == 3
+    x = torch.randn(4, 13)
+    want = F.linear(x, net[0].weight, net[0].bias)
+    torch.testing.assert_close(net[0](x), want, rtol=1e-5, atol=1e-6)
