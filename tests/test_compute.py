@@ -17,6 +17,7 @@ from torch import nn
 from rigl_fast import RigLScheduler
 from rigl_fast import compute as C
 from rigl_fast import compute_ops as K
+from rigl_fast.compute import MODES
 
 CFG = dict(dense_allocation=0.3, T_end=10, delta=3, ignore_linear_layers=False, sparsity_distribution="erk")
 
@@ -400,3 +401,28 @@ def test_load_state_dict_reinstalls_for_the_layers_it_makes_sparse():
     x = torch.randn(4, 13)
     want = F.linear(x, net[0].weight, net[0].bias)
     torch.testing.assert_close(net[0](x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_model_trains_and_inference_mode_works():
+    """Weights in bf16 (no autocast): the products run in bf16 with fp32 accumulation, the weight gradient is
+    rounded to bf16 once; within bf16 rounding of the dense-computed twin before the first update."""
+    runs = {}
+    for mode in MODES:
+        torch.manual_seed(13)
+        net = _mlp(torch.bfloat16)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        p = RigLScheduler(net, opt, **CFG, compute=mode)
+        gen = torch.Generator().manual_seed(14)
+        for _ in range(2):
+            _loss(net, "mlp", gen, torch.bfloat16).backward()
+            if p():
+                opt.step()
+            opt.zero_grad()
+        for w, m in zip(p.W, p.backward_masks):
+            assert w.dtype == torch.bfloat16 and bool((w[~m] == 0).all())
+        runs[mode] = net
+    for a, b in zip(runs["dense"].parameters(), runs["sparse"].parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    x = torch.randn(3, 13, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(runs["sparse"](x), runs["dense"](x), rtol=5e-2, atol=5e-2)
