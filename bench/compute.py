@@ -57,10 +57,13 @@ def settings(quick: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+DISTRIBUTION = ["uniform"]  # --distribution: the schedulers' sparsity_distribution
+
+
 def _scheduler(model, opt, sparsity, mode, delta, seed):
     torch.manual_seed(seed)  # both modes draw the same masks
     return RigLScheduler(model, opt, dense_allocation=round(1 - sparsity, 9), T_end=T_END, delta=delta,
-                         ignore_linear_layers=False, compute=mode)
+                         ignore_linear_layers=False, compute=mode, sparsity_distribution=DISTRIBUTION[0])
 
 
 def _sparse_computed(sched) -> int:
@@ -199,9 +202,9 @@ def _gpt(c):
                                        n_positions=c["seq"], vocab_size=v, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0, bos_token_id=v - 1, eos_token_id=v - 1)).train()
     ids = torch.randint(0, v, (c["batch"], c["seq"]))
-    # every Conv1D sparse-computed but block 0's c_attn (the uniform rule's first layer)
+    # every Conv1D sparse-computed, but block 0's c_attn under 'uniform' (its first-layer rule)
     return (model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4),
-            lambda m: m(input_ids=ids, labels=ids).loss, 4 * c["n_layer"] - 1)
+            lambda m: m(input_ids=ids, labels=ids).loss, 4 * c["n_layer"] - (DISTRIBUTION[0] == "uniform"))
 
 
 def _pair(part, c, sparsity) -> dict:
@@ -329,6 +332,7 @@ def run(quick: bool, parts=PARTS, loaded=True, repeats=None, periods=None, log=p
         with contention.competing_process():
             rows += measure(cfg, parts, "loaded", False, log)[0]
         notes.append(contention.NOTE)
+    notes.append(f"sparsity_distribution={DISTRIBUTION[0]!r} (density: the candidates' overall, from stats())")
     return {"meta": report.meta(torch.device("cpu")), "quick": quick, "parts": list(parts),
             "repeats": cfg["repeats"], "settings": cfg, "rows": rows, "memory": mem, "notes": notes,
             "seconds": time.perf_counter() - t0}
@@ -475,12 +479,15 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--tag", default=None, help="suffix of the result files' names (<device>-compute-<tag>.*)")
+    ap.add_argument("--distribution", choices=("uniform", "erk"), default="uniform",
+                    help="the schedulers' sparsity_distribution ('uniform' keeps the first layer dense)")
     a = ap.parse_args(argv)
     if a.tag is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", a.tag):
         ap.error("--tag: lower-case letters, digits and '-' only")
     parts = [p for p in a.parts.split(",") if p]
     if not parts or any(p not in PARTS for p in parts):
         ap.error(f"--parts: a comma-separated subset of {','.join(PARTS)}")
+    DISTRIBUTION[0] = a.distribution
     res = run(a.quick, parts, not a.no_load, a.repeats, a.periods)
     out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
     os.makedirs(out, exist_ok=True)
