@@ -4,7 +4,8 @@
 // accumulated in fp32 and rounded once to x's dtype. Both are one gather-multiply-reduce over a row's active
 // weights: the row's range of (value, index) pairs is the only difference. And the sparse training's weight
 // gradient (rigl_fast/compute.py):
-//   sampled_grad: out[p] = sum_b grad[b, rows[p]] * x[b, cols[p]], fp32, at the active positions (rows[p], cols[p]).
+//   sampled_grad: out[p] = sum_b grad[b, rows[p]] * x[b, cols[p]], fp32, at the active positions (rows[p], cols[p]);
+//   sampled_grad_dense: the same sums written at flat[p] of a zeroed fp32 vector of numel (the dense gradient).
 // The kernels are in product_kernels.h (compiled per instruction set); the checks and the ops' schemas here; the
 // fake implementations in rigl_fast/_cpp.py.
 #include <ATen/core/Tensor.h>
