@@ -376,8 +376,9 @@ def _table(rs, title, text, keys, cols) -> list:
         return []
     heads = [{"out": "out x in"}.get(k, k) for k in keys] + ["density"] + [h for h, _, _ in cols]
     lines = [f"## {title}", "", text, "", "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
-    for key in _keys(rs, *keys):
-        k = dict(zip(keys, key))
+    group = keys + (("inp",) if "out" in keys else ())  # shapes of one `out` (4096x4096, 4096x1024) apart
+    for key in _keys(rs, *group):
+        k = dict(zip(group, key))
         first = _find(rs, contender="sparse", **k)[0]
         cells = [_LABEL[n](first) for n in keys + ("density",)]
         for _, c, fmt in cols:
