@@ -258,4 +258,8 @@ def accuracy(output, target, topk=(1,)):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # gloo aborts at exit with a live group

@@ -277,6 +277,9 @@ DDP_WORKER = textwrap.dedent("""
     resumed = run(out + "/resumed", resume=out + "/full/checkpoint-5")
     torch.save({"full": full, "resumed": resumed, "world": dist.get_world_size()},
                out + "/rank%d.pt" % dist.get_rank())
+    # gloo's worker threads still hold work at interpreter exit unless the group is destroyed first: without this
+    # a rank can abort at exit ("terminate called without an active exception", SIGABRT) after a correct run
+    dist.destroy_process_group()
 """)
 
 
