@@ -142,6 +142,35 @@ def test_both_builds_agree_and_threads_change_nothing(op, monkeypatch):
     assert_within_bound(one[keep], x, grad, rows[keep], cols[keep])
 
 
+def test_calls_past_the_region_size_equal_one_thread(op):
+    """Calls with more work than common.h's kRegionWork share their chunks in an OpenMP region instead of with
+    inter-op helpers: the sampled product and the compressed-row product give the one-thread result bitwise."""
+    g = torch.Generator().manual_seed(2207)
+    rows, cols = pairs(g, 1024, 600, 0.5)  # ~307000 pairs of B = 256: ~10^7 element passes, ~30 ms
+    r32, c32 = rows.int(), cols.int()
+    x, grad = torch.randn(256, 600, generator=g), torch.randn(256, 1024, generator=g)
+    crow = torch.zeros(1025, dtype=torch.int32)
+    crow[1:] = torch.bincount(rows, minlength=1024).cumsum(0)
+    values = torch.randn(rows.numel(), generator=g)
+    csr = torch.ops.rigl_fast.csr_linear
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x, grad, r32, c32), csr(x, crow, c32, values, 1024)
+        torch.set_num_threads(2)
+        start = torch.ops.rigl_fast.product_parallel_regions()
+        two = op(x, grad, r32, c32), csr(x, crow, c32, values, 1024)
+        assert torch.ops.rigl_fast.product_parallel_regions() == start + 2
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(two, one):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    keep = torch.arange(0, rows.numel(), 389)
+    assert_within_bound(one[0][keep], x, grad, rows[keep], cols[keep])
+    exact = x.double() @ torch.sparse_coo_tensor(torch.stack([rows, cols]), values.double(), (1024, 600)).to_dense().t()
+    assert (one[1].double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+
+
 def test_empty_and_out_of_range(op, isa):
     """nnz == 0 gives an empty fp32 result, B == 0 zeros; an index out of range (either side, negative too)
     and bad arguments raise naming the op."""
