@@ -321,7 +321,7 @@ struct ProductView {
 
 // One sampled dense-dense product (export_kernels.cpp's sampled_grad, product_kernels.h): y[p] = sum_b gt[rows[p], b] *
 // xt[cols[p], b] for each pair p < nnz, accumulated in fp32: the weight gradient of y = x W^T at W's active
-// positions. xt is x transposed, (in, B) fp32, gt the output gradient transposed, (out, B) fp32, both contiguous.
+// positions. xt is x transposed, (in, ld) fp32, gt the output gradient transposed, (out, ld) fp32, both contiguous.
 struct SampledView {
   const float* xt;
   const float* gt;
@@ -332,6 +332,7 @@ struct SampledView {
   float* y;
   const int64_t* out_index;  // nullptr: pair p's sum goes to y[p]; else to y[out_index[p]] (a dense gradient)
   int64_t y_size;            // y's length (out_index checked against it)
+  int64_t ld;                // the row stride of xt and gt (>= B; the lanes past B are not read)
 };
 
 // The instruction set whose kernels run: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the

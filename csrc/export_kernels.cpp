@@ -5,7 +5,9 @@
 // weights: the row's range of (value, index) pairs is the only difference. And the sparse training's weight
 // gradient (rigl_fast/compute.py):
 //   sampled_grad: out[p] = sum_b grad[b, rows[p]] * x[b, cols[p]], fp32, at the active positions (rows[p], cols[p]);
-//   sampled_grad_dense: the same sums written at flat[p] of a zeroed fp32 vector of numel (the dense gradient).
+//   sampled_grad_dense: the same sums written at flat[p] of a zeroed fp32 vector of numel (the dense gradient);
+//   transpose_f32, csr_linear_t, sampled_grad_dense_t: the same over inputs transposed once and shared (training
+//   keeps the forward's transposed x for the weight gradient and transposes the output gradient once for both).
 // The kernels are in product_kernels.h (compiled per instruction set); the checks and the ops' schemas here; the
 // fake implementations in rigl_fast/_cpp.py.
 #include <ATen/core/Tensor.h>
@@ -117,6 +119,15 @@ at::Tensor untransposed(const at::Tensor& yt, int64_t B, const at::TensorOptions
   return y;
 }
 
+// The lanes of a transposed row for a batch of B: B, or B + 64 (a block of zero lanes computed in vain) where B is
+// a multiple of 1024: rows 4 KiB or more apart share cache sets, and the gathered rows of xt then evict each other
+// (1.4x slower at B = 1024, not measurably at 256). 64: product_kernels.h kBatchBlock.
+inline int64_t lanes_for(int64_t B) { return B > 1 && B % 1024 == 0 ? B + 64 : B; }
+
+at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
+                      const at::Tensor& values, const at::Tensor& indices, const int64_t* crow, int64_t out,
+                      const at::TensorOptions& opts);
+
 // Runs the product (product_kernels.h, the instruction set kernel_isa() picks) into an fp32 buffer and returns
 // it as (B, out) in x's dtype, rounded once. crow: nullptr for constant fan-in rows of values.size(1) pairs.
 at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
@@ -124,13 +135,19 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
   const int64_t B = x.size(0), in = x.size(1);
   TORCH_CHECK(in < (int64_t{1} << 31), "rigl_fast::", op, ": x has ", in, " features, more than 32-bit indices reach");
   if (B == 0 || out == 0) return at::zeros({B, out}, x.options());
-  // fp32 x: (in) for B == 1, else transposed (in, B), so each gathered input is a contiguous B-vector; fp32
-  // result: (B, out) for B == 1 (the same memory as (out, 1)), else (out, B), transposed at the end
-  // the lanes of xt and yt rows: B, or B + 64 (a block of zero lanes computed in vain) where B is a multiple of
-  // 1024: rows 4 KiB or more apart share cache sets, and the gathered rows of xt then evict each other (1.4x
-  // slower at B = 1024, not measurably at 256)
-  const int64_t ld = B > 1 && B % 1024 == 0 ? B + 64 : B;  // 64: product_kernels.h kBatchBlock
+  // fp32 x: (in) for B == 1, else transposed (in, ld), so each gathered input is a contiguous B-vector
+  const int64_t ld = lanes_for(B);
   const at::Tensor xf = B == 1 ? x.to(at::kFloat).contiguous() : transposed_f32(x, ld);
+  return product_of(op, xf, B, in, ld, values, indices, crow, out, x.options());
+}
+
+// The product over xf, x as product() prepares it (in contiguous fp32 for B == 1, else (in, ld) transposed, ld >=
+// B): the fp32 result is (B, out) for B == 1 (the same memory as (out, 1)), else (out, ld), transposed at the end to
+// (B, out) in opts' dtype, rounded once.
+at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
+                      const at::Tensor& values, const at::Tensor& indices, const int64_t* crow, int64_t out,
+                      const at::TensorOptions& opts) {
+  const auto x = at::empty({0}, opts);  // the result's dtype and device
   at::Tensor yf = at::empty(B == 1 ? std::vector<int64_t>{1, out} : std::vector<int64_t>{out, ld},
                             x.options().dtype(at::kFloat));
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
@@ -144,7 +161,24 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
   const auto dt = x.scalar_type();
   if (B == 1) return dt == at::kFloat ? yf : yf.to(dt);
-  return untransposed(yf, B, x.options());  // transposes and rounds once to x's dtype
+  return untransposed(yf, B, opts);  // transposes and rounds once to x's dtype
+}
+
+// The compressed-row checks: crow (out + 1 entries, from 0 to nnz, not decreasing) as int64.
+at::Tensor checked_crow(const char* op, const at::Tensor& crow_in, int64_t out_features, int64_t nnz) {
+  TORCH_CHECK(crow_in.dim() == 1 && crow_in.numel() == out_features + 1, "rigl_fast::", op, ": crow must have ",
+              "out_features + 1 = ", out_features + 1, " entries, got shape ", crow_in.sizes());
+  const auto ct = crow_in.scalar_type();
+  TORCH_CHECK(ct == at::kShort || ct == at::kInt || ct == at::kLong,
+              "rigl_fast::", op, ": crow must be int16, int32 or int64, got ", ct);
+  TORCH_CHECK(crow_in.device().is_cpu(), "rigl_fast::", op, ": the C++ kernel takes CPU tensors");
+  at::Tensor crow = crow_in.to(at::kLong).contiguous();  // out + 1 entries: cheap next to the product
+  const int64_t* cp = crow.const_data_ptr<int64_t>();
+  TORCH_CHECK(cp[0] == 0 && cp[out_features] == nnz, "rigl_fast::", op, ": crow must start at 0 and end at ",
+              "the number of values (", nnz, "), got ", cp[0], " and ", cp[out_features]);
+  for (int64_t o = 0; o < out_features; ++o)
+    TORCH_CHECK(cp[o] <= cp[o + 1], "rigl_fast::", op, ": crow must not decrease (row ", o, ")");
+  return crow;
 }
 
 at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& indices_in) {
@@ -159,26 +193,59 @@ at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, co
 
 at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
                       const at::Tensor& values_in, int64_t out_features) {
-  TORCH_CHECK(crow_in.dim() == 1 && crow_in.numel() == out_features + 1, "rigl_fast::csr_linear: crow must have ",
-              "out_features + 1 = ", out_features + 1, " entries, got shape ", crow_in.sizes());
   TORCH_CHECK(col_in.dim() == 1 && values_in.dim() == 1 && col_in.numel() == values_in.numel(),
               "rigl_fast::csr_linear: col and values must be 1-D of the same length, got shapes ", col_in.sizes(),
               " and ", values_in.sizes());
-  const auto ct = crow_in.scalar_type();
-  TORCH_CHECK(ct == at::kShort || ct == at::kInt || ct == at::kLong,
-              "rigl_fast::csr_linear: crow must be int16, int32 or int64, got ", ct);
-  TORCH_CHECK(crow_in.device().is_cpu(), "rigl_fast::csr_linear: the C++ kernel takes CPU tensors");
+  const at::Tensor crow = checked_crow("csr_linear", crow_in, out_features, values_in.numel());
   check_common("csr_linear", x_in, values_in, col_in, "col");
-  const at::Tensor crow = crow_in.to(at::kLong).contiguous();  // out + 1 entries: cheap next to the product
-  const int64_t* cp = crow.const_data_ptr<int64_t>();
-  const int64_t nnz = values_in.numel();
-  TORCH_CHECK(cp[0] == 0 && cp[out_features] == nnz, "rigl_fast::csr_linear: crow must start at 0 and end at ",
-              "the number of values (", nnz, "), got ", cp[0], " and ", cp[out_features]);
-  for (int64_t o = 0; o < out_features; ++o)
-    TORCH_CHECK(cp[o] <= cp[o + 1], "rigl_fast::csr_linear: crow must not decrease (row ", o, ")");
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), col = col_in.contiguous();
-  return product("csr_linear", x, values, col, cp, out_features);
+  return product("csr_linear", x, values, col, crow.const_data_ptr<int64_t>(), out_features);
 }
+
+// xt as the *_t ops take it: fp32, 2-D (n, ld), contiguous, on the CPU, ld >= batch.
+void check_transposed(const char* op, const char* name, const at::Tensor& xt, int64_t batch) {
+  TORCH_CHECK(xt.dim() == 2 && xt.scalar_type() == at::kFloat && xt.is_contiguous() && xt.device().is_cpu(),
+              "rigl_fast::", op, ": ", name, " must be a contiguous 2-D fp32 CPU tensor (transpose_f32's result), ",
+              "got shape ", xt.sizes(), " of ", xt.scalar_type(), xt.is_contiguous() ? "" : ", not contiguous");
+  TORCH_CHECK(batch >= 0 && xt.size(1) >= batch, "rigl_fast::", op, ": batch must be in [0, ", xt.size(1),
+              "] (", name, "'s lanes), got ", batch);
+  TORCH_CHECK(xt.size(0) < (int64_t{1} << 31), "rigl_fast::", op, ": ", name, " has ", xt.size(0),
+              " rows, more than 32-bit indices reach");
+}
+
+// t (B, n), any float dtype and strides -> (n, ld) fp32: the transposed input the *_t ops share (the forward's x
+// kept for the weight gradient, the output gradient for both backward products), ld = lanes_for(B).
+at::Tensor transpose_f32(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && at::isFloatingType(t.scalar_type()),
+              "rigl_fast::transpose_f32: t must be a 2-D floating CPU tensor, got shape ", t.sizes(), " of ",
+              t.scalar_type());
+  const at::Tensor r = transposed_f32(t, lanes_for(t.size(0)));
+  return r.is_contiguous() ? r : r.contiguous();
+}
+
+// csr_linear over xt = transpose_f32(x) (fp32 values): the same result as csr_linear(x, ...) for fp32 x, bitwise.
+at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor& crow_in, const at::Tensor& col_in,
+                        const at::Tensor& values_in, int64_t out_features) {
+  check_transposed("csr_linear_t", "xt", xt_in, batch);
+  TORCH_CHECK(col_in.dim() == 1 && values_in.dim() == 1 && col_in.numel() == values_in.numel(),
+              "rigl_fast::csr_linear_t: col and values must be 1-D of the same length, got shapes ", col_in.sizes(),
+              " and ", values_in.sizes());
+  TORCH_CHECK(values_in.scalar_type() == at::kFloat && values_in.device().is_cpu(),
+              "rigl_fast::csr_linear_t: values must be fp32 on the CPU, got ", values_in.scalar_type());
+  const auto it = col_in.scalar_type();
+  TORCH_CHECK((it == at::kShort || it == at::kInt) && col_in.device().is_cpu(),
+              "rigl_fast::csr_linear_t: col must be int16 or int32 on the CPU, got ", it);
+  const at::Tensor crow = checked_crow("csr_linear_t", crow_in, out_features, values_in.numel());
+  if (batch == 0 || out_features == 0) return at::zeros({batch, out_features}, xt_in.options());
+  const at::Tensor xf = batch == 1 ? xt_in.select(1, 0).contiguous() : xt_in;
+  return product_of("csr_linear_t", xf, batch, xt_in.size(0), batch == 1 ? 1 : xt_in.size(1),
+                    values_in.contiguous(), col_in.contiguous(), crow.const_data_ptr<int64_t>(), out_features,
+                    xt_in.options());
+}
+
+void sampled_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor* xt_in,
+                 const at::Tensor* gt_in, int64_t B, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                 const at::Tensor* flat, at::Tensor& y);
 
 // The checks and the kernel run of sampled_grad and sampled_grad_dense; `y` receives pair p's sum at p, or at
 // flat[p] when `flat` is given (y then zeroed first, on threads by its size).
@@ -186,20 +253,30 @@ void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, c
                   const at::Tensor& cols_in, const at::Tensor* flat, at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && grad.dim() == 2 && x.size(0) == grad.size(0), "rigl_fast::", op, ": x (B, in) ",
               "and grad (B, out) must be 2-D with the same B, got shapes ", x.sizes(), " and ", grad.sizes());
-  TORCH_CHECK(rows_in.dim() == 1 && cols_in.dim() == 1 && rows_in.numel() == cols_in.numel(),
-              "rigl_fast::", op, ": rows and cols must be 1-D of the same length, got shapes ", rows_in.sizes(),
-              " and ", cols_in.sizes());
-  TORCH_CHECK(x.device().is_cpu() && grad.device().is_cpu() && rows_in.device().is_cpu() &&
-              cols_in.device().is_cpu(), "rigl_fast::", op, ": the C++ kernel takes CPU tensors");
+  TORCH_CHECK(x.device().is_cpu() && grad.device().is_cpu(), "rigl_fast::", op, ": the C++ kernel takes CPU tensors");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               "rigl_fast::", op, ": x must be fp32/fp64/fp16/bf16, got ", dt);
   TORCH_CHECK(grad.scalar_type() == dt, "rigl_fast::", op, ": grad (", grad.scalar_type(),
               ") must have x's dtype (", dt, ")");
+  sampled_run(op, x, grad, nullptr, nullptr, x.size(0), rows_in, cols_in, flat, y);
+}
+
+// The pairs' checks and the kernel run, over x and grad transposed here, or over xt and gt (transpose_f32's
+// results, checked by the caller) where given.
+void sampled_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor* xt_in,
+                 const at::Tensor* gt_in, int64_t B, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                 const at::Tensor* flat, at::Tensor& y) {
+  TORCH_CHECK(rows_in.dim() == 1 && cols_in.dim() == 1 && rows_in.numel() == cols_in.numel(),
+              "rigl_fast::", op, ": rows and cols must be 1-D of the same length, got shapes ", rows_in.sizes(),
+              " and ", cols_in.sizes());
+  TORCH_CHECK(rows_in.device().is_cpu() && cols_in.device().is_cpu(), "rigl_fast::", op,
+              ": the C++ kernel takes CPU tensors");
   const auto rt = rows_in.scalar_type(), ct = cols_in.scalar_type();
   TORCH_CHECK((rt == at::kShort || rt == at::kInt) && (ct == at::kShort || ct == at::kInt),
               "rigl_fast::", op, ": rows and cols must be int16 or int32, got ", rt, " and ", ct);
-  const int64_t B = x.size(0), in = x.size(1), out = grad.size(1), nnz = rows_in.numel();
+  const int64_t in = xt_in ? xt_in->size(0) : x.size(1), out = gt_in ? gt_in->size(0) : grad.size(1);
+  const int64_t nnz = rows_in.numel();
   TORCH_CHECK(in < (int64_t{1} << 31) && out < (int64_t{1} << 31), "rigl_fast::", op, ": ", in, " inputs or ",
               out, " outputs, more than 32-bit indices reach");
   at::Tensor fl;
@@ -212,12 +289,13 @@ void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, c
     parallel_work(y.numel(), 1, [&](int64_t a, int64_t b) { std::fill(yp + a, yp + b, 0.f); });
   }
   if (nnz == 0) return;
-  // (in, B) and (out, B): each pair's two factors are contiguous B-vectors. B == 0: empty, the pairs' sums are 0
-  const at::Tensor xt = transposed_f32(x), gt = transposed_f32(grad);
+  // (in, ld) and (out, ld), ld >= B: each pair's two factors are contiguous B-vectors. B == 0: the sums are 0
+  const at::Tensor xt = xt_in ? *xt_in : transposed_f32(x), gt = gt_in ? *gt_in : transposed_f32(grad);
+  const int64_t ld = xt.size(1);
   const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
   const SampledView s{xt.const_data_ptr<float>(), gt.const_data_ptr<float>(), rows.const_data_ptr(),
                       cols.const_data_ptr(), rt == at::kShort, ct == at::kShort, nnz, B, in, out,
-                      y.mutable_data_ptr<float>(), flat ? fl.const_data_ptr<int64_t>() : nullptr, y.numel()};
+                      y.mutable_data_ptr<float>(), flat ? fl.const_data_ptr<int64_t>() : nullptr, y.numel(), ld};
 #if RIGL_FAST_HAVE_AVX2
   const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
 #else
@@ -230,6 +308,20 @@ void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, c
 at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& cols) {
   at::Tensor y = at::empty({rows.numel()}, x.options().dtype(at::kFloat));
   sampled_into("sampled_grad", x, grad, rows, cols, nullptr, y);
+  return y;
+}
+
+// sampled_grad_dense over xt = transpose_f32(x) and gt = transpose_f32(grad) (one batch, so the same lanes):
+// the same result as sampled_grad_dense(x, grad, ...) for fp32 x and grad, bitwise.
+at::Tensor sampled_grad_dense_t(const at::Tensor& xt, const at::Tensor& gt, int64_t batch, const at::Tensor& rows,
+                                const at::Tensor& cols, const at::Tensor& flat, int64_t numel) {
+  check_transposed("sampled_grad_dense_t", "xt", xt, batch);
+  check_transposed("sampled_grad_dense_t", "gt", gt, batch);
+  TORCH_CHECK(xt.size(1) == gt.size(1), "rigl_fast::sampled_grad_dense_t: xt and gt must have the same lanes ",
+              "(one batch), got shapes ", xt.sizes(), " and ", gt.sizes());
+  TORCH_CHECK(numel >= 0, "rigl_fast::sampled_grad_dense_t: numel must be >= 0, got ", numel);
+  at::Tensor y = at::empty({numel}, xt.options());
+  sampled_run("sampled_grad_dense_t", xt, gt, &xt, &gt, batch, rows, cols, &flat, y);
   return y;
 }
 
@@ -252,6 +344,10 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("product_parallel_regions() -> int", &product_parallel_regions);
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
+  m.def("transpose_f32(Tensor t) -> Tensor");
+  m.def("csr_linear_t(Tensor xt, int batch, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
+  m.def("sampled_grad_dense_t(Tensor xt, Tensor gt, int batch, Tensor rows, Tensor cols, Tensor flat, "
+        "int numel) -> Tensor");
   m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
   m.def("sampled_grad_dense(Tensor x, Tensor grad, Tensor rows, Tensor cols, Tensor flat, int numel) -> Tensor");
 }
@@ -259,6 +355,9 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
 TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("fan_in_linear", &fan_in_linear);
   m.impl("csr_linear", &csr_linear);
+  m.impl("transpose_f32", &transpose_f32);
+  m.impl("csr_linear_t", &csr_linear_t);
+  m.impl("sampled_grad_dense_t", &sampled_grad_dense_t);
   m.impl("sampled_grad", &sampled_grad);
   m.impl("sampled_grad_dense", &sampled_grad_dense);
 }

@@ -261,20 +261,20 @@ bool sampled_pairs(const SampledView& s, int64_t p0, int64_t p1) {
       ok = false;
       continue;  // the op raises
     }
-    const float* g = s.gt + static_cast<int64_t>(r) * s.B;
+    const float* g = s.gt + static_cast<int64_t>(r) * s.ld;
     // up to four pairs of this row at once (compressed rows keep a row's pairs together), all in range
     int q = 1;
     while (q < 4 && p + q < p1 && index_at(rows, p + q) == r && index_at(cols, p + q) < s.in &&
            static_cast<uint64_t>(s.out_index ? s.out_index[p + q] : p + q) < static_cast<uint64_t>(s.y_size))
       ++q;
     if (q < 4) {
-      const float* x1[1] = {s.xt + static_cast<int64_t>(c) * s.B};
+      const float* x1[1] = {s.xt + static_cast<int64_t>(c) * s.ld};
       dot_group<1>(g, x1, s.B, &s.y[at]);
       continue;
     }
     const float* xs[4];
     float sums[4];
-    for (int u = 0; u < 4; ++u) xs[u] = s.xt + static_cast<int64_t>(index_at(cols, p + u)) * s.B;
+    for (int u = 0; u < 4; ++u) xs[u] = s.xt + static_cast<int64_t>(index_at(cols, p + u)) * s.ld;
     dot_group<4>(g, xs, s.B, sums);
     for (int u = 0; u < 4; ++u) s.y[s.out_index ? s.out_index[p + u] : p + u] = sums[u];
     p += 3;

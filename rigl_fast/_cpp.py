@@ -336,6 +336,16 @@ def _register_export_fakes() -> None:
 
     torch.library.register_fake("rigl_fast::sampled_grad_dense")(_sampled_grad)
 
+    @torch.library.register_fake("rigl_fast::transpose_f32")  # (n, lanes), lanes = B, + 64 where 1024 divides B
+    def _transpose_f32(t):
+        b = t.shape[0]
+        return t.new_empty((t.shape[1], b + 64 if b > 1 and b % 1024 == 0 else b), dtype=torch.float32)
+
+    torch.library.register_fake("rigl_fast::csr_linear_t")(
+        lambda xt, batch, crow, col, values, n: xt.new_empty((batch, n)))
+    torch.library.register_fake("rigl_fast::sampled_grad_dense_t")(
+        lambda xt, gt, batch, rows, cols, flat, numel: xt.new_empty((numel,)))
+
 
 class CppBackend(Backend):
     name = "cpp"

@@ -47,7 +47,8 @@ def check_layout(names, sharded, compute) -> None:
 class Tables:
     """One layer's active entries at one topology. `rows`/`cols` (int32, row-major: compressed rows),
     `crow`, `flat` (positions in the weight's storage); the column structure `ccol`, `t_rows`/`t_cols` (the
-    entries column-major) and `perm` (each one's position in row order); `k` when every row has the same count (fan_in), else None."""
+    entries column-major) and `perm` (each one's position in row order); `k` when every row has the same count
+    (fan_in), else None."""
 
     def __init__(self, mask, transposed: bool, fan_in: bool):
         m = mask.t() if transposed else mask  # the logical (out, in) mask
@@ -106,24 +107,35 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, st, t):
         values = _take(weight, t.flat).to(x.dtype)
-        ctx.save_for_backward(x, weight, values)
-        ctx.st, ctx.t = st, t
-        return _kops.forward(x, t, values)
+        ctx.st, ctx.t, ctx.batch = st, t, x.shape[0]
+        # fp32 on the C++ kernels: x transposed once, for the product and kept for the weight gradient (saved in
+        # place of x), so the backward does not transpose it again
+        xt = _kops.transposed_input(x)
+        ctx.transposed = xt is not None
+        ctx.save_for_backward(x if xt is None else xt, weight, values)
+        return _kops.forward(x, t, values) if xt is None else _kops.forward_t(xt, ctx.batch, t, values)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, values = ctx.saved_tensors
-        st, t = ctx.st, ctx.t
+        st, t, batch = ctx.st, ctx.t, ctx.batch
         g = g.contiguous()
+        xt = gt = None
+        if ctx.transposed:  # x is its transpose; g is transposed once, for both products
+            xt, x = x, x[:, :batch].t()
+            gt = _kops.transposed_input(g)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _kops.transposed(g, t, torch.index_select(values, 0, t.perm).to(g.dtype))
+            vt = torch.index_select(values, 0, t.perm).to(g.dtype)
+            dx = _kops.transposed(g, t, vt) if gt is None else _kops.transposed_t(gt, batch, t, vt)
         if ctx.needs_input_grad[1]:
             if st.dense_window():  # the dense gradient, for the growth scores the hooks accumulate
                 full = g.t().to(x.dtype) @ x  # (out, in), as F.linear's backward computes it
                 dw = (full.t() if st.transposed else full).to(weight.dtype)
             else:
-                dw = _kops.sampled_dense(x, g, t, weight.numel()).view(weight.shape).to(weight.dtype)
+                n = weight.numel()
+                dw = _kops.sampled_dense(x, g, t, n) if gt is None else _kops.sampled_dense_t(xt, gt, batch, t, n)
+                dw = dw.view(weight.shape).to(weight.dtype)
                 dw._rigl_fast_masked = True  # exactly 0 off the mask: the hook need not mask it (hooks.py)
         return dx, dw, None, None
 

@@ -6,6 +6,8 @@ reference, which defines the results and runs where no kernel takes the inputs (
     transposed(g, t, values)   (B, out) -> (B, in):  dx[b, i] = sum over i's active entries of v * g[b, o]
     sampled(x, g, t)           -> (nnz,) fp32 (fp64 for fp64): sum_b g[b, o] * x[b, i] per active (o, i)
     sampled_dense(x, g, t, n)  -> the same written at t.flat of a zeroed (n,) vector: the dense weight gradient
+    transposed_input(x), forward_t, transposed_t, sampled_dense_t: the same products over inputs transposed once
+                               and shared between them (C++, fp32)
 
 `t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
 (transposed). Products accumulate in fp32 (fp64 for fp64 inputs) and round once to the input's dtype.
@@ -105,6 +107,31 @@ def forward(x, t, values):
 
 def transposed(g, t, values):
     return _csr(g, t.ccol, t.t_rows, (t.t_cols, t.t_rows), values, t.n_in)
+
+
+def transposed_input(x):
+    """x (B, n) transposed once to (n, lanes) fp32, as the shared-transpose products below take it (the forward's x
+    kept for the weight gradient; the output gradient for both backward products): C++ on CPU, fp32, B > 1; None
+    elsewhere (then the products above, which transpose their inputs themselves)."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] < 2:
+        return None
+    op = _cpp("transpose_f32", x)
+    return None if op is None else op(x)
+
+
+def forward_t(xt, batch, t, values):
+    """forward() over xt = transposed_input(x) (fp32 values): bitwise the same."""
+    return _cpp("csr_linear_t", xt, values)(xt, batch, t.crow, t.cols, values, t.out)
+
+
+def transposed_t(gt, batch, t, values):
+    """transposed() over gt = transposed_input(g) (fp32 values in column order): bitwise the same."""
+    return _cpp("csr_linear_t", gt, values)(gt, batch, t.ccol, t.t_rows, values, t.n_in)
+
+
+def sampled_dense_t(xt, gt, batch, t, numel):
+    """sampled_dense() over the transposed x and g of one batch: bitwise the same."""
+    return _cpp("sampled_grad_dense_t", xt, gt)(xt, gt, batch, t.rows, t.cols, t.flat, numel)
 
 
 def sampled(x, g, t):
