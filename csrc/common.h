@@ -315,8 +315,9 @@ struct ProductView {
   const void* indices;
   bool idx16;             // int16 indices, else int32
   const int64_t* crow;    // nullptr: constant fan-in k
-  int64_t k, B, in, out;
-  float* y;
+  int64_t k, B, in, out;  // B: the lanes of x's transposed rows (>= batch)
+  float* y;               // (batch, out) fp32
+  int64_t batch;
 };
 
 // One sampled dense-dense product (export_kernels.cpp's sampled_grad, product_kernels.h): y[p] = sum_b gt[rows[p], b] *

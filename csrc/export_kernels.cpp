@@ -105,23 +105,9 @@ at::Tensor transposed_f32(const at::Tensor& t, int64_t ld = -1) {
   return out;
 }
 
-// y (B, out) in opts' dtype = the first B lanes of yt (out, ld) fp32, transposed and rounded once.
-at::Tensor untransposed(const at::Tensor& yt, int64_t B, const at::TensorOptions& opts) {
-  const int64_t out = yt.size(0), ld = yt.size(1);
-  at::Tensor y = at::empty({B, out}, opts);
-  const float* src = yt.const_data_ptr<float>();
-  switch (y.scalar_type()) {
-    case at::kFloat: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<float>(), out); break;
-    case at::kDouble: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<double>(), out); break;
-    case at::kHalf: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<c10::Half>(), out); break;
-    default: transpose_cast(src, out, B, ld, 1, y.mutable_data_ptr<c10::BFloat16>(), out); break;
-  }
-  return y;
-}
-
-// The lanes of a transposed row for a batch of B: B, or B + 64 (a block of zero lanes computed in vain) where B is
-// a multiple of 1024: rows 4 KiB or more apart share cache sets, and the gathered rows of xt then evict each other
-// (1.4x slower at B = 1024, not measurably at 256). 64: product_kernels.h kBatchBlock.
+// The lanes of a transposed row for a batch of B: B, or B + 64 (zero lanes, never computed) where B is a multiple of
+// 1024: rows 4 KiB or more apart share cache sets, and the gathered rows of xt then evict each other (1.4x slower at
+// B = 1024, not measurably at 256). 64: product_kernels.h kBatchBlock.
 inline int64_t lanes_for(int64_t B) { return B > 1 && B % 1024 == 0 ? B + 64 : B; }
 
 at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
@@ -142,26 +128,23 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
 }
 
 // The product over xf, x as product() prepares it (in contiguous fp32 for B == 1, else (in, ld) transposed, ld >=
-// B): the fp32 result is (B, out) for B == 1 (the same memory as (out, 1)), else (out, ld), transposed at the end to
-// (B, out) in opts' dtype, rounded once.
+// B): the kernel writes the (B, out) fp32 result in place (product_kernels.h: write_column), rounded once to opts'
+// dtype where that is not fp32.
 at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
                       const at::Tensor& values, const at::Tensor& indices, const int64_t* crow, int64_t out,
                       const at::TensorOptions& opts) {
   const auto x = at::empty({0}, opts);  // the result's dtype and device
-  at::Tensor yf = at::empty(B == 1 ? std::vector<int64_t>{1, out} : std::vector<int64_t>{out, ld},
-                            x.options().dtype(at::kFloat));
+  at::Tensor yf = at::empty({B, out}, x.options().dtype(at::kFloat));
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
                       indices.const_data_ptr(), indices.scalar_type() == at::kShort, crow,
-                      values.dim() == 2 ? values.size(1) : 0, ld, in, out, yf.mutable_data_ptr<float>()};
+                      values.dim() == 2 ? values.size(1) : 0, ld, in, out, yf.mutable_data_ptr<float>(), B};
 #if RIGL_FAST_HAVE_AVX2
   const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sparse_product(p) : base::sparse_product(p);
 #else
   const bool ok = base::sparse_product(p);
 #endif
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
-  const auto dt = x.scalar_type();
-  if (B == 1) return dt == at::kFloat ? yf : yf.to(dt);
-  return untransposed(yf, B, opts);  // transposes and rounds once to x's dtype
+  return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
 }
 
 // The compressed-row checks: crow (out + 1 entries, from 0 to nnz, not decreasing) as int64.

@@ -121,30 +121,39 @@ inline bool row_block64(const float* xt, const V* v, const I* ix, int64_t k, int
   return true;
 }
 
-// B > 1: xt is x transposed, (in, B) fp32, so each gathered input is a contiguous B-vector; yt is (out, B).
-// Work item w = (batch block, row o): acc[b] += v * xt[idx, b0 + b] (vectorised by the compiler; fused
-// multiply-adds where the instruction set has them).
+// A block's nb lanes of output row o into column o of y (batch, n_rows): the product's result written where it
+// belongs, with no transposed buffer and no transpose pass after. Consecutive rows write neighbouring floats of the
+// same nb cache lines, which stay in L1 across the rows of a block.
+inline void write_column(const float* blk, int64_t nb, float* y, int64_t n_rows, int64_t o, int64_t b0) {
+  float* col = y + b0 * n_rows + o;
+  for (int64_t b = 0; b < nb; ++b) col[b * n_rows] = blk[b];
+}
+
+// B > 1: xt is x transposed, (in, B) fp32 (B lanes a row, >= batch; lanes past batch are not computed), so each
+// gathered input is a contiguous vector of lanes; y is (batch, n_rows) fp32. Work item w = (batch block, row o):
+// acc[b] += v * xt[idx, b0 + b] (vectorised by the compiler; fused multiply-adds where the instruction set has
+// them), then written to column o of y.
 template <typename V, typename I, typename Rows>
-bool rows_batched(const float* xt, const V* values, const I* indices, float* yt, int64_t in, const Rows& rows,
-                  int64_t B, int64_t n_rows, int64_t w0, int64_t w1) {
+bool rows_batched(const float* xt, const V* values, const I* indices, float* y, int64_t in, const Rows& rows,
+                  int64_t B, int64_t batch, int64_t n_rows, int64_t w0, int64_t w1) {
   bool ok = true;
-  float acc[kBatchBlock];
+  alignas(32) float acc[kBatchBlock];
   for (int64_t w = w0; w < w1; ++w) {
     // block-major: a thread's consecutive items share one batch block, whose (in, kBatchBlock) slice of xt
     // (in * 256 bytes) can stay in its L2 while the rows are walked (against row-major items, which cycle
     // through all of xt, it measured about the same here: kept for the larger batches)
     const int64_t o = w % n_rows;
     const int64_t b0 = (w / n_rows) * kBatchBlock;
-    const int64_t nb = std::min(kBatchBlock, B - b0);
+    const int64_t nb = std::min(kBatchBlock, B - b0), nw = std::min(nb, batch - b0);
     const V* v = values + rows.begin(o);
     const I* ix = indices + rows.begin(o);
     const int64_t k = rows.size(o);
-    float* out = yt + o * B + b0;
     if (nb == kBatchBlock) {  // the common case
-      if (!row_block64(xt + b0, v, ix, k, in, B, out)) {
+      if (!row_block64(xt + b0, v, ix, k, in, B, acc)) {
         ok = false;
-        std::fill(out, out + nb, 0.f);
+        std::fill(acc, acc + nb, 0.f);
       }
+      write_column(acc, nw, y, n_rows, o, b0);
       continue;
     }
     std::fill(acc, acc + nb, 0.f);  // the last, partial block
@@ -162,10 +171,9 @@ bool rows_batched(const float* xt, const V* values, const I* indices, float* yt,
     }
     if (!row_ok) {
       ok = false;
-      std::fill(out, out + nb, 0.f);
-      continue;
+      std::fill(acc, acc + nb, 0.f);
     }
-    std::copy(acc, acc + nb, out);
+    write_column(acc, nw, y, n_rows, o, b0);
   }
   return ok;
 }
@@ -184,10 +192,10 @@ bool run_product(const ProductView& p, const Rows& rows) {
       if (!rows_b1<V, I>(p.x, v, ix, p.y, p.in, rows, o0, o1)) ok = false;
     });
   } else {
-    const int64_t n_blocks = (p.B + kBatchBlock - 1) / kBatchBlock;
+    const int64_t n_blocks = (p.batch + kBatchBlock - 1) / kBatchBlock;  // none of padding lanes only
     parallel_work(p.out * n_blocks, per_row * std::max<int64_t>(1, std::min(p.B, kBatchBlock) / 4),
                   [&](int64_t w0, int64_t w1) {
-      if (!rows_batched<V, I>(p.x, v, ix, p.y, p.in, rows, p.B, p.out, w0, w1)) ok = false;
+      if (!rows_batched<V, I>(p.x, v, ix, p.y, p.in, rows, p.B, p.batch, p.out, w0, w1)) ok = false;
     });
   }
   return ok.load();
