@@ -334,6 +334,7 @@ struct SampledView {
   const int64_t* out_index;  // nullptr: pair p's sum goes to y[p]; else to y[out_index[p]] (a dense gradient)
   int64_t y_size;            // y's length (out_index checked against it)
   int64_t ld;                // the row stride of xt and gt (>= B; the lanes past B are not read)
+  const int64_t* crow = nullptr;  // rows mode: y is the dense (out, in) result, row r's pairs [crow[r], crow[r+1])
 };
 
 // The instruction set whose kernels run: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the

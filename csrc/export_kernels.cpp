@@ -6,8 +6,9 @@
 // gradient (rigl_fast/compute.py):
 //   sampled_grad: out[p] = sum_b grad[b, rows[p]] * x[b, cols[p]], fp32, at the active positions (rows[p], cols[p]);
 //   sampled_grad_dense: the same sums written at flat[p] of a zeroed fp32 vector of numel (the dense gradient);
-//   transpose_f32, csr_linear_t, sampled_grad_dense_t: the same over inputs transposed once and shared (training
-//   keeps the forward's transposed x for the weight gradient and transposes the output gradient once for both).
+//   transpose_f32, csr_linear_t, sampled_grad_rows_t: the same over inputs transposed once and shared (training
+//   keeps the forward's transposed x for the weight gradient and transposes the output gradient once for both),
+//   the last writing the dense gradient row by row.
 // The kernels are in product_kernels.h (compiled per instruction set); the checks and the ops' schemas here; the
 // fake implementations in rigl_fast/_cpp.py.
 #include <ATen/core/Tensor.h>
@@ -226,10 +227,6 @@ at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor
                     xt_in.options());
 }
 
-void sampled_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor* xt_in,
-                 const at::Tensor* gt_in, int64_t B, const at::Tensor& rows_in, const at::Tensor& cols_in,
-                 const at::Tensor* flat, at::Tensor& y);
-
 // The checks and the kernel run of sampled_grad and sampled_grad_dense; `y` receives pair p's sum at p, or at
 // flat[p] when `flat` is given (y then zeroed first, on threads by its size).
 void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows_in,
@@ -242,14 +239,6 @@ void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, c
               "rigl_fast::", op, ": x must be fp32/fp64/fp16/bf16, got ", dt);
   TORCH_CHECK(grad.scalar_type() == dt, "rigl_fast::", op, ": grad (", grad.scalar_type(),
               ") must have x's dtype (", dt, ")");
-  sampled_run(op, x, grad, nullptr, nullptr, x.size(0), rows_in, cols_in, flat, y);
-}
-
-// The pairs' checks and the kernel run, over x and grad transposed here, or over xt and gt (transpose_f32's
-// results, checked by the caller) where given.
-void sampled_run(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor* xt_in,
-                 const at::Tensor* gt_in, int64_t B, const at::Tensor& rows_in, const at::Tensor& cols_in,
-                 const at::Tensor* flat, at::Tensor& y) {
   TORCH_CHECK(rows_in.dim() == 1 && cols_in.dim() == 1 && rows_in.numel() == cols_in.numel(),
               "rigl_fast::", op, ": rows and cols must be 1-D of the same length, got shapes ", rows_in.sizes(),
               " and ", cols_in.sizes());
@@ -258,8 +247,7 @@ void sampled_run(const char* op, const at::Tensor& x, const at::Tensor& grad, co
   const auto rt = rows_in.scalar_type(), ct = cols_in.scalar_type();
   TORCH_CHECK((rt == at::kShort || rt == at::kInt) && (ct == at::kShort || ct == at::kInt),
               "rigl_fast::", op, ": rows and cols must be int16 or int32, got ", rt, " and ", ct);
-  const int64_t in = xt_in ? xt_in->size(0) : x.size(1), out = gt_in ? gt_in->size(0) : grad.size(1);
-  const int64_t nnz = rows_in.numel();
+  const int64_t B = x.size(0), in = x.size(1), out = grad.size(1), nnz = rows_in.numel();
   TORCH_CHECK(in < (int64_t{1} << 31) && out < (int64_t{1} << 31), "rigl_fast::", op, ": ", in, " inputs or ",
               out, " outputs, more than 32-bit indices reach");
   at::Tensor fl;
@@ -272,13 +260,12 @@ void sampled_run(const char* op, const at::Tensor& x, const at::Tensor& grad, co
     parallel_work(y.numel(), 1, [&](int64_t a, int64_t b) { std::fill(yp + a, yp + b, 0.f); });
   }
   if (nnz == 0) return;
-  // (in, ld) and (out, ld), ld >= B: each pair's two factors are contiguous B-vectors. B == 0: the sums are 0
-  const at::Tensor xt = xt_in ? *xt_in : transposed_f32(x), gt = gt_in ? *gt_in : transposed_f32(grad);
-  const int64_t ld = xt.size(1);
+  // (in, B) and (out, B): each pair's two factors are contiguous B-vectors. B == 0: empty, the pairs' sums are 0
+  const at::Tensor xt = transposed_f32(x), gt = transposed_f32(grad);
   const at::Tensor rows = rows_in.contiguous(), cols = cols_in.contiguous();
   const SampledView s{xt.const_data_ptr<float>(), gt.const_data_ptr<float>(), rows.const_data_ptr(),
                       cols.const_data_ptr(), rt == at::kShort, ct == at::kShort, nnz, B, in, out,
-                      y.mutable_data_ptr<float>(), flat ? fl.const_data_ptr<int64_t>() : nullptr, y.numel(), ld};
+                      y.mutable_data_ptr<float>(), flat ? fl.const_data_ptr<int64_t>() : nullptr, y.numel(), B};
 #if RIGL_FAST_HAVE_AVX2
   const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
 #else
@@ -294,17 +281,35 @@ at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::T
   return y;
 }
 
-// sampled_grad_dense over xt = transpose_f32(x) and gt = transpose_f32(grad) (one batch, so the same lanes):
-// the same result as sampled_grad_dense(x, grad, ...) for fp32 x and grad, bitwise.
-at::Tensor sampled_grad_dense_t(const at::Tensor& xt, const at::Tensor& gt, int64_t batch, const at::Tensor& rows,
-                                const at::Tensor& cols, const at::Tensor& flat, int64_t numel) {
-  check_transposed("sampled_grad_dense_t", "xt", xt, batch);
-  check_transposed("sampled_grad_dense_t", "gt", gt, batch);
-  TORCH_CHECK(xt.size(1) == gt.size(1), "rigl_fast::sampled_grad_dense_t: xt and gt must have the same lanes ",
-              "(one batch), got shapes ", xt.sizes(), " and ", gt.sizes());
-  TORCH_CHECK(numel >= 0, "rigl_fast::sampled_grad_dense_t: numel must be >= 0, got ", numel);
-  at::Tensor y = at::empty({numel}, xt.options());
-  sampled_run("sampled_grad_dense_t", xt, gt, &xt, &gt, batch, rows, cols, &flat, y);
+// The dense (n_rows, n_cols) fp32 weight gradient from transpose_f32's results of one batch: row r is 0 but at
+// col[p] for p in [crow[r], crow[r + 1]), which gets sum_b at[r, b] * bt[col[p], b]. nn.Linear's: at = g^T, bt =
+// x^T, the compressed rows; Conv1D's (in, out) storage: at = x^T, bt = g^T, the column structure. Each row zeroed
+// and written in one pass; the sums bitwise sampled_grad_dense's (the same arithmetic per pair; a product of two
+// factors is the same either way round).
+at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int64_t batch, const at::Tensor& crow_in,
+                               const at::Tensor& col_in) {
+  const char* op = "sampled_grad_rows_t";
+  check_transposed(op, "at", at_, batch);
+  check_transposed(op, "bt", bt, batch);
+  TORCH_CHECK(at_.size(1) == bt.size(1), "rigl_fast::", op, ": at and bt must have the same lanes (one batch), ",
+              "got shapes ", at_.sizes(), " and ", bt.sizes());
+  const auto ct = col_in.scalar_type();
+  TORCH_CHECK(col_in.dim() == 1 && (ct == at::kShort || ct == at::kInt) && col_in.device().is_cpu(),
+              "rigl_fast::", op, ": col must be 1-D int16 or int32 on the CPU, got shape ", col_in.sizes(), " of ", ct);
+  const int64_t n_rows = at_.size(0), n_cols = bt.size(0);
+  const at::Tensor crow = checked_crow(op, crow_in, n_rows, col_in.numel());
+  const at::Tensor col = col_in.contiguous();
+  at::Tensor y = at::empty({n_rows, n_cols}, at_.options());
+  SampledView s{bt.const_data_ptr<float>(), at_.const_data_ptr<float>(), nullptr, col.const_data_ptr(), false,
+                ct == at::kShort, col.numel(), batch, n_cols, n_rows, y.mutable_data_ptr<float>(), nullptr, y.numel(),
+                at_.size(1)};
+  s.crow = crow.const_data_ptr<int64_t>();
+#if RIGL_FAST_HAVE_AVX2
+  const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
+#else
+  const bool ok = base::sampled_product(s);
+#endif
+  TORCH_CHECK(ok, "rigl_fast::", op, ": a column index is out of range [0, ", n_cols, ")");
   return y;
 }
 
@@ -329,8 +334,7 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
   m.def("transpose_f32(Tensor t) -> Tensor");
   m.def("csr_linear_t(Tensor xt, int batch, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
-  m.def("sampled_grad_dense_t(Tensor xt, Tensor gt, int batch, Tensor rows, Tensor cols, Tensor flat, "
-        "int numel) -> Tensor");
+  m.def("sampled_grad_rows_t(Tensor at, Tensor bt, int batch, Tensor crow, Tensor col) -> Tensor");
   m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
   m.def("sampled_grad_dense(Tensor x, Tensor grad, Tensor rows, Tensor cols, Tensor flat, int numel) -> Tensor");
 }
@@ -340,7 +344,7 @@ TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("csr_linear", &csr_linear);
   m.impl("transpose_f32", &transpose_f32);
   m.impl("csr_linear_t", &csr_linear_t);
-  m.impl("sampled_grad_dense_t", &sampled_grad_dense_t);
+  m.impl("sampled_grad_rows_t", &sampled_grad_rows_t);
   m.impl("sampled_grad", &sampled_grad);
   m.impl("sampled_grad_dense", &sampled_grad_dense);
 }

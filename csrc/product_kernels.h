@@ -290,6 +290,46 @@ bool sampled_pairs(const SampledView& s, int64_t p0, int64_t p1) {
   return ok;
 }
 
+// Rows mode (s.crow): rows [r0, r1) of the dense (out, in) result y, each zeroed and then given its pairs' sums
+// while it is in L1 (one pass over y, where a zeroing pass and a scattered write after it touch it twice). The
+// pairs of row r are [crow[r], crow[r + 1]) with columns cols[p]; the same arithmetic per pair as sampled_pairs.
+template <typename IC>
+bool sampled_rows(const SampledView& s, int64_t r0, int64_t r1) {
+  const IC* cols = static_cast<const IC*>(s.cols);
+  bool ok = true;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* yr = s.y + r * s.in;
+    std::fill(yr, yr + s.in, 0.f);
+    const float* g = s.gt + r * s.ld;
+    const int64_t e = s.crow[r + 1];
+    for (int64_t p = s.crow[r]; p < e;) {
+      if (p + 4 <= e) {
+        const uint32_t c0 = index_at(cols, p), c1 = index_at(cols, p + 1), c2 = index_at(cols, p + 2),
+                       c3 = index_at(cols, p + 3);
+        if (c0 < s.in && c1 < s.in && c2 < s.in && c3 < s.in) {
+          const float* xs[4] = {s.xt + c0 * s.ld, s.xt + c1 * s.ld, s.xt + c2 * s.ld, s.xt + c3 * s.ld};
+          float sums[4];
+          dot_group<4>(g, xs, s.B, sums);
+          yr[c0] = sums[0];
+          yr[c1] = sums[1];
+          yr[c2] = sums[2];
+          yr[c3] = sums[3];
+          p += 4;
+          continue;
+        }
+      }
+      const uint32_t c = index_at(cols, p++);
+      if (c >= s.in) {
+        ok = false;  // the op raises
+        continue;
+      }
+      const float* x1[1] = {s.xt + static_cast<int64_t>(c) * s.ld};
+      dot_group<1>(g, x1, s.B, &yr[c]);
+    }
+  }
+  return ok;
+}
+
 template <typename IR, typename IC>
 bool run_sampled(const SampledView& s) {
   std::atomic<bool> ok{true};
@@ -309,6 +349,14 @@ bool sparse_product(const ProductView& p) {
 }
 
 bool sampled_product(const SampledView& s) {
+  if (s.crow != nullptr) {
+    std::atomic<bool> ok{true};
+    const int64_t per_row = (s.out ? s.nnz / s.out : 0) * (2 + s.B / 8) + s.in / 16 + 1;  // pairs, then zeroing
+    parallel_work(s.out, per_row, [&](int64_t r0, int64_t r1) {
+      if (!(s.cols16 ? sampled_rows<int16_t>(s, r0, r1) : sampled_rows<int32_t>(s, r0, r1))) ok = false;
+    });
+    return ok.load();
+  }
   if (s.rows16) return s.cols16 ? run_sampled<int16_t, int16_t>(s) : run_sampled<int16_t, int32_t>(s);
   return s.cols16 ? run_sampled<int32_t, int16_t>(s) : run_sampled<int32_t, int32_t>(s);
 }

@@ -343,8 +343,8 @@ def _register_export_fakes() -> None:
 
     torch.library.register_fake("rigl_fast::csr_linear_t")(
         lambda xt, batch, crow, col, values, n: xt.new_empty((batch, n)))
-    torch.library.register_fake("rigl_fast::sampled_grad_dense_t")(
-        lambda xt, gt, batch, rows, cols, flat, numel: xt.new_empty((numel,)))
+    torch.library.register_fake("rigl_fast::sampled_grad_rows_t")(
+        lambda at, bt, batch, crow, col: at.new_empty((at.shape[0], bt.shape[0])))
 
 
 class CppBackend(Backend):

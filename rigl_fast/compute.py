@@ -133,8 +133,8 @@ class _SparseLinear(torch.autograd.Function):
                 full = g.t().to(x.dtype) @ x  # (out, in), as F.linear's backward computes it
                 dw = (full.t() if st.transposed else full).to(weight.dtype)
             else:
-                n = weight.numel()
-                dw = _kops.sampled_dense(x, g, t, n) if gt is None else _kops.sampled_dense_t(xt, gt, batch, t, n)
+                dw = (_kops.sampled_dense(x, g, t, weight.numel()) if gt is None
+                      else _kops.sampled_rows_t(xt, gt, batch, t, st.transposed))
                 dw = dw.view(weight.shape).to(weight.dtype)
                 dw._rigl_fast_masked = True  # exactly 0 off the mask: the hook need not mask it (hooks.py)
         return dx, dw, None, None

@@ -6,7 +6,7 @@ reference, which defines the results and runs where no kernel takes the inputs (
     transposed(g, t, values)   (B, out) -> (B, in):  dx[b, i] = sum over i's active entries of v * g[b, o]
     sampled(x, g, t)           -> (nnz,) fp32 (fp64 for fp64): sum_b g[b, o] * x[b, i] per active (o, i)
     sampled_dense(x, g, t, n)  -> the same written at t.flat of a zeroed (n,) vector: the dense weight gradient
-    transposed_input(x), forward_t, transposed_t, sampled_dense_t: the same products over inputs transposed once
+    transposed_input(x), forward_t, transposed_t, sampled_rows_t: the same products over inputs transposed once
                                and shared between them (C++, fp32)
 
 `t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
@@ -129,9 +129,11 @@ def transposed_t(gt, batch, t, values):
     return _cpp("csr_linear_t", gt, values)(gt, batch, t.ccol, t.t_rows, values, t.n_in)
 
 
-def sampled_dense_t(xt, gt, batch, t, numel):
-    """sampled_dense() over the transposed x and g of one batch: bitwise the same."""
-    return _cpp("sampled_grad_dense_t", xt, gt)(xt, gt, batch, t.rows, t.cols, t.flat, numel)
+def sampled_rows_t(xt, gt, batch, t, transposed):
+    """sampled_dense() over the transposed x and g of one batch, as the weight's 2-D shape: (out, in), or the
+    (in, out) storage of a transposed (Conv1D) weight, row by row over its column structure. Bitwise the same."""
+    op = _cpp("sampled_grad_rows_t", xt, gt)
+    return op(xt, gt, batch, t.ccol, t.t_rows) if transposed else op(gt, xt, batch, t.crow, t.cols)
 
 
 def sampled(x, g, t):

@@ -371,11 +371,12 @@ def test_callbacks_take_compute():
         hf.RigLCallback(dense_allocation=0.3, compute="bogus")
 
 
-@pytest.mark.parametrize("structure", ["unstructured", "fan_in"])
-def test_shared_transposes_change_nothing_bitwise(monkeypatch, structure):
+@pytest.mark.parametrize("kind,structure", [("mlp", "unstructured"), ("mlp", "fan_in"), ("gpt2", "unstructured")])
+def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure):
     """fp32 on the C++ kernels: the forward's transposed x is kept for the weight gradient and the output gradient
-    transposed once for both backward products (compute_ops.transposed_input); the same training as with every
-    product transposing its own inputs, bitwise (before the first dense window)."""
+    transposed once for both backward products (compute_ops.transposed_input), the weight gradient written row by
+    row (GPT-2: Conv1D's transposed storage); the same training as with every product transposing its own inputs,
+    bitwise (before the first dense window)."""
     used = []
     real = K.transposed_input
 
@@ -385,10 +386,10 @@ def test_shared_transposes_change_nothing_bitwise(monkeypatch, structure):
         return r
 
     monkeypatch.setattr(K, "transposed_input", spy)
-    shared, _, _ = _run("sparse", dtype=torch.float32, steps=2, structure=structure)
+    shared, _, _ = _run("sparse", kind, dtype=torch.float32, steps=2, structure=structure)
     assert used and all(used)  # every sparse layer's forward and backward took the shared path
     monkeypatch.setattr(K, "transposed_input", lambda x: None)
-    plain, _, _ = _run("sparse", dtype=torch.float32, steps=2, structure=structure)
+    plain, _, _ = _run("sparse", kind, dtype=torch.float32, steps=2, structure=structure)
     for a, b in zip(shared.parameters(), plain.parameters()):
         assert torch.equal(a, b)
 

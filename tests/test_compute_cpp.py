@@ -173,10 +173,10 @@ def test_calls_past_the_region_size_equal_one_thread(op):
 
 @pytest.mark.parametrize("B", [2, 5, 63, 64, 65, 130, 1024])
 def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
-    """transpose_f32 + csr_linear_t / sampled_grad_dense_t (training shares the transposed x and output gradient
-    between its products) give csr_linear's and sampled_grad_dense's results bitwise on fp32: odd shapes, batches
-    around the 64-lane block and 1024 (padded lanes), non-contiguous inputs, int16 and int32 indices, a row with no
-    pairs; the transposed rows hold x^T and zeros past B."""
+    """transpose_f32 + csr_linear_t / sampled_grad_rows_t (training shares the transposed x and output gradient
+    between its products) give csr_linear's and sampled_grad_dense's results bitwise on fp32, the latter for both
+    orientations of the weight: odd shapes, batches around the 64-lane block and 1024 (padded lanes), non-contiguous
+    inputs, int16 and int32 indices, a row with no pairs; the transposed rows hold x^T and zeros past B."""
     ops = torch.ops.rigl_fast
     g = torch.Generator().manual_seed(2208 + B)
     out, inp = 37, 101
@@ -192,11 +192,16 @@ def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
     lanes = B + 64 if B % 1024 == 0 else B
     assert xt.shape == (inp, lanes) and gt.shape == (out, lanes) and xt.dtype == torch.float32
     assert torch.equal(xt[:, :B], x.t()) and not xt[:, B:].any()
+    # the column structure: the (inp, out) storage of the transposed weight (Conv1D's), row by row
+    rows_t, cols_t = cols[torch.argsort(cols * out + rows)], rows[torch.argsort(cols * out + rows)]
+    ccol = torch.zeros(inp + 1, dtype=torch.int64)
+    ccol[1:] = torch.bincount(rows_t, minlength=inp).cumsum(0)
     for idt in (torch.int16, torch.int32):
         assert torch.equal(ops.csr_linear_t(xt, B, crow, cols.to(idt), values, out),
                            ops.csr_linear(x, crow, cols.to(idt), values, out))
-        assert torch.equal(ops.sampled_grad_dense_t(xt, gt, B, rows.to(idt), cols.to(idt), flat, out * inp),
-                           ops.sampled_grad_dense(x, grad, rows.to(idt), cols.to(idt), flat, out * inp))
+        dense = ops.sampled_grad_dense(x, grad, rows.to(idt), cols.to(idt), flat, out * inp).view(out, inp)
+        assert torch.equal(ops.sampled_grad_rows_t(gt, xt, B, crow, cols.to(idt)), dense)
+        assert torch.equal(ops.sampled_grad_rows_t(xt, gt, B, ccol, cols_t.to(idt)), dense.t())
 
 
 def test_shared_transpose_ops_refuse_bad_input(op):
@@ -205,7 +210,6 @@ def test_shared_transpose_ops_refuse_bad_input(op):
     xt, gt = ops.transpose_f32(x), ops.transpose_f32(grad)
     crow = torch.tensor([0, 1, 2, 2])
     col, values = torch.tensor([0, 5], dtype=torch.int32), torch.ones(2)
-    rows, flat = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 11])
     assert torch.equal(ops.csr_linear_t(xt, 1, crow, col, values, 3), ops.csr_linear(x[:1], crow, col, values, 3))
     for call, msg in ((lambda: ops.csr_linear_t(xt.t(), 4, crow, col, values, 3), "xt must be a contiguous"),
                       (lambda: ops.csr_linear_t(xt.double(), 4, crow, col, values, 3), "xt must be a contiguous"),
@@ -214,15 +218,15 @@ def test_shared_transpose_ops_refuse_bad_input(op):
                       (lambda: ops.csr_linear_t(xt, 4, crow, col.long(), values, 3), "col must be int16 or int32"),
                       (lambda: ops.csr_linear_t(xt, 4, crow[:3], col, values, 3), "crow must have"),
                       (lambda: ops.csr_linear_t(xt, 4, crow, col + 1, values, 3), "out of range"),
-                      (lambda: ops.sampled_grad_dense_t(xt, gt[:, :3].clone(), 3, rows, col, flat, 18),
-                       "same lanes"),
-                      (lambda: ops.sampled_grad_dense_t(xt, gt, 4, rows, col, flat, -1), "numel must be"),
-                      (lambda: ops.sampled_grad_dense_t(xt, gt, 4, rows, col, flat + 7, 18), "out of range"),
+                      (lambda: ops.sampled_grad_rows_t(gt, xt[:, :3].clone(), 3, crow, col), "same lanes"),
+                      (lambda: ops.sampled_grad_rows_t(gt, xt, 4, crow, col.long()), "col must be 1-D int16"),
+                      (lambda: ops.sampled_grad_rows_t(gt, xt, 4, crow[1:], col), "crow must have"),
+                      (lambda: ops.sampled_grad_rows_t(gt, xt, 4, crow, col + 1), "out of range \\[0, 6\\)"),
                       (lambda: ops.transpose_f32(torch.ones(3, dtype=torch.int32)), "transpose_f32: t must be")):
         with pytest.raises(RuntimeError, match=msg):
             call()
     for f, args in ((ops.transpose_f32.default, (x,)), (ops.csr_linear_t.default, (xt, 4, crow, col, values, 3)),
-                    (ops.sampled_grad_dense_t.default, (xt, gt, 4, rows, col, flat, 18))):
+                    (ops.sampled_grad_rows_t.default, (gt, xt, 4, crow, col))):
         torch.library.opcheck(f, args)
 
 
