@@ -57,7 +57,7 @@ template <typename S, typename D>
 void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst, int64_t ld) {
   constexpr int64_t T = 32;
   const int64_t nr = (rows + T - 1) / T, nc = (cols + T - 1) / T;
-  parallel_work(nr * nc, T * T, [&](int64_t a, int64_t b) {
+  parallel_work(nr * nc, 2 * T * T, [&](int64_t a, int64_t b) {  // a read and a scattered write an element
     for (int64_t w = a; w < b; ++w) {
       const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
       const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
@@ -200,6 +200,7 @@ void check_transposed(const char* op, const char* name, const at::Tensor& xt, in
 // t (B, n), any float dtype and strides -> (n, ld) fp32: the transposed input the *_t ops share (the forward's x
 // kept for the weight gradient, the output gradient for both backward products), ld = lanes_for(B).
 at::Tensor transpose_f32(const at::Tensor& t) {
+  const TrainingRegion region;
   TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && at::isFloatingType(t.scalar_type()),
               "rigl_fast::transpose_f32: t must be a 2-D floating CPU tensor, got shape ", t.sizes(), " of ",
               t.scalar_type());
@@ -211,6 +212,7 @@ at::Tensor transpose_f32(const at::Tensor& t) {
 at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor& crow_in, const at::Tensor& col_in,
                         const at::Tensor& values_in, int64_t out_features) {
   check_transposed("csr_linear_t", "xt", xt_in, batch);
+  const TrainingRegion region;
   TORCH_CHECK(col_in.dim() == 1 && values_in.dim() == 1 && col_in.numel() == values_in.numel(),
               "rigl_fast::csr_linear_t: col and values must be 1-D of the same length, got shapes ", col_in.sizes(),
               " and ", values_in.sizes());
@@ -289,6 +291,7 @@ at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::T
 at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int64_t batch, const at::Tensor& crow_in,
                                const at::Tensor& col_in) {
   const char* op = "sampled_grad_rows_t";
+  const TrainingRegion region;
   check_transposed(op, "at", at_, batch);
   check_transposed(op, "bt", bt, batch);
   TORCH_CHECK(at_.size(1) == bt.size(1), "rigl_fast::", op, ": at and bt must have the same lanes (one batch), ",

@@ -143,8 +143,8 @@ def test_both_builds_agree_and_threads_change_nothing(op, monkeypatch):
 
 
 def test_calls_past_the_region_size_equal_one_thread(op):
-    """Calls with more work than common.h's kRegionWork share their chunks in an OpenMP region instead of with
-    inter-op helpers: the sampled product and the compressed-row product give the one-thread result bitwise."""
+    """Calls with more work than common.h's kRegionWork (and training's ops from two threads' work) share their
+    chunks in an OpenMP region instead of with inter-op helpers: the one-thread results, bitwise."""
     g = torch.Generator().manual_seed(2207)
     rows, cols = pairs(g, 1024, 600, 0.5)  # ~307000 pairs of B = 256: ~10^7 element passes, ~30 ms
     r32, c32 = rows.int(), cols.int()
@@ -152,17 +152,32 @@ def test_calls_past_the_region_size_equal_one_thread(op):
     crow = torch.zeros(1025, dtype=torch.int32)
     crow[1:] = torch.bincount(rows, minlength=1024).cumsum(0)
     values = torch.randn(rows.numel(), generator=g)
-    csr = torch.ops.rigl_fast.csr_linear
+    ops = torch.ops.rigl_fast
+    csr = ops.csr_linear
+    # and training's shared-transpose ops, which take a region at any size worth two threads (common.h:
+    # TrainingRegion): a mid-size call (~70000 pairs of B = 256) as well
+    mid_rows, mid_cols = pairs(g, 300, 700, 1 / 3)
+    mid_crow = torch.zeros(301, dtype=torch.int64)
+    mid_crow[1:] = torch.bincount(mid_rows, minlength=300).cumsum(0)
+    mx, mg = torch.randn(256, 700, generator=g), torch.randn(256, 300, generator=g)
+
+    def calls():
+        xt, gt = ops.transpose_f32(mx), ops.transpose_f32(mg)
+        return (op(x, grad, r32, c32), csr(x, crow, c32, values, 1024),
+                ops.sampled_grad_rows_t(gt, xt, 256, mid_crow, mid_cols.int()),
+                ops.csr_linear_t(xt, 256, mid_crow, mid_cols.int(), torch.ones(mid_cols.numel()), 300), xt)
+
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = op(x, grad, r32, c32), csr(x, crow, c32, values, 1024)
+        one = calls()
         torch.set_num_threads(2)
         start = torch.ops.rigl_fast.product_parallel_regions()
-        two = op(x, grad, r32, c32), csr(x, crow, c32, values, 1024)
-        assert torch.ops.rigl_fast.product_parallel_regions() == start + 2
+        two = calls()
+        assert torch.ops.rigl_fast.product_parallel_regions() >= start + 4
     finally:
         torch.set_num_threads(before)
+    assert torch.equal(one[4][:, :256], mx.t())
     for a, b in zip(two, one):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     keep = torch.arange(0, rows.numel(), 389)
