@@ -112,12 +112,15 @@ class _SparseLinear(torch.autograd.Function):
         # place of x), so the backward does not transpose it again
         xt = _kops.transposed_input(x)
         ctx.transposed = xt is not None
-        ctx.save_for_backward(x if xt is None else xt, weight, values)
+        # the values in column order for the input gradient, permuted now while they are in cache (in the backward,
+        # after the other layers' work, the same gather took several times as long)
+        vt = torch.index_select(values, 0, t.perm) if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x if xt is None else xt, weight, vt)
         return _kops.forward(x, t, values) if xt is None else _kops.forward_t(xt, ctx.batch, t, values)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, values = ctx.saved_tensors
+        x, weight, vt = ctx.saved_tensors
         st, t, batch = ctx.st, ctx.t, ctx.batch
         g = g.contiguous()
         xt = gt = None
@@ -126,7 +129,7 @@ class _SparseLinear(torch.autograd.Function):
             gt = _kops.transposed_input(g)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            vt = torch.index_select(values, 0, t.perm).to(g.dtype)
+            vt = vt.to(g.dtype)
             dx = _kops.transposed(g, t, vt) if gt is None else _kops.transposed_t(gt, batch, t, vt)
         if ctx.needs_input_grad[1]:
             if st.dense_window():  # the dense gradient, for the growth scores the hooks accumulate
