@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 #if defined(__SSE__)
@@ -208,6 +209,62 @@ at::Tensor transpose_f32(const at::Tensor& t) {
   return r.is_contiguous() ? r : r.contiguous();
 }
 
+// The active values of a weight in both of training's orders: values[p] = weight.flat[flat[p]] (row order, flat
+// ascending), values_t[q] = values[perm[q]] (column order, gathered from the values while they are in cache). fp32
+// from any float weight. A gathered value from a weight out of cache is a memory round trip (about 8 element
+// passes): two threads in a region from about 65536 values.
+std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, const at::Tensor& flat_in,
+                                               const at::Tensor& perm_in) {
+  const char* op = "take_values";
+  TORCH_CHECK(weight_in.device().is_cpu() && at::isFloatingType(weight_in.scalar_type()), "rigl_fast::", op,
+              ": weight must be a floating CPU tensor, got ", weight_in.scalar_type());
+  TORCH_CHECK(flat_in.dim() == 1 && perm_in.dim() == 1 && flat_in.numel() == perm_in.numel() &&
+              flat_in.scalar_type() == at::kLong && perm_in.scalar_type() == at::kLong && flat_in.device().is_cpu() &&
+              perm_in.device().is_cpu(), "rigl_fast::", op, ": flat and perm must be 1-D int64 CPU tensors of the ",
+              "same length, got shapes ", flat_in.sizes(), " and ", perm_in.sizes());
+  const TrainingRegion region;
+  const at::Tensor weight = weight_in.contiguous(), flat = flat_in.contiguous(), perm = perm_in.contiguous();
+  const int64_t n = flat.numel(), numel = weight.numel();
+  at::Tensor values = at::empty({n}, weight.options().dtype(at::kFloat));
+  at::Tensor values_t = at::empty({n}, weight.options().dtype(at::kFloat));
+  const int64_t* fp = flat.const_data_ptr<int64_t>();
+  const int64_t* pp = perm.const_data_ptr<int64_t>();
+  float* v = values.mutable_data_ptr<float>();
+  float* vt = values_t.mutable_data_ptr<float>();
+  std::atomic<bool> bad_flat{false}, bad_perm{false};
+  auto gather = [&](const auto* w) {
+    parallel_work(n, 8, [&](int64_t a, int64_t b) {
+      bool bad = false;
+      for (int64_t p = a; p < b; ++p) {
+        const uint64_t f = static_cast<uint64_t>(fp[p]);
+        if (p + 32 < b) __builtin_prefetch(w + std::min<uint64_t>(static_cast<uint64_t>(fp[p + 32]), numel - 1));
+        bad |= f >= static_cast<uint64_t>(numel);
+        v[p] = f < static_cast<uint64_t>(numel) ? static_cast<float>(w[f]) : 0.f;
+      }
+      if (bad) bad_flat = true;
+    });
+  };
+  switch (weight.scalar_type()) {
+    case at::kFloat: gather(weight.const_data_ptr<float>()); break;
+    case at::kDouble: gather(weight.const_data_ptr<double>()); break;
+    case at::kHalf: gather(weight.const_data_ptr<c10::Half>()); break;
+    case at::kBFloat16: gather(weight.const_data_ptr<c10::BFloat16>()); break;
+    default: TORCH_CHECK(false, "rigl_fast::", op, ": weight must be fp32/fp64/fp16/bf16, got ", weight.scalar_type());
+  }
+  TORCH_CHECK(!bad_flat.load(), "rigl_fast::", op, ": flat holds a position outside the weight's ", numel, " entries");
+  parallel_work(n, 4, [&](int64_t a, int64_t b) {
+    bool bad = false;
+    for (int64_t q = a; q < b; ++q) {
+      const uint64_t i = static_cast<uint64_t>(pp[q]);
+      bad |= i >= static_cast<uint64_t>(n);
+      vt[q] = i < static_cast<uint64_t>(n) ? v[i] : 0.f;
+    }
+    if (bad) bad_perm = true;
+  });
+  TORCH_CHECK(!bad_perm.load(), "rigl_fast::", op, ": perm holds a position outside [0, ", n, ")");
+  return {values, values_t};
+}
+
 // csr_linear over xt = transpose_f32(x) (fp32 values): the same result as csr_linear(x, ...) for fp32 x, bitwise.
 at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor& crow_in, const at::Tensor& col_in,
                         const at::Tensor& values_in, int64_t out_features) {
@@ -336,6 +393,7 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
   m.def("transpose_f32(Tensor t) -> Tensor");
+  m.def("take_values(Tensor weight, Tensor flat, Tensor perm) -> (Tensor, Tensor)");
   m.def("csr_linear_t(Tensor xt, int batch, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
   m.def("sampled_grad_rows_t(Tensor at, Tensor bt, int batch, Tensor crow, Tensor col) -> Tensor");
   m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
@@ -346,6 +404,7 @@ TORCH_LIBRARY_IMPL(rigl_fast, CPU, m) {
   m.impl("fan_in_linear", &fan_in_linear);
   m.impl("csr_linear", &csr_linear);
   m.impl("transpose_f32", &transpose_f32);
+  m.impl("take_values", &take_values);
   m.impl("csr_linear_t", &csr_linear_t);
   m.impl("sampled_grad_rows_t", &sampled_grad_rows_t);
   m.impl("sampled_grad", &sampled_grad);

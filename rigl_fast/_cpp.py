@@ -341,6 +341,10 @@ def _register_export_fakes() -> None:
         b = t.shape[0]
         return t.new_empty((t.shape[1], b + 64 if b > 1 and b % 1024 == 0 else b), dtype=torch.float32)
 
+    @torch.library.register_fake("rigl_fast::take_values")
+    def _take_values(weight, flat, perm):
+        return flat.new_empty(flat.shape, dtype=torch.float32), flat.new_empty(flat.shape, dtype=torch.float32)
+
     torch.library.register_fake("rigl_fast::csr_linear_t")(
         lambda xt, batch, crow, col, values, n: xt.new_empty((batch, n)))
     torch.library.register_fake("rigl_fast::sampled_grad_rows_t")(

@@ -106,17 +106,20 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, st, t):
-        values = _take(weight, t.flat).to(x.dtype)
         ctx.st, ctx.t, ctx.batch = st, t, x.shape[0]
         # fp32 on the C++ kernels: x transposed once, for the product and kept for the weight gradient (saved in
-        # place of x), so the backward does not transpose it again
+        # place of x), so the backward does not transpose it again; the values gathered in both orders in one op
         xt = _kops.transposed_input(x)
         ctx.transposed = xt is not None
-        # the values in column order for the input gradient, permuted now while they are in cache (in the backward,
-        # after the other layers' work, the same gather took several times as long)
+        if xt is not None:
+            values, vt = _kops.take_values(weight, t)
+            ctx.save_for_backward(xt, weight, vt)
+            return _kops.forward_t(xt, ctx.batch, t, values)
+        values = _take(weight, t.flat).to(x.dtype)
+        # the values in column order for the input gradient, permuted now while they are in cache
         vt = torch.index_select(values, 0, t.perm) if ctx.needs_input_grad[0] else None
-        ctx.save_for_backward(x if xt is None else xt, weight, vt)
-        return _kops.forward(x, t, values) if xt is None else _kops.forward_t(xt, ctx.batch, t, values)
+        ctx.save_for_backward(x, weight, vt)
+        return _kops.forward(x, t, values)
 
     @staticmethod
     def backward(ctx, g):

@@ -119,6 +119,12 @@ def transposed_input(x):
     return None if op is None else op(x)
 
 
+def take_values(weight, t):
+    """(values, values_t): the active weights in row and in column order, fp32, in one C++ op (the shared-
+    transpose path's gather; fp32 x there, so fp32 is x's dtype)."""
+    return _cpp("take_values", weight)(weight, t.flat, t.perm)
+
+
 def forward_t(xt, batch, t, values):
     """forward() over xt = transposed_input(x) (fp32 values): bitwise the same."""
     return _cpp("csr_linear_t", xt, values)(xt, batch, t.crow, t.cols, values, t.out)

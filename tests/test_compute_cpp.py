@@ -219,6 +219,44 @@ def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
         assert torch.equal(ops.sampled_grad_rows_t(xt, gt, B, ccol, cols_t.to(idt)), dense.t())
 
 
+def test_take_values_gathers_both_orders(op):
+    """take_values: the active weights at `flat` and then in `perm`'s order, as index_select gives them, converted
+    to fp32 from every float dtype; a position out of range raises naming the argument; on threads (a region) as on
+    one, bitwise."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2209)
+    from rigl_fast.compute import Tables
+    for shape, density in (((37, 101), 0.3), ((5, 3), 0.0), ((600, 700), 0.4)):
+        mask = torch.rand(shape, generator=g) < density
+        t = Tables(mask, False, False)
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            w = torch.randn(shape, generator=g).to(dtype)
+            v, vt = ops.take_values(w, t.flat, t.perm)
+            want = torch.index_select(w.reshape(-1), 0, t.flat).float()
+            assert v.dtype == vt.dtype == torch.float32
+            assert torch.equal(v, want) and torch.equal(vt, want[t.perm])
+            assert torch.equal(ops.take_values(w.t().contiguous().t(), t.flat, t.perm)[0], want)  # strides
+    before = torch.get_num_threads()  # the last: 168000 values, two threads' work
+    try:
+        torch.set_num_threads(1)
+        one = ops.take_values(w, t.flat, t.perm)
+        torch.set_num_threads(2)
+        start = ops.product_parallel_regions()
+        two = ops.take_values(w, t.flat, t.perm)
+        assert ops.product_parallel_regions() > start and t.flat.numel() > 150000
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    w, flat, perm = torch.randn(4, 5), torch.tensor([0, 7, 19]), torch.tensor([2, 0, 1])
+    for args, msg in (((w, flat + 1, perm), "flat holds a position outside the weight's 20"),
+                      ((w, flat, perm + 1), "perm holds a position outside \\[0, 3\\)"),
+                      ((w, flat.int(), perm), "flat and perm must be 1-D int64"),
+                      ((w.int(), flat, perm), "weight must be a floating")):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.take_values(*args)
+    torch.library.opcheck(ops.take_values.default, (w, flat, perm))
+
+
 def test_shared_transpose_ops_refuse_bad_input(op):
     ops = torch.ops.rigl_fast
     x, grad = torch.randn(4, 6), torch.randn(4, 3)
