@@ -219,6 +219,21 @@ def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
         assert torch.equal(ops.sampled_grad_rows_t(xt, gt, B, ccol, cols_t.to(idt)), dense.t())
 
 
+def test_rows_gradient_of_a_large_layer_is_exact(op):
+    """A weight gradient over 4 MiB (its fresh buffer advised to huge pages, export_kernels.cpp) holds the pairs'
+    sums and zeros elsewhere, as sampled_grad_dense writes them."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2210)
+    rows, cols = pairs(g, 1300, 1100, 0.01)
+    crow = torch.zeros(1301, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=1300).cumsum(0)
+    x, grad = torch.randn(9, 1100, generator=g), torch.randn(9, 1300, generator=g)
+    got = ops.sampled_grad_rows_t(ops.transpose_f32(grad), ops.transpose_f32(x), 9, crow, cols.int())
+    want = ops.sampled_grad_dense(x, grad, rows.int(), cols.int(), rows * 1100 + cols, 1300 * 1100)
+    assert got.numel() * 4 > 4 << 20 and torch.equal(got.view(-1), want)
+    assert int((got != 0).sum()) == int((want != 0).sum()) > 0
+
+
 def test_take_values_gathers_both_orders(op):
     """take_values: the active weights at `flat` and then in `perm`'s order, as index_select gives them, converted
     to fp32 from every float dtype; a position out of range raises naming the argument; on threads (a region) as on
