@@ -50,6 +50,24 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
               " must be int16 or int32, got ", it);
 }
 
+// Asks the kernel to back a fresh buffer's whole 2 MiB pages with huge pages (Linux; where transparent huge pages
+// are in `madvise` mode, the default of many distributions, nothing does otherwise): the dense weight gradient of a
+// large layer is a new tensor every step (so are a product's output and a transposed input), and its first touch
+// cost a page fault per 4 KiB (a 4096x4096 fp32 gradient: 16384 faults, about 19 ms here, more than the sparse
+// product itself). Advice only: any failure is ignored.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (bytes < static_cast<int64_t>(2 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 // dst (cols, rows), contiguous = src (rows, cols, any strides) transposed and converted, in 32x32 tiles on threads
 // by the size (common.h's parallel_work): ATen's copy_ opens an OpenMP region for any copy past its grain, which
 // stalls when another process's threads hold the cores (issue 21's contention), where this stays on one thread
@@ -101,6 +119,7 @@ at::Tensor transposed_f32(const at::Tensor& t, int64_t ld = -1) {
   if (tt.scalar_type() == at::kFloat && tt.is_contiguous() && ld == rows) return tt;
   at::Tensor out = at::empty({cols, ld}, t.options().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
+  advise_huge_pages(o, out.numel() * 4);
   switch (t.scalar_type()) {
     case at::kFloat: transpose_cast(t.const_data_ptr<float>(), rows, cols, rs, cs, o, ld); break;
     case at::kDouble: transpose_cast(t.const_data_ptr<double>(), rows, cols, rs, cs, o, ld); break;
@@ -140,6 +159,7 @@ at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t i
                       const at::TensorOptions& opts) {
   const auto x = at::empty({0}, opts);  // the result's dtype and device
   at::Tensor yf = at::empty({B, out}, x.options().dtype(at::kFloat));
+  advise_huge_pages(yf.mutable_data_ptr(), yf.numel() * 4);
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
                       indices.const_data_ptr(), indices.scalar_type() == at::kShort, crow,
                       values.dim() == 2 ? values.size(1) : 0, ld, in, out, yf.mutable_data_ptr<float>(), B};
@@ -188,24 +208,6 @@ at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const a
   check_common("csr_linear", x_in, values_in, col_in, "col");
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), col = col_in.contiguous();
   return product("csr_linear", x, values, col, crow.const_data_ptr<int64_t>(), out_features);
-}
-
-// Asks the kernel to back a fresh buffer's whole 2 MiB pages with huge pages (Linux; where transparent huge pages
-// are in `madvise` mode, the default of many distributions, nothing does otherwise): the dense weight gradient of a
-// large layer is a new tensor every step, and its first touch cost a page fault per 4 KiB (a 4096x4096 fp32
-// gradient: 16384 faults, about 19 ms here, more than the sparse product itself). Advice only: any failure is
-// ignored.
-void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  if (bytes < static_cast<int64_t>(2 * kHuge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
 }
 
 // xt as the *_t ops take it: fp32, 2-D (n, ld), contiguous, on the CPU, ld >= batch.
