@@ -157,8 +157,7 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
 at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
                       const at::Tensor& values, const at::Tensor& indices, const int64_t* crow, int64_t out,
                       const at::TensorOptions& opts) {
-  const auto x = at::empty({0}, opts);  // the result's dtype and device
-  at::Tensor yf = at::empty({B, out}, x.options().dtype(at::kFloat));
+  at::Tensor yf = at::empty({B, out}, opts.dtype(at::kFloat));
   advise_huge_pages(yf.mutable_data_ptr(), yf.numel() * 4);
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
                       indices.const_data_ptr(), indices.scalar_type() == at::kShort, crow,
@@ -169,7 +168,8 @@ at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t i
   const bool ok = base::sparse_product(p);
 #endif
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
-  return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+  const auto dt = c10::typeMetaToScalarType(opts.dtype());
+  return dt == at::kFloat ? yf : yf.to(dt);
 }
 
 // The compressed-row checks: crow (out + 1 entries, from 0 to nnz, not decreasing) as int64.
@@ -309,6 +309,15 @@ at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor
                     xt_in.options());
 }
 
+// The sampled product's kernel of the instruction set kernel_isa() picks (product_kernels.h).
+bool run_sampled_kernel(const SampledView& s) {
+#if RIGL_FAST_HAVE_AVX2
+  return std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
+#else
+  return base::sampled_product(s);
+#endif
+}
+
 // The checks and the kernel run of sampled_grad and sampled_grad_dense; `y` receives pair p's sum at p, or at
 // flat[p] when `flat` is given (y then zeroed first, on threads by its size).
 void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows_in,
@@ -348,11 +357,7 @@ void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, c
   const SampledView s{xt.const_data_ptr<float>(), gt.const_data_ptr<float>(), rows.const_data_ptr(),
                       cols.const_data_ptr(), rt == at::kShort, ct == at::kShort, nnz, B, in, out,
                       y.mutable_data_ptr<float>(), flat ? fl.const_data_ptr<int64_t>() : nullptr, y.numel(), B};
-#if RIGL_FAST_HAVE_AVX2
-  const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
-#else
-  const bool ok = base::sampled_product(s);
-#endif
+  const bool ok = run_sampled_kernel(s);
   TORCH_CHECK(ok, "rigl_fast::", op, ": a pair is out of range (rows must be in [0, ", out, "), cols in [0, ",
               in, ")", flat ? ", flat in [0, numel)" : "", ")");
 }
@@ -388,11 +393,7 @@ at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int6
                 ct == at::kShort, col.numel(), batch, n_cols, n_rows, y.mutable_data_ptr<float>(), nullptr, y.numel(),
                 at_.size(1)};
   s.crow = crow.const_data_ptr<int64_t>();
-#if RIGL_FAST_HAVE_AVX2
-  const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
-#else
-  const bool ok = base::sampled_product(s);
-#endif
+  const bool ok = run_sampled_kernel(s);
   TORCH_CHECK(ok, "rigl_fast::", op, ": a column index is out of range [0, ", n_cols, ")");
   return y;
 }
