@@ -49,10 +49,11 @@ constexpr int64_t kGrain = 1 << 15;
 // Every parallel loop chooses its thread count by the size of its work: clamp(work / kThreadWork, 1, threads),
 // work counted in element passes (reading, masking and writing one element is about 1). kThreadWork is about half a
 // millisecond of one thread's masking, so a call under about a millisecond runs on the calling thread alone. Larger
-// calls share chunks with helper threads that the caller never waits for (ChunkState), not an OpenMP region: a
-// region waits for every thread of the pool, and where another process's threads spin on the cores, waking one
-// costs a scheduler time slice (milliseconds). Sub-millisecond kernels took 6-30x their quiet time that way, and
-// calls of a few milliseconds stalled at 8 or 16 ms (issue 21).
+// calls (below kRegionWork, outside a TrainingRegion: both below) share chunks with helper threads that the caller
+// never waits for unless they claimed one (ChunkState), not an OpenMP region: a region waits for every thread of the
+// pool, and where another process's threads spin on the cores, waking one costs a scheduler time slice
+// (milliseconds). Sub-millisecond kernels took 6-30x their quiet time that way, and calls of a few milliseconds
+// stalled at 8 or 16 ms (issue 21).
 constexpr int64_t kThreadWork = 1 << 19;
 // From this much work (about 8 ms of one thread) the chunks are shared in an OpenMP region instead, on
 // torch's own pool: right after one of torch's parallel ops (a matmul, an elementwise op, an optimizer step) that
