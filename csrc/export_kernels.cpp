@@ -235,7 +235,7 @@ at::Tensor transpose_f32(const at::Tensor& t) {
 // The active values of a weight in both of training's orders: values[p] = weight.flat[flat[p]] (row order, flat
 // ascending), values_t[q] = values[perm[q]] (column order, gathered from the values while they are in cache). fp32
 // from any float weight. A gathered value from a weight out of cache is a memory round trip (about 8 element
-// passes): two threads in a region from about 65536 values.
+// passes): two threads in a region from 131072 values.
 std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, const at::Tensor& flat_in,
                                                const at::Tensor& perm_in) {
   const char* op = "take_values";
