@@ -15,7 +15,10 @@ dict, a device move), never per step; the active values are gathered from the de
 
 Kernels (`compute_ops.py`): the C++ ones on CPU for fp32/fp16/bf16, the Triton ones on CUDA, else the plain-
 PyTorch reference, which defines the result and accumulates in fp32 (fp64 for fp64 inputs). Outputs are
-accumulated in fp32 and rounded once, as a dense matmul rounds, in another summation order.
+accumulated in fp32 and rounded once, as a dense matmul rounds, in another summation order. In fp32 on the C++
+kernels the same products run over inputs transposed once and shared: x's transpose is saved in place of x for the
+weight gradient, the output gradient is transposed once for both backward products, the values are gathered in
+both orders by one op, and the weight gradient is written row by row (bitwise the same results).
 
 Dense-computed (their forward unchanged; `summary()` says which and why): convolutions, nn.MultiheadAttention's
 projections, N:M layers, subclasses whose forward is not nn.Linear's / Conv1D's, and dense layers.
