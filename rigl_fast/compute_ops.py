@@ -6,8 +6,9 @@ reference, which defines the results and runs where no kernel takes the inputs (
     transposed(g, t, values)   (B, out) -> (B, in):  dx[b, i] = sum over i's active entries of v * g[b, o]
     sampled(x, g, t)           -> (nnz,) fp32 (fp64 for fp64): sum_b g[b, o] * x[b, i] per active (o, i)
     sampled_dense(x, g, t, n)  -> the same written at t.flat of a zeroed (n,) vector: the dense weight gradient
-    transposed_input(x), forward_t, transposed_t, sampled_rows_t: the same products over inputs transposed once
-                               and shared between them (C++, fp32)
+    transposed_input(x), take_values, forward_t, transposed_t, sampled_rows_t: the same products over inputs
+                               transposed once and shared between them, the values gathered in both orders by
+                               one op (C++, fp32)
 
 `t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
 (transposed). Products accumulate in fp32 (fp64 for fp64 inputs) and round once to the input's dtype.
@@ -122,7 +123,11 @@ def transposed_input(x):
 def take_values(weight, t):
     """(values, values_t): the active weights in row and in column order, fp32, in one C++ op (the shared-
     transpose path's gather; fp32 x there, so fp32 is x's dtype)."""
-    return _cpp("take_values", weight)(weight, t.flat, t.perm)
+    op = _cpp("take_values", weight)
+    if op is None:  # a weight dtype the C++ ops do not take: the same gathers in PyTorch
+        values = torch.index_select(weight.reshape(-1), 0, t.flat).float()
+        return values, torch.index_select(values, 0, t.perm)
+    return op(weight, t.flat, t.perm)
 
 
 def forward_t(xt, batch, t, values):

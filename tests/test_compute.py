@@ -394,6 +394,18 @@ def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure):
         assert torch.equal(a, b)
 
 
+def test_take_values_falls_back_for_dtypes_the_cpp_ops_do_not_take():
+    """compute_ops.take_values: fp64 weights (no C++ op for them) are gathered in PyTorch, the same values."""
+    torch.manual_seed(6)
+    m = torch.rand(7, 9) < 0.4
+    t = C.Tables(m, False, False)
+    for dtype in (torch.float64, torch.float32):
+        w = torch.randn(7, 9, dtype=dtype)
+        v, vt = K.take_values(w, t)
+        assert v.dtype == vt.dtype == torch.float32
+        assert torch.equal(v, w.reshape(-1)[t.flat].float()) and torch.equal(vt, v[t.perm])
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_every_kernel_set_trains_as_the_cpu_kernels(kernels):
     """The same fp32 training through the plain-PyTorch reference and through the Triton kernels (CUDA's; here
