@@ -113,12 +113,12 @@ class _SparseLinear(torch.autograd.Function):
         # fp32 on the C++ kernels: x transposed once, for the product and kept for the weight gradient (saved in
         # place of x), so the backward does not transpose it again; the values gathered in both orders in one op
         xt = _kops.transposed_input(x)
-        ctx.transposed = xt is not None
+        ctx.x_transposed = xt is not None
         if xt is not None:
             values, vt = _kops.take_values(weight, t)
             ctx.save_for_backward(xt, weight, vt)
             return _kops.forward_t(xt, ctx.batch, t, values)
-        values = _take(weight, t.flat).to(x.dtype)
+        values = _kops.take(weight, t.flat).to(x.dtype)
         # the values in column order for the input gradient, permuted now while they are in cache
         vt = torch.index_select(values, 0, t.perm) if ctx.needs_input_grad[0] else None
         ctx.save_for_backward(x, weight, vt)
@@ -130,7 +130,7 @@ class _SparseLinear(torch.autograd.Function):
         st, t, batch = ctx.st, ctx.t, ctx.batch
         g = g.contiguous()
         xt = gt = None
-        if ctx.transposed:  # x is its transpose; g is transposed once, for both products
+        if ctx.x_transposed:  # x is its transpose; g is transposed once, for both products
             xt, x = x, x[:, :batch].t()
             gt = _kops.transposed_input(g)
         dx = dw = None
@@ -147,11 +147,6 @@ class _SparseLinear(torch.autograd.Function):
                 dw = dw.view(weight.shape).to(weight.dtype)
                 dw._rigl_fast_masked = True  # exactly 0 off the mask: the hook need not mask it (hooks.py)
         return dx, dw, None, None
-
-
-def _take(weight, flat):
-    """The weight's entries at storage positions `flat` (index_select: faster than indexing)."""
-    return torch.index_select(weight.reshape(-1), 0, flat)
 
 
 class _SparseForward:
