@@ -21,13 +21,11 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
 
+#include "buffer_pool.h"
 #include "common.h"
 #include "op_util.h"
 
@@ -48,24 +46,6 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
   const auto it = indices.scalar_type();
   TORCH_CHECK(it == at::kShort || it == at::kInt, "rigl_fast::", op, ": ", indices_name,
               " must be int16 or int32, got ", it);
-}
-
-// Asks the kernel to back a fresh buffer's whole 2 MiB pages with huge pages (Linux; where transparent huge pages
-// are in `madvise` mode, the default of many distributions, nothing does otherwise): the dense weight gradient of a
-// large layer is a new tensor every step (so are a product's output and a transposed input), and its first touch
-// cost a page fault per 4 KiB (a 4096x4096 fp32 gradient: 16384 faults, about 19 ms here, more than the sparse
-// product itself). Advice only: any failure is ignored.
-void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  if (bytes < static_cast<int64_t>(2 * kHuge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
 }
 
 // dst (cols, rows), contiguous = src (rows, cols, any strides) transposed and converted, in 32x32 tiles on threads
@@ -117,9 +97,8 @@ at::Tensor transposed_f32(const at::Tensor& t, int64_t ld = -1) {
   ld = ld < 0 ? rows : ld;
   const at::Tensor tt = t.t();
   if (tt.scalar_type() == at::kFloat && tt.is_contiguous() && ld == rows) return tt;
-  at::Tensor out = at::empty({cols, ld}, t.options().dtype(at::kFloat));
+  at::Tensor out = BufferPool::get().empty_f32({cols, ld});
   float* o = out.mutable_data_ptr<float>();
-  advise_huge_pages(o, out.numel() * 4);
   switch (t.scalar_type()) {
     case at::kFloat: transpose_cast(t.const_data_ptr<float>(), rows, cols, rs, cs, o, ld); break;
     case at::kDouble: transpose_cast(t.const_data_ptr<double>(), rows, cols, rs, cs, o, ld); break;
@@ -157,8 +136,7 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
 at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
                       const at::Tensor& values, const at::Tensor& indices, const int64_t* crow, int64_t out,
                       const at::TensorOptions& opts) {
-  at::Tensor yf = at::empty({B, out}, opts.dtype(at::kFloat));
-  advise_huge_pages(yf.mutable_data_ptr(), yf.numel() * 4);
+  at::Tensor yf = BufferPool::get().empty_f32({B, out});
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
                       indices.const_data_ptr(), indices.scalar_type() == at::kShort, crow,
                       values.dim() == 2 ? values.size(1) : 0, ld, in, out, yf.mutable_data_ptr<float>(), B};
@@ -248,8 +226,8 @@ std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, cons
   const TrainingRegion region;
   const at::Tensor weight = weight_in.contiguous(), flat = flat_in.contiguous(), perm = perm_in.contiguous();
   const int64_t n = flat.numel(), numel = weight.numel();
-  at::Tensor values = at::empty({n}, weight.options().dtype(at::kFloat));
-  at::Tensor values_t = at::empty({n}, weight.options().dtype(at::kFloat));
+  at::Tensor values = BufferPool::get().empty_f32({n});
+  at::Tensor values_t = BufferPool::get().empty_f32({n});
   const int64_t* fp = flat.const_data_ptr<int64_t>();
   const int64_t* pp = perm.const_data_ptr<int64_t>();
   float* v = values.mutable_data_ptr<float>();
@@ -363,7 +341,7 @@ void sampled_into(const char* op, const at::Tensor& x, const at::Tensor& grad, c
 }
 
 at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows, const at::Tensor& cols) {
-  at::Tensor y = at::empty({rows.numel()}, x.options().dtype(at::kFloat));
+  at::Tensor y = BufferPool::get().empty_f32({rows.numel()});
   sampled_into("sampled_grad", x, grad, rows, cols, nullptr, y);
   return y;
 }
@@ -387,8 +365,7 @@ at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int6
   const int64_t n_rows = at_.size(0), n_cols = bt.size(0);
   const at::Tensor crow = checked_crow(op, crow_in, n_rows, col_in.numel());
   const at::Tensor col = col_in.contiguous();
-  at::Tensor y = at::empty({n_rows, n_cols}, at_.options());
-  advise_huge_pages(y.mutable_data_ptr(), y.numel() * 4);
+  at::Tensor y = BufferPool::get().empty_f32({n_rows, n_cols});
   SampledView s{bt.const_data_ptr<float>(), at_.const_data_ptr<float>(), nullptr, col.const_data_ptr(), false,
                 ct == at::kShort, col.numel(), batch, n_cols, n_rows, y.mutable_data_ptr<float>(), nullptr, y.numel(),
                 at_.size(1)};
@@ -403,7 +380,7 @@ at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int6
 at::Tensor sampled_grad_dense(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& rows,
                               const at::Tensor& cols, const at::Tensor& flat, int64_t numel) {
   TORCH_CHECK(numel >= 0, "rigl_fast::sampled_grad_dense: numel must be >= 0, got ", numel);
-  at::Tensor y = at::empty({numel}, x.options().dtype(at::kFloat));
+  at::Tensor y = BufferPool::get().empty_f32({numel});
   sampled_into("sampled_grad_dense", x, grad, rows, cols, &flat, y);
   return y;
 }
@@ -411,10 +388,15 @@ at::Tensor sampled_grad_dense(const at::Tensor& x, const at::Tensor& grad, const
 }  // namespace
 
 int64_t product_parallel_regions() { return parallel_regions().load(); }
+int64_t release_buffers() { return BufferPool::get().release(); }
+int64_t held_buffer_bytes() { return BufferPool::get().held(); }
 
 TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   // the products' loops that opened an OpenMP region since load (rigl_ops.cpp's parallel_regions, this library's)
   m.def("product_parallel_regions() -> int", &product_parallel_regions);
+  // the pooled buffers (buffer_pool.h): frees the held ones (returns the bytes); the bytes held now
+  m.def("release_buffers() -> int", &release_buffers);
+  m.def("held_buffer_bytes() -> int", &held_buffer_bytes);
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
   m.def("transpose_f32(Tensor t) -> Tensor");

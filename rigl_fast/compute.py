@@ -241,10 +241,13 @@ def install(pruner):
 
 
 def uninstall(pruner) -> None:
-    for module, why in getattr(pruner, "_compute_layers", {}).values():
+    layers = getattr(pruner, "_compute_layers", {})
+    for module, why in layers.values():
         if module is not None and not why and isinstance(vars(module).get("forward"), _SparseForward):
             del module.forward
     pruner._compute_layers = {}
+    if layers:  # the buffers kept for the next steps' gradients and transposes (compute_ops.release_buffers)
+        _kops.release_buffers()
 
 
 def note(pruner, i) -> str:

@@ -9,6 +9,7 @@ reference, which defines the results and runs where no kernel takes the inputs (
     transposed_input(x), take_values, forward_t, transposed_t, sampled_rows_t: the same products over inputs
                                transposed once and shared between them, the values gathered in both orders by
                                one op (C++, fp32)
+    release_buffers()          frees the large buffers those C++ ops keep for reuse between steps
 
 `t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
 (transposed). Products accumulate in fp32 (fp64 for fp64 inputs) and round once to the input's dtype.
@@ -150,6 +151,16 @@ def sampled_rows_t(xt, gt, batch, t, transposed):
     (in, out) storage of a transposed (Conv1D) weight, row by row over its column structure. Bitwise the same."""
     op = _cpp("sampled_grad_rows_t", xt, gt)
     return op(xt, gt, batch, t.ccol, t.t_rows) if transposed else op(gt, xt, batch, t.crow, t.cols)
+
+
+def release_buffers() -> int:
+    """Frees the buffers the C++ ops keep for reuse (csrc/buffer_pool.h: the gradients, transposes and outputs of
+    past steps, up to 1 GiB); returns the bytes freed. 0 where the export extension was never loaded (not built for
+    this)."""
+    from . import export_ops
+    loaded = any(op is not None for op in export_ops._cpp_ops.values())
+    op = export_ops._cpp_op("release_buffers") if loaded else None
+    return int(op()) if op is not None else 0
 
 
 def sampled(x, g, t):

@@ -220,7 +220,7 @@ def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
 
 
 def test_rows_gradient_of_a_large_layer_is_exact(op):
-    """A weight gradient over 4 MiB (its fresh buffer advised to huge pages, export_kernels.cpp) holds the pairs'
+    """A weight gradient over 4 MiB (a pooled buffer, advised to huge pages: csrc/buffer_pool.h) holds the pairs'
     sums and zeros elsewhere, as sampled_grad_dense writes them."""
     ops = torch.ops.rigl_fast
     g = torch.Generator().manual_seed(2210)
@@ -232,6 +232,85 @@ def test_rows_gradient_of_a_large_layer_is_exact(op):
     want = ops.sampled_grad_dense(x, grad, rows.int(), cols.int(), rows * 1100 + cols, 1300 * 1100)
     assert got.numel() * 4 > 4 << 20 and torch.equal(got.view(-1), want)
     assert int((got != 0).sum()) == int((want != 0).sum()) > 0
+
+
+@pytest.mark.parametrize("B", [65, 130, 200])
+def test_batched_products_match_the_reference_over_blocks_and_row_groups(op, isa, B):
+    """The batched products (csr_linear, fan_in_linear, csr_linear_t) work on (64-lane block, 16-row group) tiles:
+    row counts around the group (1, 15, 16, 17, 50) and batches over several blocks with a partial last one, int16
+    and int32 indices, against float64 x @ W^T within fp32 summation's bound; an index out of range in a group's
+    middle row raises."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2211 + B)
+    inp = 77
+    for out in (1, 15, 16, 17, 50):
+        x = torch.randn(B, inp, generator=g)
+        xt = ops.transpose_f32(x)
+        mask = torch.rand(out, inp, generator=g) < 0.3
+        mask[out // 2] = False  # an empty row
+        w = torch.randn(out, inp, generator=g) * mask
+        rows, cols = mask.nonzero().t()
+        crow = torch.zeros(out + 1, dtype=torch.int64)
+        crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
+        values = w[rows, cols]
+        exact, scale = x.double() @ w.double().t(), x.abs().double() @ w.abs().double().t()
+        k = 9  # fan_in: the first 9 columns of each row
+        w9 = torch.zeros(out, inp)
+        w9[:, :k] = torch.randn(out, k, generator=g)
+        ix9 = torch.arange(k).repeat(out, 1)
+        for idt in (torch.int16, torch.int32):
+            for y in (ops.csr_linear(x, crow, cols.to(idt), values, out),
+                      ops.csr_linear_t(xt, B, crow, cols.to(idt), values, out)):
+                assert y.shape == (B, out) and ((y.double() - exact).abs() <= 2e-5 * scale).all(), (out, idt)
+            y9 = ops.fan_in_linear(x, w9[:, :k].contiguous(), ix9.to(idt))
+            e9, s9 = x.double() @ w9.double().t(), x.abs().double() @ w9.abs().double().t()
+            assert ((y9.double() - e9).abs() <= 2e-5 * s9).all(), (out, idt)
+        if out >= 16 and rows.numel():
+            bad = cols.clone()
+            bad[int(crow[out // 2 + 1])] = inp  # the first pair of the row after the empty one
+            with pytest.raises(RuntimeError, match="out of range"):
+                ops.csr_linear_t(xt, B, crow, bad.int(), values, out)
+
+
+def test_buffer_pool_reuses_a_freed_buffer_and_never_a_live_one(op):
+    """csrc/buffer_pool.h: a result of 1 MiB or more comes from the pool; while it lives no other result shares its
+    memory; once freed, the next result of its size reuses it (values written afresh); smaller results never enter
+    the pool; release_buffers frees what is held and says how much; pruner.remove() releases the pool."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2212)
+    ops.release_buffers()
+    assert ops.held_buffer_bytes() == 0
+    xs = [torch.randn(300, 1000, generator=g) for _ in range(3)]  # transposes of 1.2 MB
+    nbytes = 300 * 1000 * 4
+    a = ops.transpose_f32(xs[0])
+    pa, kept = a.data_ptr(), a.clone()
+    b = ops.transpose_f32(xs[1])
+    assert b.data_ptr() != pa and torch.equal(a, kept) and torch.equal(b, xs[1].t())
+    del a
+    assert ops.held_buffer_bytes() == nbytes
+    c = ops.transpose_f32(xs[2])
+    assert c.data_ptr() == pa and torch.equal(c, xs[2].t()) and ops.held_buffer_bytes() == 0
+    small = ops.transpose_f32(torch.randn(30, 1000, generator=g))
+    del small, b, c
+    assert ops.held_buffer_bytes() == 2 * nbytes
+    assert ops.release_buffers() == 2 * nbytes and ops.held_buffer_bytes() == 0
+
+    from rigl_fast import RigLScheduler
+    torch.manual_seed(2212)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 600), torch.nn.ReLU(), torch.nn.Linear(600, 600), torch.nn.ReLU(),
+                                torch.nn.Linear(600, 4))  # the first layer stays dense (rigl-torch's rule)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = RigLScheduler(model, opt, dense_allocation=0.1, T_end=100, delta=10, ignore_linear_layers=False,
+                      compute="sparse")
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(32, 8)).square().mean().backward()  # the 600x600 gradient: 1.44 MB, pooled
+        if p():
+            opt.step()
+    opt.zero_grad()
+    assert ops.held_buffer_bytes() >= 600 * 600 * 4
+    p.remove()
+    assert ops.held_buffer_bytes() == 0
 
 
 def test_take_values_gathers_both_orders(op):
