@@ -28,6 +28,9 @@
 #include <thread>
 #include <utility>
 #include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>  // _mm_stream_ps, _mm_sfence (product_kernels.h); baseline SSE, parsed before any target switch
+#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define RIGL_FAST_HAVE_AVX2 1

@@ -313,6 +313,31 @@ def test_buffer_pool_reuses_a_freed_buffer_and_never_a_live_one(op):
     assert ops.held_buffer_bytes() == 0
 
 
+@pytest.mark.parametrize("inp", [9000, 9001])
+def test_rows_gradient_over_chunks_unaligned_and_unsorted_rows(op, inp):
+    """sampled_grad_rows_t builds each row 4096 columns at a time and streams it out (product_kernels.h): rows
+    wider than two chunks, rows not 16-byte aligned (9001 columns), a row whose columns are not ascending and one
+    with no pairs give sampled_grad_dense's result bitwise; an index out of range mid-row raises."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2213)
+    out, B = 7, 33
+    rows, cols = pairs(g, out, inp, 0.01)
+    rows, cols = rows[rows != 4], cols[rows != 4]  # row 4 empty
+    in_row2 = (rows == 2).nonzero().flatten()
+    cols[in_row2] = cols[in_row2].flip(0)  # row 2 descending: across the chunks
+    crow = torch.zeros(out + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
+    x, grad = torch.randn(B, inp, generator=g), torch.randn(B, out, generator=g)
+    xt, gt = ops.transpose_f32(x), ops.transpose_f32(grad)
+    want = ops.sampled_grad_dense(x, grad, rows.int(), cols.int(), rows * inp + cols, out * inp).view(out, inp)
+    assert torch.equal(ops.sampled_grad_rows_t(gt, xt, B, crow, cols.int()), want)
+    assert int((want[2] != 0).sum()) > 50 and not want[4].any()
+    bad = cols.clone()
+    bad[int(crow[3]) + 3] = inp
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sampled_grad_rows_t(gt, xt, B, crow, bad.int())
+
+
 def test_take_values_gathers_both_orders(op):
     """take_values: the active weights at `flat` and then in `perm`'s order, as index_select gives them, converted
     to fp32 from every float dtype; a position out of range raises naming the argument; on threads (a region) as on
