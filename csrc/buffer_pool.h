@@ -10,16 +10,19 @@
 // A dense layer's matmuls allocate the same sizes but sit in a heap that stays mapped; these ops, whose run time
 // is a few times shorter, felt the faults most.
 //
-// The pool: a free list per byte size; a buffer goes back to it when its last tensor dies (the DataPtr's deleter,
-// on any thread), up to kMaxHeld bytes held free in all (past that it is freed as before); release() frees every
-// held buffer (`rigl_fast::release_buffers`, which `pruner.remove()` calls). Buffers under kMinBytes come from
-// at::empty as before: the heap serves those without faults.
+// The pool: buffers in size classes (8 a power of two: a request takes a buffer of its class, at most 12.5% larger,
+// so inputs whose batch or sequence length varies from step to step reuse them too), a free list per class; a
+// buffer goes back to it when its last tensor dies (the DataPtr's deleter, on any thread), up to kMaxHeld bytes
+// held free in all (past that it is freed as before); release() frees every held buffer
+// (`rigl_fast::release_buffers`, which `pruner.remove()` calls). Requests under kMinBytes come from at::empty as
+// before: the heap serves those without faults.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
+#include <bit>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -64,17 +67,23 @@ class BufferPool {
   at::Tensor empty_f32(at::IntArrayRef sizes) {
     int64_t n = 1;
     for (const int64_t s : sizes) n *= s;
-    const int64_t bytes = n * static_cast<int64_t>(sizeof(float));
-    if (bytes < kMinBytes) return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
+    if (n * static_cast<int64_t>(sizeof(float)) < kMinBytes) return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
+    const int64_t bytes = size_class(n * static_cast<int64_t>(sizeof(float)));
     void* p = take(bytes);
     if (p == nullptr) {
-      const std::size_t rounded = (static_cast<std::size_t>(bytes) + kAlign - 1) / kAlign * kAlign;
-      p = std::aligned_alloc(kAlign, rounded);
+      p = std::aligned_alloc(kAlign, static_cast<std::size_t>(bytes));
       TORCH_CHECK(p != nullptr, "rigl_fast: out of memory allocating ", bytes, " bytes");
       advise_huge_pages(p, bytes);
     }
     return at::from_blob(
         p, sizes, [bytes](void* q) { BufferPool::get().give(q, bytes); }, at::TensorOptions().dtype(at::kFloat));
+  }
+
+  // The bytes of the class that holds `bytes`: rounded up to a multiple of 2^(floor(log2(bytes)) - 3), so 8 classes
+  // between consecutive powers of two (and a multiple of kAlign, as aligned_alloc needs, from kMinBytes up).
+  static int64_t size_class(int64_t bytes) {
+    const int64_t step = int64_t{1} << (std::bit_width(static_cast<uint64_t>(bytes)) - 1 - 3);
+    return (bytes + step - 1) / step * step;
   }
 
   // Frees every held buffer; returns the bytes freed.

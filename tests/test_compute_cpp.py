@@ -273,27 +273,31 @@ def test_batched_products_match_the_reference_over_blocks_and_row_groups(op, isa
 
 
 def test_buffer_pool_reuses_a_freed_buffer_and_never_a_live_one(op):
-    """csrc/buffer_pool.h: a result of 1 MiB or more comes from the pool; while it lives no other result shares its
-    memory; once freed, the next result of its size reuses it (values written afresh); smaller results never enter
-    the pool; release_buffers frees what is held and says how much; pruner.remove() releases the pool."""
+    """csrc/buffer_pool.h: a result of 1 MiB or more comes from the pool, in a buffer of its size class (8 a power
+    of two); while it lives no other result shares its memory; once freed, the next result of its class reuses it
+    (values written afresh; a batch of 301 rows takes the buffer of 300's); smaller results never enter the pool;
+    release_buffers frees what is held and says how much; pruner.remove() releases the pool."""
     ops = torch.ops.rigl_fast
     g = torch.Generator().manual_seed(2212)
     ops.release_buffers()
     assert ops.held_buffer_bytes() == 0
-    xs = [torch.randn(300, 1000, generator=g) for _ in range(3)]  # transposes of 1.2 MB
-    nbytes = 300 * 1000 * 4
+    xs = [torch.randn(300, 1000, generator=g) for _ in range(2)] + [torch.randn(301, 1000, generator=g)]
+    nbytes = 300 * 1000 * 4  # transposes of 1.2 MB: class 10 * 2^17 bytes
+    step = 1 << (nbytes.bit_length() - 1 - 3)
+    cls = -(-nbytes // step) * step
+    assert cls == 10 * 2 ** 17 and -(-301 * 1000 * 4 // step) * step == cls
     a = ops.transpose_f32(xs[0])
     pa, kept = a.data_ptr(), a.clone()
     b = ops.transpose_f32(xs[1])
     assert b.data_ptr() != pa and torch.equal(a, kept) and torch.equal(b, xs[1].t())
     del a
-    assert ops.held_buffer_bytes() == nbytes
+    assert ops.held_buffer_bytes() == cls
     c = ops.transpose_f32(xs[2])
     assert c.data_ptr() == pa and torch.equal(c, xs[2].t()) and ops.held_buffer_bytes() == 0
     small = ops.transpose_f32(torch.randn(30, 1000, generator=g))
     del small, b, c
-    assert ops.held_buffer_bytes() == 2 * nbytes
-    assert ops.release_buffers() == 2 * nbytes and ops.held_buffer_bytes() == 0
+    assert ops.held_buffer_bytes() == 2 * cls
+    assert ops.release_buffers() == 2 * cls and ops.held_buffer_bytes() == 0
 
     from rigl_fast import RigLScheduler
     torch.manual_seed(2212)
