@@ -20,7 +20,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 
 #include <bit>
 #include <cstdint>
@@ -52,11 +53,13 @@ inline void advise_huge_pages(void* data, int64_t bytes) {
 }
 
 
-class BufferPool {
+// Also a c10::Allocator, so a pooled tensor's storage is an ordinary resizable one (resize_ asks the pool again);
+// each buffer starts with a kHeader-byte header holding its class, the data after it.
+class BufferPool final : public c10::Allocator {
  public:
   static constexpr int64_t kMinBytes = int64_t{1} << 20;
   static constexpr int64_t kMaxHeld = int64_t{1} << 30;
-  static constexpr std::size_t kAlign = 64;
+  static constexpr int64_t kHeader = 64;  // the class, in a header that keeps the data 64-byte aligned
 
   static BufferPool& get() {  // never destroyed: a tensor may die after static destructors ran
     static BufferPool* pool = new BufferPool();
@@ -68,19 +71,27 @@ class BufferPool {
     int64_t n = 1;
     for (const int64_t s : sizes) n *= s;
     if (n * static_cast<int64_t>(sizeof(float)) < kMinBytes) return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
-    const int64_t bytes = size_class(n * static_cast<int64_t>(sizeof(float)));
-    void* p = take(bytes);
-    if (p == nullptr) {
-      p = std::aligned_alloc(kAlign, static_cast<std::size_t>(bytes));
-      TORCH_CHECK(p != nullptr, "rigl_fast: out of memory allocating ", bytes, " bytes");
-      advise_huge_pages(p, bytes);
-    }
-    return at::from_blob(
-        p, sizes, [bytes](void* q) { BufferPool::get().give(q, bytes); }, at::TensorOptions().dtype(at::kFloat));
+    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat, std::nullopt);
   }
 
+  c10::DataPtr allocate(std::size_t n) override {
+    if (n == 0) return {nullptr, nullptr, nullptr, c10::Device(c10::DeviceType::CPU)};
+    const int64_t bytes = static_cast<int64_t>(n);
+    const int64_t cls = bytes < kMinBytes ? (bytes + kHeader - 1) / kHeader * kHeader : size_class(bytes);
+    void* base = cls < kMinBytes ? nullptr : take(cls);
+    if (base == nullptr) {
+      base = std::aligned_alloc(static_cast<std::size_t>(kHeader), static_cast<std::size_t>(cls + kHeader));
+      TORCH_CHECK(base != nullptr, "rigl_fast: out of memory allocating ", bytes, " bytes");
+      *static_cast<int64_t*>(base) = cls;
+      advise_huge_pages(base, cls + kHeader);
+    }
+    return {static_cast<char*>(base) + kHeader, base, &BufferPool::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+
   // The bytes of the class that holds `bytes`: rounded up to a multiple of 2^(floor(log2(bytes)) - 3), so 8 classes
-  // between consecutive powers of two (and a multiple of kAlign, as aligned_alloc needs, from kMinBytes up).
+  // between consecutive powers of two (a multiple of kHeader from kMinBytes up, as aligned_alloc needs).
   static int64_t size_class(int64_t bytes) {
     const int64_t step = int64_t{1} << (std::bit_width(static_cast<uint64_t>(bytes)) - 1 - 3);
     return (bytes + step - 1) / step * step;
@@ -109,26 +120,28 @@ class BufferPool {
   }
 
  private:
-  void* take(int64_t bytes) {
+  static void give_back(void* base) { get().give(base, *static_cast<int64_t*>(base)); }
+
+  void* take(int64_t cls) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(bytes);
+    auto it = free_.find(cls);
     if (it == free_.end() || it->second.empty()) return nullptr;
     void* p = it->second.back();
     it->second.pop_back();
-    held_ -= bytes;
+    held_ -= cls;
     return p;
   }
 
-  void give(void* p, int64_t bytes) {
-    {
+  void give(void* base, int64_t cls) {
+    if (cls >= kMinBytes) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (held_ + bytes <= kMaxHeld) {
-        free_[bytes].push_back(p);
-        held_ += bytes;
+      if (held_ + cls <= kMaxHeld) {
+        free_[cls].push_back(base);
+        held_ += cls;
         return;
       }
     }
-    std::free(p);
+    std::free(base);
   }
 
   std::mutex mu_;

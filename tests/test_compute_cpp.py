@@ -298,6 +298,18 @@ def test_buffer_pool_reuses_a_freed_buffer_and_never_a_live_one(op):
     del small, b, c
     assert ops.held_buffer_bytes() == 2 * cls
     assert ops.release_buffers() == 2 * cls and ops.held_buffer_bytes() == 0
+    # a pooled tensor behaves like any other: copies, pickling, shared memory, resizing in place
+    import copy
+    import pickle
+    d = ops.transpose_f32(xs[0])
+    assert torch.equal(copy.deepcopy(d), d) and torch.equal(pickle.loads(pickle.dumps(d)), d)
+    e = ops.transpose_f32(xs[1])
+    e.share_memory_()
+    assert e.is_shared() and torch.equal(e, xs[1].t())
+    d.resize_(3000, 1000)  # grows (a new, larger buffer), keeps the leading values
+    assert torch.equal(d.reshape(-1)[:300000], xs[0].t().reshape(-1))
+    del d, e
+    ops.release_buffers()
 
     from rigl_fast import RigLScheduler
     torch.manual_seed(2212)
