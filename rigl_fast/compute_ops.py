@@ -156,11 +156,9 @@ def sampled_rows_t(xt, gt, batch, t, transposed):
 def release_buffers() -> int:
     """Frees the buffers the C++ ops keep for reuse (csrc/buffer_pool.h: the gradients, transposes and outputs of
     past steps, up to 1 GiB); returns the bytes freed. 0 where the export extension was never loaded (not built for
-    this)."""
-    from . import export_ops
-    loaded = any(op is not None for op in export_ops._cpp_ops.values())
-    op = export_ops._cpp_op("release_buffers") if loaded else None
-    return int(op()) if op is not None else 0
+    this: the op is registered only once it is)."""
+    ops = torch.ops.rigl_fast
+    return int(ops.release_buffers()) if hasattr(ops, "release_buffers") else 0
 
 
 def sampled(x, g, t):
