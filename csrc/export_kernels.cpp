@@ -131,7 +131,7 @@ at::Tensor product(const char* op, const at::Tensor& x, const at::Tensor& values
 }
 
 // The product over xf, x as product() prepares it (in contiguous fp32 for B == 1, else (in, ld) transposed, ld >=
-// B): the kernel writes the (B, out) fp32 result in place (product_kernels.h: write_column), rounded once to opts'
+// B): the kernel writes the (B, out) fp32 result in place (product_kernels.h: rows_batched), rounded once to opts'
 // dtype where that is not fp32.
 at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t in, int64_t ld,
                       const at::Tensor& values, const at::Tensor& indices, const int64_t* crow, int64_t out,
@@ -148,6 +148,12 @@ at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t i
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
   const auto dt = c10::typeMetaToScalarType(opts.dtype());
   return dt == at::kFloat ? yf : yf.to(dt);
+}
+
+// The compressed rows' pairs: col and values 1-D of one length.
+void check_col_values(const char* op, const at::Tensor& col, const at::Tensor& values) {
+  TORCH_CHECK(col.dim() == 1 && values.dim() == 1 && col.numel() == values.numel(), "rigl_fast::", op,
+              ": col and values must be 1-D of the same length, got shapes ", col.sizes(), " and ", values.sizes());
 }
 
 // The compressed-row checks: crow (out + 1 entries, from 0 to nnz, not decreasing) as int64.
@@ -179,9 +185,7 @@ at::Tensor fan_in_linear(const at::Tensor& x_in, const at::Tensor& values_in, co
 
 at::Tensor csr_linear(const at::Tensor& x_in, const at::Tensor& crow_in, const at::Tensor& col_in,
                       const at::Tensor& values_in, int64_t out_features) {
-  TORCH_CHECK(col_in.dim() == 1 && values_in.dim() == 1 && col_in.numel() == values_in.numel(),
-              "rigl_fast::csr_linear: col and values must be 1-D of the same length, got shapes ", col_in.sizes(),
-              " and ", values_in.sizes());
+  check_col_values("csr_linear", col_in, values_in);
   const at::Tensor crow = checked_crow("csr_linear", crow_in, out_features, values_in.numel());
   check_common("csr_linear", x_in, values_in, col_in, "col");
   const at::Tensor x = x_in.contiguous(), values = values_in.contiguous(), col = col_in.contiguous();
@@ -271,9 +275,7 @@ at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor
                         const at::Tensor& values_in, int64_t out_features) {
   check_transposed("csr_linear_t", "xt", xt_in, batch);
   const TrainingRegion region;
-  TORCH_CHECK(col_in.dim() == 1 && values_in.dim() == 1 && col_in.numel() == values_in.numel(),
-              "rigl_fast::csr_linear_t: col and values must be 1-D of the same length, got shapes ", col_in.sizes(),
-              " and ", values_in.sizes());
+  check_col_values("csr_linear_t", col_in, values_in);
   TORCH_CHECK(values_in.scalar_type() == at::kFloat && values_in.device().is_cpu(),
               "rigl_fast::csr_linear_t: values must be fp32 on the CPU, got ", values_in.scalar_type());
   const auto it = col_in.scalar_type();
@@ -348,9 +350,9 @@ at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::T
 
 // The dense (n_rows, n_cols) fp32 weight gradient from transpose_f32's results of one batch: row r is 0 but at
 // col[p] for p in [crow[r], crow[r + 1]), which gets sum_b at[r, b] * bt[col[p], b]. nn.Linear's: at = g^T, bt =
-// x^T, the compressed rows; Conv1D's (in, out) storage: at = x^T, bt = g^T, the column structure. Each row zeroed
-// and written in one pass; the sums bitwise sampled_grad_dense's (the same arithmetic per pair; a product of two
-// factors is the same either way round).
+// x^T, the compressed rows; Conv1D's (in, out) storage: at = x^T, bt = g^T, the column structure. Each row built
+// in cache and streamed out (product_kernels.h: sampled_rows); the sums bitwise sampled_grad_dense's (the same
+// arithmetic per pair; a product of two factors is the same either way round).
 at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int64_t batch, const at::Tensor& crow_in,
                                const at::Tensor& col_in) {
   const char* op = "sampled_grad_rows_t";
