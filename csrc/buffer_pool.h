@@ -70,7 +70,8 @@ class BufferPool final : public c10::Allocator {
   at::Tensor empty_f32(at::IntArrayRef sizes) {
     int64_t n = 1;
     for (const int64_t s : sizes) n *= s;
-    if (n * static_cast<int64_t>(sizeof(float)) < kMinBytes) return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
+    if (n * static_cast<int64_t>(sizeof(float)) < kMinBytes)
+      return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
     return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat, std::nullopt);
   }
 

@@ -34,6 +34,7 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define RIGL_FAST_HAVE_AVX2 1
+#include <immintrin.h>  // the AVX2 intrinsics of *_avx2.cpp (product_kernels.h); parsed here, at the baseline
 #else
 #define RIGL_FAST_HAVE_AVX2 0
 #endif
@@ -378,7 +379,8 @@ inline const char* kernel_isa() {
 // grow flags (LayerView's score and counts are unused). The structured update's (ops.Backend.structured_update,
 // unit_grow; the grow is per unit): structured_commit grows every unit of layers whose keep select_layers decided
 // (with n_grow 0) and writes them; unit_grow writes the grow flags of every unit given keep flags (the shard's
-// flags, kept positions flagged) to outs[l].
+// flags, kept positions flagged) to outs[l]. transpose_rows writes rows [r0, r1) of the fp32 (rows, cols) src
+// (row stride rs, unit column stride) as columns of the (cols, ld) dst (export_kernels.cpp: transposed_f32).
 #define RIGL_FAST_DECLARE_KERNELS(ISA)                                                                       \
   namespace ISA {                                                                                            \
   bool select_layers(std::vector<LayerView>& layers, bool check_finite);                                     \
@@ -394,6 +396,8 @@ inline const char* kernel_isa() {
                  const std::vector<uint8_t*>& outs);                                                         \
   bool sparse_product(const ProductView& p);                                                                 \
   bool sampled_product(const SampledView& s);                                                                \
+  void transpose_rows(const float* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,        \
+                      int64_t r1);                                                                           \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

@@ -21,9 +21,6 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 
 #include "buffer_pool.h"
 #include "common.h"
@@ -48,42 +45,37 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
               " must be int16 or int32, got ", it);
 }
 
-// dst (cols, rows), contiguous = src (rows, cols, any strides) transposed and converted, in 32x32 tiles on threads
-// by the size (common.h's parallel_work): ATen's copy_ opens an OpenMP region for any copy past its grain, which
-// stalls when another process's threads hold the cores (issue 21's contention), where this stays on one thread
-// for small copies.
+// dst (cols, rows), contiguous = src (rows, cols, any strides) transposed and converted, on threads by the size
+// (common.h's parallel_work): ATen's copy_ opens an OpenMP region for any copy past its grain, which stalls when
+// another process's threads hold the cores (issue 21's contention), where this stays on one thread for small copies.
 // ld: dst's row stride (>= rows); the lanes [rows, ld) of each dst row are zeroed. fp32 to fp32 with contiguous
-// rows goes through 4x4 SSE transposes (about 1.4x the scalar loop's speed; ATen's copy is faster still on a quiet
-// machine, but opens an OpenMP region).
+// rows (the training's inputs and output gradients) goes through the instruction set's 8x8 block transposes
+// (product_kernels.h: transpose_rows; about a copy's speed, 2-3x ATen's transposing copy); the rest in 32x32 tiles.
 template <typename S, typename D>
 void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst, int64_t ld) {
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
+    if (cs == 1) {
+#if RIGL_FAST_HAVE_AVX2
+      const auto run = std::strcmp(kernel_isa(), "avx2") == 0 ? &avx2::transpose_rows : &base::transpose_rows;
+#else
+      const auto run = &base::transpose_rows;
+#endif
+      parallel_work((rows + 7) / 8, 2 * 8 * cols, [&](int64_t a, int64_t b) {  // strips of 8 rows
+        run(src, rs, cols, dst, ld, a * 8, std::min(rows, b * 8));
+      });
+      if (ld > rows)
+        for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
+      return;
+    }
+  }
   constexpr int64_t T = 32;
   const int64_t nr = (rows + T - 1) / T, nc = (cols + T - 1) / T;
   parallel_work(nr * nc, 2 * T * T, [&](int64_t a, int64_t b) {  // a read and a scattered write an element
     for (int64_t w = a; w < b; ++w) {
       const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
       const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
-      int64_t cv = c0;  // columns done by the 4x4 blocks
-#if defined(__SSE__)
-      if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
-        if (cs == 1 && r1 - r0 == T && c1 - c0 == T) {
-          for (int64_t r = r0; r < r1; r += 4)
-            for (int64_t c = c0; c < c1; c += 4) {
-              __m128 q0 = _mm_loadu_ps(src + r * rs + c), q1 = _mm_loadu_ps(src + (r + 1) * rs + c);
-              __m128 q2 = _mm_loadu_ps(src + (r + 2) * rs + c), q3 = _mm_loadu_ps(src + (r + 3) * rs + c);
-              _MM_TRANSPOSE4_PS(q0, q1, q2, q3);
-              _mm_storeu_ps(dst + c * ld + r, q0);
-              _mm_storeu_ps(dst + (c + 1) * ld + r, q1);
-              _mm_storeu_ps(dst + (c + 2) * ld + r, q2);
-              _mm_storeu_ps(dst + (c + 3) * ld + r, q3);
-            }
-          cv = c1;
-        }
-      }
-#endif
       for (int64_t c = c0; c < c1; ++c) {
-        if (c >= cv)
-          for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
         if (r1 == rows) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
       }
     }

@@ -7,6 +7,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,lzcnt")
 #define RIGL_ISA avx2
+#define RIGL_ISA_AVX2 1  // the 8x8 transpose in AVX2 intrinsics (GCC does not define __AVX2__ under the pragma)
 #include "product_kernels.h"
 #pragma GCC pop_options
 #endif

@@ -186,6 +186,24 @@ def test_calls_past_the_region_size_equal_one_thread(op):
     assert (one[1].double() - exact).abs().max() <= 1e-4 * exact.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_transpose_is_exact_over_block_edges_strides_and_dtypes(op, isa, dtype):
+    """transpose_f32 (fp32 rows: 8x8 blocks, AVX2 or SSE; other dtypes and strides: 32x32 tiles) is x^T in fp32
+    exactly, zeros in the padded lanes: rows and columns around the 8-block (1, 7, 8, 9, 17, 64), 1024 rows (64
+    padded lanes), 2048 rows over several threads' strips, rows read with a stride wider than the row (a column
+    slice), a non-contiguous transposed view."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2212)
+    for rows, cols in [(1, 9), (2, 1), (7, 7), (8, 8), (9, 17), (17, 9), (64, 1000), (1024, 23), (2048, 520)]:
+        wide = torch.randn(rows, cols + 3, generator=g).to(dtype)
+        for x in (wide[:, :cols].contiguous(), wide[:, 3:], torch.randn(cols, rows, generator=g).to(dtype).t()):
+            xt = ops.transpose_f32(x)
+            lanes = rows + 64 if rows % 1024 == 0 else rows
+            assert xt.shape == (cols, lanes) and xt.dtype == torch.float32 and xt.is_contiguous()
+            assert torch.equal(xt[:, :rows], x.t().float()), (rows, cols, x.stride())
+            assert not xt[:, rows:].any()
+
+
 @pytest.mark.parametrize("B", [2, 5, 63, 64, 65, 130, 1024])
 def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
     """transpose_f32 + csr_linear_t / sampled_grad_rows_t (training shares the transposed x and output gradient
