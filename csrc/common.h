@@ -380,7 +380,8 @@ inline const char* kernel_isa() {
 // unit_grow; the grow is per unit): structured_commit grows every unit of layers whose keep select_layers decided
 // (with n_grow 0) and writes them; unit_grow writes the grow flags of every unit given keep flags (the shard's
 // flags, kept positions flagged) to outs[l]. transpose_rows writes rows [r0, r1) of the fp32 (rows, cols) src
-// (row stride rs, unit column stride) as columns of the (cols, ld) dst (export_kernels.cpp: transposed_f32).
+// (row stride rs, unit column stride) as columns of the (cols, ld) dst (export_kernels.cpp: transposed_f32);
+// compress_rows packs the entries of an fp32 weight's rows [r0, r1) that a bit mask selects (take_values).
 #define RIGL_FAST_DECLARE_KERNELS(ISA)                                                                       \
   namespace ISA {                                                                                            \
   bool select_layers(std::vector<LayerView>& layers, bool check_finite);                                     \
@@ -398,6 +399,8 @@ inline const char* kernel_isa() {
   bool sampled_product(const SampledView& s);                                                                \
   void transpose_rows(const float* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,        \
                       int64_t r1);                                                                           \
+  bool compress_rows(const float* w, int64_t cols, const uint8_t* bits, const int64_t* starts, int64_t r0,   \
+                     int64_t r1, float* out);                                                                \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

@@ -342,8 +342,8 @@ def _register_export_fakes() -> None:
         return t.new_empty((t.shape[1], b + 64 if b > 1 and b % 1024 == 0 else b), dtype=torch.float32)
 
     @torch.library.register_fake("rigl_fast::take_values")
-    def _take_values(weight, flat, perm):
-        return flat.new_empty(flat.shape, dtype=torch.float32), flat.new_empty(flat.shape, dtype=torch.float32)
+    def _take_values(weight, bits, crow, perm):
+        return perm.new_empty(perm.shape, dtype=torch.float32), perm.new_empty(perm.shape, dtype=torch.float32)
 
     torch.library.register_fake("rigl_fast::csr_linear_t")(
         lambda xt, batch, crow, col, values, n: xt.new_empty((batch, n)))

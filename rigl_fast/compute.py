@@ -51,7 +51,8 @@ class Tables:
     """One layer's active entries at one topology. `rows`/`cols` (int32, row-major: compressed rows),
     `crow`, `flat` (positions in the weight's storage); the column structure `ccol`, `t_rows`/`t_cols` (the
     entries column-major) and `perm` (each one's position in row order); `k` when every row has the same count
-    (fan_in), else None."""
+    (fan_in), else None; `pack`, what take_values reads: the mask's bits over the weight's storage, its storage
+    rows' starts and the permutation to the other order."""
 
     def __init__(self, mask, transposed: bool, fan_in: bool):
         m = mask.t() if transposed else mask  # the logical (out, in) mask
@@ -72,6 +73,21 @@ class Tables:
         self.perm = torch.searchsorted(nz[:, 0] * n_in + nz[:, 1], nzt[:, 1] * n_in + nzt[:, 0])
         ccounts = torch.bincount(nzt[:, 0], minlength=n_in)
         self.ccol = torch.cat([ccounts.new_zeros(1), ccounts.cumsum(0)])
+        # take_values packs the entries in the storage's row order (row order for nn.Linear, column order for a
+        # transposed Conv1D weight) by a bit mask (a byte per 8 storage columns), then permutes them to the other
+        # order: `pack` = (bits, the storage rows' starts, the permutation)
+        self.transposed = transposed
+        s = mask.contiguous()
+        pad = (-s.shape[1]) % 8
+        s = torch.nn.functional.pad(s.to(torch.uint8), (0, pad)).view(s.shape[0], -1, 8)
+        bits = (s << torch.arange(8, dtype=torch.uint8, device=s.device)).sum(-1, dtype=torch.uint8)
+        if transposed:  # packed: column order; row order = packed[inverse of perm]
+            other = torch.empty_like(self.perm)
+            other[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        else:
+            other = self.perm
+        index = torch.int32 if other.numel() < 2 ** 31 else torch.int64
+        self.pack = (bits, self.ccol if transposed else self.crow, other.to(index))
 
 
 def _storage_pos(o, i, out, n_in, transposed):

@@ -128,12 +128,14 @@ def take(weight, flat):
 
 def take_values(weight, t):
     """(values, values_t): the active weights in row and in column order, fp32, in one C++ op (the shared-
-    transpose path's gather; fp32 x there, so fp32 is x's dtype)."""
+    transpose path's; fp32 x there, so fp32 is x's dtype): packed in the weight's storage order by the mask's
+    bits, then permuted to the other order (Tables.pack)."""
     op = _cpp("take_values", weight)
     if op is None:  # a weight dtype the C++ ops do not take: the same gathers in PyTorch
         values = take(weight, t.flat).float()
         return values, torch.index_select(values, 0, t.perm)
-    return op(weight, t.flat, t.perm)
+    packed, permuted = op(weight, *t.pack)
+    return (permuted, packed) if t.transposed else (packed, permuted)
 
 
 def forward_t(xt, batch, t, values):

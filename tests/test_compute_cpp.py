@@ -372,42 +372,59 @@ def test_rows_gradient_over_chunks_unaligned_and_unsorted_rows(op, inp):
         ops.sampled_grad_rows_t(gt, xt, B, crow, bad.int())
 
 
-def test_take_values_gathers_both_orders(op):
-    """take_values: the active weights at `flat` and then in `perm`'s order, as index_select gives them, converted
-    to fp32 from every float dtype; a position out of range raises naming the argument; on threads (a region) as on
-    one, bitwise."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_take_values_packs_both_orders(op, isa, transposed):
+    """take_values: the active weights packed by the mask's bits in the weight's storage order, then permuted to
+    the other order, equal to index_select at the entries' positions in row and in column order (a Conv1D's
+    transposed storage gives the column order first), converted to fp32 from every float dtype: columns around
+    the 8-column byte (3, 8, 13, 101), an empty mask, a full one, a strided weight; bits that do not count a row's
+    span, a permutation out of range and wrong argument types raise naming the argument; on threads (a region) as
+    on one, bitwise; both builds."""
     ops = torch.ops.rigl_fast
     g = torch.Generator().manual_seed(2209)
     from rigl_fast.compute import Tables
-    for shape, density in (((37, 101), 0.3), ((5, 3), 0.0), ((600, 700), 0.4)):
-        mask = torch.rand(shape, generator=g) < density
-        t = Tables(mask, False, False)
+    for shape, density in (((37, 101), 0.3), ((5, 3), 0.0), ((9, 8), 1.0), ((21, 13), 0.6), ((600, 700), 0.4)):
+        mask = torch.rand(shape, generator=g) < density  # the weight's storage layout
+        t = Tables(mask, transposed, False)
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             w = torch.randn(shape, generator=g).to(dtype)
-            v, vt = ops.take_values(w, t.flat, t.perm)
-            want = torch.index_select(w.reshape(-1), 0, t.flat).float()
+            packed, permuted = ops.take_values(w, *t.pack)
+            v, vt = (permuted, packed) if transposed else (packed, permuted)
+            want = torch.index_select(w.reshape(-1), 0, t.flat).float()  # row order
             assert v.dtype == vt.dtype == torch.float32
             assert torch.equal(v, want) and torch.equal(vt, want[t.perm])
-            assert torch.equal(ops.take_values(w.t().contiguous().t(), t.flat, t.perm)[0], want)  # strides
-    before = torch.get_num_threads()  # the last: 168000 values, two threads' work
+            assert torch.equal(ops.take_values(w.t().contiguous().t(), *t.pack)[0], packed)  # strides
+    t = Tables(torch.rand(2000, 1500, generator=g) < 0.4, transposed, False)  # 1.2M values: two threads' work
+    w = torch.randn(2000, 1500, generator=g)
+    before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.take_values(w, t.flat, t.perm)
+        one = ops.take_values(w, *t.pack)
         torch.set_num_threads(2)
         start = ops.product_parallel_regions()
-        two = ops.take_values(w, t.flat, t.perm)
-        assert ops.product_parallel_regions() > start and t.flat.numel() > 150000
+        two = ops.take_values(w, *t.pack)
+        assert ops.product_parallel_regions() > start
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
-    w, flat, perm = torch.randn(4, 5), torch.tensor([0, 7, 19]), torch.tensor([2, 0, 1])
-    for args, msg in (((w, flat + 1, perm), "flat holds a position outside the weight's 20"),
-                      ((w, flat, perm + 1), "perm holds a position outside \\[0, 3\\)"),
-                      ((w, flat.int(), perm), "flat and perm must be 1-D int64"),
-                      ((w.int(), flat, perm), "weight must be a floating")):
+    w = torch.randn(4, 5)
+    bits, crow, perm = torch.tensor([[1], [0], [6], [16]], dtype=torch.uint8), torch.tensor([0, 1, 1, 3, 4]), \
+        torch.tensor([2, 0, 3, 1], dtype=torch.int32)
+    assert torch.equal(ops.take_values(w, bits, crow, perm)[0], w.reshape(-1)[torch.tensor([0, 11, 12, 19])])
+    more = bits.clone()
+    more[1, 0] = 1  # row 1 selects an entry that crow gives no room
+    fewer = bits.clone()
+    fewer[2, 0] = 2
+    for args, msg in (((w, more, crow, perm), "bits select other counts of entries per row than crow"),
+                      ((w, fewer, crow, perm), "bits select other counts of entries per row than crow"),
+                      ((w, bits, crow, perm + 1), "perm holds a position outside \\[0, 4\\)"),
+                      ((w, bits, crow, perm.double()), "perm must be a 1-D int32 or int64"),
+                      ((w, bits.int(), crow, perm), "bits must be uint8 of shape \\(4, 1\\)"),
+                      ((w, bits, crow[:-1], perm), "crow must have out_features \\+ 1 = 5 entries"),
+                      ((w.int(), bits, crow, perm), "weight must be a 2-D floating")):
         with pytest.raises(RuntimeError, match=msg):
             ops.take_values(*args)
-    torch.library.opcheck(ops.take_values.default, (w, flat, perm))
+    torch.library.opcheck(ops.take_values.default, (w, bits, crow, perm))
 
 
 def test_shared_transpose_ops_refuse_bad_input(op):
