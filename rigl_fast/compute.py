@@ -6,7 +6,7 @@ deletes it), so the module and its parameters stay the same objects and optimize
 gradient hooks see nothing new. The forward runs `_SparseLinear`, an autograd function over the layer's tables
 (`Tables`: the active entries as compressed rows, or (out, k) rows under structure="fan_in", plus the column
 structure for the transposed product), rebuilt only when the mask changed (a topology update, a loaded state
-dict, a device move), never per step; the active values are gathered from the dense weight at every call.
+dict, a device move), never per step; the active values are taken from the dense weight at every call.
 
     forward      y  = x W_active^T          export's product (csr_linear / fan_in_linear)
     input grad   dx = g W_active            the same product over the column tables
@@ -17,7 +17,7 @@ Kernels (`compute_ops.py`): the C++ ones on CPU for fp32/fp16/bf16, the Triton o
 PyTorch reference, which defines the result and accumulates in fp32 (fp64 for fp64 inputs). Outputs are
 accumulated in fp32 and rounded once, as a dense matmul rounds, in another summation order. In fp32 on the C++
 kernels the same products run over inputs transposed once and shared: x's transpose is saved in place of x for the
-weight gradient, the output gradient is transposed once for both backward products, the values are gathered in
+weight gradient, the output gradient is transposed once for both backward products, the values are packed in
 both orders by one op, and the weight gradient is written row by row (bitwise the same results).
 
 Dense-computed (their forward unchanged; `summary()` says which and why): convolutions, nn.MultiheadAttention's
