@@ -7,7 +7,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,lzcnt")
 #define RIGL_ISA avx2
-#define RIGL_ISA_AVX2 1  // the 8x8 transpose in AVX2 intrinsics (GCC does not define __AVX2__ under the pragma)
+#if !defined(__clang__)  // GCC: the intrinsics of product_kernels.h's transpose and packing (GCC does not define
+                         // __AVX2__ under the pragma; clang ignores the pragma, and its intrinsics would not compile)
+#define RIGL_ISA_AVX2 1
+#endif
 #include "product_kernels.h"
 #pragma GCC pop_options
 #endif
