@@ -204,6 +204,31 @@ def test_transpose_is_exact_over_block_edges_strides_and_dtypes(op, isa, dtype):
             assert not xt[:, rows:].any()
 
 
+def test_training_products_take_two_threads_from_half_the_work(op):
+    """Training's products (the *_t ops, in a TrainingRegion, where torch's threads are awake) run on two threads
+    from half the work that export's products need: csr_linear_t at 1024x1024, 95%, batch 64 (about 1.6
+    kThreadWork of element passes) opens a parallel region where csr_linear over the same pairs (0.8 of the same
+    work counted twice: one thread) opens none; the same result bitwise."""
+    ops = torch.ops.rigl_fast
+    g = torch.Generator().manual_seed(2213)
+    rows, cols = pairs(g, 1024, 1024, 0.05)
+    crow = torch.zeros(1025, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=1024).cumsum(0)
+    values, x = torch.randn(rows.numel(), generator=g), torch.randn(64, 1024, generator=g)
+    xt = ops.transpose_f32(x)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        start = ops.product_parallel_regions()
+        plain = ops.csr_linear(x, crow, cols.int(), values, 1024)
+        assert ops.product_parallel_regions() == start
+        shared = ops.csr_linear_t(xt, 64, crow, cols.int(), values, 1024)
+        assert ops.product_parallel_regions() > start
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(plain, shared)
+
+
 @pytest.mark.parametrize("B", [2, 5, 63, 64, 65, 130, 1024])
 def test_shared_transpose_ops_equal_the_plain_ones_bitwise(op, isa, B):
     """transpose_f32 + csr_linear_t / sampled_grad_rows_t (training shares the transposed x and output gradient
