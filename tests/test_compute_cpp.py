@@ -207,8 +207,8 @@ def test_transpose_is_exact_over_block_edges_strides_and_dtypes(op, isa, dtype):
 def test_training_products_take_two_threads_from_half_the_work(op):
     """Training's products (the *_t ops, in a TrainingRegion, where torch's threads are awake) run on two threads
     from half the work that export's products need: csr_linear_t at 1024x1024, 95%, batch 64 (about 1.6
-    kThreadWork of element passes) opens a parallel region where csr_linear over the same pairs (0.8 of the same
-    work counted twice: one thread) opens none; the same result bitwise."""
+    kThreadWork of element passes) opens a parallel region, where csr_linear, the same product over the same pairs
+    outside a training region, runs on one thread and opens none; the same result bitwise."""
     ops = torch.ops.rigl_fast
     g = torch.Generator().manual_seed(2213)
     rows, cols = pairs(g, 1024, 1024, 0.05)
