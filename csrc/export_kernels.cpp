@@ -210,24 +210,9 @@ at::Tensor transpose_f32(const at::Tensor& t) {
 // of the weight's 2-D storage (rows, cols) in column order, row r's at [crow[r], crow[r + 1]) (the storage
 // order: the row order of an nn.Linear weight, the column order of a Conv1D's); permuted[q] = packed[perm[q]] (the
 // other order, gathered from the packed values while they are in cache). bits: uint8 (rows, ceil(cols / 8)), bit j
-// of byte b for column 8 b + j. fp32 from any float weight. The packing streams the weight (product_kernels.h:
-// compress_rows), where gathering the entries at their positions missed the cache at every row: 2-3x faster.
-template <typename W>
-bool compress_rows_any(const W* w, int64_t cols, const uint8_t* bits, const int64_t* starts, int64_t r0, int64_t r1,
-                       float* out) {
-  const int64_t nb = (cols + 7) / 8;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t k = starts[r];
-    for (int64_t c = 0; c < cols; ++c)
-      if ((bits[r * nb + c / 8] >> (c % 8)) & 1) {
-        if (k == starts[r + 1]) return false;
-        out[k++] = static_cast<float>(w[r * cols + c]);
-      }
-    if (k != starts[r + 1]) return false;
-  }
-  return true;
-}
-
+// of byte b for column 8 b + j. fp32 from any float weight (another dtype converted first: training's weights are
+// fp32 here). The packing streams the weight (product_kernels.h: compress_rows), where gathering the entries at
+// their positions missed the cache at every row: 2-3x faster.
 std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, const at::Tensor& bits_in,
                                                const at::Tensor& crow_in, const at::Tensor& perm_in) {
   const char* op = "take_values";
@@ -246,38 +231,25 @@ std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, cons
   const int64_t n = perm_in.numel();
   const at::Tensor crow = checked_crow(op, crow_in, rows, n);
   const TrainingRegion region;
-  const at::Tensor weight = weight_in.contiguous(), bits = bits_in.contiguous(), perm = perm_in.contiguous();
+  const at::Tensor weight = weight_in.to(at::kFloat).contiguous(), bits = bits_in.contiguous(),
+                   perm = perm_in.contiguous();
   at::Tensor packed = BufferPool::get().empty_f32({n});
   at::Tensor permuted = BufferPool::get().empty_f32({n});
   const int64_t* sp = crow.const_data_ptr<int64_t>();
   const uint8_t* bp = bits.const_data_ptr<uint8_t>();
+  const float* w = weight.const_data_ptr<float>();
   float* v = packed.mutable_data_ptr<float>();
   float* vt = permuted.mutable_data_ptr<float>();
   std::atomic<bool> bad_bits{false}, bad_perm{false};
-  auto pack = [&](const auto* w) {
-    using W = std::remove_cv_t<std::remove_pointer_t<decltype(w)>>;
-    parallel_work(rows, cols + (rows ? n / rows : 0), [&](int64_t r0, int64_t r1) {  // the row read, its entries written
-      bool ok;
-      if constexpr (std::is_same_v<W, float>) {
+  parallel_work(rows, cols + (rows ? n / rows : 0), [&](int64_t r0, int64_t r1) {  // the row read, its entries written
 #if RIGL_FAST_HAVE_AVX2
-        ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::compress_rows(w, cols, bp, sp, r0, r1, v)
-                                                     : base::compress_rows(w, cols, bp, sp, r0, r1, v);
+    const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::compress_rows(w, cols, bp, sp, r0, r1, v)
+                                                           : base::compress_rows(w, cols, bp, sp, r0, r1, v);
 #else
-        ok = base::compress_rows(w, cols, bp, sp, r0, r1, v);
+    const bool ok = base::compress_rows(w, cols, bp, sp, r0, r1, v);
 #endif
-      } else {
-        ok = compress_rows_any(w, cols, bp, sp, r0, r1, v);
-      }
-      if (!ok) bad_bits = true;
-    });
-  };
-  switch (weight.scalar_type()) {
-    case at::kFloat: pack(weight.const_data_ptr<float>()); break;
-    case at::kDouble: pack(weight.const_data_ptr<double>()); break;
-    case at::kHalf: pack(weight.const_data_ptr<c10::Half>()); break;
-    case at::kBFloat16: pack(weight.const_data_ptr<c10::BFloat16>()); break;
-    default: TORCH_CHECK(false, "rigl_fast::", op, ": weight must be fp32/fp64/fp16/bf16, got ", weight.scalar_type());
-  }
+    if (!ok) bad_bits = true;
+  });
   TORCH_CHECK(!bad_bits.load(), "rigl_fast::", op, ": bits select other counts of entries per row than crow (",
               "crow[r + 1] - crow[r] for row r) says");
   auto permute = [&](const auto* pp) {
