@@ -376,6 +376,13 @@ inline const char* kernel_isa() {
   return "base";
 }
 
+// The kernel `fn` of the instruction set kernel_isa() picks, as a function pointer.
+#if RIGL_FAST_HAVE_AVX2
+#define RIGL_FAST_KERNEL(fn) (std::strcmp(kernel_isa(), "avx2") == 0 ? &avx2::fn : &base::fn)
+#else
+#define RIGL_FAST_KERNEL(fn) (&base::fn)
+#endif
+
 // The update kernels of one instruction set: select_layers decides both selections of every layer (and,
 // if asked, checks that weights and scores are finite: false if not, with nothing decided); write_layer
 // applies a layer's. The kernels of the sharded update (ops.Backend.key_histograms, take_top, commit; the

@@ -53,33 +53,30 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
 // (product_kernels.h: transpose_rows; about a copy's speed, 2-3x ATen's transposing copy); the rest in 32x32 tiles.
 template <typename S, typename D>
 void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst, int64_t ld) {
+  bool done = false;
   if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
     if (cs == 1) {
-#if RIGL_FAST_HAVE_AVX2
-      const auto run = std::strcmp(kernel_isa(), "avx2") == 0 ? &avx2::transpose_rows : &base::transpose_rows;
-#else
-      const auto run = &base::transpose_rows;
-#endif
+      const auto run = RIGL_FAST_KERNEL(transpose_rows);
       parallel_work((rows + 7) / 8, 2 * 8 * cols, [&](int64_t a, int64_t b) {  // strips of 8 rows
         run(src, rs, cols, dst, ld, a * 8, std::min(rows, b * 8));
       });
-      if (ld > rows)
-        for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
-      return;
+      done = true;
     }
   }
-  constexpr int64_t T = 32;
-  const int64_t nr = (rows + T - 1) / T, nc = (cols + T - 1) / T;
-  parallel_work(nr * nc, 2 * T * T, [&](int64_t a, int64_t b) {  // a read and a scattered write an element
-    for (int64_t w = a; w < b; ++w) {
-      const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
-      const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
-        if (r1 == rows) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
+  if (!done) {
+    constexpr int64_t T = 32;
+    const int64_t nr = (rows + T - 1) / T, nc = (cols + T - 1) / T;
+    parallel_work(nr * nc, 2 * T * T, [&](int64_t a, int64_t b) {  // a read and a scattered write an element
+      for (int64_t w = a; w < b; ++w) {
+        const int64_t r0 = (w / nc) * T, c0 = (w % nc) * T;
+        const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = static_cast<D>(static_cast<float>(src[r * rs + c * cs]));
       }
-    }
-  });
+    });
+  }
+  if (ld > rows)  // the padded lanes
+    for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, D(0.f));
 }
 
 // fp32 t^T, contiguous: the (cols, ld) transpose of a 2-D (rows, cols) t of any float dtype and strides, lanes past
@@ -132,11 +129,7 @@ at::Tensor product_of(const char* op, const at::Tensor& xf, int64_t B, int64_t i
   const ProductView p{xf.const_data_ptr<float>(), values.const_data_ptr(), float_type(values),
                       indices.const_data_ptr(), indices.scalar_type() == at::kShort, crow,
                       values.dim() == 2 ? values.size(1) : 0, ld, in, out, yf.mutable_data_ptr<float>(), B};
-#if RIGL_FAST_HAVE_AVX2
-  const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sparse_product(p) : base::sparse_product(p);
-#else
-  const bool ok = base::sparse_product(p);
-#endif
+  const bool ok = RIGL_FAST_KERNEL(sparse_product)(p);
   TORCH_CHECK(ok, "rigl_fast::", op, ": an index is out of range [0, ", in, ")");
   const auto dt = c10::typeMetaToScalarType(opts.dtype());
   return dt == at::kFloat ? yf : yf.to(dt);
@@ -241,14 +234,9 @@ std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, cons
   float* v = packed.mutable_data_ptr<float>();
   float* vt = permuted.mutable_data_ptr<float>();
   std::atomic<bool> bad_bits{false}, bad_perm{false};
+  const auto compress = RIGL_FAST_KERNEL(compress_rows);
   parallel_work(rows, cols + (rows ? n / rows : 0), [&](int64_t r0, int64_t r1) {  // the row read, its entries written
-#if RIGL_FAST_HAVE_AVX2
-    const bool ok = std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::compress_rows(w, cols, bp, sp, r0, r1, v)
-                                                           : base::compress_rows(w, cols, bp, sp, r0, r1, v);
-#else
-    const bool ok = base::compress_rows(w, cols, bp, sp, r0, r1, v);
-#endif
-    if (!ok) bad_bits = true;
+    if (!compress(w, cols, bp, sp, r0, r1, v)) bad_bits = true;
   });
   TORCH_CHECK(!bad_bits.load(), "rigl_fast::", op, ": bits select other counts of entries per row than crow (",
               "crow[r + 1] - crow[r] for row r) says");
@@ -290,11 +278,7 @@ at::Tensor csr_linear_t(const at::Tensor& xt_in, int64_t batch, const at::Tensor
 
 // The sampled product's kernel of the instruction set kernel_isa() picks (product_kernels.h).
 bool run_sampled_kernel(const SampledView& s) {
-#if RIGL_FAST_HAVE_AVX2
-  return std::strcmp(kernel_isa(), "avx2") == 0 ? avx2::sampled_product(s) : base::sampled_product(s);
-#else
-  return base::sampled_product(s);
-#endif
+  return RIGL_FAST_KERNEL(sampled_product)(s);
 }
 
 // The checks and the kernel run of sampled_grad and sampled_grad_dense; `y` receives pair p's sum at p, or at

@@ -223,13 +223,6 @@ at::Tensor any_nonfinite(at::TensorList tensors) {
 
 std::string cpu_isa() { return kernel_isa(); }
 
-// The kernel `fn` of the instruction set kernel_isa() picks, as a function pointer.
-#if RIGL_FAST_HAVE_AVX2
-#define RIGL_FAST_KERNEL(fn) (std::strcmp(kernel_isa(), "avx2") == 0 ? &avx2::fn : &base::fn)
-#else
-#define RIGL_FAST_KERNEL(fn) (&base::fn)
-#endif
-
 // Layers above this many positions skip the band method (kBandMaxNumel). RIGL_FAST_CPU_BAND_MAX_NUMEL can
 // only lower it: the tests run the path of 2^32+ position layers on small ones (read on every call).
 int64_t band_max_numel() {
