@@ -66,14 +66,16 @@ class BufferPool final : public c10::Allocator {
     return *pool;
   }
 
-  // An uninitialised fp32 tensor of these sizes (contiguous, on the CPU).
-  at::Tensor empty_f32(at::IntArrayRef sizes) {
+  // An uninitialised tensor of these sizes and dtype (contiguous, on the CPU).
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
     int64_t n = 1;
     for (const int64_t s : sizes) n *= s;
-    if (n * static_cast<int64_t>(sizeof(float)) < kMinBytes)
-      return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
-    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat, std::nullopt);
+    if (n * static_cast<int64_t>(c10::elementSize(dtype)) < kMinBytes)
+      return at::empty(sizes, at::TensorOptions().dtype(dtype));
+    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
   }
+
+  at::Tensor empty_f32(at::IntArrayRef sizes) { return empty(sizes, at::kFloat); }
 
   c10::DataPtr allocate(std::size_t n) override {
     if (n == 0) return {nullptr, nullptr, nullptr, c10::Device(c10::DeviceType::CPU)};

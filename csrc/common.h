@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__SSE__)
@@ -361,6 +362,8 @@ struct SampledView {
   int64_t y_size;            // y's length (out_index checked against it)
   int64_t ld;                // the row stride of xt and gt (>= B; the lanes past B are not read)
   const int64_t* crow = nullptr;  // rows mode: y is the dense (out, in) result, row r's pairs [crow[r], crow[r+1])
+  int y_kind = 0;                 // rows mode: 0 fp32 into y; 1 bf16, 2 fp16 into y16 (rounded once), y unused
+  void* y16 = nullptr;
 };
 
 // The instruction set whose kernels run: AVX2 where the CPU has it, unless RIGL_FAST_CPU_ISA=base asks for the
@@ -393,7 +396,10 @@ inline const char* kernel_isa() {
 // (with n_grow 0) and writes them; unit_grow writes the grow flags of every unit given keep flags (the shard's
 // flags, kept positions flagged) to outs[l]. transpose_rows writes rows [r0, r1) of the fp32 (rows, cols) src
 // (row stride rs, unit column stride) as columns of the (cols, ld) dst (export_kernels.cpp: transposed_f32);
-// compress_rows packs the entries of an fp32 weight's rows [r0, r1) that a bit mask selects (take_values).
+// transpose_rows_16 the same from a bf16 (bf16 true) or fp16 src, widened exactly to fp32;
+// compress_rows packs the entries of an fp32 weight's rows [r0, r1) that a bit mask selects (take_values),
+// compress_rows_16 those of a bf16 / fp16 weight, widened to fp32; round_values rounds fp32 values to bf16 / fp16
+// in place (held as fp32).
 #define RIGL_FAST_DECLARE_KERNELS(ISA)                                                                       \
   namespace ISA {                                                                                            \
   bool select_layers(std::vector<LayerView>& layers, bool check_finite);                                     \
@@ -411,8 +417,13 @@ inline const char* kernel_isa() {
   bool sampled_product(const SampledView& s);                                                                \
   void transpose_rows(const float* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,        \
                       int64_t r1);                                                                           \
+  void transpose_rows_16(const uint16_t* src, bool bf16, int64_t rs, int64_t cols, float* dst, int64_t ld,    \
+                         int64_t r0, int64_t r1);                                                            \
   bool compress_rows(const float* w, int64_t cols, const uint8_t* bits, const int64_t* starts, int64_t r0,   \
                      int64_t r1, float* out);                                                                \
+  bool compress_rows_16(const uint16_t* w, bool bf16, int64_t cols, const uint8_t* bits,                   \
+                        const int64_t* starts, int64_t r0, int64_t r1, float* out);                          \
+  void round_values(float* v, int64_t n, bool bf16);                                                       \
   }
 RIGL_FAST_DECLARE_KERNELS(base)
 #if RIGL_FAST_HAVE_AVX2

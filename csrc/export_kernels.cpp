@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -50,7 +51,8 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& values,
 // another process's threads hold the cores (issue 21's contention), where this stays on one thread for small copies.
 // ld: dst's row stride (>= rows); the lanes [rows, ld) of each dst row are zeroed. fp32 to fp32 with contiguous
 // rows (the training's inputs and output gradients) goes through the instruction set's 8x8 block transposes
-// (product_kernels.h: transpose_rows; about a copy's speed, 2-3x ATen's transposing copy); the rest in 32x32 tiles.
+// (product_kernels.h: transpose_rows; about a copy's speed, 2-3x ATen's transposing copy), bf16 / fp16 to fp32 with
+// contiguous rows too (transpose_rows_16, widened block by block); the rest in 32x32 tiles.
 template <typename S, typename D>
 void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_t cs, D* dst, int64_t ld) {
   bool done = false;
@@ -59,6 +61,16 @@ void transpose_cast(const S* src, int64_t rows, int64_t cols, int64_t rs, int64_
       const auto run = RIGL_FAST_KERNEL(transpose_rows);
       parallel_work((rows + 7) / 8, 2 * 8 * cols, [&](int64_t a, int64_t b) {  // strips of 8 rows
         run(src, rs, cols, dst, ld, a * 8, std::min(rows, b * 8));
+      });
+      done = true;
+    }
+  } else if constexpr ((std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>) &&
+                       std::is_same_v<D, float>) {
+    if (cs == 1) {  // bf16 / fp16 inputs under autocast or in a bf16 model: the same blocks, widened on the way
+      const auto run = RIGL_FAST_KERNEL(transpose_rows_16);
+      const auto* s16 = reinterpret_cast<const uint16_t*>(src);
+      parallel_work((rows + 7) / 8, 2 * 8 * cols, [&](int64_t a, int64_t b) {
+        run(s16, std::is_same_v<S, c10::BFloat16>, rs, cols, dst, ld, a * 8, std::min(rows, b * 8));
       });
       done = true;
     }
@@ -203,12 +215,17 @@ at::Tensor transpose_f32(const at::Tensor& t) {
 // of the weight's 2-D storage (rows, cols) in column order, row r's at [crow[r], crow[r + 1]) (the storage
 // order: the row order of an nn.Linear weight, the column order of a Conv1D's); permuted[q] = packed[perm[q]] (the
 // other order, gathered from the packed values while they are in cache). bits: uint8 (rows, ceil(cols / 8)), bit j
-// of byte b for column 8 b + j. fp32 from any float weight (another dtype converted first: training's weights are
-// fp32 here). The packing streams the weight (product_kernels.h: compress_rows), where gathering the entries at
+// of byte b for column 8 b + j. fp32 from any float weight (bf16 and fp16 widened as they are packed, fp64
+// converted first); round_to bf16 / fp16 (autocast's dtype, where the weight has another): each value rounded to
+// it, still held as fp32 (the values F.linear would multiply). The packing streams the weight (product_kernels.h: compress_rows), where gathering the entries at
 // their positions missed the cache at every row: 2-3x faster.
 std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, const at::Tensor& bits_in,
-                                               const at::Tensor& crow_in, const at::Tensor& perm_in) {
+                                               const at::Tensor& crow_in, const at::Tensor& perm_in,
+                                               std::optional<at::ScalarType> round_to) {
   const char* op = "take_values";
+  const at::ScalarType rt = round_to.value_or(at::kFloat);
+  TORCH_CHECK(rt == at::kFloat || rt == at::kBFloat16 || rt == at::kHalf, "rigl_fast::", op,
+              ": round_to must be float32, bfloat16 or float16, got ", rt);
   TORCH_CHECK(weight_in.device().is_cpu() && weight_in.dim() == 2 && at::isFloatingType(weight_in.scalar_type()),
               "rigl_fast::", op, ": weight must be a 2-D floating CPU tensor, got shape ", weight_in.sizes(), " of ",
               weight_in.scalar_type());
@@ -224,19 +241,28 @@ std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, cons
   const int64_t n = perm_in.numel();
   const at::Tensor crow = checked_crow(op, crow_in, rows, n);
   const TrainingRegion region;
-  const at::Tensor weight = weight_in.to(at::kFloat).contiguous(), bits = bits_in.contiguous(),
+  // fp32, bf16 and fp16 weights packed as they are (the 16-bit ones widened on the way); fp64 converted first
+  const auto wt = weight_in.scalar_type();
+  const bool sixteen = wt == at::kBFloat16 || wt == at::kHalf;
+  const at::Tensor weight = (sixteen ? weight_in : weight_in.to(at::kFloat)).contiguous(), bits = bits_in.contiguous(),
                    perm = perm_in.contiguous();
   at::Tensor packed = BufferPool::get().empty_f32({n});
   at::Tensor permuted = BufferPool::get().empty_f32({n});
   const int64_t* sp = crow.const_data_ptr<int64_t>();
   const uint8_t* bp = bits.const_data_ptr<uint8_t>();
-  const float* w = weight.const_data_ptr<float>();
   float* v = packed.mutable_data_ptr<float>();
   float* vt = permuted.mutable_data_ptr<float>();
   std::atomic<bool> bad_bits{false}, bad_perm{false};
   const auto compress = RIGL_FAST_KERNEL(compress_rows);
+  const auto compress_16 = RIGL_FAST_KERNEL(compress_rows_16);
+  const auto round = RIGL_FAST_KERNEL(round_values);
+  const bool rounding = rt != at::kFloat && rt != wt;  // autocast: the product's dtype, not the weight's
   parallel_work(rows, cols + (rows ? n / rows : 0), [&](int64_t r0, int64_t r1) {  // the row read, its entries written
-    if (!compress(w, cols, bp, sp, r0, r1, v)) bad_bits = true;
+    const bool ok = sixteen ? compress_16(static_cast<const uint16_t*>(weight.const_data_ptr()), wt == at::kBFloat16,
+                                          cols, bp, sp, r0, r1, v)
+                            : compress(weight.const_data_ptr<float>(), cols, bp, sp, r0, r1, v);
+    if (!ok) bad_bits = true;
+    else if (rounding) round(v + sp[r0], sp[r1] - sp[r0], rt == at::kBFloat16);  // while they are in cache
   });
   TORCH_CHECK(!bad_bits.load(), "rigl_fast::", op, ": bits select other counts of entries per row than crow (",
               "crow[r + 1] - crow[r] for row r) says");
@@ -335,10 +361,14 @@ at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::T
 // col[p] for p in [crow[r], crow[r + 1]), which gets sum_b at[r, b] * bt[col[p], b]. nn.Linear's: at = g^T, bt =
 // x^T, the compressed rows; Conv1D's (in, out) storage: at = x^T, bt = g^T, the column structure. Each row built
 // in cache and streamed out (product_kernels.h: sampled_rows); the sums bitwise sampled_grad_dense's (the same
-// arithmetic per pair; a product of two factors is the same either way round).
+// arithmetic per pair; a product of two factors is the same either way round). dtype bf16 / fp16: the gradient in
+// that dtype, each sum rounded once as it is written (bitwise the fp32 result's .to(dtype) but for NaN payloads).
 at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int64_t batch, const at::Tensor& crow_in,
-                               const at::Tensor& col_in) {
+                               const at::Tensor& col_in, std::optional<at::ScalarType> dtype) {
   const char* op = "sampled_grad_rows_t";
+  const at::ScalarType yt = dtype.value_or(at::kFloat);
+  TORCH_CHECK(yt == at::kFloat || yt == at::kBFloat16 || yt == at::kHalf, "rigl_fast::", op,
+              ": dtype must be float32, bfloat16 or float16, got ", yt);
   const TrainingRegion region;
   check_transposed(op, "at", at_, batch);
   check_transposed(op, "bt", bt, batch);
@@ -350,11 +380,14 @@ at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int6
   const int64_t n_rows = at_.size(0), n_cols = bt.size(0);
   const at::Tensor crow = checked_crow(op, crow_in, n_rows, col_in.numel());
   const at::Tensor col = col_in.contiguous();
-  at::Tensor y = BufferPool::get().empty_f32({n_rows, n_cols});
+  at::Tensor y = BufferPool::get().empty({n_rows, n_cols}, yt);
+  const bool f32 = yt == at::kFloat;
   SampledView s{bt.const_data_ptr<float>(), at_.const_data_ptr<float>(), nullptr, col.const_data_ptr(), false,
-                ct == at::kShort, col.numel(), batch, n_cols, n_rows, y.mutable_data_ptr<float>(), nullptr, y.numel(),
-                at_.size(1)};
+                ct == at::kShort, col.numel(), batch, n_cols, n_rows, f32 ? y.mutable_data_ptr<float>() : nullptr,
+                nullptr, y.numel(), at_.size(1)};
   s.crow = crow.const_data_ptr<int64_t>();
+  s.y_kind = f32 ? 0 : yt == at::kBFloat16 ? 1 : 2;
+  s.y16 = f32 ? nullptr : y.mutable_data_ptr();
   const bool ok = run_sampled_kernel(s);
   TORCH_CHECK(ok, "rigl_fast::", op, ": a column index is out of range [0, ", n_cols, ")");
   return y;
@@ -385,9 +418,10 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("fan_in_linear(Tensor x, Tensor values, Tensor indices) -> Tensor");
   m.def("csr_linear(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
   m.def("transpose_f32(Tensor t) -> Tensor");
-  m.def("take_values(Tensor weight, Tensor bits, Tensor crow, Tensor perm) -> (Tensor, Tensor)");
+  m.def("take_values(Tensor weight, Tensor bits, Tensor crow, Tensor perm, ScalarType? round_to=None) -> "
+        "(Tensor, Tensor)");
   m.def("csr_linear_t(Tensor xt, int batch, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
-  m.def("sampled_grad_rows_t(Tensor at, Tensor bt, int batch, Tensor crow, Tensor col) -> Tensor");
+  m.def("sampled_grad_rows_t(Tensor at, Tensor bt, int batch, Tensor crow, Tensor col, ScalarType? dtype=None) -> Tensor");
   m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
   m.def("sampled_grad_dense(Tensor x, Tensor grad, Tensor rows, Tensor cols, Tensor flat, int numel) -> Tensor");
 }

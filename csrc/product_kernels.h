@@ -321,19 +321,57 @@ inline void stream_fence() {
 #endif
 }
 
+// fp32 rounded to bf16 (K = 1) or fp16 (K = 2) bits, to nearest even, as ATen's conversions round (a NaN: c10's).
+template <int K>
+inline uint16_t narrow(float v) {
+  if constexpr (K == 1) return c10::BFloat16(v).x;
+  else return c10::Half(v).x;
+}
+
+#if defined(RIGL_ISA_AVX2)
+// Eight fp32 values rounded to bf16 as narrow<1> rounds, their bits in the low halves of the 32-bit lanes:
+// (u + 0x7FFF + bit 16 of u) >> 16, a NaN 0x7FC0.
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+#endif
+
+// stream_copy into a bf16 / fp16 destination, rounding each value (narrow). AVX2 and bf16: sixteen values a step,
+// rounded in registers and streamed where dst is 32-byte aligned; the rest one at a time with plain stores.
+template <int K>
+inline void stream_copy_16(uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(RIGL_ISA_AVX2)
+  if (K == 1 && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
+    for (; i + 16 <= n; i += 16) {
+      const __m256i lo = bf16_bits8(_mm256_loadu_ps(src + i)), hi = bf16_bits8(_mm256_loadu_ps(src + i + 8));
+      // packus interleaves the 128-bit lanes (lo0 hi0 lo1 hi1): the permute puts them in order
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), packed);
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = narrow<K>(src[i]);
+}
+
 // Rows mode (s.crow): rows [r0, r1) of the dense (out, in) result y. Each row is built kRowChunk columns at a time
 // in an L1 buffer (zeroed, then given the pairs' sums) and stream-copied to y: one write of y and no read of it
 // (zeroing y in place and then writing the sums into it read each of its lines from memory first: 1.3x slower at
 // 2048x2048, batch 256). The pairs of row r are [crow[r], crow[r + 1]) with columns cols[p], ascending (Tables
 // builds them so; an unsorted row is still exact, through the slow path below); the same arithmetic per pair as
-// sampled_pairs.
-template <typename IC>
+// sampled_pairs. K (s.y_kind): 0 writes fp32 y; 1 / 2 write bf16 / fp16 y16, each sum rounded once as it is streamed
+// out (a bf16 weight's gradient, without an fp32 one written and converted after).
+template <typename IC, int K>
 bool sampled_rows(const SampledView& s, int64_t r0, int64_t r1) {
   const IC* cols = static_cast<const IC*>(s.cols);
   bool ok = true;
   alignas(64) float buf[kRowChunk];
   for (int64_t r = r0; r < r1; ++r) {
-    float* yr = s.y + r * s.in;
+    float* yr = K == 0 ? s.y + r * s.in : nullptr;
+    uint16_t* yr16 = K == 0 ? nullptr : static_cast<uint16_t*>(s.y16) + r * s.in;
     const float* g = s.gt + r * s.ld;
     const int64_t e = s.crow[r + 1];
     int64_t p = s.crow[r];
@@ -360,7 +398,8 @@ bool sampled_rows(const SampledView& s, int64_t r0, int64_t r1) {
         const float* x1[1] = {s.xt + static_cast<int64_t>(c) * s.ld};
         dot_group<1>(g, x1, s.B, &buf[c - c0]);
       }
-      stream_copy(yr + c0, buf, c1 - c0);
+      if constexpr (K == 0) stream_copy(yr + c0, buf, c1 - c0);
+      else stream_copy_16<K>(yr16 + c0, buf, c1 - c0);
     }
     if (p < e) {  // pairs out of order or out of range: the rest of the row written directly (exact, slower)
       stream_fence();  // after the streamed chunks, which these stores may overwrite
@@ -371,7 +410,10 @@ bool sampled_rows(const SampledView& s, int64_t r0, int64_t r1) {
           continue;
         }
         const float* x1[1] = {s.xt + static_cast<int64_t>(c) * s.ld};
-        dot_group<1>(g, x1, s.B, &yr[c]);
+        float sum;
+        dot_group<1>(g, x1, s.B, &sum);
+        if constexpr (K == 0) yr[c] = sum;
+        else yr16[c] = narrow<K>(sum);
       }
     }
   }
@@ -449,7 +491,44 @@ inline constexpr CompressTable kCompress{};
 
 }  // namespace
 
-// Rows [r0, r1) of the fp32 (rows, cols) w packed by the bit mask: row r's active entries, in column order, go to
+// Float element kinds of the weights and inputs these kernels widen to fp32: 0 fp32, 1 bf16, 2 fp16 (the 16-bit
+// ones passed as their bits).
+template <int K>
+using Elem = std::conditional_t<K == 0, float, uint16_t>;
+
+// An element's value as fp32, exactly (bf16 is the high half of an fp32).
+template <int K>
+inline float widen(Elem<K> v) {
+  if constexpr (K == 0) {
+    return v;
+  } else if constexpr (K == 1) {
+    const uint32_t u = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  } else {
+    return c10::detail::fp16_ieee_to_fp32_value(v);
+  }
+}
+
+#if defined(RIGL_ISA_AVX2)
+// Eight consecutive elements as fp32 (bf16: a zero-extension and a shift; fp16: one at a time, no F16C assumed).
+template <int K>
+inline __m256 load8_f32(const Elem<K>* p) {
+  if constexpr (K == 0) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (K == 1) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  } else {
+    alignas(32) float f[8];
+    for (int j = 0; j < 8; ++j) f[j] = widen<2>(p[j]);
+    return _mm256_load_ps(f);
+  }
+}
+#endif
+
+// Rows [r0, r1) of the (rows, cols) w packed by the bit mask, as fp32: row r's active entries, in column order, go to
 // out[starts[r], starts[r + 1]). bits: ceil(cols / 8) bytes per row, bit j of byte b for column 8 b + j (bits past
 // cols ignored). AVX2: every byte's 8 columns loaded whole, left-packed by one permute and stored whole, without a
 // branch on the byte (at 95% sparsity a third of the bytes select something, at random: a test on each mispredicted
@@ -457,11 +536,12 @@ inline constexpr CompressTable kCompress{};
 // hence only below limit = starts[r1], this range's end. Baseline: one bit at a time. A pass over the weight at
 // about streaming speed, where gathering the entries at their positions missed the cache at every row. False where
 // a row's bits do not count its span (the caller raises; rows are then left partly written).
-bool compress_rows(const float* w, int64_t cols, const uint8_t* bits, const int64_t* starts, int64_t r0, int64_t r1,
-                   float* out) {
+template <int K>
+bool compress_rows_k(const Elem<K>* w, int64_t cols, const uint8_t* bits, const int64_t* starts, int64_t r0,
+                     int64_t r1, float* out) {
   const int64_t nb = (cols + 7) / 8, limit = starts[r1];
   for (int64_t r = r0; r < r1; ++r) {
-    const float* wr = w + r * cols;
+    const Elem<K>* wr = w + r * cols;
     const uint8_t* br = bits + r * nb;
     int64_t k = starts[r], b = 0;
     const int64_t end = starts[r + 1];
@@ -469,7 +549,7 @@ bool compress_rows(const float* w, int64_t cols, const uint8_t* bits, const int6
     for (; b < cols / 8 && k + 8 <= limit; ++b) {
       const unsigned m = br[b];
       const __m256i ix = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.idx[m]));
-      _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(wr + b * 8), ix));
+      _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(load8_f32<K>(wr + b * 8), ix));
       k += std::popcount(m);
     }
 #endif
@@ -478,12 +558,39 @@ bool compress_rows(const float* w, int64_t cols, const uint8_t* bits, const int6
       if (b * 8 + 8 > cols) m &= (1u << (cols - b * 8)) - 1;  // the bits past cols
       for (; m != 0; m &= m - 1) {
         if (k >= end) return false;
-        out[k++] = wr[b * 8 + std::countr_zero(m)];
+        out[k++] = widen<K>(wr[b * 8 + std::countr_zero(m)]);
       }
     }
     if (k != end) return false;
   }
   return true;
+}
+
+bool compress_rows(const float* w, int64_t cols, const uint8_t* bits, const int64_t* starts, int64_t r0, int64_t r1,
+                   float* out) {
+  return compress_rows_k<0>(w, cols, bits, starts, r0, r1, out);
+}
+
+// v[0, n) rounded in place to bf16 (bf16 true) or fp16 and held as fp32: the values an autocast product multiplies
+// (narrow, then widen; AVX2 and bf16: eight at a time in registers).
+void round_values(float* v, int64_t n, bool bf16) {
+  int64_t i = 0;
+#if defined(RIGL_ISA_AVX2)
+  if (bf16)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(v + i, _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(_mm256_loadu_ps(v + i)), 16)));
+#endif
+  if (bf16)
+    for (; i < n; ++i) v[i] = widen<1>(narrow<1>(v[i]));
+  else
+    for (; i < n; ++i) v[i] = widen<2>(narrow<2>(v[i]));
+}
+
+// compress_rows for a bf16 (bf16 true) or fp16 weight, given as its bits: each 8 columns widened, then packed.
+bool compress_rows_16(const uint16_t* w, bool bf16, int64_t cols, const uint8_t* bits, const int64_t* starts,
+                      int64_t r0, int64_t r1, float* out) {
+  return bf16 ? compress_rows_k<1>(w, cols, bits, starts, r0, r1, out)
+              : compress_rows_k<2>(w, cols, bits, starts, r0, r1, out);
 }
 
 // Rows [r0, r1) of src in strips of 8 rows, each across all columns in 8x8 blocks (the edges one element at a time).
@@ -499,6 +606,35 @@ void transpose_rows(const float* src, int64_t rs, int64_t cols, float* dst, int6
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = src[r * rs + c];
 }
 
+// transpose_rows for a bf16 or fp16 src: each 8x8 block widened to fp32 in an L1 buffer (a shift per element for
+// bf16, which the compiler vectorises), then transposed as fp32 blocks are; the values exact, as a converting copy's.
+template <int K>
+void transpose_rows_16_impl(const uint16_t* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,
+                            int64_t r1) {
+  alignas(32) float block[64];
+  int64_t r = r0;
+  for (; r + 8 <= r1; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      for (int64_t i = 0; i < 8; ++i) {
+        const uint16_t* s = src + (r + i) * rs + c;
+        for (int64_t j = 0; j < 8; ++j) block[i * 8 + j] = widen<K>(s[j]);
+      }
+      transpose8(block, 8, dst + c * ld + r, ld);
+    }
+    for (; c < cols; ++c)
+      for (int64_t i = r; i < r + 8; ++i) dst[c * ld + i] = widen<K>(src[i * rs + c]);
+  }
+  for (; r < r1; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = widen<K>(src[r * rs + c]);
+}
+
+void transpose_rows_16(const uint16_t* src, bool bf16, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,
+                       int64_t r1) {
+  if (bf16) transpose_rows_16_impl<1>(src, rs, cols, dst, ld, r0, r1);
+  else transpose_rows_16_impl<2>(src, rs, cols, dst, ld, r0, r1);
+}
+
 bool sparse_product(const ProductView& p) {
   if (p.crow != nullptr) return run_values(p, CSRRows{p.crow});
   return run_values(p, FanInRows{p.k});
@@ -509,7 +645,13 @@ bool sampled_product(const SampledView& s) {
     std::atomic<bool> ok{true};
     const int64_t per_row = (s.out ? s.nnz / s.out : 0) * (2 + s.B / 8) + s.in / 16 + 1;  // pairs, then zeroing
     parallel_work(s.out, per_row, [&](int64_t r0, int64_t r1) {
-      if (!(s.cols16 ? sampled_rows<int16_t>(s, r0, r1) : sampled_rows<int32_t>(s, r0, r1))) ok = false;
+      bool fine;
+      switch (s.y_kind) {
+        case 1: fine = s.cols16 ? sampled_rows<int16_t, 1>(s, r0, r1) : sampled_rows<int32_t, 1>(s, r0, r1); break;
+        case 2: fine = s.cols16 ? sampled_rows<int16_t, 2>(s, r0, r1) : sampled_rows<int32_t, 2>(s, r0, r1); break;
+        default: fine = s.cols16 ? sampled_rows<int16_t, 0>(s, r0, r1) : sampled_rows<int32_t, 0>(s, r0, r1);
+      }
+      if (!fine) ok = false;
     });
     return ok.load();
   }

@@ -342,13 +342,14 @@ def _register_export_fakes() -> None:
         return t.new_empty((t.shape[1], b + 64 if b > 1 and b % 1024 == 0 else b), dtype=torch.float32)
 
     @torch.library.register_fake("rigl_fast::take_values")
-    def _take_values(weight, bits, crow, perm):
+    def _take_values(weight, bits, crow, perm, round_to=None):
         return perm.new_empty(perm.shape, dtype=torch.float32), perm.new_empty(perm.shape, dtype=torch.float32)
 
     torch.library.register_fake("rigl_fast::csr_linear_t")(
         lambda xt, batch, crow, col, values, n: xt.new_empty((batch, n)))
     torch.library.register_fake("rigl_fast::sampled_grad_rows_t")(
-        lambda at, bt, batch, crow, col: at.new_empty((at.shape[0], bt.shape[0])))
+        lambda at, bt, batch, crow, col, dtype=None: at.new_empty((at.shape[0], bt.shape[0]),
+                                                                  dtype=dtype or torch.float32))
 
 
 class CppBackend(Backend):

@@ -372,11 +372,13 @@ def test_buffer_pool_reuses_a_freed_buffer_and_never_a_live_one(op):
     assert ops.held_buffer_bytes() == 0
 
 
-@pytest.mark.parametrize("inp", [9000, 9001])
-def test_rows_gradient_over_chunks_unaligned_and_unsorted_rows(op, inp):
+@pytest.mark.parametrize("inp", [8992, 9000, 9001])
+def test_rows_gradient_over_chunks_unaligned_and_unsorted_rows(op, isa, inp):
     """sampled_grad_rows_t builds each row 4096 columns at a time and streams it out (product_kernels.h): rows
     wider than two chunks, rows not 16-byte aligned (9001 columns), a row whose columns are not ascending and one
-    with no pairs give sampled_grad_dense's result bitwise; an index out of range mid-row raises."""
+    with no pairs give sampled_grad_dense's result bitwise; in bf16 / fp16 (a bf16 / fp16 weight's gradient,
+    rounded as it is streamed out: rows whose bf16 start is 32-byte aligned (8992 columns), every other one (9000),
+    none (9001)) that result's .to(dtype), bitwise; an index out of range mid-row raises; both builds."""
     ops = torch.ops.rigl_fast
     g = torch.Generator().manual_seed(2213)
     out, B = 7, 33
@@ -391,17 +393,49 @@ def test_rows_gradient_over_chunks_unaligned_and_unsorted_rows(op, inp):
     want = ops.sampled_grad_dense(x, grad, rows.int(), cols.int(), rows * inp + cols, out * inp).view(out, inp)
     assert torch.equal(ops.sampled_grad_rows_t(gt, xt, B, crow, cols.int()), want)
     assert int((want[2] != 0).sum()) > 50 and not want[4].any()
+    for dtype in (torch.bfloat16, torch.float16):
+        got = ops.sampled_grad_rows_t(gt, xt, B, crow, cols.int(), dtype)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
     bad = cols.clone()
     bad[int(crow[3]) + 3] = inp
-    with pytest.raises(RuntimeError, match="out of range"):
-        ops.sampled_grad_rows_t(gt, xt, B, crow, bad.int())
+    for dtype in (None, torch.bfloat16):
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops.sampled_grad_rows_t(gt, xt, B, crow, bad.int(), dtype)
+    with pytest.raises(RuntimeError, match="dtype must be float32, bfloat16 or float16"):
+        ops.sampled_grad_rows_t(gt, xt, B, crow, cols.int(), torch.float64)
+
+
+def test_narrowed_rows_gradient_rounds_ties_nan_and_overflow_as_torch(op, isa):
+    """The bf16 / fp16 gradient's rounding (sampled_grad_rows_t with dtype): sums at ties between two bf16 / fp16
+    values (to even), past their largest finite value (to inf), tiny ones (fp16 subnormals, to 0), -0, inf and NaN
+    (any NaN: torch's own conversion gives other NaN payloads in its vector and scalar paths), as .to(dtype) rounds
+    them; 24 columns, so both the 16-wide vector steps and the scalar tail round."""
+    ops = torch.ops.rigl_fast
+    special = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -11, 1 + 3 * 2 ** -11, 3.4e38,
+                            -3.4e38, 65520.0, 70000.0, 2 ** -26, -0.0, float("inf"), float("-inf"), float("nan"),
+                            5e-8, 1 + 2 ** -9, 1.00390625, 0.1, -7.0, 1e-40, 2.5, 1234.5678, 3.0, -1e30])
+    inp = special.numel()
+    x = special.view(1, inp).repeat(2, 1)
+    x[1] = 0.0  # a batch of 2 (the shared transposes' smallest); the second row adds +0 to each sum
+    grad = torch.ones(2, 1)
+    xt, gt = ops.transpose_f32(x), ops.transpose_f32(grad)
+    crow, cols = torch.tensor([0, inp]), torch.arange(inp, dtype=torch.int32)
+    want = ops.sampled_grad_rows_t(gt, xt, 2, crow, cols)
+    assert torch.equal(want[0, :10], special[:10])  # the sums are the special values themselves
+    for dtype in (torch.bfloat16, torch.float16):
+        got = ops.sampled_grad_rows_t(gt, xt, 2, crow, cols, dtype)
+        torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0, equal_nan=True)
+        keep = ~want.isnan()  # the signs too (a NaN's sign is part of its payload)
+        assert torch.equal(got.float().signbit()[keep], want.to(dtype).float().signbit()[keep])
+        assert bool(got.isnan()[0, 13]) and bool(got.isinf()[0, 5]) and bool(got.isinf()[0, 6])
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_take_values_packs_both_orders(op, isa, transposed):
     """take_values: the active weights packed by the mask's bits in the weight's storage order, then permuted to
     the other order, equal to index_select at the entries' positions in row and in column order (a Conv1D's
-    transposed storage gives the column order first), converted to fp32 from every float dtype: columns around
+    transposed storage gives the column order first), converted to fp32 from every float dtype (rounded to bf16 /
+    fp16 where round_to asks: ties, overflow, NaN, inf, an fp16 underflow, as .to() rounds): columns around
     the 8-column byte (3, 8, 13, 101), an empty mask, a full one, a strided weight; bits that do not count a row's
     span, a permutation out of range and wrong argument types raise naming the argument; on threads (a region) as
     on one, bitwise; both builds."""
@@ -419,6 +453,17 @@ def test_take_values_packs_both_orders(op, isa, transposed):
             assert v.dtype == vt.dtype == torch.float32
             assert torch.equal(v, want) and torch.equal(vt, want[t.perm])
             assert torch.equal(ops.take_values(w.t().contiguous().t(), *t.pack)[0], packed)  # strides
+            if dtype == torch.float32:  # autocast's values: rounded to its dtype, held in fp32
+                w.view(-1)[t.flat[:8]] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -11, 3.4e38, 65520.0,
+                                                       float("nan"), -float("inf"), 2 ** -26])[:t.flat.numel()]
+                for low in (torch.bfloat16, torch.float16):
+                    v, vt = ops.take_values(w, *t.pack, low)
+                    v, vt = (vt, v) if transposed else (v, vt)
+                    want = torch.index_select(w.reshape(-1), 0, t.flat).to(low).float()
+                    torch.testing.assert_close(v, want, rtol=0, atol=0, equal_nan=True)
+                    torch.testing.assert_close(vt, want[t.perm], rtol=0, atol=0, equal_nan=True)
+            elif dtype == torch.bfloat16:  # a weight in the product's dtype already: nothing to round
+                assert torch.equal(ops.take_values(w, *t.pack, torch.bfloat16)[0], packed)
     t = Tables(torch.rand(2000, 1500, generator=g) < 0.4, transposed, False)  # 1.2M values: two threads' work
     w = torch.randn(2000, 1500, generator=g)
     before = torch.get_num_threads()
@@ -444,12 +489,14 @@ def test_take_values_packs_both_orders(op, isa, transposed):
                       ((w, fewer, crow, perm), "bits select other counts of entries per row than crow"),
                       ((w, bits, crow, perm + 1), "perm holds a position outside \\[0, 4\\)"),
                       ((w, bits, crow, perm.double()), "perm must be a 1-D int32 or int64"),
+                      ((w, bits, crow, perm, torch.float64), "round_to must be float32, bfloat16 or float16"),
                       ((w, bits.int(), crow, perm), "bits must be uint8 of shape \\(4, 1\\)"),
                       ((w, bits, crow[:-1], perm), "crow must have out_features \\+ 1 = 5 entries"),
                       ((w.int(), bits, crow, perm), "weight must be a 2-D floating")):
         with pytest.raises(RuntimeError, match=msg):
             ops.take_values(*args)
     torch.library.opcheck(ops.take_values.default, (w, bits, crow, perm))
+    torch.library.opcheck(ops.take_values.default, (w, bits, crow, perm, torch.bfloat16))
 
 
 def test_shared_transpose_ops_refuse_bad_input(op):
@@ -474,7 +521,9 @@ def test_shared_transpose_ops_refuse_bad_input(op):
         with pytest.raises(RuntimeError, match=msg):
             call()
     for f, args in ((ops.transpose_f32.default, (x,)), (ops.csr_linear_t.default, (xt, 4, crow, col, values, 3)),
-                    (ops.sampled_grad_rows_t.default, (gt, xt, 4, crow, col))):
+                    (ops.sampled_grad_rows_t.default, (gt, xt, 4, crow, col)),
+                    (ops.sampled_grad_rows_t.default, (gt, xt, 4, crow, col, torch.bfloat16)),
+                    (ops.transpose_f32.default, (x.to(torch.bfloat16),))):
         torch.library.opcheck(f, args)
 
 
