@@ -15,10 +15,11 @@ dict, a device move), never per step; the active values are taken from the dense
 
 Kernels (`compute_ops.py`): the C++ ones on CPU for fp32/fp16/bf16, the Triton ones on CUDA, else the plain-
 PyTorch reference, which defines the result and accumulates in fp32 (fp64 for fp64 inputs). Outputs are
-accumulated in fp32 and rounded once, as a dense matmul rounds, in another summation order. In fp32 on the C++
-kernels the same products run over inputs transposed once and shared: x's transpose is saved in place of x for the
-weight gradient, the output gradient is transposed once for both backward products, the values are packed in
-both orders by one op, and the weight gradient is written row by row (bitwise the same results).
+accumulated in fp32 and rounded once, as a dense matmul rounds, in another summation order. On the C++ kernels
+(fp32, fp16, bf16) the same products run over inputs transposed once, converted to fp32, and shared: x's transpose
+is saved in place of x for the weight gradient, the output gradient is transposed once for both backward products,
+the values are packed in both orders by one op, and the weight gradient is written row by row (bitwise the same
+results).
 
 Dense-computed (their forward unchanged; `summary()` says which and why): convolutions, nn.MultiheadAttention's
 projections, N:M layers, subclasses whose forward is not nn.Linear's / Conv1D's, and dense layers.
@@ -126,14 +127,16 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, st, t):
         ctx.st, ctx.t, ctx.batch = st, t, x.shape[0]
-        # fp32 on the C++ kernels: x transposed once, for the product and kept for the weight gradient (saved in
-        # place of x), so the backward does not transpose it again; the values gathered in both orders in one op
+        # on the C++ kernels (fp32, fp16, bf16): x transposed once to fp32, for the product and kept for the weight
+        # gradient (saved in place of x), so the backward does not transpose it again; the values gathered in
+        # both orders in one op, as fp32; the products in fp32, rounded once to x's dtype (as the general
+        # products do: bitwise the same)
         xt = _kops.transposed_input(x)
         ctx.x_transposed = xt is not None
         if xt is not None:
-            values, vt = _kops.take_values(weight, t)
+            values, vt = _kops.take_values(weight, t, x.dtype)
             ctx.save_for_backward(xt, weight, vt)
-            return _kops.forward_t(xt, ctx.batch, t, values)
+            return _kops.forward_t(xt, ctx.batch, t, values).to(x.dtype)
         values = _kops.take(weight, t.flat).to(x.dtype)
         # the values in column order for the input gradient, permuted now while they are in cache
         vt = torch.index_select(values, 0, t.perm) if ctx.needs_input_grad[0] else None
@@ -146,20 +149,20 @@ class _SparseLinear(torch.autograd.Function):
         st, t, batch = ctx.st, ctx.t, ctx.batch
         g = g.contiguous()
         xt = gt = None
-        if ctx.x_transposed:  # x is its transpose; g is transposed once, for both products
+        if ctx.x_transposed:  # x is its fp32 transpose (exact); g is transposed once, for both products
             xt, x = x, x[:, :batch].t()
             gt = _kops.transposed_input(g)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            vt = vt.to(g.dtype)
-            dx = _kops.transposed(g, t, vt) if gt is None else _kops.transposed_t(gt, batch, t, vt)
+            dx = (_kops.transposed(g, t, vt.to(g.dtype)) if gt is None
+                  else _kops.transposed_t(gt, batch, t, vt).to(g.dtype))
         if ctx.needs_input_grad[1]:
             if st.dense_window():  # the dense gradient, for the growth scores the hooks accumulate
-                full = g.t().to(x.dtype) @ x  # (out, in), as F.linear's backward computes it
+                full = g.t() @ x.to(g.dtype)  # (out, in), as F.linear's backward computes it (in the product's dtype)
                 dw = (full.t() if st.transposed else full).to(weight.dtype)
             else:
                 dw = (_kops.sampled_dense(x, g, t, weight.numel()) if gt is None
-                      else _kops.sampled_rows_t(xt, gt, batch, t, st.transposed))
+                      else _kops.sampled_rows_t(xt, gt, batch, t, st.transposed, weight.dtype))
                 dw = dw.view(weight.shape).to(weight.dtype)
                 dw._rigl_fast_masked = True  # exactly 0 off the mask: the hook need not mask it (hooks.py)
         return dx, dw, None, None

@@ -8,7 +8,7 @@ reference, which defines the results and runs where no kernel takes the inputs (
     sampled_dense(x, g, t, n)  -> the same written at t.flat of a zeroed (n,) vector: the dense weight gradient
     transposed_input(x), take_values, forward_t, transposed_t, sampled_rows_t: the same products over inputs
                                transposed once and shared between them, the values gathered in both orders by
-                               one op (C++, fp32)
+                               one op (C++; fp32, fp16 and bf16 inputs, in fp32 arithmetic as above)
     release_buffers()          frees the large buffers those C++ ops keep for reuse between steps
 
 `t` is a compute.Tables; `values` are the active weights in its row order (forward) or column order
@@ -113,9 +113,10 @@ def transposed(g, t, values):
 
 def transposed_input(x):
     """x (B, n) transposed once to (n, lanes) fp32, as the shared-transpose products below take it (the forward's x
-    kept for the weight gradient; the output gradient for both backward products): C++ on CPU, fp32, B > 1; None
-    elsewhere (then the products above, which transpose their inputs themselves)."""
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] < 2:
+    kept for the weight gradient; the output gradient for both backward products): C++ on CPU, fp32/fp16/bf16 (fp16
+    and bf16 converted exactly as they are transposed), B > 1; None elsewhere (then the products above, which
+    transpose their inputs themselves)."""
+    if x.dtype not in _CPP_DTYPES or x.dim() != 2 or x.shape[0] < 2:
         return None
     op = _cpp("transpose_f32", x)
     return None if op is None else op(x)
@@ -126,33 +127,40 @@ def take(weight, flat):
     return torch.index_select(weight.reshape(-1), 0, flat)
 
 
-def take_values(weight, t):
-    """(values, values_t): the active weights in row and in column order, fp32, in one C++ op (the shared-
-    transpose path's; fp32 x there, so fp32 is x's dtype): packed in the weight's storage order by the mask's
-    bits, then permuted to the other order (Tables.pack)."""
+def take_values(weight, t, dtype=torch.float32):
+    """(values, values_t): the active weights in row and in column order, as fp32, in one C++ op (the shared-
+    transpose path's): packed in the weight's storage order by the mask's bits, then permuted to the other order
+    (Tables.pack). Rounded to `dtype`, the product's (autocast's), where the weight has another: the values
+    F.linear would multiply, held in fp32."""
+    round_to = None if dtype in (torch.float32, weight.dtype) else dtype
     op = _cpp("take_values", weight)
     if op is None:  # a weight dtype the C++ ops do not take: the same gathers in PyTorch
-        values = take(weight, t.flat).float()
+        values = take(weight, t.flat)
+        values = (values if round_to is None else values.to(round_to)).float()
         return values, torch.index_select(values, 0, t.perm)
-    packed, permuted = op(weight, *t.pack)
+    packed, permuted = op(weight, *t.pack, round_to)  # rounded in C++ before the permutation
     return (permuted, packed) if t.transposed else (packed, permuted)
 
 
 def forward_t(xt, batch, t, values):
-    """forward() over xt = transposed_input(x) (fp32 values): bitwise the same."""
+    """forward() over xt = transposed_input(x) (fp32 values), in fp32: bitwise the same once rounded to x's dtype."""
     return _cpp("csr_linear_t", xt, values)(xt, batch, t.crow, t.cols, values, t.out)
 
 
 def transposed_t(gt, batch, t, values):
-    """transposed() over gt = transposed_input(g) (fp32 values in column order): bitwise the same."""
+    """transposed() over gt = transposed_input(g) (fp32 values in column order), in fp32: bitwise the same once
+    rounded to g's dtype."""
     return _cpp("csr_linear_t", gt, values)(gt, batch, t.ccol, t.t_rows, values, t.n_in)
 
 
-def sampled_rows_t(xt, gt, batch, t, transposed):
+def sampled_rows_t(xt, gt, batch, t, transposed, dtype=torch.float32):
     """sampled_dense() over the transposed x and g of one batch, as the weight's 2-D shape: (out, in), or the
-    (in, out) storage of a transposed (Conv1D) weight, row by row over its column structure. Bitwise the same."""
+    (in, out) storage of a transposed (Conv1D) weight, row by row over its column structure. Bitwise the same; in
+    bf16 / fp16 where `dtype` (the weight's) is one, each sum rounded once as it is written, fp32 otherwise."""
     op = _cpp("sampled_grad_rows_t", xt, gt)
-    return op(xt, gt, batch, t.ccol, t.t_rows) if transposed else op(gt, xt, batch, t.crow, t.cols)
+    out = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return (op(xt, gt, batch, t.ccol, t.t_rows, out) if transposed
+            else op(gt, xt, batch, t.crow, t.cols, out))
 
 
 def release_buffers() -> int:

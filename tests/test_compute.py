@@ -42,7 +42,9 @@ def _loss(model, kind, gen, dtype):
     return model(input_ids=ids, labels=ids).loss
 
 
-def _run(compute, kind="mlp", opt="sgd", acc=1, structure="unstructured", steps=11, dtype=torch.float64):
+def _run(compute, kind="mlp", opt="sgd", acc=1, structure="unstructured", steps=11, dtype=torch.float64,
+         autocast=None):
+    """`steps` training steps; autocast: a dtype to run the forward passes under torch.autocast (CPU) in."""
     torch.manual_seed(1)
     model = (_mlp if kind == "mlp" else _gpt2)(dtype)
     o = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt == "sgd"
@@ -52,7 +54,9 @@ def _run(compute, kind="mlp", opt="sgd", acc=1, structure="unstructured", steps=
     masks = []
     for _ in range(steps):
         for _ in range(acc):
-            (_loss(model, kind, gen, dtype) / acc).backward()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                loss = _loss(model, kind, gen, dtype)
+            (loss / acc).backward()
         if p():
             o.step()
         o.zero_grad()
@@ -371,12 +375,22 @@ def test_callbacks_take_compute():
         hf.RigLCallback(dense_allocation=0.3, compute="bogus")
 
 
-@pytest.mark.parametrize("kind,structure", [("mlp", "unstructured"), ("mlp", "fan_in"), ("gpt2", "unstructured")])
-def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure):
-    """fp32 on the C++ kernels: the forward's transposed x is kept for the weight gradient and the output gradient
-    transposed once for both backward products (compute_ops.transposed_input), the weight gradient written row by
-    row (GPT-2: Conv1D's transposed storage); the same training as with every product transposing its own inputs,
-    bitwise (before the first dense window)."""
+PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
+              "autocast-bf16": (torch.float32, torch.bfloat16)}
+
+
+# fp16 on the MLPs only (GPT-2's own fp16 CPU matmuls, attention's, are slow)
+@pytest.mark.parametrize("kind,structure,precision",
+                         [(k, s, p) for k, s in (("mlp", "unstructured"), ("mlp", "fan_in"), ("gpt2", "unstructured"))
+                          for p in PRECISIONS if not (k == "gpt2" and p == "fp16")])
+def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure, precision):
+    """On the C++ kernels: the forward's x transposed to fp32 is kept for the weight gradient and the output
+    gradient transposed once for both backward products (compute_ops.transposed_input), the values packed by one op
+    (rounded there to autocast's dtype), the weight gradient written row by row (GPT-2: Conv1D's transposed storage;
+    a bf16 / fp16 weight's rounded as it is written); the same training as with every product transposing its own
+    inputs, bitwise (before the first dense window): fp32, bf16 and fp16 models and an fp32 one under bf16
+    autocast."""
+    dtype, autocast = PRECISIONS[precision]
     used = []
     real = K.transposed_input
 
@@ -386,12 +400,12 @@ def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure):
         return r
 
     monkeypatch.setattr(K, "transposed_input", spy)
-    shared, _, _ = _run("sparse", kind, dtype=torch.float32, steps=2, structure=structure)
+    shared, _, _ = _run("sparse", kind, dtype=dtype, steps=2, structure=structure, autocast=autocast)
     assert used and all(used)  # every sparse layer's forward and backward took the shared path
     monkeypatch.setattr(K, "transposed_input", lambda x: None)
-    plain, _, _ = _run("sparse", kind, dtype=torch.float32, steps=2, structure=structure)
+    plain, _, _ = _run("sparse", kind, dtype=dtype, steps=2, structure=structure, autocast=autocast)
     for a, b in zip(shared.parameters(), plain.parameters()):
-        assert torch.equal(a, b)
+        assert a.dtype == dtype and torch.equal(a, b)
 
 
 def test_take_values_falls_back_for_dtypes_the_cpp_ops_do_not_take():
