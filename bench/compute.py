@@ -58,6 +58,15 @@ def settings(quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ set-up
 DISTRIBUTION = ["uniform"]  # --distribution: the schedulers' sparsity_distribution
+# --precision of the layer and window parts: "fp32"; "bf16" (the layer, its input and output gradient in bf16);
+# "autocast-bf16" (an fp32 layer called under torch.autocast("cpu", bfloat16))
+PRECISIONS = ("fp32", "bf16", "autocast-bf16")
+PRECISION = ["fp32"]
+
+
+def _dtype() -> torch.dtype:
+    """The layer's (and its input's) dtype under PRECISION."""
+    return torch.bfloat16 if PRECISION[0] == "bf16" else torch.float32
 
 
 def _scheduler(model, opt, sparsity, mode, delta, seed):
@@ -91,7 +100,8 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
     """{name: call} for one nn.Linear under a dense- and a sparse-compute scheduler, for each window flag, and
     the layer's actual density (pruner.stats())."""
     torch.manual_seed(seed)
-    base = nn.Linear(inp, out)
+    base = nn.Linear(inp, out).to(_dtype())
+    autocast = PRECISION[0] == "autocast-bf16"
     fns, density = {}, None
     for window in windows:
         scheds = {}
@@ -106,7 +116,9 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
 
             def call(layer=layer):
                 layer.weight.grad = layer.bias.grad = x.grad = None
-                layer(x).backward(g)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    y = layer(x)
+                y.backward(g.to(y.dtype))
                 return x.grad, layer.weight.grad
 
             fns[mode + (" in window" if window else "")] = call
@@ -116,12 +128,14 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
 
 
 def _agree(fns):
-    """Warm-up call of every contender, each checked against the first one's dx and masked dW."""
+    """Warm-up call of every contender, each checked against the first one's dx and masked dW (in fp32 within
+    1e-3; in bf16 or under bf16 autocast within two bf16 roundings of the result, 2^-7 relative)."""
+    tol = 1e-3 if PRECISION[0] == "fp32" else 2 ** -7
     want = None
     for fn in fns.values():
-        got = [t.clone() for t in fn()]
+        got = [t.clone().float() for t in fn()]
         for a, b in zip(got, want or got):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(a, b, rtol=tol, atol=1e-3)
         want = want or got
 
 
@@ -145,8 +159,8 @@ def measure_layers(cfg, load, window: bool, log=print) -> list:
         for batch in batches:
             seed = out * 7919 + inp * 31 + batch
             gen = torch.Generator().manual_seed(seed)
-            x = torch.randn(batch, inp, generator=gen).requires_grad_()
-            g = torch.randn(batch, out, generator=gen)
+            x = torch.randn(batch, inp, generator=gen).to(_dtype()).requires_grad_()
+            g = torch.randn(batch, out, generator=gen).to(_dtype())
             n = None
             for sparsity in sparsities:
                 fns, density = _layer_contenders(out, inp, sparsity, x, g, windows, seed)
@@ -336,7 +350,7 @@ def run(quick: bool, parts=PARTS, loaded=True, repeats=None, periods=None, log=p
             rows += measure(cfg, parts, "loaded", False, log)[0]
         notes.append(contention.NOTE)
     notes.append(f"sparsity_distribution={DISTRIBUTION[0]!r} (density: the candidates' overall, from stats())")
-    return {"meta": report.meta(torch.device("cpu")), "quick": quick, "parts": list(parts),
+    return {"meta": report.meta(torch.device("cpu")), "quick": quick, "parts": list(parts), "precision": PRECISION[0],
             "repeats": cfg["repeats"], "settings": cfg, "rows": rows, "memory": mem, "notes": notes,
             "seconds": time.perf_counter() - t0}
 
@@ -422,7 +436,8 @@ def markdown(res) -> str:
     lines = [f"# Sparse compute in training: compute='sparse' vs compute='dense' ({m['device_name']})", "",
              f"{m['date']}, commit {m['git_commit']}{' (dirty tree)' if m.get('git_dirty') else ''}, torch "
              f"{m['torch']}, python {m['python']}, rigl-torch {m['rigl_torch']}, {m['cpu_count']} CPUs, "
-             f"{m['torch_threads']} threads, fp32; {res['seconds']:.0f} s in all"
+             f"{m['torch_threads']} threads, {res.get('precision', 'fp32')} (the layer and window parts; the "
+             f"training parts in fp32); {res['seconds']:.0f} s in all"
              f"{' (--quick: tiny shapes, not a result)' if res['quick'] else ''}. Speed-ups are dense / sparse "
              "medians from the same run (> 1: sparse compute is faster), the contenders alternating in every "
              "repeat; bench/compute.py says exactly what is timed.", ""]
@@ -485,13 +500,16 @@ def main(argv=None):
     ap.add_argument("--tag", default=None, help="suffix of the result files' names (<device>-compute-<tag>.*)")
     ap.add_argument("--distribution", choices=("uniform", "erk"), default="uniform",
                     help="the schedulers' sparsity_distribution ('uniform' keeps the first layer dense)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="the layer and window parts' precision: fp32, bf16 (a bf16 layer), or autocast-bf16 (an "
+                         "fp32 layer under torch.autocast)")
     a = ap.parse_args(argv)
     if a.tag is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", a.tag):
         ap.error("--tag: lower-case letters, digits and '-' only")
     parts = [p for p in a.parts.split(",") if p]
     if not parts or any(p not in PARTS for p in parts):
         ap.error(f"--parts: a comma-separated subset of {','.join(PARTS)}")
-    DISTRIBUTION[0] = a.distribution
+    DISTRIBUTION[0], PRECISION[0] = a.distribution, a.precision
     res = run(a.quick, parts, not a.no_load, a.repeats, a.periods)
     out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
     os.makedirs(out, exist_ok=True)

@@ -97,7 +97,22 @@ def test_compute_bench_quick_loaded(tmp_path):
     assert " · " in open(stem + ".md").read()  # quiet · loaded cells
 
 
+@pytest.mark.parametrize("precision", ["bf16", "autocast-bf16"])
+def test_compute_bench_quick_in_bf16(tmp_path, precision):
+    """--precision: the per-layer parts with a bf16 layer, or an fp32 one under bf16 autocast (the two modes'
+    results checked to agree within bf16 rounding before timing); the report says which."""
+    stem = bench_compute.main(["--quick", "--no-load", "--parts", "layer,window", "--precision", precision,
+                               "--out", str(tmp_path)])
+    res = json.load(open(stem + ".json"))
+    assert res["precision"] == precision
+    _check_rows(res["rows"], bench_compute.settings(True), ("layer", "window"), {"quiet"})
+    assert f"{precision} (the layer and window parts" in open(stem + ".md").read()
+    assert bench_compute.PRECISION == [precision]
+    bench_compute.main(["--quick", "--no-load", "--parts", "layer", "--out", str(tmp_path)])
+    assert bench_compute.PRECISION == ["fp32"]  # the default again
+
+
 def test_compute_bench_rejects_bad_arguments(tmp_path):
-    for argv in (["--parts", "layer,nope"], ["--tag", "Bad Tag"], ["--parts", ""]):
+    for argv in (["--parts", "layer,nope"], ["--tag", "Bad Tag"], ["--parts", ""], ["--precision", "fp8"]):
         with pytest.raises(SystemExit):
             bench_compute.main(["--quick", "--no-load", "--out", str(tmp_path)] + argv)
