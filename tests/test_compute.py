@@ -388,8 +388,9 @@ def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure, 
     gradient transposed once for both backward products (compute_ops.transposed_input), the values packed by one op
     (rounded there to autocast's dtype), the weight gradient written row by row (GPT-2: Conv1D's transposed storage;
     a bf16 / fp16 weight's rounded as it is written); the same training as with every product transposing its own
-    inputs, bitwise (before the first dense window): fp32, bf16 and fp16 models and an fp32 one under bf16
-    autocast."""
+    inputs, bitwise, through a dense window and the update after it (the same masks; the window's matmul takes x as
+    the saved transpose's view there, an equal matmul at these sizes): fp32, bf16 and fp16 models and an fp32 one
+    under bf16 autocast."""
     dtype, autocast = PRECISIONS[precision]
     used = []
     real = K.transposed_input
@@ -400,12 +401,14 @@ def test_shared_transposes_change_nothing_bitwise(monkeypatch, kind, structure, 
         return r
 
     monkeypatch.setattr(K, "transposed_input", spy)
-    shared, _, _ = _run("sparse", kind, dtype=dtype, steps=2, structure=structure, autocast=autocast)
+    shared, p, masks = _run("sparse", kind, dtype=dtype, steps=4, structure=structure, autocast=autocast)
     assert used and all(used)  # every sparse layer's forward and backward took the shared path
+    assert p.rigl_steps == 1 and not all(torch.equal(a, b) for a, b in zip(masks[0], masks[-1]) if a is not None)
     monkeypatch.setattr(K, "transposed_input", lambda x: None)
-    plain, _, _ = _run("sparse", kind, dtype=dtype, steps=2, structure=structure, autocast=autocast)
+    plain, _, plain_masks = _run("sparse", kind, dtype=dtype, steps=4, structure=structure, autocast=autocast)
     for a, b in zip(shared.parameters(), plain.parameters()):
         assert a.dtype == dtype and torch.equal(a, b)
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(masks[-1], plain_masks[-1]))
 
 
 def test_take_values_falls_back_for_dtypes_the_cpp_ops_do_not_take():
