@@ -217,8 +217,8 @@ at::Tensor transpose_f32(const at::Tensor& t) {
 // other order, gathered from the packed values while they are in cache). bits: uint8 (rows, ceil(cols / 8)), bit j
 // of byte b for column 8 b + j. fp32 from any float weight (bf16 and fp16 widened as they are packed, fp64
 // converted first); round_to bf16 / fp16 (autocast's dtype, where the weight has another): each value rounded to
-// it, still held as fp32 (the values F.linear would multiply). The packing streams the weight (product_kernels.h: compress_rows), where gathering the entries at
-// their positions missed the cache at every row: 2-3x faster.
+// it, still held as fp32 (the values F.linear would multiply). The packing streams the weight (product_kernels.h:
+// compress_rows), where gathering the entries at their positions missed the cache at every row: 2-3x faster.
 std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, const at::Tensor& bits_in,
                                                const at::Tensor& crow_in, const at::Tensor& perm_in,
                                                std::optional<at::ScalarType> round_to) {
@@ -421,7 +421,8 @@ TORCH_LIBRARY_FRAGMENT(rigl_fast, m) {
   m.def("take_values(Tensor weight, Tensor bits, Tensor crow, Tensor perm, ScalarType? round_to=None) -> "
         "(Tensor, Tensor)");
   m.def("csr_linear_t(Tensor xt, int batch, Tensor crow, Tensor col, Tensor values, int out_features) -> Tensor");
-  m.def("sampled_grad_rows_t(Tensor at, Tensor bt, int batch, Tensor crow, Tensor col, ScalarType? dtype=None) -> Tensor");
+  m.def("sampled_grad_rows_t(Tensor at, Tensor bt, int batch, Tensor crow, Tensor col, ScalarType? dtype=None) -> "
+        "Tensor");
   m.def("sampled_grad(Tensor x, Tensor grad, Tensor rows, Tensor cols) -> Tensor");
   m.def("sampled_grad_dense(Tensor x, Tensor grad, Tensor rows, Tensor cols, Tensor flat, int numel) -> Tensor");
 }
