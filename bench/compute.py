@@ -58,15 +58,25 @@ def settings(quick: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ set-up
 DISTRIBUTION = ["uniform"]  # --distribution: the schedulers' sparsity_distribution
-# --precision of the layer and window parts: "fp32"; "bf16" (the layer, its input and output gradient in bf16);
-# "autocast-bf16" (an fp32 layer called under torch.autocast("cpu", bfloat16))
+# --precision of every part: "fp32"; "bf16" (the model, its inputs and the layer's output gradient in bf16);
+# "autocast-bf16" (an fp32 model whose forward runs under torch.autocast("cpu", bfloat16))
 PRECISIONS = ("fp32", "bf16", "autocast-bf16")
 PRECISION = ["fp32"]
 
 
 def _dtype() -> torch.dtype:
-    """The layer's (and its input's) dtype under PRECISION."""
+    """The model's (and its inputs') dtype under PRECISION."""
     return torch.bfloat16 if PRECISION[0] == "bf16" else torch.float32
+
+
+def _autocast():
+    """The forward's context under PRECISION: bf16 autocast, or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION[0] == "autocast-bf16")
+
+
+def _tol() -> float:
+    """How close the two modes' results must be before timing: 1e-3 relative in fp32, two bf16 roundings else."""
+    return 1e-3 if PRECISION[0] == "fp32" else 2 ** -7
 
 
 def _scheduler(model, opt, sparsity, mode, delta, seed):
@@ -101,7 +111,6 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
     the layer's actual density (pruner.stats())."""
     torch.manual_seed(seed)
     base = nn.Linear(inp, out).to(_dtype())
-    autocast = PRECISION[0] == "autocast-bf16"
     fns, density = {}, None
     for window in windows:
         scheds = {}
@@ -116,7 +125,7 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
 
             def call(layer=layer):
                 layer.weight.grad = layer.bias.grad = x.grad = None
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                with _autocast():
                     y = layer(x)
                 y.backward(g.to(y.dtype))
                 return x.grad, layer.weight.grad
@@ -130,7 +139,7 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
 def _agree(fns):
     """Warm-up call of every contender, each checked against the first one's dx and masked dW (in fp32 within
     1e-3; in bf16 or under bf16 autocast within two bf16 roundings of the result, 2^-7 relative)."""
-    tol = 1e-3 if PRECISION[0] == "fp32" else 2 ** -7
+    tol = _tol()
     want = None
     for fn in fns.values():
         got = [t.clone().float() for t in fn()]
@@ -191,7 +200,8 @@ class _Run:
         self.model, self.opt, self.sched, self.loss_fn = model, opt, sched, loss_fn
 
     def step(self):
-        loss = self.loss_fn(self.model)
+        with _autocast():
+            loss = self.loss_fn(self.model)
         loss.backward()
         if self.sched():
             self.opt.step()
@@ -204,9 +214,9 @@ def _mlp(c):
     layers = [nn.Linear(c["inp"], c["width"])]
     for _ in range(c["depth"]):
         layers += [nn.ReLU(), nn.Linear(c["width"], c["width"])]
-    x, target = torch.randn(c["batch"], c["inp"]), torch.randn(c["batch"], c["width"])
-    return (nn.Sequential(*layers), lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9),
-            lambda m: F.mse_loss(m(x), target), c["depth"])
+    x, target = torch.randn(c["batch"], c["inp"]).to(_dtype()), torch.randn(c["batch"], c["width"]).to(_dtype())
+    return (nn.Sequential(*layers).to(_dtype()), lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9),
+            lambda m: F.mse_loss(m(x).float(), target.float()), c["depth"])
 
 
 def _gpt(c):
@@ -214,7 +224,7 @@ def _gpt(c):
     v = c["vocab"]
     model = GPT2LMHeadModel(GPT2Config(n_embd=c["n_embd"], n_layer=c["n_layer"], n_head=c["n_head"],
                                        n_positions=c["seq"], vocab_size=v, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0, bos_token_id=v - 1, eos_token_id=v - 1)).train()
+                                       attn_pdrop=0.0, bos_token_id=v - 1, eos_token_id=v - 1)).train().to(_dtype())
     ids = torch.randint(0, v, (c["batch"], c["seq"]))
     # every Conv1D sparse-computed, but block 0's c_attn under 'uniform' (its first-layer rule)
     return (model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4),
@@ -232,7 +242,7 @@ def _pair(part, c, sparsity) -> dict:
         runs[mode] = _Run(model, opt, _scheduler(model, opt, sparsity, mode, c["delta"], 2), loss_fn)
     _check_pair({m: r.sched for m, r in runs.items()}, expect)
     losses = [r.step() for r in runs.values()]  # the same loss from the same weights and masks
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4 if PRECISION[0] == "fp32" else _tol(), atol=1e-5)
     return runs
 
 
@@ -436,8 +446,7 @@ def markdown(res) -> str:
     lines = [f"# Sparse compute in training: compute='sparse' vs compute='dense' ({m['device_name']})", "",
              f"{m['date']}, commit {m['git_commit']}{' (dirty tree)' if m.get('git_dirty') else ''}, torch "
              f"{m['torch']}, python {m['python']}, rigl-torch {m['rigl_torch']}, {m['cpu_count']} CPUs, "
-             f"{m['torch_threads']} threads, {res.get('precision', 'fp32')} (the layer and window parts; the "
-             f"training parts in fp32); {res['seconds']:.0f} s in all"
+             f"{m['torch_threads']} threads, {res.get('precision', 'fp32')}; {res['seconds']:.0f} s in all"
              f"{' (--quick: tiny shapes, not a result)' if res['quick'] else ''}. Speed-ups are dense / sparse "
              "medians from the same run (> 1: sparse compute is faster), the contenders alternating in every "
              "repeat; bench/compute.py says exactly what is timed.", ""]
@@ -501,8 +510,8 @@ def main(argv=None):
     ap.add_argument("--distribution", choices=("uniform", "erk"), default="uniform",
                     help="the schedulers' sparsity_distribution ('uniform' keeps the first layer dense)")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                    help="the layer and window parts' precision: fp32, bf16 (a bf16 layer), or autocast-bf16 (an "
-                         "fp32 layer under torch.autocast)")
+                    help="every part's precision: fp32, bf16 (a bf16 model), or autocast-bf16 (an fp32 model whose "
+                         "forward runs under torch.autocast)")
     a = ap.parse_args(argv)
     if a.tag is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", a.tag):
         ap.error("--tag: lower-case letters, digits and '-' only")

@@ -99,14 +99,13 @@ def test_compute_bench_quick_loaded(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "autocast-bf16"])
 def test_compute_bench_quick_in_bf16(tmp_path, precision):
-    """--precision: the per-layer parts with a bf16 layer, or an fp32 one under bf16 autocast (the two modes'
-    results checked to agree within bf16 rounding before timing); the report says which."""
-    stem = bench_compute.main(["--quick", "--no-load", "--parts", "layer,window", "--precision", precision,
-                               "--out", str(tmp_path)])
+    """--precision: every part with a bf16 model, or an fp32 one whose forward runs under bf16 autocast (the two
+    modes' results checked to agree within bf16 rounding before timing); the report says which."""
+    stem = bench_compute.main(["--quick", "--no-load", "--precision", precision, "--out", str(tmp_path)])
     res = json.load(open(stem + ".json"))
     assert res["precision"] == precision
-    _check_rows(res["rows"], bench_compute.settings(True), ("layer", "window"), {"quiet"})
-    assert f"{precision} (the layer and window parts" in open(stem + ".md").read()
+    _check_rows(res["rows"], bench_compute.settings(True), bench_compute.PARTS, {"quiet"})
+    assert f"threads, {precision};" in open(stem + ".md").read()
     assert bench_compute.PRECISION == [precision]
     bench_compute.main(["--quick", "--no-load", "--parts", "layer", "--out", str(tmp_path)])
     assert bench_compute.PRECISION == ["fp32"]  # the default again
