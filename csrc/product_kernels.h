@@ -593,34 +593,23 @@ bool compress_rows_16(const uint16_t* w, bool bf16, int64_t cols, const uint8_t*
               : compress_rows_k<2>(w, cols, bits, starts, r0, r1, out);
 }
 
-// Rows [r0, r1) of src in strips of 8 rows, each across all columns in 8x8 blocks (the edges one element at a time).
-void transpose_rows(const float* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + 8 <= r1; r += 8) {
-    int64_t c = 0;
-    for (; c + 8 <= cols; c += 8) transpose8(src + r * rs + c, rs, dst + c * ld + r, ld);
-    for (; c < cols; ++c)
-      for (int64_t i = r; i < r + 8; ++i) dst[c * ld + i] = src[i * rs + c];
-  }
-  for (; r < r1; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = src[r * rs + c];
-}
-
-// transpose_rows for a bf16 or fp16 src: each 8x8 block widened to fp32 in an L1 buffer (a shift per element for
-// bf16, which the compiler vectorises), then transposed as fp32 blocks are; the values exact, as a converting copy's.
+// Rows [r0, r1) of src in strips of 8 rows, each across all columns in 8x8 blocks (the edges one element at a time),
+// widened to fp32 (Elem<K>): a bf16 or fp16 block is first widened into an L1 buffer (a shift per element for bf16,
+// which the compiler vectorises), then transposed as an fp32 block is; the values exact, as a converting copy's.
 template <int K>
-void transpose_rows_16_impl(const uint16_t* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,
-                            int64_t r1) {
+void transpose_rows_k(const Elem<K>* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0, int64_t r1) {
   alignas(32) float block[64];
   int64_t r = r0;
   for (; r + 8 <= r1; r += 8) {
     int64_t c = 0;
     for (; c + 8 <= cols; c += 8) {
-      for (int64_t i = 0; i < 8; ++i) {
-        const uint16_t* s = src + (r + i) * rs + c;
-        for (int64_t j = 0; j < 8; ++j) block[i * 8 + j] = widen<K>(s[j]);
+      if constexpr (K == 0) {
+        transpose8(src + r * rs + c, rs, dst + c * ld + r, ld);
+      } else {
+        for (int64_t i = 0; i < 8; ++i)
+          for (int64_t j = 0; j < 8; ++j) block[i * 8 + j] = widen<K>(src[(r + i) * rs + c + j]);
+        transpose8(block, 8, dst + c * ld + r, ld);
       }
-      transpose8(block, 8, dst + c * ld + r, ld);
     }
     for (; c < cols; ++c)
       for (int64_t i = r; i < r + 8; ++i) dst[c * ld + i] = widen<K>(src[i * rs + c]);
@@ -629,10 +618,14 @@ void transpose_rows_16_impl(const uint16_t* src, int64_t rs, int64_t cols, float
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = widen<K>(src[r * rs + c]);
 }
 
+void transpose_rows(const float* src, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0, int64_t r1) {
+  transpose_rows_k<0>(src, rs, cols, dst, ld, r0, r1);
+}
+
 void transpose_rows_16(const uint16_t* src, bool bf16, int64_t rs, int64_t cols, float* dst, int64_t ld, int64_t r0,
                        int64_t r1) {
-  if (bf16) transpose_rows_16_impl<1>(src, rs, cols, dst, ld, r0, r1);
-  else transpose_rows_16_impl<2>(src, rs, cols, dst, ld, r0, r1);
+  if (bf16) transpose_rows_k<1>(src, rs, cols, dst, ld, r0, r1);
+  else transpose_rows_k<2>(src, rs, cols, dst, ld, r0, r1);
 }
 
 bool sparse_product(const ProductView& p) {
