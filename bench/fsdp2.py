@@ -315,6 +315,12 @@ def _worker(rank, world, store, sets, repeats, backend, threads, out_path):
         dist.barrier()  # a rank tearing gloo down while another still talks to it aborts that one
     finally:
         dist.destroy_process_group()
+    # done and saved: end without interpreter finalization, where gloo's transport threads can still crash a rank
+    # after a correct run (SIGABRT "terminate called without an active exception", or SIGSEGV in pt_gloo_runloop),
+    # which mp.spawn reports as a failed run (tests/helpers.py: exit_spawned_rank). Only reached on success.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------ report

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import MLP, assert_selection_margin, batches, init_gloo, update_scores
+from helpers import MLP, assert_selection_margin, batches, exit_spawned_rank, init_gloo, update_scores
 from rigl_fast import RigLScheduler
 
 WORLD = 2
@@ -196,6 +196,7 @@ def _worker(rank, port, out_dir):
         torch.save({sc: _train(rank, sc, out_dir) for sc in SCENARIOS}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # only on success (helpers.py says why)
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,6 +362,7 @@ def _group_worker(rank, port, out_dir):
                    os.path.join(out_dir, f"group-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # only on success (helpers.py says why)
 
 
 @pytest.fixture(scope="module")

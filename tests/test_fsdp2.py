@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_selection_margin, init_gloo, update_scores
+from helpers import assert_selection_margin, exit_spawned_rank, init_gloo, update_scores
 from rigl_fast import RigLScheduler
 from rigl_fast.distributed import RADIX_PASSES, UNIT_RADIX_PASSES
 from rigl_fast.ops import units_of
@@ -470,6 +470,7 @@ def _worker(rank, port, out_dir):
         torch.save(logs, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # only on success (helpers.py says why)
 
 
 @pytest.fixture(scope="module")
@@ -617,6 +618,7 @@ def _one_rank_load(rank, port, ckpt, out):
         torch.save([_full(m) for m in pruner.backward_masks], out)
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # only on success (helpers.py says why)
 
 
 def test_dcp_checkpoint_loads_on_another_world_size(fsdp_logs):
@@ -681,6 +683,7 @@ def _hsdp_worker(rank, port, out_dir, name):
                    os.path.join(out_dir, f"hsdp{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # only on success (helpers.py says why)
 
 
 @pytest.mark.parametrize("name", ["reference", "conv1d_fan_in", "conv1d_two_four"])

@@ -278,8 +278,13 @@ DDP_WORKER = textwrap.dedent("""
     torch.save({"full": full, "resumed": resumed, "world": dist.get_world_size()},
                out + "/rank%d.pt" % dist.get_rank())
     # gloo's worker threads still hold work at interpreter exit unless the group is destroyed first: without this
-    # a rank can abort at exit ("terminate called without an active exception", SIGABRT) after a correct run
+    # a rank can abort at exit ("terminate called without an active exception", SIGABRT) after a correct run; and
+    # even after it, now and then (helpers.py: exit_spawned_rank), so the rank ends without finalization
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+    os._exit(0)
 """)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_fast import RigLScheduler
-from helpers import init_gloo
+from helpers import exit_spawned_rank, init_gloo
 
 CFG = dict(dense_allocation=0.3, T_end=20, delta=3, grad_accumulation_n=2, ignore_linear_layers=False, alpha=0.5)
 
@@ -149,6 +149,7 @@ def _worker(rank, port, out_dir):
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_rank()  # only on success (helpers.py says why)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo in this torch")
