@@ -74,9 +74,9 @@ def _autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION[0] == "autocast-bf16")
 
 
-def _tol() -> float:
-    """How close the two modes' results must be before timing: 1e-3 relative in fp32, two bf16 roundings else."""
-    return 1e-3 if PRECISION[0] == "fp32" else 2 ** -7
+def _tol(fp32: float) -> float:
+    """How close the two modes' results must be before timing: `fp32` relative in fp32, two bf16 roundings else."""
+    return fp32 if PRECISION[0] == "fp32" else 2 ** -7
 
 
 def _scheduler(model, opt, sparsity, mode, delta, seed):
@@ -139,7 +139,7 @@ def _layer_contenders(out, inp, sparsity, x, g, windows, seed):
 def _agree(fns):
     """Warm-up call of every contender, each checked against the first one's dx and masked dW (in fp32 within
     1e-3; in bf16 or under bf16 autocast within two bf16 roundings of the result, 2^-7 relative)."""
-    tol = _tol()
+    tol = _tol(1e-3)
     want = None
     for fn in fns.values():
         got = [t.clone().float() for t in fn()]
@@ -242,7 +242,7 @@ def _pair(part, c, sparsity) -> dict:
         runs[mode] = _Run(model, opt, _scheduler(model, opt, sparsity, mode, c["delta"], 2), loss_fn)
     _check_pair({m: r.sched for m, r in runs.items()}, expect)
     losses = [r.step() for r in runs.values()]  # the same loss from the same weights and masks
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4 if PRECISION[0] == "fp32" else _tol(), atol=1e-5)
+    torch.testing.assert_close(losses[0], losses[1], rtol=_tol(1e-4), atol=1e-5)
     return runs
 
 
