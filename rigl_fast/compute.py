@@ -145,8 +145,13 @@ class _SparseLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, vt = ctx.saved_tensors
         st, t, batch = ctx.st, ctx.t, ctx.batch
+        if torch.is_grad_enabled():  # create_graph=True: the kernels below have no derivatives, so the gradients
+            # would be constants of the graph built over them and the second-order terms silently 0
+            raise RuntimeError(f"rigl_fast: compute='sparse' has no double backward (a backward with create_graph="
+                               f"True reached {st.p.names[st.i]!r}, a sparse-computed weight: gradient penalties, "
+                               "Hessian-vector products, MAML need it); use compute='dense' for such training")
+        x, weight, vt = ctx.saved_tensors
         g = g.contiguous()
         xt = gt = None
         if ctx.x_transposed:  # x is its fp32 transpose (exact); g is transposed once, for both products

@@ -343,6 +343,43 @@ def test_autocast_bf16_and_no_grad():
         torch.testing.assert_close(model(x).float(), y.float(), rtol=2e-2, atol=2e-2)
 
 
+def _penalty_grads(compute, checkpointed=None):
+    """The gradients of a float64 MLP's loss plus a gradient penalty (the input gradient's squared norm, through
+    autograd.grad with create_graph=True); checkpointed (use_reentrant True / False): the loss alone, its middle
+    layers under torch.utils.checkpoint."""
+    torch.manual_seed(4)
+    model = _mlp(torch.float64)
+    p = RigLScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), **CFG, compute=compute)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    if checkpointed is None:
+        out = model(x)
+        gx, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        (out.square().mean() + gx.square().sum()).backward()
+    else:
+        h = torch.utils.checkpoint.checkpoint(model[:4], x, use_reentrant=checkpointed)
+        model[4](h).square().mean().backward()
+    return p, [w.grad.clone() for w in model.parameters()]
+
+
+def test_double_backward_raises_naming_the_weight_and_checkpointing_trains():
+    """A backward with create_graph=True (a gradient penalty) that reaches a sparse-computed layer raises, naming
+    its weight: its kernels have no derivatives, and the penalty's second-order terms through it were silently
+    left out (its weight gradient differed from compute='dense''s). torch.utils.checkpoint, which runs the
+    backward without create_graph, trains as compute='dense' (both kinds)."""
+    p, want = _penalty_grads("dense")
+    with pytest.raises(RuntimeError, match="compute='sparse' has no double backward") as err:
+        _penalty_grads("sparse")
+    sparse_names = [p.names[i] for i in _sparse_computed(_run("sparse", steps=0)[1])]
+    assert sparse_names and f"{sparse_names[-1]!r}" in str(err.value)  # the last layer's backward runs first
+    assert any(g.abs().max() > 0 for g in want)
+    for reentrant in (True, False):
+        _, want = _penalty_grads("dense", reentrant)
+        _, got = _penalty_grads("sparse", reentrant)
+        for a, b in zip(want, got):
+            assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) <= 1e-9
+
+
 def test_torch_compile_trains_with_a_graph_break():
     """In float64, so that equal masks after the update are no luck of the rounding."""
     torch.manual_seed(10)
