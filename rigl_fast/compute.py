@@ -173,6 +173,18 @@ class _SparseLinear(torch.autograd.Function):
         return dx, dw, None, None
 
 
+_WHY_BREAK = ("rigl_fast: compute='sparse' layers break the graph (their tables are Python state, rebuilt at each "
+              "topology update); under fullgraph=True use compute='dense'")
+
+
+def _graph_break(fn):
+    """torch.compiler.disable, with the reason that torch.compile(fullgraph=True) reports where torch takes one."""
+    try:
+        return torch.compiler.disable(fn, reason=_WHY_BREAK)
+    except TypeError:  # torch before reason=
+        return torch.compiler.disable(fn)
+
+
 class _SparseForward:
     """The forward put on a sparse-computed module's instance."""
     _rigl_fast_compute = True  # layers.own_forward: not a user's replacement
@@ -180,7 +192,7 @@ class _SparseForward:
     def __init__(self, module, state):
         self.module, self.state = module, state
 
-    @torch.compiler.disable  # a graph break under torch.compile: the tables are Python state
+    @_graph_break  # a graph break under torch.compile: the tables are Python state
     def __call__(self, input):
         m, st = self.module, self.state
         w = m.weight

@@ -402,6 +402,10 @@ def test_torch_compile_trains_with_a_graph_break():
     assert p.rigl_steps == 1 and all(torch.equal(a, b) for a, b in zip(p.backward_masks, p_r.backward_masks))
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # fullgraph=True cannot break the graph: its error says why and what to use instead
+    torch._dynamo.reset()  # the frames compiled above would be reused
+    with pytest.raises(Exception, match="compute='sparse' layers break the graph.*use compute='dense'"):
+        torch.compile(model, fullgraph=True)(torch.randn(8, 13, dtype=torch.float64))
 
 
 def test_callbacks_take_compute():
