@@ -204,6 +204,50 @@ def test_fp32_training_stays_within_rounding_of_dense_compute():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _random_config_run(seed, compute, dtype):
+    """A small MLP of random widths (odd ones included), bias or not, an unstructured or fan_in mask, fed random
+    batches (1 to 130 rows, a leading dimension or not, a non-contiguous view or not) for two steps, the second
+    in the dense-gradient window and followed by an update; the gradients of both steps, as fp32."""
+    rnd = torch.Generator().manual_seed(seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=rnd))]  # noqa: E731
+    widths = [pick([8, 17, 64, 100, 257]) for _ in range(3)]
+    bias, structure, batch = pick([True, False]), pick(["unstructured", "fan_in"]), pick([1, 2, 7, 64, 65, 130])
+    lead, strided = pick([(), (2,)]), pick([True, False])
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, widths[0]), nn.Tanh()]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b, bias=bias), nn.Tanh()]
+    model = nn.Sequential(*layers).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    p = RigLScheduler(model, opt, dense_allocation=pick([0.05, 0.2]), T_end=100, delta=2, ignore_linear_layers=False,
+                      structure=structure, sparsity_distribution="uniform", compute=compute)
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for _ in range(2):
+        x = torch.randn(*lead, batch, 10, generator=gen).to(dtype)
+        x = x[..., ::2] if strided else x[..., :5]
+        model(x).float().square().mean().backward()
+        grads.append([w.grad.float().clone() for w in model.parameters()])
+        if p():
+            opt.step()
+        opt.zero_grad()
+    assert p.rigl_steps == 1
+    return grads, (widths, bias, structure, batch, lead, strided)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_random_configurations_match_dense_compute_gradients(dtype, rtol):
+    """Twelve random configurations (fixed seeds) through the C++ kernels, the shared-transpose path (batch >= 2)
+    and the general one (batch 1): every gradient, outside the window and in it, within rtol of its size of
+    compute='dense''s."""
+    for seed in range(12):
+        want, config = _random_config_run(seed, "dense", dtype)
+        got, _ = _random_config_run(seed, "sparse", dtype)
+        for step_w, step_g in zip(want, got):
+            for a, b in zip(step_w, step_g):
+                assert float((a - b).abs().max()) <= rtol * float(a.abs().max()), (seed, config)
+
+
 def test_parameters_hooks_and_invariants_unchanged():
     torch.manual_seed(6)
     model = _mlp(torch.float32)
