@@ -452,6 +452,34 @@ def test_torch_compile_trains_with_a_graph_break():
         torch.compile(model, fullgraph=True)(torch.randn(8, 13, dtype=torch.float64))
 
 
+def test_torch_func_transforms_compute_densely(monkeypatch):
+    """torch.func's transforms run through a sparse-computed model (per-sample gradients: vmap over grad over
+    functional_call): its layers compute densely there (the kernels have no batching rules, and torch refuses an
+    autograd function without them), so the per-sample gradients are plain autograd's, sample by sample, on a
+    copy of the model; outside the transforms the layers compute sparsely again."""
+    torch.manual_seed(12)
+    model = _mlp(torch.float64)
+    ref = _mlp(torch.float64)
+    p = RigLScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), **CFG, compute="sparse")
+    ref.load_state_dict(model.state_dict())  # masked weights, no scheduler
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 13, dtype=torch.float64), torch.randint(0, 5, (6,))
+
+    def loss(prm, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, prm, (xi[None],)), yi[None])
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(6):
+        ref.zero_grad()
+        F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1]).backward()
+        for k, w in ref.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], w.grad, rtol=1e-12, atol=1e-14)
+    calls = []
+    real = K.forward  # float64: the general products
+    monkeypatch.setattr(K, "forward", lambda *a: calls.append(1) or real(*a))
+    model(x)
+    assert len(calls) == len(_sparse_computed(p)) > 0
+
+
 def test_callbacks_take_compute():
     hf = pytest.importorskip("rigl_fast.integrations.hf")
     cb = hf.RigLCallback(dense_allocation=0.3, compute="sparse")
