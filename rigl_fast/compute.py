@@ -23,8 +23,8 @@ results).
 
 Dense-computed (their forward unchanged; `summary()` says which and why): convolutions, nn.MultiheadAttention's
 projections, N:M layers, subclasses whose forward is not nn.Linear's / Conv1D's, and dense layers. Every layer
-computes densely under torch.func's transforms (grad, vmap: no batching rules for the kernels). A double backward
-(create_graph=True) through a sparse-computed layer raises.
+computes densely under torch.func's transforms (grad, vmap, jvp) and forward-mode AD (no batching rules or forward
+derivatives for the kernels). A double backward (create_graph=True) through a sparse-computed layer raises.
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ class _SparseForward:
         w = m.weight
         dt = _compute_dtype(input, w)
         mask = st.p.backward_masks[st.i]
-        if dt is None or mask is None or _functorch_active():
+        if dt is None or mask is None or _transforms_active():
             return type(m).forward(m, input)  # what the layer computes densely (and its error, if any)
         if mask.device != w.device:  # the model was moved after construction: the masks follow (devices.py)
             st.p._follow_devices()
@@ -226,12 +226,15 @@ class _Detached:
         return type(self.module).forward(self.module, *args, **kwargs)
 
 
-def _functorch_active() -> bool:
-    """Under torch.func's transforms (grad, vmap, jacrev, functional_call inside them) the layers compute densely:
-    the kernels have no batching rules or forward derivatives, and an autograd function without them is refused
-    there. The weights are 0 off the mask, so the values are the sparse ones."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active and active())
+def _transforms_active() -> bool:
+    """Under torch.func's transforms (grad, vmap, jvp, jacrev) and forward-mode AD (torch.autograd.forward_ad's
+    dual levels) the layers compute densely: the kernels have no batching rules or forward derivatives, and torch
+    refuses an autograd function without them there. The weights are 0 off the mask, so the values are the sparse
+    ones."""
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch is not None and functorch():
+        return True
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _compute_dtype(x, w):

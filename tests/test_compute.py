@@ -452,11 +452,12 @@ def test_torch_compile_trains_with_a_graph_break():
         torch.compile(model, fullgraph=True)(torch.randn(8, 13, dtype=torch.float64))
 
 
-def test_torch_func_transforms_compute_densely(monkeypatch):
+def test_torch_func_transforms_and_forward_ad_compute_densely(monkeypatch):
     """torch.func's transforms run through a sparse-computed model (per-sample gradients: vmap over grad over
-    functional_call): its layers compute densely there (the kernels have no batching rules, and torch refuses an
-    autograd function without them), so the per-sample gradients are plain autograd's, sample by sample, on a
-    copy of the model; outside the transforms the layers compute sparsely again."""
+    functional_call), and forward-mode AD: its layers compute densely there (the kernels have no batching rules or
+    forward derivatives, and torch refuses an autograd function without them), so the per-sample gradients are
+    plain autograd's, sample by sample, on a copy of the model, and the tangent is the copy's; outside them the
+    layers compute sparsely again."""
     torch.manual_seed(12)
     model = _mlp(torch.float64)
     ref = _mlp(torch.float64)
@@ -473,6 +474,12 @@ def test_torch_func_transforms_compute_densely(monkeypatch):
         F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1]).backward()
         for k, w in ref.named_parameters():
             torch.testing.assert_close(per_sample[k][i], w.grad, rtol=1e-12, atol=1e-14)
+    tangent = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        out = model(torch.autograd.forward_ad.make_dual(x, tangent))
+        got = torch.autograd.forward_ad.unpack_dual(out).tangent
+    _, want = torch.func.jvp(ref, (x,), (tangent,))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     calls = []
     real = K.forward  # float64: the general products
     monkeypatch.setattr(K, "forward", lambda *a: calls.append(1) or real(*a))
