@@ -248,6 +248,24 @@ def test_random_configurations_match_dense_compute_gradients(dtype, rtol):
                 assert float((a - b).abs().max()) <= rtol * float(a.abs().max()), (seed, config)
 
 
+def test_a_non_finite_input_reaches_only_the_outputs_of_its_active_weights():
+    """The README's one difference by design: an inf input feature makes NaN or inf exactly the outputs whose
+    active weights read it (a dense-computed layer's 0 * inf makes all of them NaN)."""
+    torch.manual_seed(13)
+    model = _mlp(torch.float32)
+    p = RigLScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), **CFG, compute="sparse")
+    i = _sparse_computed(p)[1]
+    layer, mask = model[2 * i], p.backward_masks[i]
+    x = torch.randn(3, layer.in_features)
+    x[1, 4] = float("inf")
+    for batch, row in ((x, 1), (x[1:2], 0)):  # the shared-transpose path and batch 1's general one
+        y = layer(batch)
+        bad = ~torch.isfinite(y)
+        assert torch.equal(bad[row], mask[:, 4]) and 0 < int(bad.sum()) < layer.out_features
+    p.remove()
+    assert not torch.isfinite(layer(x)[1]).any()
+
+
 def test_parameters_hooks_and_invariants_unchanged():
     torch.manual_seed(6)
     model = _mlp(torch.float32)
