@@ -76,6 +76,23 @@ def test_outputs_equal_the_masked_model(fmt, structure, dtype):
     assert isinstance(model.b, nn.Linear) and pruner.model is model
 
 
+@pytest.mark.parametrize("fmt,structure", [("csr", "unstructured"), ("fan_in", "fan_in")])
+def test_a_non_finite_input_reaches_only_the_outputs_of_its_active_weights(fmt, structure):
+    """As the README says: an inf input feature makes non-finite exactly the outputs whose active weights read it
+    (the masked dense layer's 0 * inf makes all of them NaN), at batch 1 and batched."""
+    model, pruner = _trained(structure)
+    exp = pruner.export(fmt)
+    mask = pruner.backward_masks[[i for i, w in enumerate(pruner.W) if w is model.b.weight][0]]
+    x = torch.randn(5, 64)
+    x[2, 9] = float("inf")
+    for batch, row in ((x, 2), (x[2:3], 0)):
+        with torch.no_grad():
+            bad = ~torch.isfinite(exp.b(batch))
+        assert torch.equal(bad[row], mask[:, 9]) and 0 < int(bad.sum()) < 101
+    with torch.no_grad():
+        assert not torch.isfinite(model.b(x)[2]).any()
+
+
 def test_conv1d_and_leading_dims():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
