@@ -1,6 +1,6 @@
 """The scheduler's arguments: validation and the optimizer it hooks (both before anything is changed), and
 the warnings for configurations that would do nothing and the note on a model far denser than asked (after a
-successful construction)."""
+successful construction), and for a loop that steps another optimizer than the one the scheduler hooks."""
 from __future__ import annotations
 
 import inspect
@@ -139,6 +139,25 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
         warnings.warn(f"rigl_fast: T_end={pruner.T_end} <= delta={pruner.delta_T}, so no topology update will ever "
                       "run (the first is at step delta, and none at or after T_end); set T_end to about 75% of "
                       "the training steps", UserWarning, stacklevel=3)
+
+
+MISSED_STEPS = 20  # pruner() calls that said "step", the hooked optimizer not stepping since
+
+
+def note_missed_step(pruner) -> None:
+    """Two-line mode, at each pruner() call: did the optimizer given to the scheduler step since the last call
+    that returned True? A few misses in a row are skipped steps (GradScaler on an overflow); MISSED_STEPS mean the
+    loop steps another optimizer (a replaced one), whose steps the after-step masking and the updates' resets of
+    the optimizer state never see: its momentum moves dropped weights off zero, silently. Warned once a run."""
+    if not pruner._awaiting_step:  # the last call was an update (False: no step due) or the first call
+        return
+    pruner._missed_steps += 1  # back to 0 at the optimizer's next step (scheduler._after_optimizer_step)
+    if pruner._missed_steps == MISSED_STEPS:
+        warnings.warn(f"rigl_fast: pruner() said to step the optimizer {MISSED_STEPS} times since the optimizer given "
+                      f"to RigLScheduler ({type(pruner._optimizer).__name__}) last stepped: if the loop steps another "
+                      "optimizer, the masks are not kept in its steps and dropped weights drift off zero; hook the "
+                      "one that steps (sd = pruner.state_dict(); pruner.remove(); pruner = RigLScheduler(model, "
+                      "new_optimizer, ..., state_dict=sd) keeps the masks and the schedule)", UserWarning, stacklevel=3)
 
 
 def check_keywords(*, after_step, sparsify_tied, in_step, process_group, sharded_init, backend, include,

@@ -110,6 +110,7 @@ class RigLScheduler:
         self._warned_no_grad = False
         self._warned_no_pruner = False
         self._steps_without_pruner = 0
+        self._awaiting_step, self._missed_steps = False, 0  # config.note_missed_step
         self.backward_masks = _construct.random_masks(self) if plan.masks is None else plan.masks
         self._seed_generator(None if plan.loaded is None else plan.loaded.counters[3])
         if plan.loaded is not None:
@@ -271,6 +272,7 @@ class RigLScheduler:
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer, args, kwargs):
+        self._awaiting_step, self._missed_steps = False, 0
         self._reattach_hooks()
         if not self._skip_after_step:
             self._mask_after_step()
@@ -318,10 +320,12 @@ class RigLScheduler:
         if self.in_step:
             raise RuntimeError("pruner() is not called with in_step=True: every optimizer.step() advances the "
                                "schedule and runs the topology update when one is due; just call optimizer.step()")
+        _config.note_missed_step(self)
         self._steps_without_pruner = 0
         if self._reattach_hooks():
             self.apply_mask_to_gradients()  # the backward just run had no hook: mask its gradient now
-        return self._advance()
+        self._awaiting_step = self._advance()
+        return self._awaiting_step
 
     def _advance(self) -> bool:
         """One training iteration: the step count, the topology update when one is due (returns False then),

@@ -1,6 +1,7 @@
 """Issue 21 item 10: what a new user is told. A model much less sparse than dense_allocation asks gets one
 line at construction naming the dense layers' share; a two-line loop that never calls pruner() gets one
-warning instead of training with the schedule stuck at step 0."""
+warning instead of training with the schedule stuck at step 0; one that steps another optimizer than the
+scheduler's gets one instead of weights drifting off the masks."""
 import logging
 import warnings
 
@@ -88,3 +89,47 @@ def test_in_step_mode_has_no_pruner_call_to_miss():
             F.cross_entropy(model(x), y).backward()
             opt.step()
     assert pruner.step == 3
+
+
+def test_a_loop_stepping_another_optimizer_is_told_once():
+    """A two-line loop that steps a new optimizer instead of the one the scheduler hooks: the after-step pass and
+    the updates' resets of optimizer state never see its steps, so its momentum moves dropped weights off zero.
+    One warning after MISSED_STEPS pruner() calls that said "step" with no step of the hooked optimizer; skipped
+    steps (a GradScaler overflow) and update steps (pruner() False) below that say nothing; the remedy the warning
+    names keeps the masks and the schedule and zeroes the drift at the next step."""
+    from rigl_fast.config import MISSED_STEPS
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = RigLScheduler(model, opt, dense_allocation=0.2, T_end=1000, delta=5, ignore_linear_layers=False)
+    data = batches(200, seed=3)
+
+    def run(n, optimizer, step_every=1):
+        for i in range(n):
+            x, y = next(data)
+            F.cross_entropy(model(x), y).backward()
+            if pruner() and i % step_every == 0:
+                optimizer.step()
+            optimizer.zero_grad()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(12, opt)
+        run(MISSED_STEPS - 1, opt, step_every=MISSED_STEPS)  # skipped steps, updates among them: under the limit
+        run(5, opt)
+    new = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"last stepped.*drift off zero") as rec:
+        run(2 * MISSED_STEPS, new)  # the update steps among them do not count
+    assert len([r for r in rec if "last stepped" in str(r.message)]) == 1 and rec[0].filename == __file__
+    off = [int((w.detach()[~m] != 0).sum()) for w, m in zip(pruner.W, pruner.backward_masks) if m is not None]
+    assert sum(off) > 0  # what the warning is about
+    sd, step = pruner.state_dict(), pruner.step
+    masks = [None if m is None else m.clone() for m in pruner.backward_masks]
+    pruner.remove()
+    pruner = RigLScheduler(model, new, dense_allocation=0.2, T_end=1000, delta=5, ignore_linear_layers=False,
+                           state_dict=sd)
+    assert pruner.step == step and all(a is None or torch.equal(a, b) for a, b in zip(masks, pruner.backward_masks))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(MISSED_STEPS + 2, new)
+    assert all(int((w.detach()[~m] != 0).sum()) == 0 for w, m in zip(pruner.W, pruner.backward_masks) if m is not None)
