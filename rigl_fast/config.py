@@ -148,7 +148,8 @@ def note_missed_step(pruner) -> None:
     """Two-line mode, at each pruner() call: did the optimizer given to the scheduler step since the last call
     that returned True? A few misses in a row are skipped steps (GradScaler on an overflow); MISSED_STEPS mean the
     loop steps another optimizer (a replaced one), whose steps the after-step masking and the updates' resets of
-    the optimizer state never see: its momentum moves dropped weights off zero, silently. Warned once a run."""
+    the optimizer state never see: its momentum moves dropped weights off zero, silently. Warned as the count
+    reaches MISSED_STEPS (again only if a step of the hooked optimizer restarted it)."""
     if not pruner._awaiting_step:  # the last call was an update (False: no step due) or the first call
         return
     pruner._missed_steps += 1  # back to 0 at the optimizer's next step (scheduler._after_optimizer_step)
