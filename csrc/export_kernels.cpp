@@ -211,6 +211,14 @@ at::Tensor transpose_f32(const at::Tensor& t) {
   return r.is_contiguous() ? r : r.contiguous();
 }
 
+// A training op's optional dtype argument `name`: float32 (when not given), bfloat16 or float16.
+at::ScalarType float_or_16(const char* op, const char* name, std::optional<at::ScalarType> t) {
+  const at::ScalarType v = t.value_or(at::kFloat);
+  TORCH_CHECK(v == at::kFloat || v == at::kBFloat16 || v == at::kHalf, "rigl_fast::", op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", v);
+  return v;
+}
+
 // The active values of a weight in both of training's orders. packed: the entries that `bits` selects, row by row
 // of the weight's 2-D storage (rows, cols) in column order, row r's at [crow[r], crow[r + 1]) (the storage
 // order: the row order of an nn.Linear weight, the column order of a Conv1D's); permuted[q] = packed[perm[q]] (the
@@ -223,9 +231,7 @@ std::tuple<at::Tensor, at::Tensor> take_values(const at::Tensor& weight_in, cons
                                                const at::Tensor& crow_in, const at::Tensor& perm_in,
                                                std::optional<at::ScalarType> round_to) {
   const char* op = "take_values";
-  const at::ScalarType rt = round_to.value_or(at::kFloat);
-  TORCH_CHECK(rt == at::kFloat || rt == at::kBFloat16 || rt == at::kHalf, "rigl_fast::", op,
-              ": round_to must be float32, bfloat16 or float16, got ", rt);
+  const at::ScalarType rt = float_or_16(op, "round_to", round_to);
   TORCH_CHECK(weight_in.device().is_cpu() && weight_in.dim() == 2 && at::isFloatingType(weight_in.scalar_type()),
               "rigl_fast::", op, ": weight must be a 2-D floating CPU tensor, got shape ", weight_in.sizes(), " of ",
               weight_in.scalar_type());
@@ -366,9 +372,7 @@ at::Tensor sampled_grad(const at::Tensor& x, const at::Tensor& grad, const at::T
 at::Tensor sampled_grad_rows_t(const at::Tensor& at_, const at::Tensor& bt, int64_t batch, const at::Tensor& crow_in,
                                const at::Tensor& col_in, std::optional<at::ScalarType> dtype) {
   const char* op = "sampled_grad_rows_t";
-  const at::ScalarType yt = dtype.value_or(at::kFloat);
-  TORCH_CHECK(yt == at::kFloat || yt == at::kBFloat16 || yt == at::kHalf, "rigl_fast::", op,
-              ": dtype must be float32, bfloat16 or float16, got ", yt);
+  const at::ScalarType yt = float_or_16(op, "dtype", dtype);
   const TrainingRegion region;
   check_transposed(op, "at", at_, batch);
   check_transposed(op, "bt", bt, batch);
