@@ -554,7 +554,7 @@ def test_empty_and_out_of_range(op, isa):
 
 
 def test_opcheck_and_the_export_ops_helper(op):
-    """torch.library.opcheck (the fake implementation in rigl_fast/_cpp.py included), and export_ops._cpp_op,
+    """torch.library.opcheck (the fake implementation in rigl_fast/_cpp_fakes.py included), and export_ops._cpp_op,
     through which rigl_fast/compute.py calls it."""
     from rigl_fast.export_ops import _cpp_op
     assert _cpp_op("sampled_grad") is op
