@@ -242,8 +242,10 @@ def _compute_dtype(x, w):
     run (mismatched dtypes outside autocast: F.linear raises; non-floating input)."""
     if not x.is_floating_point():
         return None
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(x.device.type):  # autocast casts every floating tensor but a float64 one
+        cast = torch.get_autocast_dtype(x.device.type)
+        x_dt, w_dt = (t.dtype if t.dtype == torch.float64 else cast for t in (x, w))
+        return x_dt if x_dt == w_dt else None
     return x.dtype if x.dtype == w.dtype else None
 
 

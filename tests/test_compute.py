@@ -405,6 +405,31 @@ def test_autocast_bf16_and_no_grad():
         torch.testing.assert_close(model(x).float(), y.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_float64_under_autocast_stays_float64():
+    """Autocast leaves float64 tensors as they are (F.linear of a float64 layer returns float64 under a bf16
+    autocast); the sparse compute did the product in bf16 (an output rounded to bf16, 2e-3 off here)."""
+    torch.manual_seed(9)
+    model = _mlp(torch.float64)
+    p = RigLScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), **CFG, compute="sparse")
+    x = torch.randn(6, 13, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y.square().sum().backward()
+    grads = [w.grad.clone() for w in p.W]
+    assert y.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
+    p.remove()
+    for w in p.W:
+        w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        want.square().sum().backward()
+    assert want.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, p.W):  # the sparse compute's .grad is 0 off the mask, dense compute's is not
+        m = w != 0
+        torch.testing.assert_close(g[m], w.grad[m], rtol=1e-12, atol=1e-12)
+
+
 def _penalty_grads(compute, checkpointed=None):
     """The gradients of a float64 MLP's loss plus a gradient penalty (the input gradient's squared norm, through
     autograd.grad with create_graph=True); checkpointed (use_reentrant True / False): the loss alone, its middle
