@@ -7,6 +7,7 @@ import inspect
 import logging
 import numbers
 import warnings
+from typing import List
 
 import numpy as np
 import torch
@@ -131,6 +132,8 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
                    "projections) dense; pass ignore_linear_layers=False")
         elif pruner.dense_allocation >= 1:
             why = "dense_allocation=1 keeps every layer dense; pass e.g. dense_allocation=0.1"
+        elif kept_dense:
+            why = f"structure={pruner.structure!r} keeps the layers that would be sparse dense (warned above)"
         else:
             why = "every candidate is dense under this sparsity_distribution"
         warnings.warn(f"rigl_fast: no layer of the model is sparse, so RigL does nothing: {why}", UserWarning,
@@ -139,6 +142,31 @@ def warn_if_idle(pruner, model, include, exclude, sparsify_tied, n_tied) -> None
         warnings.warn(f"rigl_fast: T_end={pruner.T_end} <= delta={pruner.delta_T}, so no topology update will ever "
                       "run (the first is at step delta, and none at or after T_end); set T_end to about 75% of "
                       "the training steps", UserWarning, stacklevel=3)
+    else:
+        for what in _idle_settings(pruner):
+            warnings.warn(f"rigl_fast: {what}", UserWarning, stacklevel=3)
+
+
+def _idle_settings(pruner) -> List[str]:
+    """Hyperparameters that change nothing in a run with sparse layers (warn_if_idle), each said with the fix."""
+    out = []
+    if pruner.alpha == 0 and not pruner.static_topo:
+        out.append("alpha=0 drops (and grows) nothing, so the masks never change, yet every update step still "
+                   "skips the optimizer step; for fixed masks pass static_topo=True")
+    if pruner.grad_accumulation_n > 1 and (pruner.static_topo or pruner.grow_mode != "gradient"):
+        why = "static_topo=True" if pruner.static_topo else f"grow_mode={pruner.grow_mode!r}"
+        out.append(f"grad_accumulation_n={pruner.grad_accumulation_n} changes nothing with {why}: dense gradients "
+                   "are accumulated only for grow_mode='gradient' updates")
+    if pruner.static_topo and pruner.grow_mode != "gradient":
+        out.append(f"grow_mode={pruner.grow_mode!r} changes nothing with static_topo=True: no weight is ever grown")
+    if pruner.erk_power_scale != 1.0 and pruner.sparsity_distribution != "erk":
+        out.append(f"erk_power_scale={pruner.erk_power_scale} changes nothing with "
+                   f"sparsity_distribution={pruner.sparsity_distribution!r}: only 'erk' uses it")
+    whys = sorted({why for _, why in pruner._compute_layers.values()})
+    if pruner.compute == "sparse" and whys and all(whys):
+        out.append(f"compute='sparse' changes nothing: every sparse layer is dense-computed ({'; '.join(whys[:3])}; "
+                   "pruner.summary() says why per layer)")
+    return out
 
 
 MISSED_STEPS = 20  # pruner() calls that said "step", the hooked optimizer not stepping since

@@ -34,13 +34,19 @@ def plan(model, optimizer, hp, state_dict, opts) -> SimpleNamespace:
     found = _find(model, opts)
     p = SimpleNamespace(inner=inner, hp=hp, found=found, names=found.names, W=found.weights, **opts)
     _plan_layers(p, state_dict)
-    held = {id(w) for group in inner.param_groups for w in group["params"]}
-    missing = [n for n, w, s in zip(p.names, p.W, p.S) if s > 0 and id(w) not in held]
-    if missing:
-        raise ValueError(f"optimizer does not hold the sparse weights {missing}: pass the model's parameters "
-                         "to the optimizer before creating the RigLScheduler")
+    check_held(inner, p.names, p.W, p.S)
     _plan_devices(p)
     return p
+
+
+def check_held(inner, names, weights, S) -> None:
+    """Every sparse weight (sparsity S > 0) is one the optimizer steps: the masks are kept in its steps only.
+    At construction and at load_state_dict (a state dict can make a dense layer sparse)."""
+    held = {id(w) for group in inner.param_groups for w in group["params"]}
+    missing = [n for n, w, s in zip(names, weights, S) if s > 0 and id(w) not in held]
+    if missing:
+        raise ValueError(f"optimizer does not hold the sparse weights {missing}: the optimizer given to "
+                         "RigLScheduler must step every sparse weight (pass it the model's parameters)")
 
 
 def _find(model, opts):
@@ -65,9 +71,26 @@ def _plan_layers(p, state_dict) -> None:
         S = _layers.sparsities(hp["sparsity_distribution"], shapes, p.found.is_linear, hp["dense_allocation"],
                                hp["ignore_linear_layers"], hp["erk_power_scale"])
         p.masks = None
-    p.S, p.units, p.dense_why = _structure.layer_plan(hp["structure"], shapes, p.found.transposed, S)
+        empty = [n for n, s in zip(p.names, S) if s >= 1]
+        if empty:  # a state dict of such a run would not load ('S' must be in [0, 1))
+            raise ValueError(f"dense_allocation={hp['dense_allocation']!r} is too small: the sparsity of {empty[0]} "
+                             "rounds to 1, which keeps no weight active")
+    p.S, p.units, p.dense_why = structure_plan(hp, shapes, p.found.is_linear, p.found.transposed, S,
+                                               p.loaded is not None)
     if p.masks is not None:  # sharded masks: in _plan_devices, on every rank alike
         _state.check_units(p.names, p.masks, [None if _sharding.is_sharded(w) else u for w, u in zip(p.W, p.units)])
+
+
+def structure_plan(hp, shapes, is_linear, transposed, S, loaded: bool):
+    """structure.layer_plan of the sparsities S. S from a state dict (`loaded`) holds 0 for a layer its structure
+    kept dense, not why: the reason is found again from the distribution's sparsities, as at the run's start."""
+    S, units, why = _structure.layer_plan(hp["structure"], shapes, transposed, S)
+    if loaded and any(s <= 0 and not w for s, w in zip(S, why)):
+        fresh = _layers.sparsities(hp["sparsity_distribution"], shapes, is_linear, hp["dense_allocation"],
+                                   hp["ignore_linear_layers"], hp["erk_power_scale"])
+        first = _structure.layer_plan(hp["structure"], shapes, transposed, fresh)[2]
+        why = [w or (f if s <= 0 else "") for s, w, f in zip(S, why, first)]
+    return S, units, why
 
 
 def _plan_devices(p) -> None:

@@ -20,12 +20,10 @@ from . import distributed as _dist
 from . import hooks as _hooks
 from . import sharding as _sharding
 from . import state as _state
-from . import structure as _structure
 from . import summary as _summary
 from . import update as _update
 from .config import AFTER_STEP_MODES, GROW_MODES, ZERO_PRESERVING_OPTIMIZERS  # noqa: F401  (their old home)
-from .hooks import _REGISTERED, IndexMaskHook, ShardedMaskHook  # noqa: F401  (their old home)
-from .hooks import registered_to as _registered_to  # noqa: F401
+from .hooks import _REGISTERED, IndexMaskHook, ShardedMaskHook, registered_to as _registered_to  # noqa: F401
 from .state import FORMAT_VERSION  # noqa: F401  (re-exported: older code imports it from here)
 
 
@@ -85,6 +83,11 @@ class RigLScheduler:
         self.W: List[nn.Parameter] = plan.W
         try:
             self._build(model, optimizer, plan)
+            # before the weights are masked: a warning turned into an error (warnings filters) undoes the build too
+            _config.warn_if_idle(self, model, include, exclude, sparsify_tied, plan.found.n_tied)
+            self.apply_mask_to_weights()
+            self.reset_momentum()
+            self.apply_mask_to_gradients()
         except BaseException:
             _compute.uninstall(self)
             for h in self._handles:
@@ -93,7 +96,6 @@ class RigLScheduler:
             self._unregister()
             torch.random.set_rng_state(rng)
             raise
-        _config.warn_if_idle(self, model, include, exclude, sparsify_tied, plan.found.n_tied)
         _config.note_density(self)
 
     def _build(self, model, optimizer, plan):
@@ -125,9 +127,6 @@ class RigLScheduler:
         self._impls = [w._cdata for w in self.W]
         if plan.loaded is not None:
             self._load_dense_grads(plan.loaded)
-        self.apply_mask_to_weights()
-        self.reset_momentum()
-        self.apply_mask_to_gradients()
 
     def _set_layout(self, plan):
         """What construction planned: the candidates, the backend, the layout and the per-layer plans."""
@@ -337,8 +336,8 @@ class RigLScheduler:
         if accumulated and self._sharded:
             _update.fold_sharded(self)  # before an update, which reads the accumulators
         if self.step % self.delta_T == 0 and self.step < self.T_end:
+            self.rigl_steps += 1  # first: a warning the update raises (warnings filters) leaves the counts consistent
             self._rigl_step()
-            self.rigl_steps += 1
             return False
         if accumulated and not self._sharded and _dist.active(self.process_group):
             _update.fold_partial(self)
@@ -391,8 +390,10 @@ class RigLScheduler:
         (types, counts, shapes, names, hyperparameters, structure) before anything changes."""
         loaded = _state.read(state_dict, self.names, self.W, self._hyperparams())
         hp = loaded.hp
-        S, units, dense_why = _structure.layer_plan(hp["structure"], [tuple(w.shape) for w in self.W],
-                                                    self._transposed, loaded.S)
+        S, units, dense_why = _construct.structure_plan(hp, [tuple(w.shape) for w in self.W],
+                                                        [bool(x) for x in self._linear_layers_mask],
+                                                        self._transposed, loaded.S, True)
+        _construct.check_held(self._optimizer, self.names, self.W, S)
         plans = None
         if self._sharded:
             plans = [None if u is None else _sharding.unit_plan(w, u, c)

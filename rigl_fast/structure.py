@@ -50,7 +50,8 @@ def check(structure, hp) -> None:
 
 def units(structure, shape: Sequence[int], transposed: bool, sparsity: float) -> Union[None, Units, str]:
     """The units of one layer whose distribution sparsity is `sparsity` (> 0): `ops.Units`, None for
-    unstructured, or a string saying why the layer must stay dense (a fan-in that M does not divide)."""
+    unstructured, or a string saying why the layer must stay dense (a fan-in that M does not divide, a fan_in
+    count that rounds to the whole fan-in)."""
     kind, n, m = parse(structure)
     if kind == UNSTRUCTURED:
         return None
@@ -63,6 +64,8 @@ def units(structure, shape: Sequence[int], transposed: bool, sparsity: float) ->
         out, fan_in = shape[0], numel // shape[0]
     if kind == FAN_IN:
         c = max(1, round((1 - sparsity) * fan_in))
+        if c >= fan_in:
+            return f"fan-in {fan_in} at density {1 - sparsity:.3g} rounds to all {fan_in} weights of each unit"
         return Units(out, fan_in, transposed, fan_in, c)
     if fan_in % m:
         return f"fan-in {fan_in} is not divisible by M={m}"
