@@ -37,6 +37,17 @@ sparse modules do not have): `activation_relu_or_gelu = 0` on the layer (it only
 nested-tensor path zeroes the outputs at padded positions (src_key_padding_mask in eval), the ordinary forward
 computes them; the non-padded outputs agree.
 
+The weights must match the masks: export keeps only the weights on pruner.backward_masks, so before anything is
+built it checks every weight it replaces (Linear, Conv1D, the attention projections; not the modules kept dense,
+which compute with their own weights) for nonzero entries (NaN included) off its mask, and raises a ValueError
+naming the layers if there are any (after model.load_state_dict of weights from another step without the
+scheduler's state, or pruner.remove() then dense training): pruner.load_state_dict of the matching scheduler state,
+or pruner.apply_mask_to_weights() to export the weights as masked.
+
+Under torch.autocast the exported layers follow nn.Linear's rule there (_SparseLinear): x, the weights and the
+bias, each floating and not float64, are cast to the autocast dtype, the output is in it; a float64 layer stays
+float64. The product then runs in that dtype (accumulated in fp32, rounded once) and the bias is added in it.
+
 The products are custom ops (export_ops.py: the reference and the CPU and CUDA kernels).
 """
 from __future__ import annotations
@@ -62,8 +73,27 @@ def _index_dtype(bound: int) -> torch.dtype:
     return torch.int16 if bound <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast runs nn.Linear in on this device type, or None outside autocast."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return None
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
+def _autocast_cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """autocast's rule for F.linear's tensors: a floating one that is not float64 goes to `dtype`."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 class _SparseLinear(nn.Module):
-    """Shared parts: the shapes, the bias and the leading dimensions of x (any number, as nn.Linear takes)."""
+    """Shared parts: the shapes, the bias, the leading dimensions of x (any number, as nn.Linear takes) and
+    autocast. Under torch.autocast (for x's device) the layer does what nn.Linear does there: x, the weights and
+    the bias, each floating and not float64, are cast to the autocast dtype, and the product runs in it (output
+    in it); the product itself runs with autocast off, so the ops inside it are not cast again."""
 
     def __init__(self, in_features: int, out_features: int, bias: Optional[torch.Tensor]):
         super().__init__()
@@ -72,9 +102,16 @@ class _SparseLinear(nn.Module):
 
     def forward(self, x):
         lead = x.shape[:-1]
-        y = self._product(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias
+        x2, weight, bias = x.reshape(-1, self.in_features), self._weight(), self.bias
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:
+            x2, weight, bias = (_autocast_cast(t, dtype) for t in (x2, weight, bias))
+            with torch.autocast(x.device.type, enabled=False):
+                y = self._product(x2, weight)
+        else:
+            y = self._product(x2, weight)
+        if bias is not None:
+            y = y + bias
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self):
@@ -93,8 +130,11 @@ class FanInLinear(_SparseLinear):
         self.register_buffer("indices", cols.to(_index_dtype(inp)))
         self.register_buffer("values", weight.detach().gather(1, cols).contiguous())
 
-    def _product(self, x):
-        return fan_in_linear(x, self.values, self.indices)
+    def _weight(self):
+        return self.values
+
+    def _product(self, x, values):
+        return fan_in_linear(x, values, self.indices)
 
 
 class CSRLinear(_SparseLinear):
@@ -111,8 +151,11 @@ class CSRLinear(_SparseLinear):
         self.register_buffer("col", rows_cols[:, 1].to(_index_dtype(inp)))
         self.register_buffer("values", weight.detach()[mask].contiguous())
 
-    def _product(self, x):
-        return csr_linear(x, self.crow, self.col, self.values, self.out_features)
+    def _weight(self):
+        return self.values
+
+    def _product(self, x, values):
+        return csr_linear(x, self.crow, self.col, values, self.out_features)
 
 
 class SemiStructuredLinear(_SparseLinear):
@@ -125,8 +168,11 @@ class SemiStructuredLinear(_SparseLinear):
         self.weight = nn.Parameter(to_sparse_semi_structured(torch.where(mask, weight.detach(), 0)),
                                    requires_grad=False)
 
-    def _product(self, x):
-        return torch.nn.functional.linear(x, self.weight)
+    def _weight(self):
+        return self.weight
+
+    def _product(self, x, weight):
+        return torch.nn.functional.linear(x, weight)
 
 
 # ---------------------------------------------------------------- attention
@@ -281,6 +327,36 @@ def _plan_linear(fmt: str, modules: dict, masks: dict, kept: dict):
     return plan
 
 
+def _replaced_weights(plan, attention, masks: dict):
+    """[(name, weight, mask)] of every sparse weight the export replaces by its active entries: the planned
+    Linear-like layers' and the masked projections of the planned attention modules."""
+    out = [(f"{owner}.weight" if owner else "weight", w, m) for owner, _, w, m, _ in plan]
+    for name, module, _ in attention:
+        prefix = f"{name}." if name else ""
+        out += [(prefix + a, module.get_parameter(a), masks[prefix + a])
+                for a in _layers.MHA_WEIGHTS + ("out_proj.weight",) if prefix + a in masks]
+    return out
+
+
+def _check_weights_on_masks(weights) -> None:
+    """Raise, before anything is built, if a weight to be replaced holds nonzero entries (NaN counts) off its
+    mask: the export keeps only the entries on the mask, so it would compute something else than the model."""
+    bad = []
+    for name, w, m in weights:
+        n = int((w[~m.to(w.device)] != 0).sum())
+        if n:
+            bad.append(f"{name!r}: {n}")
+    if bad:
+        more = f" and {len(bad) - 4} more layers" if len(bad) > 4 else ""
+        raise ValueError(
+            f"export: the model's weights no longer match the scheduler's masks (nonzero weights off the mask: "
+            f"{', '.join(bad[:4])}{more}). The export keeps only the weights on the masks, so it would compute "
+            "something else than the model (this happens after model.load_state_dict of weights saved at another "
+            "step without the scheduler's state, or after pruner.remove() and dense training). Load the scheduler "
+            "state that goes with these weights (pruner.load_state_dict), or call pruner.apply_mask_to_weights() "
+            "to zero them and export the weights as masked.")
+
+
 def _warn_kept(kept: dict) -> None:
     """One warning for the sparse modules export leaves as they are, convolutions (documented) aside."""
     odd = [f"{n!r} ({why})" for n, why in kept.items() if not why.startswith("a convolution")]
@@ -299,7 +375,8 @@ def export(pruner, format: str = "auto") -> nn.Module:
     not listed; `exported.attn.formats` lists all four). `exported.rigl_fast_kept` maps each module with a
     sparse weight that stays as it is (dense, with its zeros) to why: a convolution, a subclass whose forward
     is not its base type's (or with forward hooks), an attention configuration SparseMultiheadAttention does not
-    compute; all but the convolutions are also named in a warning."""
+    compute; all but the convolutions are also named in a warning. Raises ValueError, with nothing built, where a
+    weight it replaces is nonzero off its mask (module doc)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if getattr(pruner, "_sharded", False):
@@ -312,7 +389,8 @@ def export(pruner, format: str = "auto") -> nn.Module:
     kept = {}
     attention = _plan_attention(format, modules, masks, kept)
     plan = _plan_linear(format, modules, masks, kept)
-    _warn_kept(kept)  # only once every layer was checked: an error in _pick comes first
+    _check_weights_on_masks(_replaced_weights(plan, attention, masks))
+    _warn_kept(kept)  # only once every layer was checked: an error in _pick or above comes first
     formats = {}
 
     def put(owner, new):
