@@ -33,6 +33,7 @@ from torch import nn
 
 from . import compute_ops as _kops
 from . import layers as _layers
+from .export_ops import autocast_cast, autocast_dtype
 
 MODES = ("dense", "sparse")
 
@@ -242,9 +243,9 @@ def _compute_dtype(x, w):
     run (mismatched dtypes outside autocast: F.linear raises; non-floating input)."""
     if not x.is_floating_point():
         return None
-    if torch.is_autocast_enabled(x.device.type):  # autocast casts every floating tensor but a float64 one
-        cast = torch.get_autocast_dtype(x.device.type)
-        x_dt, w_dt = (t.dtype if t.dtype == torch.float64 else cast for t in (x, w))
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:  # autocast casts every floating tensor but a float64 one
+        x_dt, w_dt = autocast_cast(x.dtype, cast), autocast_cast(w.dtype, cast)
         return x_dt if x_dt == w_dt else None
     return x.dtype if x.dtype == w.dtype else None
 

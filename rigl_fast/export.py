@@ -61,7 +61,7 @@ from torch import nn
 
 from . import layers as _layers
 from .export_attention import SparseMultiheadAttention, dense_linear
-from .export_ops import csr_linear, fan_in_linear
+from .export_ops import autocast_cast, autocast_dtype, csr_linear, fan_in_linear
 from .export_ops import _fan_in_linear_reference  # noqa: F401  (tests and bench import it from here)
 
 FORMATS = ("auto", "csr", "fan_in", "semi_structured")
@@ -71,22 +71,6 @@ FORMATS = ("auto", "csr", "fan_in", "semi_structured")
 def _index_dtype(bound: int) -> torch.dtype:
     """The narrowest index dtype holding values < bound (int16 halves the file where the fan-in allows)."""
     return torch.int16 if bound <= torch.iinfo(torch.int16).max + 1 else torch.int32
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype torch.autocast runs nn.Linear in on this device type, or None outside autocast."""
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
-        return None
-    return torch.get_autocast_dtype(device_type) if on else None
-
-
-def _autocast_cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """autocast's rule for F.linear's tensors: a floating one that is not float64 goes to `dtype`."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
 
 
 class _SparseLinear(nn.Module):
@@ -103,9 +87,9 @@ class _SparseLinear(nn.Module):
     def forward(self, x):
         lead = x.shape[:-1]
         x2, weight, bias = x.reshape(-1, self.in_features), self._weight(), self.bias
-        dtype = _autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type)
         if dtype is not None:
-            x2, weight, bias = (_autocast_cast(t, dtype) for t in (x2, weight, bias))
+            x2, weight, bias = (t if t is None else t.to(autocast_cast(t.dtype, dtype)) for t in (x2, weight, bias))
             with torch.autocast(x.device.type, enabled=False):
                 y = self._product(x2, weight)
         else:

@@ -12,6 +12,20 @@ import warnings
 
 import torch
 
+def autocast_dtype(device_type: str):
+    """The dtype torch.autocast casts F.linear's tensors to on this device type, or None outside autocast."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return None
+    return torch.get_autocast_dtype(device_type) if on else None
+
+
+def autocast_cast(dtype: torch.dtype, cast: torch.dtype) -> torch.dtype:
+    """The dtype autocast gives an F.linear input of `dtype`: a floating one but float64 goes to `cast`."""
+    return cast if dtype.is_floating_point and dtype != torch.float64 else dtype
+
+
 @torch.library.custom_op("rigl_fast_export::fan_in_linear", mutates_args=())
 def fan_in_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(B, in) x, (out, k) values and indices -> (B, out): y[b, o] = sum_k values[o, k] * x[b, indices[o, k]],
