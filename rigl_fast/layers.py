@@ -131,8 +131,9 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
     Conv1D and nn.MultiheadAttention's projection weights. `include`/`exclude` are glob patterns over
     module names (fnmatch, case-sensitive; a pattern matching a module also covers the modules inside it;
     attention projections go by their MultiheadAttention's name). A weight also held by a non-candidate
-    module (an embedding tied to an output head) stays dense unless `sparsify_tied`. A weight shared by
-    candidate slots is listed once, at its first. Raises ValueError naming the layer for weights it cannot
+    module (an embedding tied to an output head, or a module `include` does not match) stays dense unless
+    `sparsify_tied`; one shared with an excluded module stays dense whatever `sparsify_tied` says. A weight
+    shared by candidate slots is listed once, at its first. Raises ValueError naming the layer for weights it cannot
     mask: parametrized (computed, not a Parameter), lazy (uninitialised) or on the meta device. Nothing is
     modified.
     """
@@ -140,32 +141,38 @@ def select(model: nn.Module, include=None, exclude=None, sparsify_tied: bool = F
     exclude = check_patterns("exclude", exclude)
     owners = _param_owners(model)
     out, seen = Candidates(), set()
-    slot_ids = set()
-    for _, module in model.named_modules():
-        for attr, _ in weight_slots(module):
-            p = module._parameters.get(attr)
-            if p is not None:
-                slot_ids.add((id(module), attr))
+    slot_ids, kept_out, slots = set(), {}, []
     for mname, module in model.named_modules():
         for attr, linear in weight_slots(module):
+            p = module._parameters.get(attr)
             name = f"{mname}.{attr}" if mname else attr
             skip = _left_out(module, mname, attr, name, include, exclude)
-            if skip is not None:
-                out.skipped.append(skip)
-                continue
-            w = module._parameters[attr]
-            if id(w) in seen:
-                continue
-            seen.add(id(w))
-            tied = [o for o, mod, a in owners.get(id(w), []) if (id(mod), a) not in slot_ids]
-            out.n_tied += bool(tied)
-            if tied and not sparsify_tied:
-                out.skipped.append(Skipped(name, tuple(w.shape), f"tied to {tied[0]}"))
-                continue
-            out.names.append(name)
-            out.weights.append(w)
-            out.is_linear.append(linear)
-            out.transposed.append(kind(module) == CONV1D)
+            if p is not None and not (skip and skip.reason == "not matched by include"):  # those: non-candidates
+                slot_ids.add((id(module), attr))
+            if p is not None and skip and skip.reason == "excluded":
+                kept_out.setdefault(id(p), skip)  # a weight it shares with another slot stays dense there too
+            slots.append((module, attr, linear, name, skip))
+    for module, attr, linear, name, skip in slots:
+        if skip is not None:
+            out.skipped.append(skip)
+            continue
+        w = module._parameters[attr]
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        if id(w) in kept_out:
+            out.skipped.append(Skipped(name, tuple(w.shape), f"tied to {kept_out[id(w)].name} "
+                                                             f"({kept_out[id(w)].reason})"))
+            continue
+        tied = [o for o, mod, a in owners.get(id(w), []) if (id(mod), a) not in slot_ids]
+        out.n_tied += bool(tied)
+        if tied and not sparsify_tied:
+            out.skipped.append(Skipped(name, tuple(w.shape), f"tied to {tied[0]}"))
+            continue
+        out.names.append(name)
+        out.weights.append(w)
+        out.is_linear.append(linear)
+        out.transposed.append(kind(module) == CONV1D)
     return out
 
 

@@ -196,3 +196,41 @@ def test_a_dense_allocation_that_rounds_every_weight_away_is_refused():
     p = RigLScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), dense_allocation=1e-6, T_end=10,
                       delta=3, ignore_linear_layers=False)
     p.load_state_dict(p.state_dict())
+
+
+class _Tied(nn.Module):
+    """enc and dec share one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.enc, self.dec, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), \
+            nn.Linear(16, 4)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.head(self.dec(torch.relu(self.enc(self.first(x)))))
+
+
+@pytest.mark.parametrize("kw, dense_line", [
+    (dict(exclude=["dec"]), "enc.weight    (16, 16)  100.00%  dense: tied to dec.weight (excluded)"),
+    (dict(exclude=["enc"]), "dec.weight    (16, 16)  100.00%  dense: tied to enc.weight (excluded)"),
+    (dict(exclude=["dec"], sparsify_tied=True),
+     "enc.weight    (16, 16)  100.00%  dense: tied to dec.weight (excluded)"),
+    (dict(include=["first", "enc", "head"]), "enc.weight    (16, 16)  100.00%  dense: tied to dec.weight"),
+])
+def test_a_weight_shared_with_an_excluded_or_unmatched_module_stays_dense(kw, dense_line):
+    """It used to go sparse through the other module's slot, with summary() calling it 100% dense."""
+    torch.manual_seed(0)
+    net = _Tied()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), dense_allocation=0.25, T_end=100,
+                          ignore_linear_layers=False, sparsity_distribution="erk", **kw)
+    assert "enc.weight" not in p.names and "dec.weight" not in p.names
+    assert bool((net.enc.weight != 0).all()) and dense_line in p.summary()
+    p.remove()
+    # include with sparsify_tied: the unmatched module is a non-candidate, and the flag makes the weight sparse
+    if "include" in kw:
+        p = RigLScheduler(net, torch.optim.SGD(net.parameters(), lr=0.1), dense_allocation=0.25, T_end=100,
+                          ignore_linear_layers=False, sparsity_distribution="erk", sparsify_tied=True, **kw)
+        assert "enc.weight" in p.names and float((net.dec.weight != 0).float().mean()) < 0.9
