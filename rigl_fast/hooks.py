@@ -90,13 +90,16 @@ class ShardedMaskHook(IndexMaskHook):
     reduce-scattered (global) gradient into the sharded parameter's .grad, so a gradient hook on the sharded
     parameter never runs: this one is a post-accumulate-grad hook, which FSDP2 calls after that write. It
     masks the local shard of .grad in place; inside the accumulation window it also keeps the off-mask part
-    (`off`), from which the dense gradient is rebuilt at step end (`update.fold_window`): FSDP2 sums the
-    gradients of several backward passes in one step into .grad, so only the step's total is known exactly.
-    `dense_grad` is a DTensor sharded like the weight."""
+    (`off`) and a copy of the masked .grad as the hook left it (`seen`), from which the dense gradient is rebuilt
+    at step end (`update.fold_sharded`): FSDP2 sums the gradients of several backward passes in one step into
+    .grad, so only the step's total is known exactly. The copy, not .grad itself: what runs between backward and
+    the step end (clip_grad_norm_, GradScaler.unscale_) rescales .grad but not `off`, and the grow scores would
+    mix the two scales. `dense_grad` is a DTensor sharded like the weight."""
 
     def __init__(self, layer: int, scheduler):
         super().__init__(layer, scheduler)
         self.off: Optional[torch.Tensor] = None
+        self.seen: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def __call__(self, param):
@@ -107,10 +110,11 @@ class ShardedMaskHook(IndexMaskHook):
         grad, mask = _sharding.local(param.grad), _sharding.local(mask)
         if s.check_if_backward_hook_should_accumulate_grad():
             if self.off is None:
-                self.off = torch.zeros_like(grad)
+                self.off, self.seen = torch.zeros_like(grad), torch.empty_like(grad)
             s._ops.split_grad(grad, mask, self.off)
+            self.seen.copy_(grad)
         else:
-            self.off = None
+            self.off = self.seen = None
             s._ops.apply_masks([grad], [mask])
 
 

@@ -180,18 +180,17 @@ def free_dense_grads(p) -> None:
 # ---------------------------------------------------------------- the window's gradients before an update
 def fold_sharded(p) -> None:
     """FSDP2, at the end of a step inside the accumulation window (before an update, which reads the
-    accumulators): the step's dense gradient (the masked .grad plus the off-mask part its hook kept) is
-    accumulated, acc += dense / n."""
+    accumulators): the step's dense gradient (the masked .grad as the hook left it plus the off-mask part it
+    kept: hooks.ShardedMaskHook) is accumulated, acc += dense / n."""
     for i in p._sparse_layers():
         h = p.backward_hook_objects[i]
-        grad = p.W[i].grad
-        if h.off is None or grad is None:  # no backward pass reached this layer in this step
-            h.off = None
+        if h.off is None or p.W[i].grad is None:  # no backward pass reached this layer in this step
+            h.off = h.seen = None
             continue
         if h.dense_grad is None:
             h.dense_grad = _sharding.like(p.W[i], torch.zeros_like(h.off))
-        p._ops.fold_grad(_sharding.local(h.dense_grad), _sharding.local(grad), h.off, p.grad_accumulation_n)
-        h.off = None
+        p._ops.fold_grad(_sharding.local(h.dense_grad), h.seen, h.off, p.grad_accumulation_n)
+        h.off = h.seen = None
 
 
 def fold_partial(p) -> None:

@@ -98,7 +98,7 @@ def _full(t):
     return None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def _step(model, opt, pruner, x, y, in_step, micro):
+def _step(model, opt, pruner, x, y, in_step, micro, clip=False):
     opt.zero_grad()
     if micro:  # two backward passes in one step, FSDP2 reduce-scattering and summing both into .grad
         h = x.shape[0] // 2
@@ -106,6 +106,8 @@ def _step(model, opt, pruner, x, y, in_step, micro):
         (F.cross_entropy(model(x[h:]), y[h:]) / 2).backward()
     else:
         F.cross_entropy(model(x), y).backward()
+    if clip:  # the README's clipping loop: .grad rescaled between backward and pruner() (or the step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
     if in_step:
         opt.step()
     elif pruner():
@@ -127,7 +129,11 @@ SCENARIOS = {  # name: (backend, wrapping, optimizer, in_step, micro-batches)
     "conv1d_two_four": ("reference", "conv1d", "adam", False, False),
     "conv1d_two_four_cpp": ("cpp", "conv1d", "adam", False, False),
     "conv1d_two_four_triton": ("triton", "conv1d", "adam", False, False),
+    # gradients clipped between backward and pruner() / the step: the grow scores are the unclipped gradient
+    "clipped": ("reference", "per_module", "sgd", False, True),
+    "clipped_in_step": ("cpp", "root", "adam", True, False),
 }
+CLIPPED = {"clipped", "clipped_in_step"}
 FAN_IN, TWO_FOUR = dict(structure="fan_in"), dict(structure="2:4", dense_allocation=0.5)
 EXTRA = {"fan_in": FAN_IN, "two_four": TWO_FOUR, **{n: FAN_IN for n in SCENARIOS if n.startswith("conv1d_fan_in")},
          **{n: TWO_FOUR for n in SCENARIOS if n.startswith("conv1d_two_four")}}
@@ -221,7 +227,7 @@ def _train_log(rank, mesh, name, dtype):
                                                           for m in pruner.backward_masks if m is not None),
            "scores": _record_scores(pruner)}
     for x, y in _data(dtype):
-        _step(model, opt, pruner, *_local_batch(x, y, rank), in_step, micro)
+        _step(model, opt, pruner, *_local_batch(x, y, rank), in_step, micro, name in CLIPPED)
         log["masks"].append([_full(m) for m in pruner.backward_masks])
         log["invariants"].append(_invariants(model, opt, pruner))
     log["updates"] = pruner.rigl_steps - pruner.skipped_updates
@@ -302,8 +308,9 @@ def _poison(rank, mesh):
         if pruner.step + 1 == CFG["delta"]:
             before = [_full(m) for m in pruner.backward_masks]
             if rank == 1:
-                # the step's gradient is folded into the accumulator when pruner() runs: poison the gradient
-                pruner.W[2].grad.to_local()[0, 0] = float("inf")
+                # the step's gradient (the hook's copy of the masked shard, hooks.ShardedMaskHook) is folded into
+                # the accumulator when pruner() runs: poison that copy
+                pruner.backward_hook_objects[2].seen[0, 0] = float("inf")
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             if pruner():
@@ -493,7 +500,7 @@ def _single_process(name):
         pruner = RigLScheduler(model, opt, backend="reference", in_step=in_step, **{**CFG, **EXTRA.get(name, {})})
     masks, scores = [], _record_scores(pruner)
     for x, y in _data(DTYPE):
-        _step(model, opt, pruner, x, y, in_step, micro)
+        _step(model, opt, pruner, x, y, in_step, micro, name in CLIPPED)
         masks.append([None if m is None else m.clone() for m in pruner.backward_masks])
     return masks, scores, [u for u, m in zip(pruner._units, pruner.backward_masks) if m is not None]
 
