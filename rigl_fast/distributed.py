@@ -95,6 +95,25 @@ def fold_partial_sums(accs: List[Optional[torch.Tensor]], weights: Sequence[torc
     return filled
 
 
+def gradient_copies(group, sharded: bool) -> int:
+    """How many copies of the global batch's gradient a window accumulator holds: DDP's ranks each accumulate
+    their local batch's and the sums are added (fold_partial_sums, the update's all-reduce), FSDP2's .grad is
+    the ranks' average, one process has one."""
+    return 1 if sharded or not active(group) else dist.get_world_size(group)
+
+
+def loaded_window(accs: List[Optional[torch.Tensor]], saved_copies: Optional[int], group,
+                  sharded: bool) -> List[Optional[torch.Tensor]]:
+    """Accumulators loaded from a checkpoint, made this run's: rescaled from the saving run's gradient_copies to
+    this one's (a window saved by 2 DDP ranks and resumed in one process, or the reverse, would otherwise count
+    its first passes twice or half as much as the passes after the resume), then, under DDP, kept on rank 0
+    only (zero_unless_rank0). A state dict without the count (older ones) is taken as this run's."""
+    now = gradient_copies(group, sharded)
+    if saved_copies is not None and saved_copies != now:
+        accs = [None if a is None else a * (now / saved_copies) for a in accs]
+    return accs if sharded else zero_unless_rank0(accs, group)
+
+
 def zero_unless_rank0(accs: List[Optional[torch.Tensor]], group=None) -> List[Optional[torch.Tensor]]:
     """Accumulators loaded from a checkpoint hold the whole window's sum (see `fold_partial_sums`): rank 0
     keeps it, the other ranks start from zero, so the update's all-reduce counts it once."""

@@ -212,9 +212,7 @@ class RigLScheduler:
             self._generator.set_state(rng)
 
     def _load_dense_grads(self, loaded):
-        accs = loaded.dense_grads
-        if not self._sharded:  # a sharded accumulator is the global gradient already: nothing to fold
-            accs = _dist.zero_unless_rank0(accs, self.process_group)
+        accs = _dist.loaded_window(loaded.dense_grads, loaded.dense_grad_copies, self.process_group, self._sharded)
         for hook, a in zip(self.backward_hook_objects, accs):
             hook.dense_grad = a
 

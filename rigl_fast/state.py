@@ -15,6 +15,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import config as _config
+from . import distributed as _dist
 from . import sharding as _sharding
 
 # Path components that wrappers add to module names (DDP's `module.`, torch.compile's `_orig_mod.`, FSDP1 and
@@ -77,6 +78,7 @@ def build(pruner) -> dict:
         "rigl_fast_names": list(pruner.names),
         "rigl_fast_skipped_updates": pruner.skipped_updates,
         "rigl_fast_dense_grads": accs,
+        "rigl_fast_dense_grads_copies": _dist.gradient_copies(pruner.process_group, pruner._sharded),
         "rigl_fast_rng": None if pruner._generator is None else pruner._generator.get_state(),
         "rigl_fast_last_update": None if pruner._last_update is None else [list(t) for t in pruner._last_update],
         "rigl_fast_layers_without_grad": list(pruner._layers_without_grad),
@@ -266,6 +268,7 @@ class Loaded(NamedTuple):
     last_update: Optional[list]
     layers_without_grad: List[int]
     dense_grads: List[Optional[torch.Tensor]]
+    dense_grad_copies: Optional[int]  # distributed.gradient_copies of the run that saved them (None: not saved)
 
 
 def read(sd, names: Sequence[str], W: Sequence[torch.Tensor], hp: dict) -> Loaded:
@@ -286,8 +289,11 @@ def read(sd, names: Sequence[str], W: Sequence[torch.Tensor], hp: dict) -> Loade
     if not isinstance(quiet, (list, tuple)) or not all(_config.is_int(i) and 0 <= i < len(W) for i in quiet):
         raise ValueError(f"state_dict['rigl_fast_layers_without_grad'] must list layer indices < {len(W)}, got "
                          f"{quiet!r}")
+    copies = sd.get("rigl_fast_dense_grads_copies")
+    if copies is not None and not (_config.is_int(copies) and copies >= 1):
+        raise ValueError(f"state_dict['rigl_fast_dense_grads_copies'] must be an integer >= 1, got {copies!r}")
     return Loaded(hp, S, masks_, counters(sd), last_update(sd, len(W)), [int(i) for i in quiet],
-                  dense_grads(sd, W))
+                  dense_grads(sd, W), None if copies is None else int(copies))
 
 
 def dense_grads(sd, W: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:

@@ -173,9 +173,14 @@ def _train(rank, scenario, out_dir):
             if not go:
                 log["updates"].append(_masks_cpu(pruner))
             log["equal_after_call"].append(_gather_equal(pruner.backward_masks))
-            if scenario == "resume" and pruner.step == RESUME_AT:
+            if scenario in ("resume", "from_one") and pruner.step == RESUME_AT:
                 assert any(h.dense_grad is not None for h in pruner.backward_hook_objects), "not inside a window"
-                model, opt, pruner = _resume_from_rank0(rank, model, opt, pruner, os.path.join(out_dir, "ck.pt"))
+                if scenario == "resume":
+                    log["checkpoint"] = os.path.join(out_dir, "ck.pt")
+                    model, opt, pruner = _resume_from_rank0(rank, model, opt, pruner, log["checkpoint"])
+                else:  # one process's checkpoint of the same run (the fixture wrote it), resumed on every rank
+                    pruner.remove()
+                    model, opt, pruner = _build(rank, "resume", torch.load(os.path.join(out_dir, ONE_CKPT)))
     finally:
         for k in calls:
             setattr(dist, k, real[k])
@@ -186,8 +191,9 @@ def _train(rank, scenario, out_dir):
     return log
 
 
-SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "in_step", *STRUCTURED,
-             *COMPUTE)
+SCENARIOS = ("wrapped", "wrap_after", "poison", "no_sync", "nograd_one_rank", "resume", "from_one", "in_step",
+             *STRUCTURED, *COMPUTE)
+ONE_CKPT = "one_process.pt"  # one process's checkpoint at RESUME_AT, resumed by the 'from_one' scenario
 
 
 def _worker(rank, port, out_dir):
@@ -224,9 +230,26 @@ def _single_process(in_step=False, scenario=None):
     return updates, [w.detach().clone() for w in pruner.W], scores, units
 
 
+def _one_process(steps):
+    """One process on the global batch (as _single_process), the first `steps` steps: model, optimizer, pruner."""
+    torch.manual_seed(MODEL_SEED)
+    model = MLP().to(DTYPE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    torch.manual_seed(MASK_SEED)
+    pruner = RigLScheduler(model, opt, **CFG)
+    for _, (x, y) in zip(range(steps), _data(DATA_SEED)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pruner():
+            opt.step()
+    return model, opt, pruner
+
+
 @pytest.fixture(scope="module")
 def ddp_logs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    model, opt, pruner = _one_process(RESUME_AT)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "pruner": pruner.state_dict()}, out / ONE_CKPT)
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -264,8 +287,11 @@ def test_non_finite_on_one_rank_skips_the_update_on_all(ddp_logs):
     assert any(not torch.equal(a, b) for a, b in zip(logs[0]["updates"][0], clean["updates"][0]) if a is not None)
 
 
-@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step", *STRUCTURED, *COMPUTE])
+@pytest.mark.parametrize("scenario", ["wrapped", "wrap_after", "no_sync", "in_step", "from_one", *STRUCTURED,
+                                      *COMPUTE])
 def test_same_masks_as_one_process_on_the_global_batch(ddp_logs, scenario):
+    """'from_one': resumed on both ranks from one process's checkpoint inside a window (its accumulator holds one
+    copy of the global gradient, the ranks' sum two: the loaded part is rescaled, else the margin check fails)."""
     ref_updates, ref_weights, ref_scores, units = _single_process(in_step=scenario == "in_step", scenario=scenario)
     assert all(log[scenario]["skipped"] == 0 and log[scenario]["warnings"] == [] for log in ddp_logs)
     got = ddp_logs[0][scenario]["updates"]
@@ -320,6 +346,39 @@ def test_a_rank_without_gradient_neither_hangs_nor_skips(ddp_logs):
         assert log["skipped"] == 0 and log["warnings"] == []
     first = logs[0]["updates"][0]
     assert any(not torch.equal(a, b) for a, b in zip(first, logs[0]["init"]) if a is not None)
+
+
+def test_a_window_saved_by_two_ranks_resumes_in_one_process(ddp_logs):
+    """Rank 0's checkpoint inside a window (the ranks' summed accumulator: two copies of the global gradient),
+    loaded in one process: its accumulator is the one process's at that step, and every later update's masks are
+    the one process's. Before the state dict recorded the copies, the loaded part counted twice."""
+    ck = torch.load(ddp_logs[0]["resume"]["checkpoint"])
+    assert ck["pruner"]["rigl_fast_dense_grads_copies"] == WORLD
+    torch.manual_seed(MODEL_SEED)
+    model = MLP().to(DTYPE)
+    model.load_state_dict(ck["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    opt.load_state_dict(ck["opt"])
+    pruner = RigLScheduler(model, opt, **CFG, state_dict=ck["pruner"])
+    _, _, ref = _one_process(RESUME_AT)
+    accs = [(h.dense_grad, r.dense_grad) for h, r in zip(pruner.backward_hook_objects, ref.backward_hook_objects)]
+    assert any(a is not None for a, _ in accs)
+    for a, r in accs:
+        assert (a is None) == (r is None)
+        if a is not None:
+            torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    updates = []
+    for x, y in list(_data(DATA_SEED))[RESUME_AT:]:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pruner():
+            opt.step()
+        else:
+            updates.append(_masks_cpu(pruner))
+    want = _single_process()[0][-len(updates):]
+    assert len(updates) >= 4
+    for a, b in zip(updates, want):
+        assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_resume_inside_an_accumulation_window_is_exact(ddp_logs):

@@ -66,6 +66,7 @@ def _bad_state_dicts(sd):
             ("last_update", dict(other, rigl_fast_last_update=[[999, 1, 1]])),
             ("S", dict(other, S=["x"] + other["S"][1:])),
             ("dense_grads", dict(other, rigl_fast_dense_grads=[None] * (len(sd["S"]) - 1) + ["acc"])),
+            ("dense_grads_copies", dict(other, rigl_fast_dense_grads_copies=0)),
             ("names", dict(other, rigl_fast_names=list(reversed(sd["rigl_fast_names"])))),
             ("format", dict(other, rigl_fast_format=99)),
             ("mask", dict(other, backward_masks=[m if k != i else m[:1] for k, m in
