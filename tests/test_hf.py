@@ -17,6 +17,8 @@ pytest.importorskip("transformers")
 
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from safetensors.torch import load_file  # noqa: E402
+
 from rigl_fast.integrations.hf import STATE_FILE, RigLCallback, _resume_folder  # noqa: E402
 from rigl_fast.state import masks as sd_masks  # noqa: E402
 from helpers import BAD_SCHEDULER_KEYWORDS  # noqa: E402
@@ -140,29 +142,44 @@ def test_resume_without_rigl_state_is_refused(tmp_path):
     assert _resume_folder(_Args, _State) is None
 
 
-def test_a_failed_resume_keeps_the_live_scheduler(tmp_path):
-    """A resume that fails (the folder has no RigL state, or one that does not fit the model) raises and leaves
-    the scheduler of the earlier train() in place, hooked and with its masks, so the next train() continues from
-    them instead of drawing new masks over the trained weights."""
+def test_a_failed_resume_leaves_the_loaded_weights_and_stops_the_callback(tmp_path):
+    """A resume that fails (the folder has no RigL state, or one that does not fit the model) raises. The Trainer
+    has loaded the folder's weights and optimizer state before on_train_begin, so they stay as loaded (the earlier
+    scheduler's masks are not applied to them), that scheduler is unhooked and dropped, the error says so, and
+    the next train() raises instead of training the checkpoint's weights under another step's masks (or drawing
+    new ones over them), until a resume from a folder with a valid RigL state."""
     trainer, rigl, rec = _train(tmp_path / "run", max_steps=6)
-    live = [None if m is None else m.clone() for m in rigl.pruner.backward_masks]
+    ck5 = tmp_path / "run" / "checkpoint-5"
+    saved = load_file(ck5 / "model.safetensors")
     bare, bad = tmp_path / "bare", tmp_path / "bad"
     for folder in (bare, bad):
-        shutil.copytree(tmp_path / "run" / "checkpoint-5", folder)
+        shutil.copytree(ck5, folder)
     os.remove(bare / STATE_FILE)
     blob = torch.load(bad / STATE_FILE, weights_only=True)
     blob["pruner"]["N"] = [n + 1 for n in blob["pruner"]["N"]]
     torch.save(blob, bad / STATE_FILE)
+    model = trainer.model
     for folder, err, match in ((bare, FileNotFoundError, STATE_FILE), (bad, ValueError, "does not fit the model")):
-        with pytest.raises(err, match=match):
+        if rigl.pruner is None:  # the first failure dropped it: a valid resume brings a live scheduler back
+            trainer.train(resume_from_checkpoint=str(ck5))
+        old = rigl.pruner
+        assert old is not None and old._handles and old.step == 6
+        with pytest.raises(err, match=match) as e:
             trainer.train(resume_from_checkpoint=str(folder))
-        p = rigl.pruner
-        assert p is not None and p._handles and p.step == 6 and p.rigl_steps == 1
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(p.backward_masks, live))
+        now = model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in saved.items())  # checkpoint-5's weights, none zeroed
+        assert "had already loaded the model weights and the optimizer state" in str(e.value)
+        assert rigl.pruner is None and not old._handles and rigl.failed_checkpoint == str(folder)
+        with pytest.raises(RuntimeError, match="valid RigL state") as e:
+            trainer.train()
+        assert str(folder) in str(e.value) and rigl.pruner is None
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    # a valid resume makes the callback work again, from the checkpoint's own masks
     rec.first_masks = None
-    trainer.train()
-    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(rec.first_masks, live))
-    assert rigl.pruner.step == 12
+    trainer.train(resume_from_checkpoint=str(ck5))
+    ck_masks = sd_masks(torch.load(ck5 / STATE_FILE, weights_only=True)["pruner"])
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(rec.first_masks, ck_masks))
+    assert rigl.failed_checkpoint is None and rigl.pruner.step == 6 and rigl.resumed_from == str(ck5)
 
 
 def test_save_only_model_keeps_the_masks_not_the_accumulator(tmp_path):

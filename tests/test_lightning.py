@@ -188,10 +188,12 @@ def test_resume_from_a_model_checkpoint_equals_the_uninterrupted_fit(tmp_path):
                for a, b in zip(full_cb.pruner.backward_masks, sd_masks(saved)))
 
 
-def test_a_checkpoint_without_rigl_state_is_refused_and_a_live_scheduler_kept(tmp_path):
+def test_a_checkpoint_without_rigl_state_is_refused_and_the_loaded_weights_left_as_loaded(tmp_path):
     """fit(ckpt_path=...) from a checkpoint saved without RigLCallback raises (as the HF callback refuses a folder
-    without its state file) instead of restarting the schedule with new masks over the trained weights; a
-    scheduler live from an earlier fit stays in place, also when the checkpoint's RigL state does not fit."""
+    without its state file) instead of restarting the schedule with new masks over the trained weights; so does
+    one whose RigL state does not fit. Lightning has loaded the checkpoint's weights before any callback sees it:
+    they stay as loaded (a live scheduler's masks are not applied to them), the live scheduler is unhooked and
+    dropped, and the next fit raises until one resumes from a checkpoint with a valid RigL state."""
     pl.seed_everything(0, verbose=False)
     dense = _trainer(tmp_path / "dense", [], max_steps=2)
     dense.fit(LitNet(), _loader(2))
@@ -200,7 +202,8 @@ def test_a_checkpoint_without_rigl_state_is_refused_and_a_live_scheduler_kept(tm
     fresh = RigLCallback(**CFG)
     with pytest.raises(ValueError, match=msg):
         _trainer(tmp_path / "a", [fresh], max_steps=4).fit(LitNet(), _loader(4), ckpt_path=tmp_path / "dense.ckpt")
-    assert fresh.pruner is None
+    # no scheduler and no RigL state: nothing to mix, a fit without ckpt_path may start RigL on these weights
+    assert fresh.pruner is None and getattr(fresh, "failed_checkpoint", None) is None
     # validate (and test) load only the weights: no RigL state needed there
 
     class Val(LitNet):
@@ -211,20 +214,30 @@ def test_a_checkpoint_without_rigl_state_is_refused_and_a_live_scheduler_kept(tm
                                                             verbose=False)
 
     model, cb, _, trainer = _fit(tmp_path / "live", 4, rigl_kwargs=dict(CFG, T_end=7), max_steps=4)
-    live, step = cb.pruner, cb.pruner.step
-    masks = [None if m is None else m.clone() for m in live.backward_masks]
     trainer.save_checkpoint(tmp_path / "rigl.ckpt")
     ck = torch.load(tmp_path / "rigl.ckpt", weights_only=False)
     ck["callbacks"]["RigLCallback"]["pruner"]["N"] = [n + 1 for n in ck["callbacks"]["RigLCallback"]["pruner"]["N"]]
     torch.save(ck, tmp_path / "bad.ckpt")
     del ck["callbacks"]  # Lightning then calls no callback's on_load_checkpoint: caught when training starts
     torch.save(ck, tmp_path / "nocallbacks.ckpt")
-    trainer.fit_loop.epoch_loop.max_steps = 8
     for path, match in (("dense.ckpt", msg), ("bad.ckpt", "does not fit the model"), ("nocallbacks.ckpt", msg)):
-        with pytest.raises(ValueError, match=match):
+        if cb.pruner is None:  # dropped by the last failure: a valid resume brings a live scheduler back
+            trainer.fit_loop.epoch_loop.max_steps = 6
+            trainer.fit(model, _loader(8), ckpt_path=tmp_path / "rigl.ckpt")
+        live = cb.pruner
+        assert live._handles and live.step >= 4
+        weights = torch.load(tmp_path / path, weights_only=False)["state_dict"]
+        trainer.fit_loop.epoch_loop.max_steps = 8
+        with pytest.raises(ValueError, match=match) as e:
             trainer.fit(model, _loader(8), ckpt_path=tmp_path / path)
-        assert cb.pruner is live and live._handles and live.step == step
-        assert all(m is None and r is None or torch.equal(m, r) for m, r in zip(live.backward_masks, masks))
+        now = model.state_dict()
+        assert now.keys() == weights.keys() and all(torch.equal(now[k], v) for k, v in weights.items()), path
+        assert "Lightning had already loaded the model weights" in str(e.value)
+        assert cb.pruner is None and not live._handles and cb.failed_checkpoint == str(tmp_path / path)
+        with pytest.raises(RuntimeError, match="valid RigL state") as e:
+            trainer.fit(model, _loader(8))
+        assert str(tmp_path / path) in str(e.value) and cb.pruner is None
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
 def test_metrics_are_logged(tmp_path):
@@ -253,6 +266,17 @@ def test_fit_called_again_continues_the_schedule_on_the_new_optimizer(tmp_path):
     assert cb.pruner.step == trainer.global_step == 8 and cb.pruner.rigl_steps == 2 and cb.pruner.T_end == 7
     assert any(m is not None and not torch.equal(m, r) for m, r in zip(masks, cb.pruner.backward_masks))
     _assert_invariants(cb.pruner)
+    # a fit that loads no checkpoint and cannot build its scheduler (the new optimizer lacks the sparse weights)
+    # raises with the live scheduler kept, hooked, and the weights it describes untouched
+    live, weights = cb.pruner, copy.deepcopy(model.state_dict())
+    model.configure_optimizers = lambda: torch.optim.Adam([p for n, p in model.named_parameters() if "bias" in n])
+    trainer.fit_loop.epoch_loop.max_steps = 12
+    with pytest.raises(ValueError, match="optimizer"):
+        trainer.fit(model, _loader(8))
+    assert cb.pruner is not live and cb.pruner._handles and not live._handles and cb.pruner.step == 8
+    assert all(torch.equal(m, r) for m, r in zip(cb.pruner.backward_masks, live.backward_masks) if m is not None)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert getattr(cb, "failed_checkpoint", None) is None
 
 
 def test_bad_arguments_fail_in_init_and_two_optimizers_at_fit(tmp_path):

@@ -10,8 +10,11 @@ Importing this module imports transformers (the class subclasses TrainerCallback
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import sys
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -27,15 +30,18 @@ except ImportError as e:  # missing, or installed but broken: say both
 
 from .. import config as _config
 from ..scheduler import RigLScheduler
-from .swap import swap
+from .swap import broken, refusal, resume, swap
 
 STATE_FILE = "rigl_fast_state.pt"  # written into every checkpoint-<step> folder the Trainer saves
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's own file in that folder (transformers.trainer's name)
 T_END_FRACTION = 0.75              # T_end's default: this fraction of the run's optimizer steps (state.max_steps)
 LOG_PREFIX = "rigl/"
 
 _WHY = ("the Trainer's model and optimizer, in_step=True, and the state saved in the Trainer's checkpoints "
         "(resume with trainer.train(resume_from_checkpoint=...)) are the callback's to set")
 _RESERVED = {k: _WHY for k in ("model", "optimizer", "state_dict", "in_step")}
+_TEXT = dict(framework="the Trainer", train="trainer.train()", resume="trainer.train(resume_from_checkpoint=...)",
+             afresh="a new RigLCallback (trainer.remove_callback(old), trainer.add_callback(new))")
 
 
 class RigLCallback(TrainerCallback):
@@ -49,14 +55,23 @@ class RigLCallback(TrainerCallback):
     - Writes `pruner.state_dict()` into every checkpoint folder (`rigl_fast_state.pt`); on
       `trainer.train(resume_from_checkpoint=...)` it rebuilds the scheduler from that folder's file after the
       Trainer has loaded the model and optimizer, so the resumed run equals the uninterrupted one. A folder
-      without that file, or with a state that does not fit the model, raises; a scheduler already live (from an
-      earlier train()) stays in place, so the next train() continues from its masks.
+      without that file, or with a state that does not fit the model, raises. The Trainer has loaded the
+      folder's weights and optimizer state by then (before any callback event), so the weights stay as loaded,
+      the scheduler of an earlier train() is dropped (its masks describe other weights; `callback.pruner` is
+      None, `callback.failed_checkpoint` the folder), and the next train() raises unless it resumes from a
+      checkpoint with a valid RigL state. A second train() that resumes nothing keeps the live scheduler if the
+      new one cannot be built.
+    - With `load_best_model_at_end=True`, loads the best checkpoint's RigL state when the Trainer has loaded
+      its weights (on_train_end), so the masks, `pruner.export()` and a further train() match them; a best
+      folder without the file warns, one whose state does not fit raises as a failed resume does.
     - Adds `pruner.stats()` to every log as `rigl/density`, `rigl/regrown_fraction`, `rigl/updates` and
       `rigl/skipped_updates` (`log_per_layer=True` adds `rigl/density/<layer>` and `rigl/regrown/<layer>`).
 
     Bad arguments (every RigLScheduler argument that can be checked without the model: structure,
     sharded_init, dense_allocation, ...) raise here, before the Trainer is built.
     """
+
+    _TEXT = _TEXT  # what swap.broken and swap.refusal call the framework and its calls
 
     def __init__(self, *, log_per_layer: bool = False, **scheduler_kwargs):
         _config.check_scheduler_kwargs(scheduler_kwargs, _RESERVED, "RigLCallback")
@@ -66,27 +81,65 @@ class RigLCallback(TrainerCallback):
         self.log_per_layer = log_per_layer
         self.pruner: Optional[RigLScheduler] = None
         self.resumed_from: Optional[str] = None  # the checkpoint folder the last train() resumed from
+        # the checkpoint whose weights the Trainer loaded but whose RigL state could not be restored (swap.broken)
+        self.failed_checkpoint: Optional[str] = None
+        self._failure = ""
 
     # ------------------------------------------------------------------ building the scheduler
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # The Trainer calls this after it has created the optimizer, prepared both with Accelerate and, when
-        # resuming, loaded the checkpoint's weights and optimizer state (Trainer._prepare_for_training).
+        # resuming, loaded the checkpoint's weights and optimizer state (Trainer.train, _prepare_for_training)
         if model is None or optimizer is None:
             raise RuntimeError("RigLCallback.on_train_begin needs the Trainer's model and optimizer in its "
                                "keyword arguments (transformers' CallbackHandler passes them)")
-        # trainer.train() called again on the trained model: keep its masks and continue the schedule (new
-        # random masks would cut the trained weights), as the Lightning callback does on a second fit()
-        previous = None if self.pruner is None else self.pruner.state_dict()
         _run_first(self)
         resumed_from = _resume_folder(args, state)
-        sd = previous if resumed_from is None else _load_state(resumed_from, state)  # may raise: nothing changed
         kw = dict(self.scheduler_kwargs)
         if kw.get("T_end") is None:  # a resumed state dict's T_end wins over this anyway
             kw["T_end"] = max(1, int(T_END_FRACTION * state.max_steps))
-        # a resumed state that does not fit raises here, the live scheduler (if any) kept: see swap
-        swap(self, lambda m, o, st: RigLScheduler(m, o, **kw, state_dict=st, in_step=True), model, optimizer, sd,
-             previous)
+
+        def build(m, o, st):
+            return RigLScheduler(m, o, **kw, state_dict=st, in_step=True)
+
+        if resumed_from is not None:
+            # the Trainer has loaded the folder's weights and optimizer state already: a RigL state that is
+            # missing or does not fit stops the callback, the weights left as loaded (see swap.broken)
+            resume(self, build, model, optimizer, lambda: _load_state(resumed_from, state.global_step),
+                   resumed_from, "the model weights and the optimizer state",
+                   has_state=os.path.isfile(os.path.join(resumed_from, STATE_FILE)))
+        elif self.failed_checkpoint is not None:
+            raise RuntimeError(refusal(self))
+        else:
+            # trainer.train() called again on the trained model: keep its masks and continue the schedule (new
+            # random masks would cut the trained weights), as the Lightning callback does on a second fit(); if
+            # the scheduler cannot be built on the new optimizer, the live one is kept (see swap)
+            previous = None if self.pruner is None else self.pruner.state_dict()
+            swap(self, build, model, optimizer, previous, previous)
         self.resumed_from = resumed_from
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """With load_best_model_at_end=True the Trainer has just loaded the best checkpoint's weights
+        (Trainer._finalize_training calls _load_best_model, then this event): load the RigL state saved in that
+        folder, so that the masks describe the weights again."""
+        folder = state.best_model_checkpoint
+        if (self.pruner is None or not args.load_best_model_at_end or folder is None or not os.path.isdir(folder)
+                or _called_from("_report_to_hp_search")):  # a pruned Optuna trial: no best model loaded
+            return
+        if not os.path.isfile(os.path.join(folder, STATE_FILE)):
+            warnings.warn(
+                f"rigl_fast: the Trainer has loaded the best checkpoint's weights (load_best_model_at_end=True) "
+                f"from {folder}, which has no {STATE_FILE} (it was not saved with RigLCallback), so its masks "
+                f"cannot be restored: callback.pruner keeps those of step {self.pruner.step}, which need not "
+                f"describe the loaded weights (pruner.export() cannot match them, and another trainer.train() "
+                f"zeroes the loaded weights off them). Resume from a checkpoint saved with RigLCallback "
+                f"(trainer.train(resume_from_checkpoint=...)) to go on from matching weights and masks",
+                stacklevel=2)
+            return
+        try:
+            sd = _load_state(folder, _folder_step(folder))
+            self.pruner.load_state_dict(sd)  # checks everything before it changes anything
+        except Exception as e:
+            raise broken(self, folder, "the best checkpoint's model weights (load_best_model_at_end=True)", e) from e
 
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs):
@@ -166,7 +219,21 @@ def _resume_folder(args, state) -> Optional[str]:
     return None
 
 
-def _load_state(folder, state):
+def _called_from(name: str) -> bool:
+    return any(f.f_code.co_name == name for f in _frames())
+
+
+def _folder_step(folder) -> Optional[int]:
+    """The global step a checkpoint folder was saved at: its trainer_state.json's, else its name's."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME)) as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(folder)))
+        return None if m is None else int(m.group(1))
+
+
+def _load_state(folder, step: Optional[int]):
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -177,9 +244,9 @@ def _load_state(folder, state):
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or not isinstance(blob.get("pruner"), dict):
         raise ValueError(f"rigl_fast: {path} is not a RigLCallback state (a dict with 'global_step' and 'pruner')")
-    if blob.get("global_step") != state.global_step:
-        raise ValueError(f"rigl_fast: {path} was saved at step {blob.get('global_step')} but the Trainer resumes "
-                         f"at step {state.global_step}: the folder holds another run's RigL state")
+    if step is not None and blob.get("global_step") != step:
+        raise ValueError(f"rigl_fast: {path} was saved at step {blob.get('global_step')} but the Trainer's weights "
+                         f"are those of step {step}: the folder holds another run's RigL state")
     return blob["pruner"]
 
 

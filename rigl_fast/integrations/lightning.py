@@ -3,16 +3,21 @@
 Lightning calls `optimizer.step()` itself, so the scheduler runs with `in_step=True`: every optimizer step
 advances the schedule and, when an update is due, the topology update runs right after that step.
 
-When fitting, Lightning restores a checkpoint in this order (lightning/pytorch/trainer/trainer.py, `_run`):
-model weights and the callbacks' `load_state_dict`, then `configure_optimizers`, `on_fit_start`, then the
-optimizer states and loop progress, then `on_train_start`. The scheduler is built at `on_train_start`, when
-the model, the optimizer and its states are all in place, from the state `load_state_dict` kept (or, if
-that arrives later, the built scheduler loads it), so a resumed fit continues the uninterrupted one bit for bit.
-A fit resumed from a checkpoint without RigL state is refused (`on_load_checkpoint`), and a state that does not
-fit the model raises with the live scheduler of an earlier fit kept in place (`swap`), as in the HF callback.
+When fitting, Lightning restores a checkpoint in this order (lightning/pytorch/trainer/trainer.py, `_run`, and
+connectors/checkpoint_connector.py, `_restore_modules_and_callbacks`): the callbacks' `setup`, then the model
+weights (`restore_model`), then the callbacks' `on_load_checkpoint` and `load_state_dict`, then
+`configure_optimizers`, `on_fit_start`, then the optimizer states and loop progress, then `on_train_start`. The
+scheduler is built at `on_train_start`, when the model, the optimizer and its states are all in place, from the
+state `load_state_dict` kept (or, if that arrives later, the built scheduler loads it), so a resumed fit
+continues the uninterrupted one bit for bit. No callback hook sees the checkpoint before its weights are loaded,
+so a fit resumed from a checkpoint without RigL state, or with one that does not fit the model, raises with the
+weights left as loaded: the scheduler of an earlier fit is dropped (its masks describe other weights) and the
+next fit raises unless it resumes from a valid checkpoint (`swap.broken`), as in the HF callback. A fit that
+loads nothing and cannot build its scheduler keeps the live one (`swap`).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
 try:
@@ -25,7 +30,7 @@ except ImportError:  # the older standalone package, if that is what is installe
 
 from .. import config as _config
 from ..scheduler import RigLScheduler
-from .swap import swap
+from .swap import broken, refusal, resume, swap
 
 _RESERVED = {"model": "the callback takes the LightningModule from the Trainer",
              "optimizer": "the callback takes the optimizer from the Trainer",
@@ -33,6 +38,12 @@ _RESERVED = {"model": "the callback takes the LightningModule from the Trainer",
                            "(trainer.fit(model, ckpt_path=...))",
              "in_step": "the callback always runs the scheduler with in_step=True"}
 _T_END_FRACTION = 0.75
+_TEXT = dict(framework="Lightning", train="trainer.fit()", resume="trainer.fit(model, ckpt_path=...)",
+             afresh="a new RigLCallback in a new Trainer")
+_LOADED_WEIGHTS = "the model weights"
+_LOADED_ALL = "the model weights, the optimizer states and the loop progress"
+_AGAIN = ("(Lightning has restored that checkpoint again although this fit was given no ckpt_path: a run that "
+          "fails while restoring a checkpoint leaves it to the next run of the same Trainer; use a new Trainer)")
 
 
 class RigLCallback(pl.Callback):
@@ -43,10 +54,15 @@ class RigLCallback(pl.Callback):
     defaults to 75% of the run's optimizer steps (`trainer.estimated_stepping_batches`). The scheduler, built
     from the LightningModule and its optimizer when training starts, is `callback.pruner`. Its state travels in
     Lightning checkpoints, so `trainer.fit(model, ckpt_path=...)` resumes it; a checkpoint without it raises
-    (load its weights and fit without ckpt_path to start RigL from a dense checkpoint). `rigl/density`,
+    (load its weights and fit without ckpt_path to start RigL from a dense checkpoint), as does one whose state
+    does not fit. Lightning has loaded the checkpoint's weights by then: they stay as loaded, a scheduler live
+    from an earlier fit is dropped (`callback.pruner` is None, `callback.failed_checkpoint` the path), and the
+    next fit raises unless it resumes from a checkpoint with a valid RigL state. `rigl/density`,
     `rigl/regrown_fraction`, `rigl/updates` and `rigl/skipped_updates` are logged after every training batch
     (`log_per_layer=True` adds `rigl/density/<weight>` and `rigl/regrown/<weight>`).
     """
+
+    _TEXT = _TEXT  # what swap.broken and swap.refusal call the framework and its calls
 
     def __init__(self, *, log_per_layer: bool = False, **scheduler_kwargs):
         super().__init__()
@@ -58,6 +74,11 @@ class RigLCallback(pl.Callback):
         self.pruner: Optional[RigLScheduler] = None
         self._loaded: Optional[dict] = None  # a checkpoint's scheduler state, kept until the scheduler is built
         self._resumed_from = None  # the ckpt_path whose RigL state on_load_checkpoint found, until on_train_start
+        self._restoring = None  # that ckpt_path, from on_load_checkpoint to load_state_dict (any stage)
+        self._last_restored = None  # the last checkpoint Lightning restored (it may restore it again: _AGAIN)
+        # the checkpoint whose weights Lightning loaded but whose RigL state could not be restored (swap.broken)
+        self.failed_checkpoint: Optional[str] = None
+        self._failure = ""
 
     # ------------------------------------------------------------------ building the scheduler
     def on_train_start(self, trainer, pl_module) -> None:
@@ -66,18 +87,33 @@ class RigLCallback(pl.Callback):
             raise ValueError(f"RigLCallback needs exactly one optimizer holding the model's weights; "
                              f"configure_optimizers returned {len(optimizers)}")
         resumed, self._resumed_from = self._resumed_from, None
-        if trainer.ckpt_path is not None and resumed != trainer.ckpt_path:  # a checkpoint without "callbacks"
-            raise ValueError(_no_state(trainer.ckpt_path))
         state, self._loaded = self._loaded, None
         previous = None if self.pruner is None else self.pruner.state_dict()
-        if state is None:  # fit() called again: configure_optimizers made a new optimizer; continue the schedule
+        if state is None:  # fit() called again, or the state went into the live scheduler (load_state_dict)
             state = previous
-        kwargs = dict(self.scheduler_kwargs)
-        if kwargs.get("T_end") is None and not kwargs.get("static_topo", False) and state is None:
-            kwargs["T_end"] = self._default_T_end(trainer)
-        # a checkpoint's state that does not fit the model raises here, the live scheduler (if any) kept: see swap
-        swap(self, lambda m, o, st: RigLScheduler(m, o, **kwargs, state_dict=st, in_step=True), pl_module,
-             optimizers[0], state, previous)
+
+        def build(m, o, st):
+            kwargs = dict(self.scheduler_kwargs)
+            if kwargs.get("T_end") is None and not kwargs.get("static_topo", False) and st is None:
+                kwargs["T_end"] = self._default_T_end(trainer)
+            return RigLScheduler(m, o, **kwargs, state_dict=st, in_step=True)
+
+        path = trainer.ckpt_path
+        if path is not None:
+            # Lightning has restored the checkpoint's weights, optimizer states and loop progress: a RigL state
+            # that is missing (a checkpoint without "callbacks") or does not fit stops the callback (swap.broken)
+            if resumed != path or state is None:
+                raise broken(self, path, _LOADED_ALL, ValueError(_no_state(path)), has_state=resumed == path)
+            resume(self, build, pl_module, optimizers[0], lambda: state, path, _LOADED_ALL)
+        elif self.failed_checkpoint is not None:
+            raise RuntimeError(refusal(self))
+        else:
+            # nothing loaded: a state that cannot be built raises, the live scheduler (if any) kept (see swap)
+            swap(self, build, pl_module, optimizers[0], state, previous)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # every fit/validate/test restores its checkpoint after setup: nothing noted by an earlier one counts
+        self._resumed_from = self._restoring = None
 
     @staticmethod
     def _default_T_end(trainer) -> int:
@@ -105,25 +141,51 @@ class RigLCallback(pl.Callback):
         return {} if self._loaded is None else {"pruner": self._loaded}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        source, self._restoring = self._restoring, None  # set by on_load_checkpoint when Lightning restores
         state = state_dict.get("pruner")
         if state is None:
             return
-        if self.pruner is not None:  # the scheduler exists already: load into it now (validated before any change)
-            self.pruner.load_state_dict(state)
-        else:
+        if self.pruner is None:
             self._loaded = state
+            return
+        # the scheduler exists already: load into it now (checked before any change)
+        if source is None:  # called directly: nothing else was loaded
+            self.pruner.load_state_dict(state)
+            return
+        try:
+            self.pruner.load_state_dict(state)
+        except Exception as e:
+            raise broken(self, source, _LOADED_WEIGHTS, e) from e
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
-        """Resuming a fit from a checkpoint without RigL state is refused, as the HF callback refuses a checkpoint
+        """Lightning calls this after it has loaded the checkpoint's model weights (restore_model, then
+        restore_callbacks: on_load_checkpoint, load_state_dict), for fit, validate and test alike.
+
+        Resuming a fit from a checkpoint without RigL state is refused, as the HF callback refuses a checkpoint
         folder without its file: the masks cannot be restored (a weight grown at 0 is active, so the weights do
-        not tell), and a restarted schedule would draw new masks over the trained weights. Lightning calls this
-        before load_state_dict, for fit, validate and test alike; only fit resumes training."""
-        if trainer.state.fn != "fit":
-            return
+        not tell), and a restarted schedule would draw new masks over the trained weights. The weights being
+        loaded already, the callback stops (swap.broken). validate/test load only the weights: without RigL
+        state nothing is needed, but a live scheduler's masks no longer describe the loaded weights, so it is
+        dropped too, with a warning."""
+        path, fit = trainer.ckpt_path, trainer.state.fn == "fit"
+        if path is None:  # a leftover: see _AGAIN
+            path = self._last_restored
+            if fit and self.failed_checkpoint is not None:
+                raise RuntimeError(f"{refusal(self)} {_AGAIN}")
+        self._last_restored = path
         states = checkpoint.get("callbacks") or {}
         mine = states.get(self.state_key, states.get(self._legacy_state_key))
-        if not isinstance(mine, dict) or mine.get("pruner") is None:
-            raise ValueError(_no_state(trainer.ckpt_path))
+        has_state = isinstance(mine, dict) and mine.get("pruner") is not None
+        self._restoring = path if has_state else None
+        if not fit:
+            if not has_state and self.pruner is not None:
+                why = ValueError(f"rigl_fast: trainer.{trainer.state.fn}(ckpt_path={str(path)!r}) loaded a "
+                                 "checkpoint without RigLCallback state while the callback's scheduler was live")
+                warnings.warn(str(broken(self, path, _LOADED_WEIGHTS, why, has_state=False)), stacklevel=2)
+            return
+        if not has_state:
+            again = "" if trainer.ckpt_path is not None else f" {_AGAIN}"
+            raise broken(self, path, _LOADED_WEIGHTS, ValueError(_no_state(path) + again), has_state=False)
         self._resumed_from = trainer.ckpt_path
 
 
