@@ -56,6 +56,16 @@ class MLP(nn.Module):
         return x
 
 
+def tiny_gpt2(**config):
+    """A one-layer GPT-2 (n_embd 32, 2 heads, vocabulary 64, 16 positions; transformers imported here, skipped
+    where it is missing), dropout off unless `config` says otherwise; built after torch.manual_seed(0)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**cfg, **config}))
+
+
 def batches(n_steps, seed=0, batch=16, shape=(1, 8, 8), n_classes=10, device="cpu"):
     """A fixed, generic (tie-free) stream of random batches."""
     g = torch.Generator().manual_seed(seed)

@@ -14,8 +14,9 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("transformers")
 
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
+from helpers import tiny_gpt2  # noqa: E402
 from rigl_fast.hooks import registered_to  # noqa: E402
 from rigl_fast.integrations import hf as rigl_hf  # noqa: E402
 from rigl_fast.integrations import lightning as rigl_pl  # noqa: E402
@@ -131,9 +132,7 @@ def test_lightning_validate_on_a_checkpoint_without_rigl_state_drops_the_live_sc
 
 # ---------------------------------------------------------------- HF
 def _hf(out, rigl, max_steps=6):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                       bos_token_id=0, eos_token_id=0))
+    model = tiny_gpt2(bos_token_id=0, eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     g = torch.Generator().manual_seed(1)
     data = [{"input_ids": r, "labels": r.clone()} for r in torch.randint(0, 64, (48, 16), generator=g)]
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps, save_steps=5,

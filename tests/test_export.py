@@ -16,7 +16,7 @@ from torch import nn
 
 from rigl_fast import RigLScheduler
 from rigl_fast.export import CSRLinear, FanInLinear
-from helpers import cpp_unavailable
+from helpers import cpp_unavailable, tiny_gpt2
 
 
 class Odd(nn.Module):
@@ -94,11 +94,7 @@ def test_a_non_finite_input_reaches_only_the_outputs_of_its_active_weights(fmt, 
 
 
 def test_conv1d_and_leading_dims():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt2().eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     pruner = RigLScheduler(model, opt, dense_allocation=0.25, T_end=8, delta=2, ignore_linear_layers=False,
                            structure="fan_in")

@@ -20,6 +20,7 @@ from torch import nn
 from rigl_fast import RigLScheduler, export_ops
 from rigl_fast.export import CSRLinear, FanInLinear, SparseMultiheadAttention
 
+from helpers import tiny_gpt2
 from test_export import Odd, _close
 from test_export_mha import Attn, E, _close as _close_attention
 
@@ -161,11 +162,7 @@ def test_a_nan_off_the_mask_counts_many_layers_are_cut_short_and_kept_modules_ar
 
 def test_conv1d_weights_off_the_masks_raise():
     """transformers' Conv1D stores its weight (in, out), the mask likewise: the entry checked is the one off it."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt2().eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     pruner = RigLScheduler(model, opt, dense_allocation=0.25, T_end=8, delta=2, ignore_linear_layers=False,
                            structure="fan_in")

@@ -11,6 +11,7 @@ from torch import nn
 
 from rigl_fast import RigLScheduler
 from rigl_fast import layers
+from helpers import tiny_gpt2
 from rigl_fast.export import CSRLinear
 
 
@@ -146,17 +147,14 @@ def test_one_rule_for_training_and_export():
 def test_gpt2_with_a_conv1d_subclass_of_its_own_forward():
     """The real transformers Conv1D: GPT-2's Conv1D layers are replaced, one swapped for a subclass with its own
     forward is trained sparse and kept, and the exported logits equal the model's."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D as HFConv1D
 
     class Gated(HFConv1D):
         def forward(self, x):
             return torch.sigmoid(super().forward(x))
 
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt2().eval()
     model.transformer.h[0].mlp.c_fc = Gated(128, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     pruner = RigLScheduler(model, opt, dense_allocation=0.25, T_end=8, delta=2, ignore_linear_layers=False)

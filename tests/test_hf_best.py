@@ -11,21 +11,15 @@ import torch
 pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from helpers import tiny_gpt2  # noqa: E402
+from test_hf import _one_thread  # noqa: E402,F401  (autouse: one thread, as test_hf.py says why)
 from rigl_fast.hooks import registered_to  # noqa: E402
 from rigl_fast.integrations.hf import STATE_FILE, RigLCallback  # noqa: E402
 from rigl_fast.state import masks as sd_masks  # noqa: E402
 
 MAX_STEPS = 15
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _data(n, seed):
@@ -67,9 +61,7 @@ class _AtBegin(TrainerCallback):
 
 
 def _train(out, extra=()):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                                       bos_token_id=0, eos_token_id=0))
+    model = tiny_gpt2(bos_token_id=0, eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     rigl = RigLCallback(dense_allocation=0.3, delta=3, alpha=0.3, ignore_linear_layers=False, T_end=MAX_STEPS)
     # greater_is_better on eval_loss: the worst loss is "best", an early checkpoint whose masks the last
     # updates have moved since
