@@ -18,6 +18,7 @@ from rigl_fast import RigLScheduler
 from rigl_fast import compute as C
 from rigl_fast import compute_ops as K
 from rigl_fast.compute import MODES
+from helpers import cpp_unavailable
 
 CFG = dict(dense_allocation=0.3, T_end=10, delta=3, ignore_linear_layers=False, sparsity_distribution="erk")
 
@@ -183,8 +184,22 @@ def test_kernels_match_the_dense_layer_within_its_rounding(dtype, fan_in, B):
     assert y.dtype == dx.dtype == dtype and dw.dtype == torch.float32
 
 
+def _need_cpp_kernels():
+    """The C++ products load: compute_ops falls back to the reference where they do not, and a comparison of the
+    two would then compare the reference with itself."""
+    from rigl_fast._cpp import load_library
+    try:
+        load_library("export")
+    except Exception as e:
+        cpp_unavailable(e)
+    names = ("csr_linear", "fan_in_linear", "sampled_grad", "transpose_f32", "take_values", "csr_linear_t",
+             "sampled_grad_rows_t")
+    assert all(K._cpp(n, torch.zeros(1)) is not None for n in names)
+
+
 def test_reference_equals_the_cpu_kernels():
     """The plain-PyTorch reference defines the results: the C++ kernels agree with it within fp32 rounding."""
+    _need_cpp_kernels()
     torch.manual_seed(5)
     m = torch.rand(50, 70) < 0.2
     w, x, g = torch.randn(50, 70) * m, torch.randn(33, 70), torch.randn(33, 50)
@@ -592,6 +607,7 @@ def test_every_kernel_set_trains_as_the_cpu_kernels(kernels):
     under the interpreter) as through the C++ ones, within fp32 rounding (before the first update)."""
     if kernels == "triton":
         pytest.importorskip("triton")
+    _need_cpp_kernels()  # the baseline
     base, _, _ = _run("sparse", dtype=torch.float32, steps=2, structure="fan_in")
     with K.only(kernels):
         assert (K._triton(torch.zeros(1)) is not None) == (kernels == "triton") and K._cpp("csr_linear", torch.zeros(1)) is None
@@ -621,23 +637,30 @@ def test_load_state_dict_reinstalls_for_the_layers_it_makes_sparse():
 def test_a_bf16_model_trains_and_inference_mode_works():
     """Weights in bf16 (no autocast): the products run in bf16 with fp32 accumulation, the weight gradient is
     rounded to bf16 once; within bf16 rounding of the dense-computed twin before the first update."""
-    runs = {}
+    runs, grads = {}, {}
     for mode in MODES:
         torch.manual_seed(13)
         net = _mlp(torch.bfloat16)
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
         p = RigLScheduler(net, opt, **CFG, compute=mode)
         gen = torch.Generator().manual_seed(14)
+        grads[mode] = []
         for _ in range(2):
             _loss(net, "mlp", gen, torch.bfloat16).backward()
+            grads[mode] += [q.grad.float().clone() for q in net.parameters()]
             if p():
                 opt.step()
             opt.zero_grad()
         for w, m in zip(p.W, p.backward_masks):
             assert w.dtype == torch.bfloat16 and bool((w[~m] == 0).all())
         runs[mode] = net
+    # each step's gradients within bf16 rounding of the dense twin's (the weights move too little in two steps
+    # for a comparison of the weights to see a wrong gradient)
+    for d, s_ in zip(grads["dense"], grads["sparse"]):
+        assert float(d.abs().max()) > 0 and float((s_ - d).abs().max()) <= 3e-2 * float(d.abs().max())
     for a, b in zip(runs["dense"].parameters(), runs["sparse"].parameters()):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
     x = torch.randn(3, 13, dtype=torch.bfloat16)
     with torch.inference_mode():
-        torch.testing.assert_close(runs["sparse"](x), runs["dense"](x), rtol=5e-2, atol=5e-2)
+        ys, yd = runs["sparse"](x).float(), runs["dense"](x).float()
+    assert float((ys - yd).abs().max()) <= 3e-2 * float(yd.abs().max())

@@ -142,11 +142,12 @@ def test_drop_fraction_schedule_and_counts():
     other = MLP((64, 200, 10))  # rigl-torch's scheduler, on a model of its own, gives the expected fractions
     theirs = import_rigl_torch()(other, torch.optim.SGD(other.parameters(), lr=0.01), dense_allocation=0.25,
                                  T_end=T_end, delta=delta, alpha=alpha, ignore_linear_layers=False)
-    seen, checked = [], []
+    seen, weights, checked, ratios = [], [], [], []
 
     def on_step(where):
         if where == "after_backward":
             seen.append([None if m is None else m.clone() for m in pruner.backward_masks])
+            weights.append([w.detach().clone() for w in pruner.W])  # an update step skips the optimizer step
         elif where == "after_update":
             t = theirs.step = pruner.step
             f = theirs.cosine_annealing()
@@ -154,16 +155,27 @@ def test_drop_fraction_schedule_and_counts():
             if t in DROP_FRACTION_BY_HAND:
                 assert f == pytest.approx(DROP_FRACTION_BY_HAND[t], rel=1e-12)
                 checked.append(t)
-            for old, new, w in zip(seen[-1], pruner.backward_masks, pruner.W):
+            for old, new, w in zip(seen[-1], pruner.backward_masks, weights[-1]):
                 if new is None:
                     continue
                 n_drop = int(int(old.sum()) * f)
                 moved = int((old & ~new).sum())
                 assert moved <= n_drop  # at most n_drop leave (a dropped one may be regrown)
-                assert int((new & ~old).sum()) == moved
+                assert int((new & ~old).sum()) == moved and int(new.sum()) == int(old.sum())
+                # the kept ones are the n_active - n_drop largest |w| of the active: every active weight above the
+                # (n_active - n_drop)-th largest stays; those below it all left unless regrown
+                a = w.abs()[old]
+                v = a.sort(descending=True).values[int(old.sum()) - n_drop - 1]
+                assert bool(new[old & (w.abs() > v)].all())
+                below = old & (w.abs() < v)
+                ratios.append((moved, int(below.sum()), n_drop))
+                assert int(below.sum()) >= n_drop - int((a == v).sum())
+                assert bool((w.abs()[old & ~new] <= v).all())  # what left was at or below it
 
     train(model, opt, pruner, batches(T_end, seed=4, shape=(64,)), on_step=on_step)
     assert pruner.rigl_steps == 11 and checked == sorted(DROP_FRACTION_BY_HAND)
+    # the updates did move weights: most of the dropped ones went (a few may be regrown at once)
+    assert sum(m for m, _, _ in ratios) >= 0.5 * sum(n for _, _, n in ratios) > 0
 
 
 def test_grow_score_is_mean_of_last_n_dense_grads():

@@ -50,6 +50,12 @@ def test_er_uses_channel_dims_only():
     S = erdos_renyi_sparsities([(8, 4, 3, 3), (8, 4, 5, 5)], [False, False], 0.3, kernel=False)
     # same (c_out + c_in)/(c_out c_in) for both: the same density
     assert S[0] == pytest.approx(S[1])
+    # hand-computed: A (20, 10): raw = 30/200 = 0.15; B (4, 3, 3, 3): raw = (4 + 3)/(4 * 3) = 7/12 (kernel dims
+    # not counted). eps = 0.5 * (200 + 108) / (0.15 * 200 + 7/12 * 108) = 154 / 93
+    S = erdos_renyi_sparsities([(20, 10), (4, 3, 3, 3)], [False, False], 0.5, kernel=False)
+    eps = 154 / 93
+    assert S[0] == pytest.approx(1 - eps * 0.15, abs=1e-12)
+    assert S[1] == pytest.approx(1 - eps * 7 / 12, abs=1e-12)
 
 
 def test_erk_power_scale_zero_is_uniform():

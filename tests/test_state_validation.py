@@ -1,5 +1,7 @@
 """Issue 21 items 1, 2 and 6: a state dict is checked whole before anything changes; it names its layers, and
 loading onto other layers raises; resuming SET (grow_mode='random') draws nothing from the global RNG."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -53,24 +55,31 @@ def _same(a, b):
 
 
 def _bad_state_dicts(sd):
-    """(label, state dict): each differs from a loadable `sd` (other hyperparameters and masks, so that a
-    half-done load would show) by one bad entry."""
+    """(label, state dict, the error's words): each differs from a loadable `sd` (other hyperparameters and
+    masks, so that a half-done load would show) by one bad entry, which the error names."""
     other = dict(sd, hyperparams=dict(sd["hyperparams"], alpha=0.5, delta_T=7),
                  backward_masks=[None if m is None else ~m for m in sd_masks(sd)], rigl_fast_mask_shapes=None)
     other["S"] = [0.0 if m is None else 1 - float(m.float().mean()) for m in other["backward_masks"]]
     i = next(k for k, m in enumerate(sd["backward_masks"]) if m is not None)
-    return [("step", dict(other, step="oops")),
-            ("rigl_steps", dict(other, rigl_steps=-1)),
-            ("skipped", dict(other, rigl_fast_skipped_updates=5, rigl_steps=1)),
-            ("rng", dict(other, rigl_fast_rng="not a generator state")),
-            ("last_update", dict(other, rigl_fast_last_update=[[999, 1, 1]])),
-            ("S", dict(other, S=["x"] + other["S"][1:])),
-            ("dense_grads", dict(other, rigl_fast_dense_grads=[None] * (len(sd["S"]) - 1) + ["acc"])),
-            ("dense_grads_copies", dict(other, rigl_fast_dense_grads_copies=0)),
-            ("names", dict(other, rigl_fast_names=list(reversed(sd["rigl_fast_names"])))),
-            ("format", dict(other, rigl_fast_format=99)),
+    return [("step", dict(other, step="oops"), "state_dict['step'] must be an integer"),
+            ("rigl_steps", dict(other, rigl_steps=-1), "state_dict['rigl_steps'] must be an integer"),
+            ("skipped", dict(other, rigl_fast_skipped_updates=5, rigl_steps=1),
+             "'rigl_fast_skipped_updates' (5) exceeds 'rigl_steps' (1)"),
+            ("rng", dict(other, rigl_fast_rng="not a generator state"),
+             "state_dict['rigl_fast_rng'] is not a CPU generator state"),
+            ("last_update", dict(other, rigl_fast_last_update=[[999, 1, 1]]),
+             "state_dict['rigl_fast_last_update'] must be a list"),
+            ("S", dict(other, S=["x"] + other["S"][1:]), "'S' of layer 0 (conv1.weight) must be a sparsity"),
+            ("dense_grads", dict(other, rigl_fast_dense_grads=[None] * (len(sd["S"]) - 1) + ["acc"]),
+             "dense gradient of layer 6 (fc.weight) must be a floating-point tensor"),
+            ("dense_grads_copies", dict(other, rigl_fast_dense_grads_copies=0),
+             "state_dict['rigl_fast_dense_grads_copies'] must be an integer >= 1"),
+            ("names", dict(other, rigl_fast_names=list(reversed(sd["rigl_fast_names"]))),
+             "its layer 0 is 'fc.weight', the model's layer 0 is 'conv1.weight'"),
+            ("format", dict(other, rigl_fast_format=99), "state_dict has format 99"),
             ("mask", dict(other, backward_masks=[m if k != i else m[:1] for k, m in
-                                                 enumerate(other["backward_masks"])]))]
+                                                 enumerate(other["backward_masks"])]),
+             f"mask of layer {i} ({sd['rigl_fast_names'][i]}) has shape")]
 
 
 @pytest.mark.parametrize("grow_mode", ["gradient", "random"])
@@ -83,14 +92,14 @@ def test_a_bad_state_dict_changes_nothing(grow_mode):
     sd = pruner.state_dict()
     before = _observable(pruner)
     weights = [w.detach().clone() for w in model.parameters()]
-    for label, bad in _bad_state_dicts(sd):
-        with pytest.raises((ValueError, TypeError)):
+    for label, bad, words in _bad_state_dicts(sd):
+        with pytest.raises(ValueError, match=re.escape(words)):
             pruner.load_state_dict(bad)
         assert _same(_observable(pruner), before), f"a state dict with a bad {label} changed the scheduler"
         assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters())), label
         pruner.remove()
         rng = torch.get_rng_state()
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises(ValueError, match=re.escape(words)):
             RigLScheduler(model, opt, state_dict=bad, grow_mode=grow_mode)
         assert torch.equal(rng, torch.get_rng_state()) and not model.conv1.weight._backward_hooks
         pruner = RigLScheduler(model, opt, state_dict=sd, grow_mode=grow_mode)  # the good one still loads
