@@ -351,8 +351,8 @@ def measure(cfg, parts, load, memory, log=print):
 
 def run(quick: bool, parts=PARTS, loaded=True, repeats=None, periods=None, log=print) -> dict:
     cfg = settings(quick)
-    cfg["repeats"] = repeats or cfg["repeats"]
-    cfg["mlp"]["periods"] = periods or cfg["mlp"]["periods"]
+    cfg["repeats"] = cfg["repeats"] if repeats is None else repeats
+    cfg["mlp"]["periods"] = cfg["mlp"]["periods"] if periods is None else periods
     t0 = time.perf_counter()
     rows, mem, notes = measure(cfg, parts, "quiet", True, log)
     if loaded:
@@ -502,8 +502,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-load", action="store_true", help="quiet pass only (no competing process)")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    ap.add_argument("--repeats", type=int, default=None, help="repeats of the layer and window parts")
-    ap.add_argument("--periods", type=int, default=None, help="whole delta periods of the mlp part (2)")
+    ap.add_argument("--repeats", type=timing.positive_int, default=None, help="repeats of the layer and window parts")
+    ap.add_argument("--periods", type=timing.positive_int, default=None, help="whole delta periods of the mlp part (2)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--tag", default=None, help="suffix of the result files' names (<device>-compute-<tag>.*)")

@@ -178,7 +178,7 @@ def plot(res, path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=timing.positive_int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--tag", default=None, help="suffix of the result files' names (<device>-export-<tag>.*), to "
@@ -186,7 +186,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.tag is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", a.tag):
         ap.error("--tag: lower-case letters, digits and '-' only")
-    res = run(a.quick, a.repeats or (2 if a.quick else 7))
+    res = run(a.quick, a.repeats if a.repeats is not None else (2 if a.quick else 7))
     out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, report.device_slug(torch.device("cpu")) + "-export" + (f"-{a.tag}" if a.tag else ""))

@@ -428,7 +428,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rigl_fast.bench.fsdp2", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny layers, 2 repeats: a smoke test (seconds)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results[/quick])")
-    ap.add_argument("--world", type=int, default=2, help="ranks to spawn (default 2)")
+    ap.add_argument("--world", type=timing.positive_int, default=2, help="ranks to spawn (default 2)")
     ap.add_argument("--backend", default="auto", help="rigl_fast backend (default auto: cpp when it builds)")
     a = ap.parse_args(argv)
     if not (dist.is_available() and dist.is_gloo_available()):

@@ -117,12 +117,14 @@ def markdown(res) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=timing.positive_int, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device")
     device = torch.device(a.device)
-    res = run(a.quick, a.repeats or (2 if a.quick else 5), device)
+    res = run(a.quick, a.repeats if a.repeats is not None else (2 if a.quick else 5), device)
     out = a.out or os.path.join(HERE, "results", "quick" if a.quick else "")
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, report.device_slug(device) + "-structured")

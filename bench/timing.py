@@ -10,6 +10,18 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (repeats, periods, ranks; 0 would time nothing)."""
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def stats(xs: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 

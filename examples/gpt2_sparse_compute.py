@@ -23,7 +23,9 @@ the same: the two runs end with the same masks (up to fp32 summation order, whic
 
 tokens/s are over the timed steps (all but the first, a warm-up), the window steps (the dense weight gradient
 for the growth scores, then the topology update) included at their real frequency (one in --delta), and also
-split into the two kinds of step. This is a demonstration, one mode after the other on a machine that may be
+split into the two kinds of step. As in rigl-torch, a window also opens before T_end when T_end is a multiple of
+--delta, with no update after it (the update needs step < T_end), so there can be one window step more than
+updates. This is a demonstration, one mode after the other on a machine that may be
 busy; `python -m rigl_fast.bench.compute` measures the same comparison interleaved, with repeats.
 """
 import argparse
@@ -145,7 +147,7 @@ def main(argv=None):
         if mode == "sparse":
             print("\npruner.summary() under compute='sparse':\n" + r["summary"] + "\n")
         split = (f"plain steps {r['plain']:.0f} tokens/s" if r["plain"] else "no plain step") + (
-            f", {r['n_window']} window step(s) (dense weight gradient, update) {r['window']:.0f} tokens/s"
+            f", {r['n_window']} window step(s) (dense weight gradient) {r['window']:.0f} tokens/s"
             if r["window"] else "")
         print(f"{mode:>6} compute: {r['tok_s']:.0f} tokens/s over {args.steps - 1} timed steps ({split}); "
               f"loss {r['first']:.3f} -> {r['last']:.3f}; topology updates {r['updates']}")

@@ -82,6 +82,20 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert str(out / "compare.png") in capsys.readouterr().out
 
 
+def test_compare_of_dense_alone_and_of_a_structure(tmp_path, capsys):
+    """--method dense alone has no density axis (the plot used to crash after training); with --structure, the
+    other methods are compared with RigL of the same structure (the column was blank)."""
+    out = tmp_path / "dense"
+    assert cli.main(["train", "--compare", "--method", "dense", "--seeds", "2", "--epochs", "1", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "fan_in"
+    assert cli.main(["train", "--compare", "--method", "static,rigl", "--structure", "fan_in", "--seeds", "2",
+                     "--density", "0.2", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    row = next(r for r in (out / "results.md").read_text().splitlines() if "| static fan_in |" in r)
+    assert re.search(r"\| \d/2 \(\d ties\) / \d/2 \|$", row), row
+
+
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_every_library_distribution_is_accepted(dist):
     args = cli.build_parser().parse_args(["train", "--distribution", dist])
@@ -130,6 +144,12 @@ def test_train_with_er_distribution(capsys):
     (["--compute", "fast"], "argument --compute: invalid choice: 'fast'"),
     (["--compute", "Sparse"], "argument --compute: invalid choice"),
     (["--method", "dense", "--compute", "sparse"], "--compute"),  # no scheduler: nothing to compute sparsely
+    (["--compare", "--method", "static,rigl,rigl"], "method 'rigl' is listed twice"),  # ran twice, counted as seeds
+    (["--compare", "--density", "0.1,0.1"], "density '0.1' is listed twice"),
+    (["--out", "somewhere"], "argument --out"),  # only --compare writes there
+    (["--download"], "argument --data-dir/--download"),  # digits needs no files
+    (["--data", "mnist1d", "--data-dir", "d"], "argument --data-dir/--download"),
+    (["--export", "."], "is a folder, not a file path"),  # would have failed in torch.save after training
 ])
 def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -26,72 +26,10 @@ import warnings
 from ..compute import MODES as _COMPUTE_MODES
 from ..layers import DISTRIBUTIONS as _DISTRIBUTIONS  # the library's lists, so the CLI accepts what it accepts
 from ..ops import BACKENDS as _BACKENDS
+from .args import (_DATASETS, _METHODS, _MODELS, _SMALL_DATA, _alpha, _list_of, _positive, _resolve,  # noqa: F401
+                   _structure)
 
 EXTRA_HINT = "pip install 'rigl_fast[cli]'"
-_METHODS = ("dense", "static", "set", "rigl")
-_MODELS = ("cnn", "cnn1d", "mlp")
-_DATASETS = ("digits", "mnist1d", "mnist", "cifar10")
-_SMALL_DATA = ("digits", "mnist1d")  # held in memory, a few thousand samples: small-data defaults below
-
-
-# ----------------------------------------------------------------------------- argument types
-def _list_of(kind, name, check=None, choices=None):
-    """An argparse type for 'a' or 'a,b,c'; argparse prefixes errors with the option's name."""
-    def parse(text):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected one {name} or a comma-separated list, got {text!r}")
-        out = []
-        for t in items:
-            try:
-                v = kind(t)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{t!r} is not a valid {name}") from None
-            if choices is not None and v not in choices:
-                raise argparse.ArgumentTypeError(f"invalid {name} {t!r} (choose from {', '.join(choices)})")
-            if check is not None:
-                msg = check(v)
-                if msg:
-                    raise argparse.ArgumentTypeError(f"{name} {t!r} {msg}")
-            out.append(v)
-        return out
-    parse.__name__ = name  # argparse names the type in some messages
-    return parse
-
-
-def _positive(name, cast):
-    """An argparse type: a number of type `cast` (int or float) that must be > 0."""
-    noun, bound = ("an integer", ">= 1") if cast is int else ("a number", "> 0")
-
-    def parse(text):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {v}")
-        return v
-    parse.__name__ = name
-    return parse
-
-
-def _alpha(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {v}")
-    return v
-
-
-def _structure(text):
-    from ..structure import parse
-    try:
-        parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +87,8 @@ def _add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--data", choices=_DATASETS, default="digits",
                    help="digits needs no download; mnist1d is generated locally (4000 train / 1000 test) and "
                         "needs the mnist1d package; mnist/cifar10 need torchvision and the data under --data-dir")
-    t.add_argument("--data-dir", default="data", help="where torchvision data sets are (or are downloaded to)")
+    t.add_argument("--data-dir", default=None, help="where torchvision data sets are (or are downloaded to; "
+                   "Default: data)")
     t.add_argument("--download", action="store_true", help="download mnist/cifar10 if missing (needs a network)")
     t.add_argument("--device", default=None, help="torch device. Default: cuda if available, else cpu")
     t.add_argument("--threads", type=_positive("threads", int), default=None,
@@ -158,7 +97,7 @@ def _add_run_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--compare", action="store_true",
                    help="run every --method x --density x --distribution over --seeds seeds and write "
                         "results.md, results.json and compare.png to --out")
-    t.add_argument("--out", default="rigl_fast_compare", help="output folder for --compare")
+    t.add_argument("--out", default=None, help="output folder for --compare. Default: rigl_fast_compare")
     t.add_argument("--export", metavar="PATH", default=None,
                    help="after training, save the exported sparse model (pruner.export('auto'): sparse Linear "
                         "layers as fan_in/csr modules, Conv layers dense) to PATH with torch.save, and print its "
@@ -188,46 +127,6 @@ def _require(modules):
         print(f"rigl-fast: this command needs {names}, which is not installed: {EXTRA_HINT}", file=sys.stderr)
         return False
     return True
-
-
-def _resolve(args, parser):
-    """Fill the mode-dependent defaults and check the combinations argparse cannot."""
-    if not args.compare:
-        for name in ("method", "density", "distribution"):
-            v = getattr(args, name)
-            if v is not None and len(v) > 1:
-                parser.error(f"argument --{name}: a list of values ({','.join(map(str, v))}) needs --compare")
-        if args.seeds != 10:
-            parser.error("argument --seeds: only used with --compare (use --seed for a single run)")
-    if args.export is not None:
-        if args.compare:
-            parser.error("argument --export: exports the model of a single run, not with --compare")
-        if args.method == ["dense"]:
-            parser.error("argument --export: a dense model has nothing to export: use --method static, set or rigl")
-        folder = os.path.dirname(os.path.abspath(args.export))
-        if not os.path.isdir(folder):
-            parser.error(f"argument --export: folder {folder} does not exist")
-    if args.compute != "dense" and args.method == ["dense"]:
-        parser.error("argument --compute: --method dense has no scheduler and no sparse layers to compute "
-                     "sparsely: use --method static, set or rigl")
-    args.model = args.model or ("mlp" if args.compare else "cnn1d" if args.data == "mnist1d" else "cnn")
-    if args.model == "cnn" and args.data == "mnist1d":
-        parser.error("argument --model: cnn is a 2-D CNN for images; mnist1d is a sequence: use cnn1d or mlp")
-    args.method = args.method or (list(_METHODS) if args.compare else ["rigl"])
-    args.density = args.density or ([0.02] if args.compare else [0.1])
-    args.distribution = args.distribution or ["uniform"]
-    args.epochs = args.epochs or {"digits": 40, "mnist1d": 60}.get(args.data, 5)
-    args.delta = args.delta or (10 if args.data in _SMALL_DATA else 100)
-    if args.threads is None and args.data in _SMALL_DATA:
-        args.threads = 1
-    if any(m != "dense" for m in args.method):
-        from ..structure import check
-        for dist in args.distribution:
-            for density in args.density:
-                try:
-                    check(args.structure, dict(sparsity_distribution=dist, dense_allocation=density))
-                except ValueError as e:
-                    parser.error(f"argument --structure: {e}")
 
 
 def _configs(args):
@@ -373,6 +272,7 @@ def _export(path, model, pruner, x, repeats=7, calls=100):
 
     import torch
     model.eval()
+    x = x.to(next(model.parameters()).device)  # the test data stays on the CPU; the model is on --device
     sparse = pruner.export("auto").eval()
     torch.save(sparse, path)
     buf = io.BytesIO()

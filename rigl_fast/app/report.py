@@ -106,8 +106,9 @@ def markdown(results: List[dict]) -> str:
                 if not runs:
                     continue
                 vs = ""
-                rigl = groups.get((dist, density, "rigl"))
-                if m != "rigl" and rigl:
+                method, _, structure = m.partition(" ")  # against RigL of the same structure
+                rigl = groups.get((dist, density, " ".join(filter(None, ("rigl", structure)))))
+                if method != "rigl" and rigl:
                     a, t, lo, n = wins(rigl, runs)
                     vs = f"{a}/{n} ({t} ties) / {lo}/{n}"
                 out.append(f"| {density:g} | {total_density(runs[0]):.1%} | {name(m)} | "
@@ -150,11 +151,12 @@ def _metric_axes(ax, dense, groups, dist, densities, methods, metric: str, scale
                 # Every seed as a faint dot: the spread is often bimodal (a class cut off or not).
                 ax.scatter([d * f * 1.015] * len(v), v, s=6, color=color, alpha=0.35, lw=0)
         ax.errorbar(xs, mus, yerr=sds, marker=marker, ls=ls, ms=4, capsize=3, color=color, label=name(m))
-    ax.set_xscale("log")
-    ax.set_xlim(min(densities) / 1.4, max(densities) * 1.4)
-    ax.set_xticks(densities)
-    ax.set_xticklabels([f"{d:g}" for d in densities])
-    ax.minorticks_off()
+    if densities:  # none with --method dense alone: the dense band only
+        ax.set_xscale("log")
+        ax.set_xlim(min(densities) / 1.4, max(densities) * 1.4)
+        ax.set_xticks(densities)
+        ax.set_xticklabels([f"{d:g}" for d in densities])
+        ax.minorticks_off()
     ax.set_xlabel("density (dense_allocation)")
     ax.grid(alpha=0.3)
 
