@@ -327,3 +327,19 @@ def test_optimizer_step_with_closure_and_lr_scheduler():
     assert vars(opt).get("step") is step_attr  # rigl_fast does not monkey-patch optimizer.step
     for w, m in zip(pruner.W, pruner.backward_masks):
         assert m is None or torch.all(w[~m] == 0)
+    # the other order: an LR scheduler created after the RigLScheduler (rigl-torch's replaced optimizer.step
+    # breaks it: docs/quality.md) steps and keeps the masks
+    pruner.remove()
+    pruner = RigLScheduler(model, opt, dense_allocation=0.3, T_end=100, delta=3, ignore_linear_layers=False)
+    sched_after = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    stepped = 0
+    for x, y in batches(4, seed=9, shape=(64,)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if pruner():
+            opt.step()
+            stepped += 1
+        sched_after.step()
+    assert stepped == 3 and pruner.rigl_steps == 1 and opt.param_groups[0]["lr"] == pytest.approx(0.025 / 4)
+    for w, m in zip(pruner.W, pruner.backward_masks):
+        assert m is None or torch.all(w[~m] == 0)
