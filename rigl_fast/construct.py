@@ -86,9 +86,12 @@ def structure_plan(hp, shapes, is_linear, transposed, S, loaded: bool):
     kept dense, not why: the reason is found again from the distribution's sparsities, as at the run's start."""
     S, units, why = _structure.layer_plan(hp["structure"], shapes, transposed, S)
     if loaded and any(s <= 0 and not w for s, w in zip(S, why)):
-        fresh = _layers.sparsities(hp["sparsity_distribution"], shapes, is_linear, hp["dense_allocation"],
-                                   hp["ignore_linear_layers"], hp["erk_power_scale"])
-        first = _structure.layer_plan(hp["structure"], shapes, transposed, fresh)[2]
+        try:
+            fresh = _layers.sparsities(hp["sparsity_distribution"], shapes, is_linear, hp["dense_allocation"],
+                                       hp["ignore_linear_layers"], hp["erk_power_scale"])
+            first = _structure.layer_plan(hp["structure"], shapes, transposed, fresh)[2]
+        except ValueError:  # only the reasons' text depends on it: the state dict's own sparsities stand
+            return S, units, why
         why = [w or (f if s <= 0 else "") for s, w, f in zip(S, why, first)]
     return S, units, why
 
