@@ -244,9 +244,11 @@ def _check_sampled(x, g, rows, cols) -> None:
 
 
 def _blocks(name: str, **blocks) -> None:
+    """Block sizes and num_warps, each a power of two (num_warps at most 32: 1024 threads, CUDA's limit; the
+    interpreter runs any number, a GPU compile does not)."""
     for key, val in blocks.items():
-        if val is not None and (val < 1 or val & (val - 1)):
-            _fail(name, f"{key} must be a power of two >= 1, got {val}")
+        if val is not None and (val < 1 or val & (val - 1) or (key == "num_warps" and val > 32)):
+            _fail(name, f"{key} must be a power of two >= 1{' and <= 32' if key == 'num_warps' else ''}, got {val}")
 
 
 def _batch_table(x: torch.Tensor, block_b: int) -> torch.Tensor:
@@ -274,7 +276,7 @@ def csr_product(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: 
 
     block_r / block_k / block_b / num_warps override the configured choice (powers of two; tuning and tests)."""
     _check_csr(x, crow, col, values, n_rows)
-    _blocks("csr_product", block_r=block_r, block_k=block_k, block_b=block_b)
+    _blocks("csr_product", block_r=block_r, block_k=block_k, block_b=block_b, num_warps=num_warps)
     B, n_in = x.shape
     nnz = col.numel()
     if B == 0 or n_rows == 0:
@@ -320,7 +322,7 @@ def sampled_dot(x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: torc
 
     block_p / block_b / num_warps override `_sampled_config`'s choice (powers of two; tuning and tests)."""
     _check_sampled(x, g, rows, cols)
-    _blocks("sampled_dot", block_p=block_p, block_b=block_b)
+    _blocks("sampled_dot", block_p=block_p, block_b=block_b, num_warps=num_warps)
     B, n_in = x.shape
     n_out = g.shape[1]
     nnz = rows.numel()

@@ -216,9 +216,10 @@ def fan_in_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     out, k = values.shape
     if B == 0 or out == 0 or k == 0:
         return torch.zeros((B, out), dtype=x.dtype, device=x.device)
-    for name, val in (("block_o", block_o), ("block_k", block_k), ("block_b", block_b)):
-        if val is not None and (val < 1 or val & (val - 1)):
-            raise ValueError(f"rigl_fast fan_in_linear (triton): {name} must be a power of two >= 1, got {val}")
+    for name, val in (("block_o", block_o), ("block_k", block_k), ("block_b", block_b), ("num_warps", num_warps)):
+        if val is not None and (val < 1 or val & (val - 1) or (name == "num_warps" and val > 32)):  # 1024 threads
+            raise ValueError(f"rigl_fast fan_in_linear (triton): {name} must be a power of two >= 1"
+                             f"{' and <= 32' if name == 'num_warps' else ''}, got {val}")
     n_sm = _sm_count(x.device)
     c_o, c_k, c_b, c_w = _config(B, out, k, n_sm)
     block_o, block_k, block_b = block_o or c_o, block_k or c_k, block_b or c_b

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 from typing import List, NamedTuple, Optional, Sequence
 
@@ -254,11 +255,19 @@ def _load_reference() -> Backend:
     return ReferenceBackend()
 
 
+TRITON_MIN = (3, 4)  # the update kernels' tl.histogram(..., mask=) came with Triton 3.4 (torch <= 2.7 ships older)
+
+
 def _load_triton() -> Backend:
     try:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         raise BackendUnavailable(f"triton is not importable ({e.__class__.__name__}: {e})") from e
+    version = tuple(int(p) for p in re.findall(r"\d+", getattr(triton, "__version__", "0"))[:2])
+    if version < TRITON_MIN:
+        raise BackendUnavailable(f"triton {getattr(triton, '__version__', '?')} is older than "
+                                 f"{'.'.join(map(str, TRITON_MIN))}, which the update kernels need (tl.histogram "
+                                 "with a mask): upgrade triton, or use backend='cpp' / 'reference'")
     try:
         mod = importlib.import_module("rigl_fast.kernels")
     except ImportError as e:

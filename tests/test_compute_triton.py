@@ -387,6 +387,9 @@ def test_csr_product_bad_inputs_raise_naming_the_argument(dev):
             csr_product(*args)
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         csr_product(x, crow, col, v, 19, block_k=3)
+    for warps in (3, 64):  # the interpreter runs them; a GPU compile refuses 3, a launch of 2048 threads fails
+        with pytest.raises(ValueError, match=f"num_warps must be a power of two >= 1 and <= 32, got {warps}"):
+            csr_product(x, crow, col, v, 19, num_warps=warps)
     assert supports_csr_product(x.double(), crow, col, v.double()) is not None
     assert supports_csr_product(x, crow.long(), col.int(), v) is None
     assert KC.supports(x, crow, col) is None and KC.supports(x, crow, col.long()) is not None  # values optional
@@ -410,6 +413,8 @@ def test_sampled_dot_bad_inputs_raise_naming_the_argument(dev):
             sampled_dot(*args)
     with pytest.raises(ValueError, match="block_p must be a power of two"):
         sampled_dot(x, g, idx, idx, block_p=12)
+    with pytest.raises(ValueError, match="num_warps must be a power of two >= 1 and <= 32, got 64"):
+        sampled_dot(x, g, idx, idx, num_warps=64)
     assert supports_sampled_dot(x.double(), g.double(), idx, idx) is not None
     assert supports_sampled_dot(x, g, idx, idx.to(torch.int16)) is None
 

@@ -179,3 +179,16 @@ def test_backend_env_var_and_unavailable(monkeypatch):
     with pytest.warns(RuntimeWarning, match="falling back to the reference"):
         p = RigLScheduler(model, opt, dense_allocation=0.1, T_end=10)  # auto falls back
     assert p.backend == "reference"
+
+
+def test_a_triton_older_than_the_update_kernels_need_is_unavailable(monkeypatch):
+    """The update kernels use tl.histogram(..., mask=), new in Triton 3.4 (torch <= 2.7 ships older): such a
+    triton is an unavailable backend (auto moves on to cpp on CUDA), not a compile error at the first update."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(ops, "_CACHE", {})
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    with pytest.raises(ops.BackendUnavailable, match=r"triton 3\.3\.1 is older than 3\.4.*backend='cpp'"):
+        ops._load("triton")
+    monkeypatch.setattr(ops, "_CACHE", {})
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    assert ops._load("triton").name == "triton"

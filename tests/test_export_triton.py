@@ -254,6 +254,9 @@ def test_bad_inputs_raise_naming_the_argument(dev):
             fan_in_linear(*args)
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         fan_in_linear(x, v, idx, block_k=3)
+    for warps in (3, 64):  # the interpreter runs them; a GPU compile refuses 3, a launch of 2048 threads fails
+        with pytest.raises(ValueError, match=f"num_warps must be a power of two >= 1 and <= 32, got {warps}"):
+            fan_in_linear(x, v, idx, num_warps=warps)
     assert supports(x.double(), v.double(), idx) is not None  # a caller's cue to fall back to the reference
     assert supports(x, v, idx) is None
 
