@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ._common import FLOAT_CODES, on_device
 from .elementwise import _from_f32, _to_f32
-from .export import _config, _interpreted, _nan_like, _pow2, _sm_count, _span
+from .export import _blocks, _config, _interpreted, _nan_like, _pow2, _sm_count, _span
 
 CROW_DTYPES = (torch.int32, torch.int64)
 INDEX_DTYPES = (torch.int16, torch.int32)
@@ -241,14 +241,6 @@ def _check_sampled(x, g, rows, cols) -> None:
                              f"{tuple(cols.shape)}")
     if rows.numel() > 0 and (x.shape[1] == 0 or g.shape[1] == 0):
         _fail("sampled_dot", f"x {tuple(x.shape)} and g {tuple(g.shape)} need features for {rows.numel()} pairs")
-
-
-def _blocks(name: str, **blocks) -> None:
-    """Block sizes and num_warps, each a power of two (num_warps at most 32: 1024 threads, CUDA's limit; the
-    interpreter runs any number, a GPU compile does not)."""
-    for key, val in blocks.items():
-        if val is not None and (val < 1 or val & (val - 1) or (key == "num_warps" and val > 32)):
-            _fail(name, f"{key} must be a power of two >= 1{' and <= 32' if key == 'num_warps' else ''}, got {val}")
 
 
 def _batch_table(x: torch.Tensor, block_b: int) -> torch.Tensor:

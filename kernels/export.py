@@ -203,6 +203,15 @@ def _span(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
 
 
+def _blocks(op: str, **blocks) -> None:
+    """Block-size and num_warps overrides of `op`, each a power of two (num_warps at most 32: 1024 threads, CUDA's
+    limit; the interpreter runs any number, a GPU compile does not)."""
+    for key, val in blocks.items():
+        if val is not None and (val < 1 or val & (val - 1) or (key == "num_warps" and val > 32)):
+            raise ValueError(f"rigl_fast {op} (triton): {key} must be a power of two >= 1"
+                             f"{' and <= 32' if key == 'num_warps' else ''}, got {val}")
+
+
 def fan_in_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, *, block_o: Optional[int] = None,
                   block_k: Optional[int] = None, block_b: Optional[int] = None,
                   num_warps: Optional[int] = None) -> torch.Tensor:
@@ -216,10 +225,7 @@ def fan_in_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     out, k = values.shape
     if B == 0 or out == 0 or k == 0:
         return torch.zeros((B, out), dtype=x.dtype, device=x.device)
-    for name, val in (("block_o", block_o), ("block_k", block_k), ("block_b", block_b), ("num_warps", num_warps)):
-        if val is not None and (val < 1 or val & (val - 1) or (name == "num_warps" and val > 32)):  # 1024 threads
-            raise ValueError(f"rigl_fast fan_in_linear (triton): {name} must be a power of two >= 1"
-                             f"{' and <= 32' if name == 'num_warps' else ''}, got {val}")
+    _blocks("fan_in_linear", block_o=block_o, block_k=block_k, block_b=block_b, num_warps=num_warps)
     n_sm = _sm_count(x.device)
     c_o, c_k, c_b, c_w = _config(B, out, k, n_sm)
     block_o, block_k, block_b = block_o or c_o, block_k or c_k, block_b or c_b
