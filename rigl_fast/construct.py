@@ -68,8 +68,7 @@ def _plan_layers(p, state_dict) -> None:
     if p.loaded is not None:
         S, p.masks = p.loaded.S, p.loaded.masks
     else:
-        S = _layers.sparsities(hp["sparsity_distribution"], shapes, p.found.is_linear, hp["dense_allocation"],
-                               hp["ignore_linear_layers"], hp["erk_power_scale"])
+        S = _distribution(hp, shapes, p.found.is_linear)
         p.masks = None
         empty = [n for n, s in zip(p.names, S) if s >= 1]
         if empty:  # a state dict of such a run would not load ('S' must be in [0, 1))
@@ -81,15 +80,19 @@ def _plan_layers(p, state_dict) -> None:
         _state.check_units(p.names, p.masks, [None if _sharding.is_sharded(w) else u for w, u in zip(p.W, p.units)])
 
 
+def _distribution(hp, shapes, is_linear):
+    """The per-layer sparsities the hyperparameters' distribution gives (before the structure's rounding)."""
+    return _layers.sparsities(hp["sparsity_distribution"], shapes, is_linear, hp["dense_allocation"],
+                              hp["ignore_linear_layers"], hp["erk_power_scale"])
+
+
 def structure_plan(hp, shapes, is_linear, transposed, S, loaded: bool):
     """structure.layer_plan of the sparsities S. S from a state dict (`loaded`) holds 0 for a layer its structure
     kept dense, not why: the reason is found again from the distribution's sparsities, as at the run's start."""
     S, units, why = _structure.layer_plan(hp["structure"], shapes, transposed, S)
     if loaded and any(s <= 0 and not w for s, w in zip(S, why)):
         try:
-            fresh = _layers.sparsities(hp["sparsity_distribution"], shapes, is_linear, hp["dense_allocation"],
-                                       hp["ignore_linear_layers"], hp["erk_power_scale"])
-            first = _structure.layer_plan(hp["structure"], shapes, transposed, fresh)[2]
+            first = _structure.layer_plan(hp["structure"], shapes, transposed, _distribution(hp, shapes, is_linear))[2]
         except ValueError:  # only the reasons' text depends on it: the state dict's own sparsities stand
             return S, units, why
         why = [w or (f if s <= 0 else "") for s, w, f in zip(S, why, first)]

@@ -149,12 +149,11 @@ class RigLCallback(pl.Callback):
             self._loaded = state
             return
         # the scheduler exists already: load into it now (checked before any change)
-        if source is None:  # called directly: nothing else was loaded
-            self.pruner.load_state_dict(state)
-            return
         try:
             self.pruner.load_state_dict(state)
         except Exception as e:
+            if source is None:  # called directly: nothing else was loaded, the live scheduler stands
+                raise
             raise broken(self, source, _LOADED_WEIGHTS, e) from e
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
